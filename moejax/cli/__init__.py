@@ -1,0 +1,1 @@
+"""Command-line entry points (absl flags) shared by the experiment scripts."""

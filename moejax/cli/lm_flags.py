@@ -1,0 +1,157 @@
+"""absl flags of `experiments/train_lm.py` and their translation into configs.
+
+Every router option is a flag; `build_train_config(flag_values)` turns them
+into frozen configs, whose constructors validate values and name the field,
+the value and the allowed range in their errors.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Any, Mapping
+
+from absl import flags
+
+from moejax import configs, methods
+from moejax.data import DataError
+from moejax.models.lm import LMConfig
+from moejax.nn.moe import MoEConfig
+from moejax.train.loop import TrainConfig
+from moejax.train.state import OptimConfig
+
+# Routers of the public API; those not registered yet are refused clearly.
+API_ROUTERS = ("top_k", "expert_choice", "top_p", "dtop_p", "expert_threshold",
+               "exact_k", "dynamic_k", "dense")
+
+
+def define_flags() -> None:
+  d = flags.DEFINE_string, flags.DEFINE_integer, flags.DEFINE_float
+  string, integer, float_ = d
+  string("config", "tiny", "Preset: " + ", ".join(sorted(configs.PRESETS)))
+  string("router", "top_k", "Router: " + ", ".join(API_ROUTERS))
+  integer("num_experts", None, "Routed experts (default: preset).")
+  integer("k", None, "top-k's k and the target mean fanout (default: preset).")
+  float_("p", None, "Fixed top-p threshold in (0, 1].")
+  integer("expert_width", None, "Hidden width of each expert (default: preset).")
+  integer("num_shared", 0, "Always-on shared experts.")
+  integer("moe_every", None, "Every n-th block is an MoE block.")
+  float_("capacity_factor", 1.25, "Training capacity factor (> 0).")
+  float_("eval_capacity_factor", 2.0, "Evaluation capacity factor (> 0).")
+  string("strategy", "index", "Dispatch: einsum, index or dropless.")
+  integer("group_size", None, "Tokens per routing group (default: a sequence).")
+  float_("load_balance_weight", None, "Aux load-balance weight (default: router's).")
+  float_("z_loss_weight", None, "Router z-loss weight (default: router's).")
+  float_("entropy_weight", None, "Routing-entropy weight (default: router's).")
+  float_("mod_capacity", 0.0, "Mixture-of-Depths capacity fraction; 0 = off.")
+  string("dataset", "stdlib", "stdlib, text:GLOB or tfds:NAME.")
+  string("data_dir", None, "tensorflow-datasets data directory.")
+  integer("steps", None, "Training steps (default: preset).")
+  integer("batch_size", None, "Global batch size (default: preset).")
+  integer("seq_len", None, "Sequence length (default: preset).")
+  float_("learning_rate", None, "Peak learning rate (default: preset).")
+  integer("warmup_steps", None, "Warmup steps (default: preset).")
+  integer("seed", 0, "Random seed (params, data order, routing).")
+  string("workdir", "runs/default", "Output directory; reused to resume.")
+  string("mesh", None, "Mesh, e.g. data:2,expert:4 (default: all on data).")
+  string("dtype", "float32", "Activation dtype: float32 or bfloat16.")
+  integer("log_every", 10, "Log every n steps.")
+  integer("eval_every", 200, "Evaluate every n steps.")
+  integer("eval_batches", 8, "Validation batches per evaluation.")
+  integer("checkpoint_every", 100, "Checkpoint every n steps.")
+  integer("keep_checkpoints", 3, "Checkpoints kept.")
+  integer("sample_tokens", 160, "Tokens sampled at the end (0 = none).")
+  float_("temperature", 0.0, "Sampling temperature (0 = greedy).")
+  flags.DEFINE_bool("progress", True, "Show a progress bar.")
+
+
+def build_router(name: str, options: Mapping[str, Any]) -> methods.RouterMethod:
+  if name not in methods.available():
+    if name in API_ROUTERS:
+      raise ValueError(f"router={name!r} is not implemented in this version of "
+                       f"moejax yet; available: "
+                       f"{', '.join(methods.available() + ('dense',))}")
+    raise ValueError(f"router={name!r} is unknown; allowed: "
+                     f"{', '.join(API_ROUTERS)}")
+  return methods.build(name, options)
+
+
+def build_train_config(values: Mapping[str, Any]) -> TrainConfig:
+  """Builds the run's config from flag values (a dict of name -> value)."""
+  pre = configs.preset(values["config"])
+  pick = lambda key: pre[key] if values.get(key) is None else values[key]
+  p = values.get("p")
+  if p is not None and not 0 < p <= 1:
+    raise ValueError(f"p={p} is out of range; allowed: (0, 1]")
+  if values.get("mod_capacity"):
+    mod = values["mod_capacity"]
+    if not 0 < mod <= 1:
+      raise ValueError(f"mod_capacity={mod} is out of range; allowed: [0, 1]")
+    raise ValueError("mod_capacity > 0 (Mixture-of-Depths) is not implemented in "
+                     "this version of moejax yet; use mod_capacity=0")
+  router = values["router"]
+  moe = None
+  if router != "dense":
+    options = dict(values)
+    options["k"] = pick("k")
+    method = build_router(router, options)
+    moe = MoEConfig(
+        num_experts=pick("num_experts"), expert_width=pick("expert_width"),
+        router=method, num_shared=values.get("num_shared") or 0,
+        capacity_factor=values.get("capacity_factor", 1.25),
+        eval_capacity_factor=values.get("eval_capacity_factor", 2.0),
+        strategy=values.get("strategy", "index"),
+        group_size=values.get("group_size"),
+        load_balance_weight=values.get("load_balance_weight"),
+        z_loss_weight=values.get("z_loss_weight"),
+        entropy_weight=values.get("entropy_weight"))
+  seq_len = pick("seq_len")
+  model = LMConfig(num_layers=pre["num_layers"], d_model=pre["d_model"],
+                   num_heads=pre["num_heads"], d_ff=pre["d_ff"],
+                   max_len=seq_len, moe=moe, moe_every=pick("moe_every"),
+                   dtype=values.get("dtype", "float32"))
+  steps = pick("steps")
+  optim = OptimConfig(learning_rate=pick("learning_rate"),
+                      warmup_steps=min(pick("warmup_steps"), steps),
+                      total_steps=steps)
+  return TrainConfig(
+      model=model, optim=optim, dataset=values.get("dataset", "stdlib"),
+      data_dir=values.get("data_dir"), batch_size=pick("batch_size"),
+      seq_len=seq_len, steps=steps, seed=values.get("seed", 0),
+      log_every=values.get("log_every", 10),
+      eval_every=values.get("eval_every", 200),
+      eval_batches=values.get("eval_batches", 8),
+      checkpoint_every=values.get("checkpoint_every", 100),
+      keep_checkpoints=values.get("keep_checkpoints", 3),
+      mesh=values.get("mesh"), sample_tokens=values.get("sample_tokens", 160),
+      temperature=values.get("temperature", 0.0),
+      progress=values.get("progress", True))
+
+
+def run(flag_values) -> int:
+  """Runs the job; returns the process exit code (2 on bad input)."""
+  values = flag_values.flag_values_dict()
+  try:
+    cfg = build_train_config(values)
+    from moejax.train.loop import train
+    summary = train(cfg, values["workdir"])
+  except (ValueError, DataError, FileNotFoundError) as e:
+    sys.stderr.write(f"error: {e}\n")
+    return 2
+  workdir = os.path.abspath(values["workdir"])
+  lines = [
+      f"validation loss: {summary['eval_loss']:.4f} nats/byte "
+      f"({summary['eval_loss'] / 0.6931471805599453:.3f} bits/byte)",
+  ]
+  if summary["tokens_per_s"]:
+    lines.append(f"throughput: {summary['tokens_per_s']:.0f} tokens/s over "
+                 f"{summary['train_seconds']:.0f} s")
+  if summary.get("resumed_from") is not None:
+    lines.append(f"resumed from step {summary['resumed_from']}")
+  if "sample" in summary:
+    lines.append("sample:\n" + summary["sample"])
+  lines += [f"metrics:     {summary['metrics']}",
+            f"plot:        {summary['plot']}",
+            f"checkpoints: {summary['checkpoints']}  (workdir {workdir})"]
+  print("\n".join(lines))
+  return 0

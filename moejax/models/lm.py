@@ -1,0 +1,103 @@
+"""Decoder-only Transformer language model with routed MLPs.
+
+Axis legend:
+  B  batch
+  L  sequence length
+  D  model width
+  V  vocabulary
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moejax.nn.blocks import Block
+from moejax.nn.moe import MoEConfig
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+  """A decoder-only LM.
+
+  Attributes:
+    vocab_size: V (256 for byte-level data).
+    num_layers: Transformer blocks.
+    d_model: D.
+    num_heads: attention heads (must divide D).
+    d_ff: width of the dense MLPs (and of dense layers between MoE layers).
+    max_len: longest sequence (for sampling buffers).
+    moe: the MoE layer config, or None for a dense model.
+    moe_every: every `moe_every`-th block (1-based) has an MoE MLP.
+    dtype: activation dtype name ("float32" or "bfloat16"); params stay float32
+      and routing math is float32 whatever this is.
+  """
+  vocab_size: int = 256
+  num_layers: int = 4
+  d_model: int = 128
+  num_heads: int = 4
+  d_ff: int = 512
+  max_len: int = 128
+  moe: MoEConfig | None = None
+  moe_every: int = 1
+  dtype: str = "float32"
+
+  def __post_init__(self):
+    for name in ("vocab_size", "num_layers", "d_model", "num_heads", "d_ff",
+                 "max_len", "moe_every"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} is out of range; allowed: "
+                         "integer >= 1")
+    if self.d_model % self.num_heads or (self.d_model // self.num_heads) % 2:
+      raise ValueError(f"num_heads={self.num_heads} must divide d_model="
+                       f"{self.d_model} into even head widths")
+    if self.dtype not in DTYPES:
+      raise ValueError(f"dtype={self.dtype!r} is not supported; allowed: "
+                       f"{', '.join(DTYPES)}")
+
+  def is_moe_layer(self, i: int) -> bool:
+    return self.moe is not None and (i + 1) % self.moe_every == 0
+
+  @property
+  def num_moe_layers(self) -> int:
+    return sum(self.is_moe_layer(i) for i in range(self.num_layers))
+
+
+class TransformerLM(nn.Module):
+  """tokens int32[B, L] -> logits float32[B, L, V]."""
+  config: LMConfig
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, *, train: bool = False,
+               positions: jax.Array | None = None) -> jax.Array:
+    cfg = self.config
+    dtype = DTYPES[cfg.dtype]
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype,
+                     embedding_init=nn.with_logical_partitioning(
+                         nn.initializers.normal(1.0), ("vocab", "embed")),
+                     name="embed")
+    x = embed(tokens)
+    for i in range(cfg.num_layers):
+      x, _ = Block(cfg.num_heads, cfg.d_ff,
+                   cfg.moe if cfg.is_moe_layer(i) else None, dtype=dtype,
+                   name=f"layers_{i}")(x, positions, train=train)
+    x = nn.RMSNorm(dtype=dtype, name="final_norm")(x)
+    logits = nn.DenseGeneral(
+        cfg.vocab_size, use_bias=False, dtype=jnp.float32, name="head",
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                 ("embed", "vocab")))(x)
+    return logits.astype(jnp.float32)
+
+
+def init_variables(model: nn.Module, rng: jax.Array, tokens: jax.Array):
+  """Returns (boxed params, router_state) without sown outputs."""
+  variables = model.init({"params": rng, "router": rng}, tokens, train=False)
+  return variables["params"], variables.get("router_state", {})

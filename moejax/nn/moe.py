@@ -1,0 +1,191 @@
+"""The Mixture-of-Experts layer: router -> Routing -> dispatcher -> experts.
+
+Axis legend:
+  B  batch
+  L  sequence length
+  G  groups (routing units; one sequence per group by default)
+  S  tokens in one group
+  E  experts
+  D  model width
+  F  expert width
+
+Outputs travel through one documented Flax collection, `"router"`: every MoE
+layer sows `aux_loss` (float32[], the configured weighted sum of its aux losses,
+which the train step adds to the objective), `aux` (the unweighted losses) and
+`metrics` (reduced over the whole batch the layer saw). Controller state is read
+from the `"router_state"` variable collection (variable `state`), never a param.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moejax import dispatch
+from moejax.methods import RouterMethod, TopK
+from moejax.nn.experts import ACTIVATIONS, DenseFFN, Experts, expert_ffn
+from moejax.routing import losses
+from moejax.routing.base import Routing
+
+AUX_KEYS = ("load_balance", "z_loss", "entropy")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """Configuration of one MoE layer.
+
+  Attributes:
+    num_experts: routed experts E.
+    expert_width: F, hidden width of each routed expert.
+    router: the routing method (e.g. `TopK(k=2)`), with its own options.
+    num_shared: always-on shared experts (DeepSeekMoE), each of `shared_width`.
+    shared_width: width of each shared expert (default `expert_width`).
+    capacity_factor: training capacity factor (C formula in `dispatch.capacity`).
+    eval_capacity_factor: capacity factor in evaluation and sampling.
+    strategy: dispatch strategy, "index", "einsum" or "dropless".
+    group_size: tokens per routing group; None = one sequence per group.
+    activation: "swiglu" or "gelu".
+    load_balance_weight / z_loss_weight / entropy_weight: aux loss weights;
+      None takes the router method's default.
+    router_init_scale: scale of the router's initial weights (0.1 helps).
+  """
+  num_experts: int = 8
+  expert_width: int = 256
+  router: RouterMethod = dataclasses.field(default_factory=TopK)
+  num_shared: int = 0
+  shared_width: int | None = None
+  capacity_factor: float = 1.25
+  eval_capacity_factor: float = 2.0
+  strategy: str = "index"
+  group_size: int | None = None
+  activation: str = "swiglu"
+  load_balance_weight: float | None = None
+  z_loss_weight: float | None = None
+  entropy_weight: float | None = None
+  router_init_scale: float = 0.1
+
+  def __post_init__(self):
+    def positive(name, value):
+      if isinstance(value, bool) or value is None or not value > 0:
+        raise ValueError(f"{name}={value!r} is out of range; allowed: > 0")
+    positive("num_experts", self.num_experts)
+    positive("expert_width", self.expert_width)
+    positive("capacity_factor", self.capacity_factor)
+    positive("eval_capacity_factor", self.eval_capacity_factor)
+    positive("router_init_scale", self.router_init_scale)
+    if self.num_shared < 0:
+      raise ValueError(
+          f"num_shared={self.num_shared} is out of range; allowed: >= 0")
+    if self.group_size is not None:
+      positive("group_size", self.group_size)
+    if self.strategy not in dispatch.STRATEGIES:
+      raise ValueError(f"strategy={self.strategy!r} is not supported; allowed: "
+                       f"{', '.join(dispatch.STRATEGIES)}")
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f"activation={self.activation!r} is not supported; "
+                       f"allowed: {', '.join(ACTIVATIONS)}")
+    for key in AUX_KEYS:
+      w = getattr(self, f"{key}_weight")
+      if w is not None and w < 0:
+        raise ValueError(f"{key}_weight={w} is out of range; allowed: >= 0")
+    self.router.validate(self.num_experts)
+
+  def aux_weight(self, key: str) -> float:
+    w = getattr(self, f"{key}_weight")
+    return self.router.aux_weights.get(key, 0.0) if w is None else w
+
+
+def to_groups(x: jax.Array, group_size: int | None) -> jax.Array:
+  """float[B, L, D] -> float[G, S, D] (S = group_size, default L)."""
+  batch, length, width = x.shape
+  size = length if group_size is None else group_size
+  if (batch * length) % size:
+    raise ValueError(f"group_size={size} must divide batch*length="
+                     f"{batch * length}")
+  return x.reshape(batch * length // size, size, width)
+
+
+def layer_metrics(gates: jax.Array, kept: jax.Array,
+                  group_metrics: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Metrics of a whole layer.
+
+  Args:
+    gates: float32[G, S, E]; kept: bool[G, S, E]; group_metrics: the routers'
+      per-group metrics with a leading G axis.
+  Returns:
+    group metrics averaged over groups, with the load statistics recomputed
+    over all groups together, plus `drop_fraction` and `kept_per_token`.
+  """
+  metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), group_metrics)
+  num_experts = gates.shape[-1]
+  flat = Routing(gates=gates.reshape(-1, num_experts),
+                 priority=jnp.zeros_like(gates.reshape(-1, num_experts)))
+  metrics.update(losses.routing_metrics(flat))
+  routed = flat.routed
+  kept = kept.reshape(routed.shape)
+  metrics["drop_fraction"] = (routed & ~kept).sum() / jnp.maximum(routed.sum(), 1)
+  metrics["kept_per_token"] = kept.sum(axis=-1).mean().astype(jnp.float32)
+  metrics["max_fanout"] = routed.sum(axis=-1).max().astype(jnp.float32)
+  return metrics
+
+
+class MoE(nn.Module):
+  """Routed feed-forward layer: x float[B, L, D] -> float[B, L, D]."""
+  config: MoEConfig
+  d_model: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    cfg = self.config
+    method = cfg.router
+    batch, length, width = x.shape
+    groups = to_groups(x, cfg.group_size)
+    num_tokens = groups.shape[1]
+
+    router_kernel = self.param(
+        "router", nn.with_logical_partitioning(
+            nn.initializers.variance_scaling(cfg.router_init_scale, "fan_in",
+                                             "truncated_normal"),
+            ("embed", "expert")),
+        (width, cfg.num_experts), self.param_dtype)
+    logits = jnp.einsum("gsd,de->gse", groups.astype(jnp.float32),
+                        router_kernel.astype(jnp.float32))
+
+    init_state = method.init_state(cfg.num_experts)
+    state = (self.variable("router_state", "state", lambda: init_state).value
+             if init_state else {})
+    rng = self.make_rng("router") if (train and method.uses_rng) else None
+    out = method.route_groups(logits, state, rng=rng, train=train)
+
+    factor = cfg.capacity_factor if train else cfg.eval_capacity_factor
+    cap = method.capacity(num_tokens, cfg.num_experts, factor)
+    max_fanout = method.max_fanout(cfg.num_experts)
+    weights = Experts(cfg.num_experts, width, cfg.expert_width, cfg.activation,
+                      self.dtype, self.param_dtype, name="experts")()
+
+    def one_group(routing, xg):
+      plan = dispatch.plan(routing, cap, strategy=cfg.strategy,
+                           max_fanout=max_fanout)
+      return expert_ffn(plan, xg, weights, cfg.activation), plan.kept
+
+    y, kept = jax.vmap(one_group)(out.routing, groups.astype(self.dtype))
+    y = y.reshape(batch, length, width)
+    if cfg.num_shared:
+      shared_width = cfg.shared_width or cfg.expert_width
+      y = y + DenseFFN(width, shared_width * cfg.num_shared, cfg.activation,
+                       self.dtype, self.param_dtype, name="shared")(x)
+
+    aux = {k: jnp.mean(v) for k, v in out.aux.items()}
+    aux_loss = sum((cfg.aux_weight(k) * aux[k] for k in aux if k in AUX_KEYS),
+                   jnp.zeros((), jnp.float32))
+    metrics = layer_metrics(out.routing.gates, kept, out.metrics)
+    metrics["capacity"] = jnp.asarray(cap, jnp.float32)
+    self.sow("router", "aux_loss", aux_loss)
+    self.sow("router", "aux", aux)
+    self.sow("router", "metrics", metrics)
+    return y.astype(x.dtype)

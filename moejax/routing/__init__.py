@@ -1,0 +1,11 @@
+"""Routers: pure functions of one group's float32 logits `[S, E]`."""
+from moejax.routing.base import Routing, RouterOutput
+from moejax.routing.expert_choice import expert_choice
+from moejax.routing.losses import (entropy, load_balance_loss, routing_metrics,
+                                   z_loss)
+from moejax.routing.top_k import top_k
+
+__all__ = [
+    "Routing", "RouterOutput", "top_k", "expert_choice", "load_balance_loss",
+    "z_loss", "entropy", "routing_metrics",
+]

@@ -1,0 +1,153 @@
+"""The jit-compiled train and evaluation steps.
+
+Axis legend:
+  B  batch
+  L  sequence length
+  V  vocabulary
+
+One `train_step(state, batch) -> (state, metrics)` computes the LM loss plus the
+routed layers' weighted aux losses (sown in the `"router"` collection), updates
+params with optax, then updates every controller from that step's router metrics,
+which are already reduced over the whole global batch (the step is one SPMD
+program over the mesh).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.traverse_util
+import jax
+import jax.numpy as jnp
+import optax
+
+from moejax.methods.base import RouterMethod
+from moejax.train.state import TrainState
+
+Batch = dict[str, jax.Array]
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array,
+                  mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Summed masked CE and token count. logits float32[B, L, V], targets int32[B, L]."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  return jnp.sum(nll * mask), jnp.sum(mask)
+
+
+def router_outputs(collection: Any) -> dict[tuple[str, ...], dict[str, Any]]:
+  """{layer path: {"aux_loss", "aux", "metrics"}} from a sown "router" collection."""
+  flat = flax.traverse_util.flatten_dict(collection, is_leaf=lambda k, v:
+                                         isinstance(v, tuple))
+  layers: dict[tuple[str, ...], dict[str, Any]] = {}
+  for path, value in flat.items():
+    layers.setdefault(path[:-1], {})[path[-1]] = value[-1]
+  return dict(sorted(layers.items()))
+
+
+def router_states(router_state: Any) -> dict[tuple[str, ...], Any]:
+  """{layer path: state} from the `router_state` collection."""
+  flat = flax.traverse_util.flatten_dict(
+      router_state, is_leaf=lambda k, v: isinstance(v, dict) and k and
+      k[-1] == "state")
+  return {path[:-1]: value for path, value in flat.items()}
+
+
+def update_router_state(method: RouterMethod | None, router_state: Any,
+                        layers: dict[tuple[str, ...], dict[str, Any]],
+                        step: jax.Array) -> Any:
+  """Applies the method's controller update to every routed layer's state."""
+  if method is None or not router_state:
+    return router_state
+  states = router_states(router_state)
+  metrics = {path: layers[path]["metrics"] for path in states}
+  new = method.update(states, metrics, step)
+  flat = {path + ("state",): new[path] for path in states}
+  return flax.traverse_util.unflatten_dict(flat)
+
+
+def summarize(layers: dict[tuple[str, ...], dict[str, Any]]) -> dict[str, Any]:
+  """Scalar metrics averaged over routed layers, plus per-layer fanout."""
+  if not layers:
+    return {}
+  per_layer = [v["metrics"] for v in layers.values()]
+  out = {}
+  for key, value in per_layer[0].items():
+    if jnp.ndim(value) == 0:
+      out[key] = jnp.mean(jnp.stack([m[key] for m in per_layer]))
+  out["layer_fanout"] = jnp.stack([m["experts_per_token"] for m in per_layer])
+  out["max_vio_max"] = jnp.max(jnp.stack([m["max_vio"] for m in per_layer]))
+  return out
+
+
+def make_loss_fn(model: nn.Module, train: bool):
+  def loss_fn(params, router_state, batch: Batch, rng):
+    logits, coll = model.apply(
+        {"params": params, "router_state": router_state}, batch["inputs"],
+        train=train, rngs={"router": rng}, mutable=["router"])
+    ce_sum, count = cross_entropy(logits, batch["targets"], batch["mask"])
+    ce = ce_sum / jnp.maximum(count, 1.0)
+    layers = router_outputs(coll.get("router", {}))
+    aux_loss = sum((v["aux_loss"] for v in layers.values()),
+                   jnp.zeros((), jnp.float32))
+    return ce + aux_loss, (ce, aux_loss, ce_sum, count, layers)
+  return loss_fn
+
+
+def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
+                    method: RouterMethod | None,
+                    schedule: optax.Schedule | None = None,
+                    donate: bool = True) -> Callable:
+  """Returns jitted `train_step(state, batch) -> (state, metrics)`."""
+  loss_fn = make_loss_fn(model, train=True)
+
+  def train_step(state: TrainState, batch: Batch):
+    rng = jax.random.fold_in(state.rng, state.step)
+    grads, (ce, aux_loss, _, _, layers) = jax.grad(loss_fn, has_aux=True)(
+        state.params, state.router_state, batch, rng)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    router_state = update_router_state(method, state.router_state, layers,
+                                       state.step)
+    metrics = {"loss": ce, "aux_loss": aux_loss,
+               "grad_norm": optax.global_norm(grads), **summarize(layers)}
+    if method is not None and router_state:
+      metrics.update(method.state_metrics(router_states(router_state)))
+    if schedule is not None:
+      metrics["learning_rate"] = schedule(state.step)
+    new_state = state.replace(step=state.step + 1, params=params,
+                              opt_state=opt_state, router_state=router_state,
+                              data_index=state.data_index + 1)
+    return new_state, metrics
+
+  return jax.jit(train_step, donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(model: nn.Module) -> Callable:
+  """Returns jitted `eval_step(state, batch) -> metrics` (controllers frozen)."""
+  loss_fn = make_loss_fn(model, train=False)
+
+  def eval_step(state: TrainState, batch: Batch):
+    _, (_, _, ce_sum, count, layers) = loss_fn(
+        state.params, state.router_state, batch, state.rng)
+    return {"ce_sum": ce_sum, "count": count, **summarize(layers)}
+
+  return jax.jit(eval_step)
+
+
+def evaluate(eval_step: Callable, state: TrainState, batches) -> dict[str, float]:
+  """Mean CE (nats per token) and routing metrics over validation batches."""
+  total, count, sums, n = 0.0, 0.0, {}, 0
+  for batch in batches:
+    out = jax.device_get(eval_step(state, batch))
+    total += float(out.pop("ce_sum"))
+    count += float(out.pop("count"))
+    out.pop("layer_fanout", None)
+    for key, value in out.items():
+      sums[key] = sums.get(key, 0.0) + float(value)
+    n += 1
+  if n == 0:
+    raise ValueError("evaluation got no batches")
+  result = {f"eval_{k}": v / n for k, v in sums.items()}
+  result["eval_loss"] = total / max(count, 1.0)
+  return result
