@@ -43,6 +43,7 @@ class TrainConfig:
   checkpoint_every: int = 100
   keep_checkpoints: int = 3
   mesh: str | None = None
+  num_devices: int | None = None  # use the first n devices (None = all)
   sample_tokens: int = 160
   sample_prompt: str = "def "
   temperature: float = 0.0
@@ -92,7 +93,13 @@ def train(cfg: TrainConfig, workdir: str) -> dict[str, Any]:
   Writes `workdir/metrics.jsonl`, `workdir/checkpoints/`, `workdir/run.png`.
   """
   os.makedirs(workdir, exist_ok=True)
-  mesh = sharding.make_mesh(cfg.mesh)
+  devices = jax.devices()
+  if cfg.num_devices is not None:
+    if not 1 <= cfg.num_devices <= len(devices):
+      raise ValueError(f"num_devices={cfg.num_devices} is out of range; "
+                       f"allowed: [1, {len(devices)}]")
+    devices = devices[:cfg.num_devices]
+  mesh = sharding.make_mesh(cfg.mesh, devices)
   sharding.check_batch(cfg.batch_size, mesh)
   data = get_lm_data(cfg.dataset, seq_len=cfg.seq_len,
                      batch_size=cfg.batch_size, seed=cfg.seed,
