@@ -179,18 +179,13 @@ def _slot_plan(routing: Routing, capacity_: int, strategy: str) -> SlotPlan:
   routed = routing.routed
   position = jnp.where(routed & (rank < capacity_), rank, -1)
   if capacity_ > num_tokens:
-    pad = capacity_ - num_tokens
     order = jnp.concatenate(
-        [order, jnp.zeros((pad, num_experts), jnp.int32)], axis=0)
-    routed = jnp.concatenate([routed, jnp.zeros((pad, num_experts), bool)], 0)
-    gates = jnp.concatenate(
-        [routing.gates, jnp.zeros((pad, num_experts), routing.gates.dtype)], 0)
-  else:
-    gates = routing.gates
-  top = order[:capacity_]  # [C, E]
-  slot_gate = jnp.take_along_axis(gates, top, axis=0)
-  slot_routed = jnp.take_along_axis(routed, top, axis=0)
-  slot_gate = jnp.where(slot_routed, slot_gate, 0.0)
+        [order, jnp.zeros((capacity_ - num_tokens, num_experts), jnp.int32)], 0)
+  top = order[:capacity_]  # [C, E]; routed tokens first in each column
+  slot_valid = (jnp.arange(capacity_)[:, None] <
+                routing.routed.sum(axis=0)[None, :])
+  slot_gate = jnp.where(slot_valid,
+                        jnp.take_along_axis(routing.gates, top, axis=0), 0.0)
   return SlotPlan(gates=routing.gates, position=position.astype(jnp.int32),
                   token_index=top.T, slot_gate=slot_gate.T, strategy=strategy)
 
