@@ -15,7 +15,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moejax import sharding
 from moejax.nn.blocks import Block
+from moejax.nn.mod import MoDBlock, MoDConfig
 from moejax.nn.moe import MoEConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -36,6 +38,14 @@ class LMConfig:
     moe_every: every `moe_every`-th block (1-based) has an MoE MLP.
     dtype: activation dtype name ("float32" or "bfloat16"); params stay float32
       and routing math is float32 whatever this is.
+    mod_capacity: Mixture-of-Depths capacity fraction in [0, 1]; 0 = no MoD.
+    mod_every: every `mod_every`-th block (1-based) is a routed MoD block
+      (default 2: every other block); its MLP is the MoE if that block has one
+      (staged MoDE).
+    mod_score: "raw" or "sigmoid" router score multiplying a routed update.
+    mod_aux_weight: weight of the MoD router's causal BCE (method A).
+    mod_predictor_weight: weight of the causal predictor's BCE (method B).
+    mod_causal: causal decision used for sampling: "predictor" or "router".
   """
   vocab_size: int = 256
   num_layers: int = 4
@@ -46,10 +56,16 @@ class LMConfig:
   moe: MoEConfig | None = None
   moe_every: int = 1
   dtype: str = "float32"
+  mod_capacity: float = 0.0
+  mod_every: int = 2
+  mod_score: str = "raw"
+  mod_aux_weight: float = 0.01
+  mod_predictor_weight: float = 1.0
+  mod_causal: str = "predictor"
 
   def __post_init__(self):
     for name in ("vocab_size", "num_layers", "d_model", "num_heads", "d_ff",
-                 "max_len", "moe_every"):
+                 "max_len", "moe_every", "mod_every"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}={value!r} is out of range; allowed: "
@@ -60,6 +76,24 @@ class LMConfig:
     if self.dtype not in DTYPES:
       raise ValueError(f"dtype={self.dtype!r} is not supported; allowed: "
                        f"{', '.join(DTYPES)}")
+    if isinstance(self.mod_capacity, bool) or not 0 <= self.mod_capacity <= 1:
+      raise ValueError(f"mod_capacity={self.mod_capacity!r} is out of range; "
+                       "allowed: [0, 1] (0 = no MoD)")
+    if self.mod_capacity:
+      self.mod_config  # validates the other mod_* fields
+
+  @property
+  def mod_config(self) -> MoDConfig | None:
+    """The routed blocks' `MoDConfig` (None without MoD)."""
+    if not self.mod_capacity:
+      return None
+    return MoDConfig(capacity=self.mod_capacity, score=self.mod_score,
+                     aux_weight=self.mod_aux_weight,
+                     predictor_weight=self.mod_predictor_weight,
+                     causal=self.mod_causal)
+
+  def is_mod_layer(self, i: int) -> bool:
+    return bool(self.mod_capacity) and (i + 1) % self.mod_every == 0
 
   def is_moe_layer(self, i: int) -> bool:
     return self.moe is not None and (i + 1) % self.moe_every == 0
@@ -75,7 +109,11 @@ class TransformerLM(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: jax.Array, *, train: bool = False,
-               positions: jax.Array | None = None) -> jax.Array:
+               positions: jax.Array | None = None,
+               mod_routing: str = "top_c") -> jax.Array:
+    """`mod_routing` picks the routed blocks' selection: "top_c" (training),
+    "causal" (the config's `mod_causal` decisions, as in sampling),
+    "predictor" or "router"; see `moejax.nn.mod.MoDBlock`."""
     cfg = self.config
     dtype = DTYPES[cfg.dtype]
     if positions is None:
@@ -86,9 +124,16 @@ class TransformerLM(nn.Module):
                      name="embed")
     x = embed(tokens)
     for i in range(cfg.num_layers):
-      x, _ = Block(cfg.num_heads, cfg.d_ff,
-                   cfg.moe if cfg.is_moe_layer(i) else None, dtype=dtype,
+      x = sharding.constrain(x, sharding.ACT_BLD)  # block boundary [B, L, D]
+      moe = cfg.moe if cfg.is_moe_layer(i) else None
+      if cfg.is_mod_layer(i):
+        x, _ = MoDBlock(cfg.mod_config, cfg.num_heads, cfg.d_ff, moe,
+                        dtype=dtype, name=f"layers_{i}")(
+                            x, positions, train=train, routing=mod_routing)
+        continue
+      x, _ = Block(cfg.num_heads, cfg.d_ff, moe, dtype=dtype,
                    name=f"layers_{i}")(x, positions, train=train)
+    x = sharding.constrain(x, sharding.ACT_BLD)
     x = nn.RMSNorm(dtype=dtype, name="final_norm")(x)
     logits = nn.DenseGeneral(
         cfg.vocab_size, use_bias=False, dtype=jnp.float32, name="head",

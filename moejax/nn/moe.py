@@ -51,6 +51,9 @@ class MoEConfig:
     load_balance_weight / z_loss_weight / entropy_weight: aux loss weights;
       None takes the router method's default.
     router_init_scale: scale of the router's initial weights (0.1 helps).
+    num_noop_experts: no-op (identity) experts added to the router (integrated
+      MoDE): the router chooses among E + N experts; an assignment to a no-op
+      expert adds no MLP update and costs no compute.
   """
   num_experts: int = 8
   expert_width: int = 256
@@ -66,6 +69,7 @@ class MoEConfig:
   z_loss_weight: float | None = None
   entropy_weight: float | None = None
   router_init_scale: float = 0.1
+  num_noop_experts: int = 0
 
   def __post_init__(self):
     def positive(name, value):
@@ -79,6 +83,9 @@ class MoEConfig:
     if self.num_shared < 0:
       raise ValueError(
           f"num_shared={self.num_shared} is out of range; allowed: >= 0")
+    if isinstance(self.num_noop_experts, bool) or self.num_noop_experts < 0:
+      raise ValueError(f"num_noop_experts={self.num_noop_experts!r} is out of "
+                       "range; allowed: >= 0")
     if self.group_size is not None:
       positive("group_size", self.group_size)
     if self.strategy not in dispatch.STRATEGIES:
@@ -91,7 +98,12 @@ class MoEConfig:
       w = getattr(self, f"{key}_weight")
       if w is not None and w < 0:
         raise ValueError(f"{key}_weight={w} is out of range; allowed: >= 0")
-    self.router.validate(self.num_experts)
+    self.router.validate(self.router_experts)
+
+  @property
+  def router_experts(self) -> int:
+    """Experts the router chooses among: E real + the no-op ones."""
+    return self.num_experts + self.num_noop_experts
 
   def aux_weight(self, key: str) -> float:
     w = getattr(self, f"{key}_weight")
@@ -152,23 +164,26 @@ class MoE(nn.Module):
             nn.initializers.variance_scaling(cfg.router_init_scale, "fan_in",
                                              "truncated_normal"),
             ("embed", "expert")),
-        (width, cfg.num_experts), self.param_dtype)
+        (width, cfg.router_experts), self.param_dtype)
     logits = jnp.einsum("gsd,de->gse", groups.astype(jnp.float32),
                         router_kernel.astype(jnp.float32))
 
-    init_state = method.init_state(cfg.num_experts)
+    init_state = method.init_state(cfg.router_experts)
     state = (self.variable("router_state", "state", lambda: init_state).value
              if init_state else {})
     rng = self.make_rng("router") if (train and method.uses_rng) else None
     out = method.route_groups(logits, state, rng=rng, train=train)
 
     factor = cfg.capacity_factor if train else cfg.eval_capacity_factor
-    cap = method.capacity(num_tokens, cfg.num_experts, factor)
-    max_fanout = method.max_fanout(cfg.num_experts)
+    cap = method.capacity(num_tokens, cfg.router_experts, factor)
+    max_fanout = min(method.max_fanout(cfg.router_experts), cfg.num_experts)
     weights = Experts(cfg.num_experts, width, cfg.expert_width, cfg.activation,
                       self.dtype, self.param_dtype, name="experts")()
 
     def one_group(routing, xg):
+      if cfg.num_noop_experts:  # no-op experts: no slots, no compute, no update
+        routing = Routing(gates=routing.gates[:, :cfg.num_experts],
+                          priority=routing.priority[:, :cfg.num_experts])
       plan = dispatch.plan(routing, cap, strategy=cfg.strategy,
                            max_fanout=max_fanout)
       return expert_ffn(plan, xg, weights, cfg.activation), plan.kept
@@ -183,8 +198,17 @@ class MoE(nn.Module):
     aux = {k: jnp.mean(v) for k, v in out.aux.items()}
     aux_loss = sum((cfg.aux_weight(k) * aux[k] for k in aux if k in AUX_KEYS),
                    jnp.zeros((), jnp.float32))
+    if cfg.num_noop_experts:  # no-op assignments are never dropped
+      noop = out.routing.routed[..., cfg.num_experts:]
+      kept = jnp.concatenate([kept, noop], axis=-1)
     metrics = layer_metrics(out.routing.gates, kept, out.metrics)
     metrics["capacity"] = jnp.asarray(cap, jnp.float32)
+    if cfg.num_noop_experts:
+      routed = out.routing.routed
+      metrics["noop_fraction"] = (noop.sum() / jnp.maximum(routed.sum(), 1)
+                                  ).astype(jnp.float32)
+      metrics["mlp_skip_fraction"] = jnp.mean(
+          ~routed[..., :cfg.num_experts].any(axis=-1)).astype(jnp.float32)
     self.sow("router", "aux_loss", aux_loss)
     self.sow("router", "aux", aux)
     self.sow("router", "metrics", metrics)

@@ -67,16 +67,23 @@ def update_router_state(method: RouterMethod | None, router_state: Any,
 
 
 def summarize(layers: dict[tuple[str, ...], dict[str, Any]]) -> dict[str, Any]:
-  """Scalar metrics averaged over routed layers, plus per-layer fanout."""
+  """Scalar metrics averaged over routed layers, plus per-layer fanout.
+
+  Each key is averaged over the layers that report it (MoE layers and MoD
+  blocks report different keys; MoD's are prefixed `mod_`).
+  """
   if not layers:
     return {}
   per_layer = [v["metrics"] for v in layers.values()]
   out = {}
-  for key, value in per_layer[0].items():
-    if jnp.ndim(value) == 0:
-      out[key] = jnp.mean(jnp.stack([m[key] for m in per_layer]))
-  out["layer_fanout"] = jnp.stack([m["experts_per_token"] for m in per_layer])
-  out["max_vio_max"] = jnp.max(jnp.stack([m["max_vio"] for m in per_layer]))
+  keys = dict.fromkeys(k for m in per_layer for k, v in m.items()
+                       if jnp.ndim(v) == 0)
+  for key in keys:
+    out[key] = jnp.mean(jnp.stack([m[key] for m in per_layer if key in m]))
+  moe_layers = [m for m in per_layer if "experts_per_token" in m]
+  if moe_layers:
+    out["layer_fanout"] = jnp.stack([m["experts_per_token"] for m in moe_layers])
+    out["max_vio_max"] = jnp.max(jnp.stack([m["max_vio"] for m in moe_layers]))
   return out
 
 

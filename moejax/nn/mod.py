@@ -1,0 +1,244 @@
+"""Mixture-of-Depths (Raposo et al. 2024): a block that runs on C of the L tokens.
+
+Axis legend:
+  B  batch (one routing group per sequence)
+  L  sequence length
+  C  capacity (tokens per sequence that enter the block), C = ceil(ratio * L)
+  D  model width
+  E  experts (E = 1 here: MoD is expert choice with one expert)
+
+A routed block has a scalar router `r = x · w` (float32[B, L]). Per sequence the
+top-C tokens by r are chosen with the expert-choice selector
+(`routing.expert_choice.select_top_tokens`, one expert), turned into a
+`Routing` whose priority is the token order (so the dispatcher lays the chosen
+tokens out in their ORIGINAL order) and whose gate is the router score; the
+dispatcher (`dispatch.plan`, "index") gathers them with their true positions,
+the wrapped `Block(residual=False)` runs attention + MLP on those C tokens only
+(RoPE and the causal mask by original position), and `plan.combine` scatters
+`score * Δ` back: `x_i <- x_i + s(r_i) Δ_i` for chosen tokens, the others pass
+unchanged. Multiplying by the score is the router's only gradient path.
+
+Causal routing (sampling cannot see the future, top-C needs it):
+  A. "router": an auxiliary BCE(sigmoid(r), top-C mask) (weight `aux_weight`);
+     at sampling a token enters iff r > 0.
+  B. "predictor": an MLP D -> D/2 -> 1 (SiLU) on stop_gradient(x), trained with
+     BCE against the top-C mask (weight `predictor_weight`; it cannot change the
+     LM through its gradients); a token enters iff its logit > 0.
+`MoDBlock(..., routing="predictor" | "router" | "causal")` runs a full forward
+pass with those per-token decisions (a reference for the cached decoder in
+`moejax.decode`; it runs the block at capacity L with the unchosen slots
+masked, so it does not save compute). Outputs go to the `"router"` collection
+like the MoE layer's: `aux_loss`, `aux` and `metrics`, with `mod_`-prefixed keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from moejax import dispatch
+from moejax.nn.blocks import Block
+from moejax.nn.moe import MoEConfig
+from moejax.routing.base import Routing
+from moejax.routing.expert_choice import select_top_tokens
+
+SCORES = ("raw", "sigmoid")
+CAUSAL = ("predictor", "router")
+ROUTINGS = ("top_c", "causal") + CAUSAL
+# Position given to empty slots: larger than any real position, so the causal
+# mask hides them from every real query (their own outputs are discarded).
+PAD_POSITION = 2 ** 30
+_TINY = float(jnp.finfo(jnp.float32).tiny)
+
+
+@dataclasses.dataclass(frozen=True)
+class MoDConfig:
+  """One routed block.
+
+  Attributes:
+    capacity: fraction of each sequence that enters the block, in (0, 1];
+      C = ceil(capacity * L).
+    score: "raw" (the paper: the update is scaled by r) or "sigmoid" (by
+      sigmoid(r)).
+    aux_weight: weight of the router's own BCE (causal method A), >= 0.
+    predictor_weight: weight of the predictor's BCE (method B), >= 0; the
+      predictor sees stop_gradient(x), so this trains the predictor only.
+    causal: the decision used for sampling and `routing="causal"`:
+      "predictor" or "router".
+    router_init_scale: variance scale of the router's initial weights (> 0).
+  """
+  capacity: float = 0.125
+  score: str = "raw"
+  aux_weight: float = 0.01
+  predictor_weight: float = 1.0
+  causal: str = "predictor"
+  router_init_scale: float = 1.0
+
+  def __post_init__(self):
+    if isinstance(self.capacity, bool) or not 0 < self.capacity <= 1:
+      raise ValueError(f"capacity={self.capacity!r} is out of range; allowed: "
+                       "(0, 1]")
+    if self.score not in SCORES:
+      raise ValueError(f"score={self.score!r} is not supported; allowed: "
+                       f"{', '.join(SCORES)}")
+    if self.causal not in CAUSAL:
+      raise ValueError(f"causal={self.causal!r} is not supported; allowed: "
+                       f"{', '.join(CAUSAL)}")
+    for name in ("aux_weight", "predictor_weight"):
+      if not getattr(self, name) >= 0:
+        raise ValueError(f"{name}={getattr(self, name)!r} is out of range; "
+                         "allowed: >= 0")
+    if not self.router_init_scale > 0:
+      raise ValueError(f"router_init_scale={self.router_init_scale!r} is out "
+                       "of range; allowed: > 0")
+
+  def num_selected(self, length: int) -> int:
+    """C for a sequence of `length` tokens."""
+    return min(length, dispatch.ratio_capacity(length, self.capacity))
+
+
+def router_score(logits: jax.Array, score: str) -> jax.Array:
+  """The multiplier of the block's update. logits float32[...] -> float32[...]."""
+  return logits if score == "raw" else jax.nn.sigmoid(logits)
+
+
+def top_c_mask(logits: jax.Array, capacity: int) -> jax.Array:
+  """bool[B, L]: per sequence the `capacity` highest logits (ties: lower index).
+
+  Expert choice with one expert: `select_top_tokens` on float32[L, 1] per row.
+  """
+  return jax.vmap(lambda r: select_top_tokens(r[:, None], capacity)[:, 0])(
+      logits)
+
+
+def mod_routing(logits: jax.Array, chosen: jax.Array, score: str) -> Routing:
+  """The `Routing` of one expert (the block) over each sequence.
+
+  Args:
+    logits: float32[B, L] router logits.
+    chosen: bool[B, L] tokens that enter the block.
+    score: "raw" or "sigmoid".
+  Returns:
+    Routing with gates/priority float32[B, L, 1]: gate = the score at chosen
+    tokens (never exactly 0 there), priority = -index, so that the dispatcher
+    keeps the chosen tokens in their original order.
+  """
+  s = router_score(logits, score)
+  s = jnp.where(s == 0, _TINY, s)
+  gates = jnp.where(chosen, s, 0.0)[..., None]
+  order = -jnp.arange(logits.shape[-1], dtype=jnp.float32)
+  priority = jnp.broadcast_to(order, logits.shape)[..., None]
+  return Routing(gates=gates, priority=priority)
+
+
+def gather_plan(routing: Routing, capacity: int):
+  """Per sequence, the dispatch plan of the chosen tokens (vmapped over B)."""
+  return jax.vmap(lambda r: dispatch.plan(r, capacity, strategy="index"))(
+      routing)
+
+
+def selection_metrics(pred: jax.Array, target: jax.Array) -> dict[str, jax.Array]:
+  """Accuracy, precision, recall of bool[...] predictions vs a bool target."""
+  pred, target = pred.astype(jnp.float32), target.astype(jnp.float32)
+  hits = jnp.sum(pred * target)
+  return {
+      "accuracy": jnp.mean((pred == target).astype(jnp.float32)),
+      "precision": hits / jnp.maximum(jnp.sum(pred), 1.0),
+      "recall": hits / jnp.maximum(jnp.sum(target), 1.0),
+      "capacity": jnp.mean(pred),
+  }
+
+
+class Predictor(nn.Module):
+  """Causal-routing predictor: float[B, L, D] -> logits float32[B, L]."""
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    width = x.shape[-1]
+    h = nn.Dense(max(1, width // 2), param_dtype=self.param_dtype,
+                 name="hidden")(x.astype(jnp.float32))
+    return nn.Dense(1, param_dtype=self.param_dtype, name="out")(
+        nn.silu(h))[..., 0]
+
+
+class MoDBlock(nn.Module):
+  """A Transformer block that runs on the router's top-C tokens of each sequence.
+
+  `__call__(x float[B, L, D], positions int32[B, L], *, train, routing="top_c")`
+  returns (x + score * Δ at the chosen tokens, chosen bool[B, L]). `routing`:
+  "top_c" (training and the default evaluation; C = config.num_selected(L)
+  tokens enter), "predictor" / "router" (causal decisions of method B / A) or
+  "causal" (the config's `causal` method).
+  """
+  config: MoDConfig
+  num_heads: int
+  d_ff: int
+  moe: MoEConfig | None = None
+  activation: str = "swiglu"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, positions: jax.Array, *, train: bool,
+               routing: str = "top_c"):
+    cfg = self.config
+    if routing not in ROUTINGS:
+      raise ValueError(f"routing={routing!r} is not supported; allowed: "
+                       f"{', '.join(ROUTINGS)}")
+    if routing == "causal":
+      routing = cfg.causal
+    length = x.shape[1]
+    w = self.param(
+        "router", nn.with_logical_partitioning(
+            nn.initializers.variance_scaling(cfg.router_init_scale, "fan_in",
+                                             "truncated_normal", in_axis=0,
+                                             out_axis=()),
+            ("embed",)), (x.shape[-1],), self.param_dtype)
+    logits = jnp.einsum("bld,d->bl", x.astype(jnp.float32),
+                        w.astype(jnp.float32))
+    pred_logits = Predictor(self.param_dtype, name="predictor")(
+        jax.lax.stop_gradient(x))
+
+    capacity = cfg.num_selected(length)
+    target = top_c_mask(jax.lax.stop_gradient(logits), capacity)
+    if routing == "top_c":
+      chosen, slots = target, capacity
+    else:
+      chosen = (pred_logits if routing == "predictor" else logits) > 0
+      chosen, slots = jax.lax.stop_gradient(chosen), length
+
+    plan = gather_plan(mod_routing(logits, chosen, cfg.score), slots)
+    xs = jax.vmap(lambda p, xb: p.dispatch(xb)[0])(plan, x)        # [B, C, D]
+    slot_pos = jnp.take_along_axis(positions, plan.token_index[:, 0], axis=1)
+    slot_pos = jnp.where(plan.slot_valid[:, 0], slot_pos, PAD_POSITION)
+    delta, _ = Block(self.num_heads, self.d_ff, self.moe, self.activation,
+                     self.dtype, self.param_dtype, residual=False,
+                     name="block")(xs, slot_pos, train=train)
+    update = jax.vmap(lambda p, d: p.combine(d[None]))(plan, delta)  # [B, L, D]
+
+    # Causal routing: BCE of the router (A) and of the predictor (B).
+    t = target.astype(jnp.float32)
+    aux = {"mod_router_bce": optax.sigmoid_binary_cross_entropy(logits, t).mean(),
+           "mod_predictor_bce": optax.sigmoid_binary_cross_entropy(
+               pred_logits, t).mean()}
+    aux_loss = (cfg.aux_weight * aux["mod_router_bce"]
+                + cfg.predictor_weight * aux["mod_predictor_bce"])
+    metrics = {"mod_capacity": jnp.mean(chosen.astype(jnp.float32)),
+               "mod_score_mean": jnp.sum(
+                   jnp.where(chosen, router_score(logits, cfg.score), 0.0))
+               / jnp.maximum(jnp.sum(chosen), 1)}
+    for name, pred in (("pred", pred_logits > 0), ("router", logits > 0)):
+      for key, value in selection_metrics(pred, target).items():
+        metrics[f"mod_{name}_{key}"] = value
+    metrics["mod_causal_capacity"] = metrics[
+        "mod_pred_capacity" if cfg.causal == "predictor"
+        else "mod_router_capacity"]
+    self.sow("router", "aux_loss", aux_loss)
+    self.sow("router", "aux", aux)
+    self.sow("router", "metrics", metrics)
+    return x + update.astype(x.dtype), chosen
