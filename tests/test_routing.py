@@ -1,0 +1,129 @@
+"""Baseline routers and losses against numpy references and hand-checked cases."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moejax import routing
+from moejax.routing import Routing, expert_choice, top_k
+from moejax.routing import losses
+
+
+def softmax(x):
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_top_k_matches_numpy(k, normalize):
+  logits = np.random.default_rng(k).normal(size=(32, 8)).astype(np.float32)
+  out = top_k(jnp.asarray(logits), k, normalize=normalize)
+  probs = softmax(logits)
+  want = np.zeros_like(probs)
+  for s in range(32):
+    idx = np.argsort(-probs[s])[:k]
+    w = probs[s, idx]
+    want[s, idx] = w / w.sum() if normalize else w
+  np.testing.assert_allclose(np.asarray(out.routing.gates), want, rtol=1e-5,
+                             atol=1e-7)
+  assert float(out.metrics["experts_per_token"]) == k
+  chex.assert_shape(out.metrics["expert_load"], (8,))
+  np.testing.assert_allclose(float(out.metrics["expert_load"].sum()), 1.0,
+                             rtol=1e-6)
+
+
+def test_top_k_priority_first_choices_first():
+  logits = jnp.array([[3., 1., 0.], [0., 2., 1.]])
+  out = top_k(logits, 2)
+  np.testing.assert_array_equal(np.asarray(out.routing.priority),
+                                [[2, 1, 0], [0, 2, 1]])
+
+
+def test_top_k_extreme_logits_still_route_k():
+  logits = jnp.array([[100., -100., -100., -100.]])
+  out = top_k(logits, 2)
+  assert int(out.routing.routed.sum()) == 2
+
+
+def test_random_second_expert():
+  logits = jnp.tile(jnp.array([[2.0, 1.9, -5.0, -5.0]]), (4000, 1))
+  out = top_k(logits, 2, rng=jax.random.PRNGKey(0), random_second=True)
+  g2 = np.exp(1.9) / (np.exp(2.0) + np.exp(1.9))
+  kept_second = float(out.routing.routed[:, 1].mean())
+  assert abs(kept_second - min(1.0, 2 * g2)) < 0.03
+  logits = jnp.tile(jnp.array([[4.0, 0.0, -5.0, -5.0]]), (4000, 1))
+  out = top_k(logits, 2, rng=jax.random.PRNGKey(1), random_second=True)
+  g2 = 1 / (np.exp(4.0) + 1)
+  assert abs(float(out.routing.routed[:, 1].mean()) - 2 * g2) < 0.02
+  with pytest.raises(ValueError, match="rng"):
+    top_k(logits, 2, random_second=True)
+
+
+def test_expert_choice_takes_capacity_tokens_per_expert():
+  logits = np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32)
+  out = expert_choice(jnp.asarray(logits), 5)
+  probs = softmax(logits)
+  gates = np.asarray(out.routing.gates)
+  for e in range(4):
+    chosen = np.nonzero(gates[:, e])[0]
+    assert len(chosen) == 5
+    np.testing.assert_array_equal(np.sort(chosen), np.sort(np.argsort(-probs[:, e])[:5]))
+    np.testing.assert_allclose(gates[chosen, e], probs[chosen, e], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(out.metrics["expert_load"]), 0.25)
+  np.testing.assert_allclose(float(out.metrics["experts_per_token"]), 5 * 4 / 16)
+
+
+def test_load_balance_minimum_one_at_uniform():
+  num_tokens, num_experts = 64, 8
+  probs = jnp.full((num_tokens, num_experts), 1 / num_experts)
+  routed = jnp.zeros((num_tokens, num_experts), bool).at[
+      jnp.arange(num_tokens), jnp.arange(num_tokens) % num_experts].set(True)
+  np.testing.assert_allclose(float(losses.load_balance_loss(probs, routed)), 1.0,
+                             rtol=1e-6)
+  # Skewed routing and probabilities together cost more.
+  skew_probs = jax.nn.softmax(jnp.tile(jnp.arange(8.0), (64, 1)), axis=-1)
+  skew_routed = jnp.zeros_like(routed).at[:, 7].set(True)
+  assert float(losses.load_balance_loss(skew_probs, skew_routed)) > 4.0
+
+
+def test_z_loss_and_entropy():
+  logits = jnp.array([[0., 0.], [1., 1.]])
+  np.testing.assert_allclose(float(losses.z_loss(logits)),
+                             (np.log(2) ** 2 + (1 + np.log(2)) ** 2) / 2,
+                             rtol=1e-6)
+  np.testing.assert_allclose(float(losses.entropy(jax.nn.softmax(logits))),
+                             np.log(2), rtol=1e-6)
+
+
+def test_routing_metrics_max_vio_and_zero_fanout():
+  gates = jnp.array([[1., 0.], [1., 0.], [1., 0.], [0., 0.]])
+  m = losses.routing_metrics(Routing(gates, gates))
+  np.testing.assert_allclose(float(m["max_vio"]), 1.0)  # (3 - 1.5) / 1.5
+  np.testing.assert_allclose(float(m["zero_expert_fraction"]), 0.25)
+  np.testing.assert_allclose(np.asarray(m["expert_load"]), [1., 0.])
+
+
+@pytest.mark.parametrize("bad_k", [0, 9])
+def test_top_k_bad_k(bad_k):
+  with pytest.raises(ValueError, match=f"k={bad_k}"):
+    top_k(jnp.zeros((4, 8)), bad_k)
+
+
+def test_expert_choice_bad_capacity():
+  with pytest.raises(ValueError, match="capacity=0"):
+    expert_choice(jnp.zeros((4, 8)), 0)
+
+
+def test_routers_jit_and_vmap():
+  logits = jax.random.normal(jax.random.PRNGKey(0), (3, 16, 8))
+  out = jax.jit(jax.vmap(lambda l: top_k(l, 2)))(logits)
+  chex.assert_shape(out.routing.gates, (3, 16, 8))
+  out = jax.jit(jax.vmap(lambda l: expert_choice(l, 4)))(logits)
+  chex.assert_shape(out.routing.gates, (3, 16, 8))
+
+
+def test_public_names():
+  for name in ("Routing", "RouterOutput", "top_k", "expert_choice"):
+    assert hasattr(routing, name)
