@@ -57,10 +57,12 @@ class Attention(nn.Module):
   `__call__(x, positions)` returns (out float[B, L, D], (k, v)) so that a decoder
   can cache keys/values; `kv` passes cached keys/values (with their positions and
   a validity mask) to attend to in addition to nothing else (decode mode).
+  `causal=False` lets every query see every key (encoders, DiT).
   """
   num_heads: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, kv=None):
@@ -84,6 +86,10 @@ class Attention(nn.Module):
     else:
       keys, values, k_positions, k_valid = kv
       mask = causal_mask(positions, k_positions, k_valid)
+    if not self.causal:  # every query sees every (valid) key
+      mask = jnp.ones_like(mask)
+      if kv is not None and k_valid is not None:
+        mask = mask & k_valid[:, None, None, :]
     out = attend(q, keys, values, mask)
     out = proj("out", width, (-2, -1), ("heads", "kv", "embed"))(out)
     return out, (k, v)

@@ -11,9 +11,11 @@ Axis legend:
 
 Outputs travel through one documented Flax collection, `"router"`: every MoE
 layer sows `aux_loss` (float32[], the configured weighted sum of its aux losses,
-which the train step adds to the objective), `aux` (the unweighted losses) and
-`metrics` (reduced over the whole batch the layer saw). Controller state is read
-from the `"router_state"` variable collection (variable `state`), never a param.
+which the train step adds to the objective), `aux` (the unweighted losses),
+`metrics` (reduced over the whole batch the layer saw) and `fanout`
+(float32[G, S], experts routed per token, before capacity; per-token statistics
+such as fanout by diffusion timestep). Controller state is read from the
+`"router_state"` variable collection (variable `state`), never a param.
 """
 from __future__ import annotations
 
@@ -212,4 +214,6 @@ class MoE(nn.Module):
     self.sow("router", "aux_loss", aux_loss)
     self.sow("router", "aux", aux)
     self.sow("router", "metrics", metrics)
+    self.sow("router", "fanout",
+             out.routing.routed.sum(axis=-1).astype(jnp.float32))
     return y.astype(x.dtype)

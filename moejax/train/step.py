@@ -104,20 +104,31 @@ def make_loss_fn(model: nn.Module, train: bool):
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
                     method: RouterMethod | None,
                     schedule: optax.Schedule | None = None,
-                    donate: bool = True) -> Callable:
-  """Returns jitted `train_step(state, batch) -> (state, metrics)`."""
-  loss_fn = make_loss_fn(model, train=True)
+                    donate: bool = True,
+                    loss_fn: Callable | None = None) -> Callable:
+  """Returns jitted `train_step(state, batch) -> (state, metrics)`.
+
+  `loss_fn` replaces the LM cross-entropy (e.g. a diffusion loss):
+  `(params, router_state, batch, rng) -> (objective, (loss, aux_loss,
+  extra_metrics: dict, layers))` with `layers` from `router_outputs`.
+  """
+  custom = loss_fn is not None
+  if not custom:
+    loss_fn = make_loss_fn(model, train=True)
 
   def train_step(state: TrainState, batch: Batch):
     rng = jax.random.fold_in(state.rng, state.step)
-    grads, (ce, aux_loss, _, _, layers) = jax.grad(loss_fn, has_aux=True)(
+    grads, out = jax.grad(loss_fn, has_aux=True)(
         state.params, state.router_state, batch, rng)
+    ce, aux_loss, layers = out[0], out[1], out[-1]
+    extra = out[2] if custom else {}
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     router_state = update_router_state(method, state.router_state, layers,
                                        state.step)
     metrics = {"loss": ce, "aux_loss": aux_loss,
-               "grad_norm": optax.global_norm(grads), **summarize(layers)}
+               "grad_norm": optax.global_norm(grads), **summarize(layers),
+               **extra}
     if method is not None and router_state:
       metrics.update(method.state_metrics(router_states(router_state)))
     if schedule is not None:

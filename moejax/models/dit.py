@@ -1,0 +1,298 @@
+"""Class-conditional Diffusion Transformer (DiT, Peebles & Xie 2023) with routed MLPs.
+
+Axis legend:
+  B  batch
+  H, W, C  image height, width, channels
+  P  patch size (pixels per side)
+  L  patches (tokens) per image: (H / P) * (W / P)
+  D  model width
+  K  classes (label K is the "no class" label of classifier-free guidance)
+
+Images are cut into P x P patches, embedded linearly, and given a fixed 2-D
+sin-cos position embedding. The timestep (sinusoidal features -> MLP) plus the
+class embedding form the conditioning vector `c` [B, D], which modulates every
+block through adaLN-Zero: per block a zero-initialised linear map of SiLU(c)
+gives shift, scale and gate for the attention and the MLP branches, so every
+block is the identity at initialisation. Attention is non-causal (`Attention(
+causal=False)`; positions are all zero, so RoPE is the identity and position
+enters only through the sin-cos embedding). The MLPs are `MoE` layers with any
+router config (`MoEConfig`), or dense. The model predicts eps (or v) per pixel;
+the MoE layers sow into the `"router"` collection as in the LM.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moejax.nn.attention import Attention
+from moejax.nn.experts import ACTIVATIONS, DenseFFN
+from moejax.nn.moe import MoE, MoEConfig
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+  """A class-conditional DiT.
+
+  Attributes:
+    image_size: H = W of the (square) images.
+    channels: C.
+    patch_size: P, must divide `image_size`.
+    num_classes: K (labels 0..K-1; K is the null label).
+    num_layers: Transformer blocks.
+    d_model: D.
+    num_heads: attention heads (must divide D).
+    d_ff: width of the dense MLPs (dense model, or blocks between MoE blocks).
+    moe: the MoE layer config, or None for a dense model.
+    moe_every: every `moe_every`-th block (1-based) has an MoE MLP.
+    activation: of the dense MLPs ("swiglu" or "gelu").
+    class_dropout: probability of replacing the label by the null label in
+      training (classifier-free guidance), in [0, 1).
+    frequency_dim: sinusoidal features of the timestep (even, >= 2).
+    dtype: activation dtype name; params and routing math stay float32.
+  """
+  image_size: int = 8
+  channels: int = 1
+  patch_size: int = 2
+  num_classes: int = 10
+  num_layers: int = 4
+  d_model: int = 128
+  num_heads: int = 4
+  d_ff: int = 512
+  moe: MoEConfig | None = None
+  moe_every: int = 1
+  activation: str = "swiglu"
+  class_dropout: float = 0.1
+  frequency_dim: int = 128
+  dtype: str = "float32"
+
+  def __post_init__(self):
+    for name in ("image_size", "channels", "patch_size", "num_classes",
+                 "num_layers", "d_model", "num_heads", "d_ff", "moe_every",
+                 "frequency_dim"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} is out of range; allowed: "
+                         "integer >= 1")
+    if self.image_size % self.patch_size:
+      raise ValueError(f"patch_size={self.patch_size} must divide image_size="
+                       f"{self.image_size}")
+    if self.d_model % self.num_heads or (self.d_model // self.num_heads) % 2:
+      raise ValueError(f"num_heads={self.num_heads} must divide d_model="
+                       f"{self.d_model} into even head widths")
+    if self.d_model % 4:
+      raise ValueError(f"d_model={self.d_model} is out of range; allowed: a "
+                       "multiple of 4 (2-D sin-cos position embedding)")
+    if self.frequency_dim % 2:
+      raise ValueError(f"frequency_dim={self.frequency_dim} is out of range; "
+                       "allowed: even")
+    if not 0 <= self.class_dropout < 1:
+      raise ValueError(f"class_dropout={self.class_dropout} is out of range; "
+                       "allowed: [0, 1)")
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f"activation={self.activation!r} is not supported; "
+                       f"allowed: {', '.join(ACTIVATIONS)}")
+    if self.dtype not in DTYPES:
+      raise ValueError(f"dtype={self.dtype!r} is not supported; allowed: "
+                       f"{', '.join(DTYPES)}")
+
+  @property
+  def grid(self) -> int:
+    """Patches per side, H / P."""
+    return self.image_size // self.patch_size
+
+  @property
+  def num_patches(self) -> int:
+    """L, tokens per image."""
+    return self.grid ** 2
+
+  @property
+  def null_label(self) -> int:
+    return self.num_classes
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return (self.image_size, self.image_size, self.channels)
+
+  def is_moe_layer(self, i: int) -> bool:
+    return self.moe is not None and (i + 1) % self.moe_every == 0
+
+  @property
+  def num_moe_layers(self) -> int:
+    return sum(self.is_moe_layer(i) for i in range(self.num_layers))
+
+
+def patchify(images: jax.Array, patch: int) -> jax.Array:
+  """float[B, H, W, C] -> float[B, L, P * P * C] (row-major patches)."""
+  b, h, w, c = images.shape
+  x = images.reshape(b, h // patch, patch, w // patch, patch, c)
+  x = x.transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
+def unpatchify(x: jax.Array, patch: int, channels: int) -> jax.Array:
+  """float[B, L, P * P * C] -> float[B, H, W, C] (inverse of `patchify`)."""
+  b, length, _ = x.shape
+  grid = int(round(length ** 0.5))
+  x = x.reshape(b, grid, grid, patch, patch, channels)
+  x = x.transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, grid * patch, grid * patch, channels)
+
+
+def sincos_2d(grid: int, width: int) -> np.ndarray:
+  """float32[grid * grid, width]: fixed 2-D sin-cos embedding (MAE / DiT)."""
+  quarter = width // 4
+  omega = 1.0 / 10000 ** (np.arange(quarter, dtype=np.float64) / quarter)
+  ys, xs = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+
+  def one(pos):
+    angle = pos.reshape(-1)[:, None] * omega[None]
+    return np.concatenate([np.sin(angle), np.cos(angle)], axis=1)
+  return np.concatenate([one(ys), one(xs)], axis=1).astype(np.float32)
+
+
+def timestep_features(t: jax.Array, dim: int,
+                      max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal features of timesteps: t int/float[B] -> float32[B, dim]."""
+  half = dim // 2
+  freqs = jnp.exp(-np.log(max_period) * jnp.arange(half, dtype=jnp.float32)
+                  / half)
+  angle = t.astype(jnp.float32)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(angle), jnp.sin(angle)], axis=-1)
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+  """x float[B, L, D], shift/scale float[B, D] -> x * (1 + scale) + shift."""
+  return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+def _norm(dtype, name):
+  return nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False,
+                      dtype=dtype, name=name)
+
+
+class DiTBlock(nn.Module):
+  """adaLN-Zero block: x float[B, L, D], c float[B, D] -> float[B, L, D]."""
+  num_heads: int
+  d_ff: int
+  moe: MoEConfig | None = None
+  activation: str = "swiglu"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, c: jax.Array, *, train: bool) -> jax.Array:
+    width = x.shape[-1]
+    mod = nn.Dense(6 * width, kernel_init=nn.initializers.zeros,
+                   bias_init=nn.initializers.zeros, dtype=self.dtype,
+                   param_dtype=self.param_dtype, name="adaln")(nn.silu(c))
+    shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
+    positions = jnp.zeros(x.shape[:2], jnp.int32)  # RoPE off: sin-cos instead
+    h, _ = Attention(self.num_heads, self.dtype, self.param_dtype,
+                     causal=False, name="attn")(
+        modulate(_norm(self.dtype, "attn_norm")(x), shift1, scale1), positions)
+    x = x + gate1[:, None, :] * h
+    z = modulate(_norm(self.dtype, "mlp_norm")(x), shift2, scale2)
+    if self.moe is None:
+      m = DenseFFN(width, self.d_ff, self.activation, self.dtype,
+                   self.param_dtype, name="mlp")(z)
+    else:
+      m = MoE(self.moe, width, self.dtype, self.param_dtype, name="mlp")(
+          z, train=train)
+    return x + gate2[:, None, :] * m
+
+
+class DiT(nn.Module):
+  """(x_t float[B, H, W, C], t int32[B], labels int32[B]) -> float32[B, H, W, C].
+
+  The output is the model's eps (or v) prediction; `labels == num_classes` is
+  the unconditional (null) label.
+  """
+  config: DiTConfig
+
+  @nn.compact
+  def __call__(self, images: jax.Array, t: jax.Array, labels: jax.Array, *,
+               train: bool = False) -> jax.Array:
+    cfg = self.config
+    dtype = DTYPES[cfg.dtype]
+    if images.shape[1:] != cfg.image_shape:
+      raise ValueError(f"images have shape {list(images.shape[1:])} per "
+                       f"example; the config wants {list(cfg.image_shape)}")
+    width = cfg.d_model
+    x = nn.Dense(width, dtype=dtype, name="patch_embed")(
+        patchify(images.astype(dtype), cfg.patch_size))
+    x = x + jnp.asarray(sincos_2d(cfg.grid, width), dtype)[None]
+
+    temb = timestep_features(t, cfg.frequency_dim)
+    temb = nn.Dense(width, name="t_embed_0")(temb)
+    temb = nn.Dense(width, name="t_embed_1")(nn.silu(temb))
+    yemb = nn.Embed(cfg.num_classes + 1, width,
+                    embedding_init=nn.initializers.normal(0.02),
+                    name="y_embed")(labels)
+    c = (temb + yemb).astype(dtype)
+
+    for i in range(cfg.num_layers):
+      x = DiTBlock(cfg.num_heads, cfg.d_ff,
+                   cfg.moe if cfg.is_moe_layer(i) else None, cfg.activation,
+                   dtype=dtype, name=f"layers_{i}")(x, c, train=train)
+
+    shift, scale = jnp.split(
+        nn.Dense(2 * width, kernel_init=nn.initializers.zeros,
+                 bias_init=nn.initializers.zeros, dtype=dtype,
+                 name="final_adaln")(nn.silu(c)), 2, axis=-1)
+    x = modulate(_norm(dtype, "final_norm")(x), shift, scale)
+    out = nn.Dense(cfg.patch_size ** 2 * cfg.channels,
+                   kernel_init=nn.initializers.zeros,
+                   bias_init=nn.initializers.zeros, dtype=jnp.float32,
+                   name="final")(x)
+    return unpatchify(out.astype(jnp.float32), cfg.patch_size, cfg.channels)
+
+
+def init_variables(model: DiT, rng: jax.Array, batch: int = 1):
+  """Returns (boxed params, router_state) of `model` (no sown outputs)."""
+  cfg = model.config
+  variables = model.init(
+      {"params": rng, "router": rng},
+      jnp.zeros((batch,) + cfg.image_shape, jnp.float32),
+      jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32),
+      train=False)
+  return variables["params"], variables.get("router_state", {})
+
+
+_APPLY_FNS: dict[DiT, Any] = {}
+
+
+def make_apply_fn(model: DiT):
+  """`(variables, x_t, t, labels) -> output` for `diffusion.ddim_sample` (eval mode).
+
+  One function per model (cached), so that repeated sampling does not recompile.
+  """
+  if model not in _APPLY_FNS:
+    def apply_fn(variables, x, t, labels):
+      return model.apply(variables, x, t, labels, train=False)
+    _APPLY_FNS[model] = apply_fn
+  return _APPLY_FNS[model]
+
+
+def sample(model: DiT, params, router_state, labels, rng, *, diffusion,
+           num_steps: int = 50, eta: float = 0.0, guidance_scale: float = 1.0,
+           clip: bool = True) -> jax.Array:
+  """DDIM samples float32[B, H, W, C] of the classes `labels` int32[B].
+
+  `diffusion` is the `DiffusionConfig` the model was trained with.
+  """
+  from moejax import diffusion as diffusion_lib  # pylint: disable=g-import-not-at-top
+  variables = {"params": params}
+  if router_state:
+    variables["router_state"] = router_state
+  return diffusion_lib.ddim_sample(
+      make_apply_fn(model), variables, jnp.asarray(labels, jnp.int32), rng,
+      shape=model.config.image_shape, config=diffusion, num_steps=num_steps,
+      eta=eta, guidance_scale=guidance_scale,
+      null_label=model.config.null_label, clip=clip)
