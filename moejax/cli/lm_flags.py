@@ -33,6 +33,15 @@ def define_flags() -> None:
   integer("num_experts", None, "Routed experts (default: preset).")
   integer("k", None, "top-k's k and the target mean fanout (default: preset).")
   float_("p", None, "Fixed top-p threshold in (0, 1].")
+  integer("max_k", None, "top_p/dtop_p: static fanout cap, k <= max_k <= "
+          "num_experts (default: num_experts).")
+  string("dtop_p_scope", None, "dtop_p: global (one p from the mean fanout of "
+         "all MoE layers) or layer (one controller per layer); default global.")
+  float_("pi_kp", None, "dtop_p: PI proportional gain (default 0.5).")
+  float_("pi_ki", None, "dtop_p: PI integral gain (default 0.2).")
+  float_("p_init", None, "dtop_p: initial threshold p_0 (default 0.5).")
+  float_("p_min", None, "dtop_p: lower bound of p (default 0.01).")
+  float_("p_max", None, "dtop_p: upper bound of p (default 1.0).")
   integer("expert_width", None, "Hidden width of each expert (default: preset).")
   integer("num_shared", 0, "Always-on shared experts.")
   integer("moe_every", None, "Every n-th block is an MoE block.")

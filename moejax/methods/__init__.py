@@ -2,6 +2,7 @@
 from moejax.methods.base import (RouterMethod, available, build, get,
                                  register)
 from moejax.methods.top_k import ExpertChoice, TopK
+from moejax.methods.top_p import DTopP, TopP
 
 __all__ = ["RouterMethod", "available", "build", "get", "register", "TopK",
-           "ExpertChoice"]
+           "ExpertChoice", "TopP", "DTopP"]

@@ -75,6 +75,17 @@ class RouterMethod:
     del num_experts
     return {}
 
+  def router_params(self, num_experts: int) -> dict[str, Any]:
+    """Extra learned router params of each layer: {name: initial value}.
+
+    The MoE layer creates each one as a float32 param of the value's shape under
+    that name (trained by the loss, unlike controller state) and passes it to
+    `route`/`route_groups` inside the `state` mapping under the same name, beside
+    the controller state. Names must differ from the `init_state` keys. {} = none.
+    """
+    del num_experts
+    return {}
+
   def route(self, logits: jax.Array, state: Mapping[str, jax.Array], *,
             rng: jax.Array | None, train: bool) -> RouterOutput:
     """Routes one group: logits float32[S, E] -> RouterOutput."""

@@ -131,7 +131,9 @@ def layer_metrics(gates: jax.Array, kept: jax.Array,
       per-group metrics with a leading G axis.
   Returns:
     group metrics averaged over groups, with the load statistics recomputed
-    over all groups together, plus `drop_fraction` and `kept_per_token`.
+    over all groups together, plus `drop_fraction`,
+    `drop_fraction_above_mean` (drops among tokens with more experts than the
+    mean) and `kept_per_token`.
   """
   metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), group_metrics)
   num_experts = gates.shape[-1]
@@ -141,6 +143,12 @@ def layer_metrics(gates: jax.Array, kept: jax.Array,
   routed = flat.routed
   kept = kept.reshape(routed.shape)
   metrics["drop_fraction"] = (routed & ~kept).sum() / jnp.maximum(routed.sum(), 1)
+  # Variable fanout: drops among the tokens routed to more experts than the mean
+  # (a capacity sized from the target fanout must not hide their losses).
+  fanout = routed.sum(axis=-1)
+  above = (fanout > fanout.mean())[:, None] & routed
+  metrics["drop_fraction_above_mean"] = (
+      (above & ~kept).sum() / jnp.maximum(above.sum(), 1))
   metrics["kept_per_token"] = kept.sum(axis=-1).mean().astype(jnp.float32)
   metrics["max_fanout"] = routed.sum(axis=-1).max().astype(jnp.float32)
   return metrics
@@ -173,6 +181,17 @@ class MoE(nn.Module):
     init_state = method.init_state(cfg.router_experts)
     state = (self.variable("router_state", "state", lambda: init_state).value
              if init_state else {})
+    # Learned router params a method declares (e.g. DTop-p's scale gamma):
+    # trained by the loss, handed to the router beside the controller state.
+    extra = method.router_params(cfg.num_experts)
+    if extra:
+      clash = sorted(set(extra) & set(state))
+      if clash:
+        raise ValueError(f"router params {clash} clash with controller state "
+                         f"keys of router={method.name!r}")
+      state = {**state, **{
+          name: self.param(name, lambda _, v=value: jnp.asarray(v, jnp.float32))
+          for name, value in extra.items()}}
     rng = self.make_rng("router") if (train and method.uses_rng) else None
     out = method.route_groups(logits, state, rng=rng, train=train)
 
