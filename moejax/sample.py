@@ -5,10 +5,14 @@ Axis legend:
   T  buffer length (prompt + new tokens)
   V  vocabulary
 
-The whole decode is one jit-compiled `lax.fori_loop` over a fixed-size token
-buffer, so shapes are static; each step reruns the causal forward pass over the
-buffer (routing in evaluation mode, controllers frozen at their saved values)
-and reads the logits at the current position.
+Models whose routing is causal token by token (dense, MoD with its causal
+decisions, MoE with token-choice routers) are decoded with the KV cache of
+`moejax.decode` (prefill + jit-compiled decode steps). Otherwise the whole
+decode is one jit-compiled `lax.fori_loop` over a fixed-size token buffer, so
+shapes are static; each step reruns the causal forward pass over the buffer
+(routing in evaluation mode, MoD blocks with their causal decisions,
+controllers frozen at their saved values) and reads the logits at the current
+position.
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moejax import decode
+
 
 @partial(jax.jit, static_argnames=("model", "num_new", "temperature"))
 def _sample(model: nn.Module, params: Any, router_state: Any,
@@ -28,8 +34,11 @@ def _sample(model: nn.Module, params: Any, router_state: Any,
   def body(i, carry):
     buf, key = carry
     pos = prompt_len + i
+    extra = ({"mod_routing": "causal"}
+             if getattr(getattr(model, "config", None), "mod_capacity", 0)
+             else {})
     logits = model.apply({"params": params, "router_state": router_state}, buf,
-                         train=False)
+                         train=False, **extra)
     step_logits = jax.lax.dynamic_index_in_dim(logits, pos - 1, axis=1,
                                                keepdims=False)  # [B, V]
     key, sub = jax.random.split(key)
@@ -70,6 +79,11 @@ def sample(model: nn.Module, params: Any, router_state: Any,
   buffer = np.zeros((batch, plen + num_new), np.int32)
   buffer[:, :plen] = prompt
   rng = jax.random.PRNGKey(0) if rng is None else rng
+  config = getattr(model, "config", None)
+  if config is not None and hasattr(config, "mod_capacity") and \
+      decode.supports(config):
+    return decode.generate(config, params, router_state, prompt, num_new,
+                           temperature=float(temperature), rng=rng)
   out = _sample(model, params, router_state, jnp.asarray(buffer),
                 jnp.asarray(plen, jnp.int32), rng, num_new, float(temperature))
   return np.asarray(out)[:, plen:]

@@ -52,7 +52,17 @@ def define_flags() -> None:
   float_("load_balance_weight", None, "Aux load-balance weight (default: router's).")
   float_("z_loss_weight", None, "Router z-loss weight (default: router's).")
   float_("entropy_weight", None, "Routing-entropy weight (default: router's).")
-  float_("mod_capacity", 0.0, "Mixture-of-Depths capacity fraction; 0 = off.")
+  float_("mod_capacity", 0.0, "Mixture-of-Depths capacity fraction in [0, 1] "
+         "(0 = off; the paper's setting is 0.125 with --mod_every=2).")
+  integer("mod_every", 2, "MoD: every n-th block is routed (2 = every other).")
+  string("mod_score", "raw", "MoD: update multiplier raw (r) or sigmoid.")
+  float_("mod_aux_weight", 0.01, "MoD: weight of the router's causal BCE.")
+  float_("mod_predictor_weight", 1.0, "MoD: weight of the causal predictor's "
+         "BCE (trains the predictor only).")
+  string("mod_causal", "predictor", "MoD: causal routing used for sampling: "
+         "predictor or router.")
+  integer("num_noop_experts", 0, "No-op experts added to the MoE router "
+          "(integrated MoDE).")
   string("dataset", "stdlib", "stdlib, text:GLOB or tfds:NAME.")
   string("data_dir", None, "tensorflow-datasets data directory.")
   integer("steps", None, "Training steps (default: preset).")
@@ -92,12 +102,9 @@ def build_train_config(values: Mapping[str, Any]) -> TrainConfig:
   p = values.get("p")
   if p is not None and not 0 < p <= 1:
     raise ValueError(f"p={p} is out of range; allowed: (0, 1]")
-  if values.get("mod_capacity"):
-    mod = values["mod_capacity"]
-    if not 0 < mod <= 1:
-      raise ValueError(f"mod_capacity={mod} is out of range; allowed: [0, 1]")
-    raise ValueError("mod_capacity > 0 (Mixture-of-Depths) is not implemented in "
-                     "this version of moejax yet; use mod_capacity=0")
+  mod = values.get("mod_capacity") or 0.0
+  if not 0 <= mod <= 1:
+    raise ValueError(f"mod_capacity={mod} is out of range; allowed: [0, 1]")
   router = values["router"]
   moe = None
   if router != "dense":
@@ -113,12 +120,18 @@ def build_train_config(values: Mapping[str, Any]) -> TrainConfig:
         group_size=values.get("group_size"),
         load_balance_weight=values.get("load_balance_weight"),
         z_loss_weight=values.get("z_loss_weight"),
-        entropy_weight=values.get("entropy_weight"))
+        entropy_weight=values.get("entropy_weight"),
+        num_noop_experts=values.get("num_noop_experts") or 0)
   seq_len = pick("seq_len")
   model = LMConfig(num_layers=pre["num_layers"], d_model=pre["d_model"],
                    num_heads=pre["num_heads"], d_ff=pre["d_ff"],
                    max_len=seq_len, moe=moe, moe_every=pick("moe_every"),
-                   dtype=values.get("dtype", "float32"))
+                   dtype=values.get("dtype", "float32"), mod_capacity=mod,
+                   mod_every=values.get("mod_every") or 2,
+                   mod_score=values.get("mod_score") or "raw",
+                   mod_aux_weight=values.get("mod_aux_weight", 0.01),
+                   mod_predictor_weight=values.get("mod_predictor_weight", 1.0),
+                   mod_causal=values.get("mod_causal") or "predictor")
   steps = pick("steps")
   optim = OptimConfig(learning_rate=pick("learning_rate"),
                       warmup_steps=min(pick("warmup_steps"), steps),
