@@ -33,6 +33,10 @@ def define_flags() -> None:
   integer("num_experts", None, "Routed experts (default: preset).")
   integer("k", None, "top-k's k and the target mean fanout (default: preset).")
   float_("p", None, "Fixed top-p threshold in (0, 1].")
+  integer("k_min", None, "dynamic_k: smallest subset size (default max(1, "
+          "k_max - 2)).")
+  integer("k_max", None, "dynamic_k: largest subset size, <= num_experts "
+          "(default k).")
   integer("max_k", None, "top_p/dtop_p: static fanout cap, k <= max_k <= "
           "num_experts (default: num_experts).")
   string("dtop_p_scope", None, "dtop_p: global (one p from the mean fanout of "

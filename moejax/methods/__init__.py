@@ -2,7 +2,8 @@
 from moejax.methods.base import (RouterMethod, available, build, get,
                                  register)
 from moejax.methods.top_k import ExpertChoice, TopK
+from moejax.methods.probmoe import DynamicK, ExactK
 from moejax.methods.top_p import DTopP, TopP
 
 __all__ = ["RouterMethod", "available", "build", "get", "register", "TopK",
-           "ExpertChoice", "TopP", "DTopP"]
+           "ExpertChoice", "TopP", "DTopP", "ExactK", "DynamicK"]
