@@ -58,8 +58,9 @@ class PIController:
   With target T, N experts and measured mean fanout a:
     e = (T - a) / N;  I' = I + e;  p = clip(p_init + kp * e + ki * I', p_min, p_max)
   Too few active experts (e > 0) raise p; too many lower it. Anti-windup by
-  conditional integration: where the unclipped output is beyond a bound and the
-  error pushes further past it, the integral keeps its old value.
+  integrator clamping: while the error pushes p against a bound, the integral
+  grows only up to the value that puts p exactly on that bound, so p leaves the
+  bound as soon as the error changes sign.
 
   Defaults (kp 0.5, ki 0.2, p_init 0.5) settle top-p routing of fixed logits within
   tens of steps without oscillation (tests/test_control.py); kp >~ 2 oscillates
@@ -120,9 +121,16 @@ class PIController:
     """
     e = self.error(measured)
     integral = state.integral + e
-    raw = self.p_init + self.kp * e + self.ki * integral
-    windup = ((raw > self.p_max) & (e > 0)) | ((raw < self.p_min) & (e < 0))
-    integral = jnp.where(windup, state.integral, integral)
+    if self.ki > 0:
+      # Anti-windup (integrator clamping): in the direction of the error, the
+      # integral grows only up to the value that puts the output on the bound
+      # it is pushing against (never past it, never back from where it was).
+      proportional = self.p_init + self.kp * e
+      upper = (self.p_max - proportional) / self.ki
+      lower = (self.p_min - proportional) / self.ki
+      integral = jnp.where(
+          e > 0, jnp.maximum(state.integral, jnp.minimum(integral, upper)),
+          jnp.minimum(state.integral, jnp.maximum(integral, lower)))
     p = jnp.clip(self.p_init + self.kp * e + self.ki * integral, self.p_min,
                  self.p_max)
     return PIState(p=p.astype(jnp.float32),
