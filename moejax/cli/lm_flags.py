@@ -47,7 +47,19 @@ def define_flags() -> None:
   float_("p_min", None, "dtop_p: lower bound of p (default 0.01).")
   float_("p_max", None, "dtop_p: upper bound of p (default 1.0).")
   integer("expert_width", None, "Hidden width of each expert (default: preset).")
-  integer("num_shared", 0, "Always-on shared experts.")
+  integer("num_shared", None, "Always-on shared experts (default: the router's; "
+          "1 for expert_threshold, else 0).")
+  string("balance", None, "top_k balancing: aux (load-balance loss), loss_free "
+         "(selection bias, no loss) or none; default aux.")
+  float_("bias_update_rate", None, "top_k --balance=loss_free: bias speed u "
+         "(default 1e-3).")
+  string("score_fn", None, "top_k scores: softmax or sigmoid (default softmax).")
+  integer("et_warmup_steps", None, "expert_threshold: expert-choice warm-up "
+          "steps (default 100).")
+  float_("et_beta", None, "expert_threshold: threshold EMA decay in [0, 1) "
+         "(default 0.999).")
+  float_("et_capacity_bound", None, "expert_threshold: C of the training load "
+         "bounds (1 +- C) k, in [0, 1] (default 0.5).")
   integer("moe_every", None, "Every n-th block is an MoE block.")
   float_("capacity_factor", 1.25, "Training capacity factor (> 0).")
   float_("eval_capacity_factor", 2.0, "Evaluation capacity factor (> 0).")
@@ -117,7 +129,9 @@ def build_train_config(values: Mapping[str, Any]) -> TrainConfig:
     method = build_router(router, options)
     moe = MoEConfig(
         num_experts=pick("num_experts"), expert_width=pick("expert_width"),
-        router=method, num_shared=values.get("num_shared") or 0,
+        router=method, num_shared=(
+            getattr(method, "default_num_shared", 0)
+            if values.get("num_shared") is None else values["num_shared"]),
         capacity_factor=values.get("capacity_factor", 1.25),
         eval_capacity_factor=values.get("eval_capacity_factor", 2.0),
         strategy=values.get("strategy", "index"),

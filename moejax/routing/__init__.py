@@ -6,11 +6,16 @@ from moejax.routing.losses import (entropy, load_balance_loss, routing_metrics,
 from moejax.routing.top_k import top_k
 from moejax.routing.exact_k import (dynamic_k, exact_k, exact_k_log_partition,
                                     exact_k_marginals)
+from moejax.routing.expert_threshold import (expert_cutoffs, expert_threshold,
+                                             expert_threshold_train)
+from moejax.routing.loss_free import biased_top_k
 from moejax.routing.top_p import top_p
 from moejax.routing.dtop_p import dtop_p
 
 __all__ = [
     "Routing", "RouterOutput", "top_k", "expert_choice", "load_balance_loss",
-    "z_loss", "entropy", "routing_metrics", "top_p", "dtop_p",
+    "z_loss", "entropy", "routing_metrics",
+    "expert_threshold", "expert_threshold_train", "expert_cutoffs",
+    "biased_top_k", "top_p", "dtop_p",
     "exact_k", "exact_k_log_partition", "exact_k_marginals", "dynamic_k",
 ]

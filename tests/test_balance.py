@@ -1,0 +1,194 @@
+"""Loss-free balancing: biased top-k, the sign-bias controller, TopK options."""
+import dataclasses
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moejax import control, routing
+from moejax.methods import TopK, build
+from moejax.models import LMConfig
+from moejax.nn import MoE, MoEConfig
+from moejax.routing import losses
+from moejax.train.state import OptimConfig
+from moejax.train.step import router_outputs
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_zero_bias_softmax_equals_top_k(normalize):
+  logits = jax.random.normal(jax.random.PRNGKey(0), (30, 8))
+  a = routing.biased_top_k(logits, 2, jnp.zeros(8), normalize=normalize)
+  b = routing.top_k(logits, 2, normalize=normalize)
+  np.testing.assert_allclose(np.asarray(a.routing.gates),
+                             np.asarray(b.routing.gates), rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(a.routing.priority),
+                                np.asarray(b.routing.priority))
+  np.testing.assert_allclose(float(a.aux["load_balance"]),
+                             float(b.aux["load_balance"]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("score_fn", ["softmax", "sigmoid"])
+def test_bias_moves_selection_not_weights(score_fn):
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(50, 6)).astype(np.float32)
+  logits[:, 0] += 3.0  # everybody's favourite
+  bias = np.array([-5.0, 0, 0, 0, 0.0, 0.3], np.float32)
+  out = routing.biased_top_k(jnp.asarray(logits), 2, jnp.asarray(bias),
+                             score_fn=score_fn)
+  scores = (np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+            if score_fn == "softmax" else 1 / (1 + np.exp(-logits)))
+  idx = np.argsort(-(scores + bias), axis=-1, kind="stable")[:, :2]
+  want = np.zeros_like(scores)
+  chosen = np.take_along_axis(scores, idx, -1)
+  np.put_along_axis(want, idx, chosen / chosen.sum(-1, keepdims=True), -1)
+  np.testing.assert_allclose(np.asarray(out.routing.gates), want, rtol=1e-5)
+  assert float(out.metrics["expert_load"][0]) == 0.0
+  with pytest.raises(ValueError, match="score_fn"):
+    routing.biased_top_k(jnp.asarray(logits), 2, score_fn="relu")
+
+
+def test_sign_bias_update_rule():
+  ctrl = control.SignBias(rate=0.01)
+  state = ctrl.init(4)
+  state = ctrl.update(state, jnp.array([0.4, 0.1, 0.25, 0.25]))
+  np.testing.assert_allclose(np.asarray(state["bias"]), [-0.01, 0.01, 0, 0])
+  state = ctrl.update(state, jnp.array([40.0, 10, 10, 40]))  # any scale
+  np.testing.assert_allclose(np.asarray(state["bias"]), [-0.02, 0.02, 0.01, -0.01])
+  with pytest.raises(ValueError, match="rate"):
+    control.SignBias(rate=0.0)
+
+
+@pytest.mark.parametrize("score_fn", ["sigmoid", "softmax"])
+def test_sign_bias_balances_a_skewed_router(score_fn):
+  """TopK(balance=loss_free)'s route + update loop on a skewed synthetic router."""
+  num_tokens, width, num_experts, steps = 2048, 16, 8, 1000
+  method = TopK(k=2, balance="loss_free", score_fn=score_fn)
+  w = jax.random.normal(jax.random.PRNGKey(1), (width, num_experts)) * 0.5
+  skew = jnp.linspace(1.5, -1.5, num_experts)  # expert 0 popular, 7 starved
+
+  def max_vio(state, key):
+    x = jax.random.normal(key, (num_tokens, width))
+    out = method.route(x @ w + skew, state, rng=None, train=True)
+    return out.metrics["expert_load"], losses.load_stats(
+        out.metrics["expert_load"])["max_vio"]
+
+  def step(state, key):
+    load, vio = max_vio(state, key)
+    new = method.update({("l",): state}, {("l",): {"expert_load": load}}, 0)
+    return new[("l",)], vio
+
+  keys = jax.random.split(jax.random.PRNGKey(2), steps)
+  final, vios = jax.jit(lambda s: jax.lax.scan(step, s, keys))(
+      method.init_state(num_experts))
+  vios = np.asarray(vios)
+  assert vios[0] > 1.0  # badly skewed without bias
+  assert vios[-100:].mean() < 0.15, vios[-100:].mean()
+  bias = np.asarray(final["bias"])
+  assert bias[0] < 0 < bias[-1]  # popular expert pushed down, starved pulled up
+  _, fresh = max_vio(final, jax.random.PRNGKey(99))  # frozen bias, new tokens
+  assert float(fresh) < 0.3  # one batch: noisier than the 100-step mean
+
+
+def test_top_k_options_and_validation():
+  m = build("top_k", {"k": 2, "balance": "loss_free", "bias_update_rate": 1e-2,
+                      "score_fn": "sigmoid", "et_beta": 0.5})
+  assert (m.balance, m.bias_update_rate, m.score_fn) == (
+      "loss_free", 1e-2, "sigmoid")
+  assert m.aux_weights["load_balance"] == 0.0
+  assert TopK().aux_weights["load_balance"] == 1e-2
+  assert TopK(balance="none").aux_weights["load_balance"] == 0.0
+  assert set(m.init_state(4)) == {"bias"} and TopK().init_state(4) == {}
+  for kwargs, field in [({"balance": "sometimes"}, "balance"),
+                        ({"score_fn": "tanh"}, "score_fn"),
+                        ({"bias_update_rate": 0.0}, "bias_update_rate"),
+                        ({"balance": "loss_free", "random_second": True},
+                         "random_second")]:
+    with pytest.raises(ValueError, match=field):
+      TopK(**kwargs)
+  states = {("a",): {"bias": jnp.array([0.1, -0.1])},
+            ("b",): {"bias": jnp.array([0.0, 0.2])}}
+  np.testing.assert_allclose(float(m.state_metrics(states)["bias_spread"]), 0.2)
+
+
+def test_layer_uses_bias_for_selection_only():
+  cfg = MoEConfig(num_experts=4, expert_width=8,
+                  router=TopK(k=1, balance="loss_free", normalize=False),
+                  capacity_factor=4.0)
+  layer = MoE(cfg, d_model=16)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 16))
+  v = layer.init({"params": jax.random.PRNGKey(1)}, x, train=True)
+  assert set(v["router_state"]["state"]) == {"bias"}
+  bias = {"state": {"bias": jnp.array([-10.0, 0, 0, 0])}}
+  _, coll = layer.apply({"params": v["params"], "router_state": bias}, x,
+                        train=True, mutable=["router"])
+  (out,) = router_outputs(coll["router"]).values()
+  assert float(out["metrics"]["expert_load"][0]) == 0.0
+  assert float(out["aux"]["load_balance"]) > 0  # reported, weight 0
+  np.testing.assert_allclose(float(out["aux_loss"]),
+                             1e-3 * float(out["aux"]["z_loss"]), rtol=1e-6)
+
+
+def test_cli_builds_loss_free_top_k():
+  from moejax.cli.lm_flags import build_train_config
+  cfg = build_train_config({"config": "tiny", "router": "top_k",
+                            "balance": "loss_free", "score_fn": "sigmoid",
+                            "bias_update_rate": 2e-3})
+  r = cfg.model.moe.router
+  assert (r.balance, r.score_fn, r.bias_update_rate) == (
+      "loss_free", "sigmoid", 2e-3)
+  with pytest.raises(ValueError, match="balance"):
+    build_train_config({"config": "tiny", "router": "top_k", "balance": "x"})
+
+
+@pytest.fixture
+def compilation_cache(tmp_path):
+  """A persistent compilation cache, so the resumed run reuses compiled steps."""
+  try:
+    from jax._src import compilation_cache as cc
+  except ImportError:  # private module moved: the test only runs slower
+    yield
+    return
+  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+          "jax_persistent_cache_min_entry_size_bytes")
+  old = {k: getattr(jax.config, k) for k in keys}
+  for k, v in zip(keys, (str(tmp_path / "jax_cache"), 0, 0)):
+    jax.config.update(k, v)
+  cc.reset_cache()
+  try:
+    yield
+  finally:
+    for k, v in old.items():
+      jax.config.update(k, v)
+    cc.reset_cache()
+
+
+def test_loss_free_state_survives_resume(tmp_path, compilation_cache):
+  from moejax.train.loop import TrainConfig, train
+  moe = MoEConfig(num_experts=4, expert_width=16,
+                  router=TopK(k=1, balance="loss_free", bias_update_rate=1e-2))
+  model = LMConfig(num_layers=1, d_model=32, num_heads=2, d_ff=64, max_len=16,
+                   moe=moe)
+  cfg = TrainConfig(
+      model=model,
+      optim=OptimConfig(learning_rate=3e-3, warmup_steps=1, total_steps=4),
+      batch_size=4, seq_len=16, steps=4, log_every=2, eval_every=100,
+      eval_batches=1, checkpoint_every=2, sample_tokens=0, progress=False,
+      num_devices=1)
+  full = str(tmp_path / "full")
+  ref = train(cfg, full)["state"]
+  (bias,) = jax.tree.leaves(ref.router_state)
+  bias = np.asarray(bias)
+  # Four sign steps of 1e-2 each: every entry is a multiple of 1e-2, not all 0.
+  np.testing.assert_allclose(bias * 100, np.round(bias * 100), atol=1e-4)
+  assert np.abs(bias).max() > 0
+  resumed = str(tmp_path / "resumed")
+  shutil.copytree(full, resumed)
+  shutil.rmtree(os.path.join(resumed, "checkpoints", "4"))
+  summary = train(cfg, resumed)
+  assert summary["resumed_from"] == 2
+  jax.tree.map(np.testing.assert_array_equal, summary["state"].router_state,
+               ref.router_state)
+  assert dataclasses.is_dataclass(cfg)
