@@ -6,21 +6,39 @@ Axis legend:
   C  capacity (slots per expert)
   D  model width
   F  expert width
-  M  rows of the dropless layout (S * max_fanout)
+  m  static bound on experts per token (`max_fanout`)
+  M  rows of the ragged dropless layout (S * m)
+  B  rows per block of the sorted-blocks layout
+  N  blocks of the sorted-blocks layout (static bound); R = N * B rows
 
 A plan moves tokens into an expert-major layout, runs expert weights on it and
 brings the results back:
 
-  h = plan.dispatch(x)          # x float[S, D] -> plan layout ([E, C, D] or [M, D])
+  h = plan.dispatch(x)          # x float[S, D] -> plan layout ([E, C, D] or [R, D])
   h = plan.matmul(h, w)         # w float[E, D, F]: each row times its expert's weight
   y = plan.combine(h)           # -> float[S, D]: sum over kept assignments of gate * row
 
 `plan.kept` (bool[S, E]) holds the assignments that survived capacity. Strategies:
+  capacity-bounded, `[E, C, D]` layout, identical kept sets:
   "einsum"   one-hot dispatch/combine tensors (the GShard reference; O(S*E*C*D)).
-  "index"    gather into slots, scatter-add back (the default).
-  "dropless" assignments sorted by expert, `jax.lax.ragged_dot` for the expert
-             matmuls; ignores capacity and keeps every assignment among each token's
-             `max_fanout` largest gates (static bound; default E = everything).
+  "index"    gather into slots (column-wise argsort of priorities), scatter-add
+             back.
+  "gather"   slots assigned by one sort of the S*m routed assignments; dispatch
+             and combine are gathers whose backward passes are gathers too
+             (custom VJPs over the token->slot map and its inverse), no
+             scatter-add of rows. Needs `max_fanout` (the router's bound m) to
+             be fast; with a large m (S*m > 2*E*C) it falls back to the
+             scatter-add combine of "index".
+  dropless (ignore capacity; keep every assignment among each token's
+  `max_fanout` largest gates, default E = everything):
+  "ragged"   rows sorted by expert, `jax.lax.ragged_dot` for the expert matmuls
+             (a real grouped matmul on GPU/TPU; XLA:CPU lowers it to a dense
+             matmul over every expert).
+  "sorted"   rows sorted by expert and padded per expert to blocks of B rows
+             (static bound N = (S*m + E*(B-1)) // B blocks); each block times its
+             expert's weight in one batched matmul; gather dispatch/combine.
+  "dropless" "sorted" on CPU, "ragged" elsewhere (`jax.default_backend()`).
+All paths are jit-able with static shapes and no host synchronisation.
 """
 from __future__ import annotations
 
@@ -32,7 +50,9 @@ import jax.numpy as jnp
 
 from moejax.routing.base import Routing, check_int
 
-STRATEGIES = ("einsum", "index", "dropless")
+STRATEGIES = ("einsum", "index", "gather", "dropless", "sorted", "ragged")
+# Strategies that ignore capacity and keep every assignment within max_fanout.
+DROPLESS = ("dropless", "sorted", "ragged")
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -173,6 +193,382 @@ class DroplessPlan:
     return jnp.zeros((num_tokens, width), y.dtype).at[self.row_token].add(weighted)
 
 
+# ---------------------------------------------------------------------------
+# Gather-based dispatch and combine (custom VJPs: the backward is a gather).
+# ---------------------------------------------------------------------------
+
+
+def _take_rows(x: jax.Array, index: jax.Array) -> jax.Array:
+  """x float[N, D] at int index[...] (clipped into range) -> float[..., D]."""
+  return jnp.take(x, index, axis=0, mode="clip")
+
+
+@jax.custom_vjp
+def gather_rows(x: jax.Array, index: jax.Array, valid: jax.Array,
+                inverse: jax.Array, inverse_valid: jax.Array) -> jax.Array:
+  """Rows of x moved into a layout: out[r] = x[index[r]] where valid[r], else 0.
+
+  The backward pass is a gather as well: every source row n collects the
+  cotangents of the (at most m) layout rows `inverse[n, :]` that copy it.
+
+  Args:
+    x: float[N, D] source rows.
+    index: int32[R] source row of each layout row.
+    valid: bool[R] layout rows that hold a source row.
+    inverse: int32[N, m] layout rows holding each source row (any value where
+      `inverse_valid` is False); together with `index` a bijection between the
+      valid layout rows and the valid (n, j) pairs.
+    inverse_valid: bool[N, m].
+  Returns:
+    float[R, D] in x's dtype.
+  """
+  del inverse, inverse_valid
+  return jnp.where(valid[:, None], _take_rows(x, index), jnp.zeros((), x.dtype))
+
+
+def _gather_rows_fwd(x, index, valid, inverse, inverse_valid):
+  out = gather_rows(x, index, valid, inverse, inverse_valid)
+  return out, (index, valid, inverse, inverse_valid)
+
+
+def _gather_rows_bwd(res, g):
+  _, _, inverse, inverse_valid = res  # index, valid: the forward map
+  picked = _take_rows(g, inverse)  # [N, m, D]; g has x's dtype
+  dx = jnp.sum(jnp.where(inverse_valid[..., None], picked.astype(jnp.float32),
+                         0.0), axis=1)
+  return dx.astype(g.dtype), None, None, None, None
+
+
+gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
+@jax.custom_vjp
+def gather_combine(y: jax.Array, token_gate: jax.Array, token_row: jax.Array,
+                   token_valid: jax.Array, row_token: jax.Array,
+                   row_gate: jax.Array) -> jax.Array:
+  """out[s] = sum_j token_gate[s, j] * y[token_row[s, j]] over valid (s, j).
+
+  The backward pass is two gathers: dy[r] = row_gate[r] * dout[row_token[r]]
+  and dgate[s, j] = <dout[s], y[token_row[s, j]]>. `row_token`/`row_gate` are
+  the inverse map (the same assignments seen from the rows); gradients reach
+  the gates through `token_gate` only.
+
+  Args:
+    y: float[R, D] rows of the layout.
+    token_gate: float32[S, m] gate of each assignment (0 where not valid).
+    token_row: int32[S, m] row of each assignment.
+    token_valid: bool[S, m].
+    row_token: int32[R] token of each row (any value where row_gate is 0).
+    row_gate: float32[R] gate of each row, 0 for empty rows.
+  Returns:
+    float[S, D] in y's dtype (sums in float32).
+  """
+  del row_token, row_gate
+  picked = _take_rows(y, token_row).astype(jnp.float32)  # [S, m, D]
+  gate = jnp.where(token_valid, token_gate, 0.0)
+  out = jnp.einsum("sm,smd->sd", gate, jnp.where(token_valid[..., None],
+                                                  picked, 0.0))
+  return out.astype(y.dtype)
+
+
+def _gather_combine_fwd(y, token_gate, token_row, token_valid, row_token,
+                        row_gate):
+  out = gather_combine(y, token_gate, token_row, token_valid, row_token,
+                       row_gate)
+  return out, (y, token_row, token_valid, row_token, row_gate)
+
+
+def _gather_combine_bwd(res, g):
+  y, token_row, token_valid, row_token, row_gate = res
+  g32 = g.astype(jnp.float32)
+  dy = row_gate[:, None] * _take_rows(g32, row_token)
+  dy = jnp.where((row_gate != 0)[:, None], dy, 0.0).astype(y.dtype)
+  picked = jnp.where(token_valid[..., None],
+                     _take_rows(y, token_row).astype(jnp.float32), 0.0)
+  dgate = jnp.einsum("sd,smd->sm", g32, picked)
+  return dy, dgate, None, None, None, None
+
+
+gather_combine.defvjp(_gather_combine_fwd, _gather_combine_bwd)
+
+
+def _assignments(routing: Routing, max_fanout: int
+                 ) -> tuple[jax.Array, jax.Array]:
+  """Each token's routed experts, at most `max_fanout` of them.
+
+  Returns:
+    expert: int32[S, m] expert of each assignment (distinct per token).
+    valid: bool[S, m] assignment exists (routed); with m < E the kept ones are
+      the token's m largest |gates|.
+  """
+  num_tokens, num_experts = routing.gates.shape
+  routed = routing.routed
+  if max_fanout >= num_experts:
+    expert = jnp.broadcast_to(jnp.arange(num_experts, dtype=jnp.int32),
+                              (num_tokens, num_experts))
+    return expert, routed
+  key = jax.lax.stop_gradient(
+      jnp.where(routed, jnp.abs(routing.gates.astype(jnp.float32)), -1.0))
+  values, expert = jax.lax.top_k(key, max_fanout)
+  return expert.astype(jnp.int32), values >= 0
+
+
+def _exclusive_cumsum(x: jax.Array) -> jax.Array:
+  return jnp.cumsum(x) - x
+
+
+def _inverse_permutation(perm: jax.Array, values: jax.Array) -> jax.Array:
+  """out[perm[i]] = values[i] (perm a permutation of range(len(perm)))."""
+  return jnp.zeros(perm.shape, values.dtype).at[perm].set(
+      values, unique_indices=True)
+
+
+@flax.struct.dataclass
+class GatherPlan:
+  """Capacity-bounded plan in the `[E, C, D]` layout ("gather").
+
+  Same kept set and slots contents as "index" (each expert keeps its routed
+  tokens by priority descending, ties to the lower token index); slots are
+  assigned by one stable sort of the S*m assignments by (expert, -priority),
+  and dispatch/combine are gathers in both directions.
+
+  Attributes:
+    gates: float32[S, E] the routing's gates.
+    kept: bool[S, E] assignments that fit in capacity.
+    token_index: int32[E, C] token held by each slot (0 for empty slots).
+    slot_gate: float32[E, C] gate of each slot, 0 for empty slots.
+    token_slot: int32[S, m] flat slot (e * C + c) of each assignment, E * C
+      where it is not kept.
+    token_gate: float32[S, m] gate of each kept assignment, 0 elsewhere.
+    token_major: static; False when the token->slot map is larger than the
+      slots (S*m > 2*E*C): combine and the dispatch backward then scatter-add.
+  """
+  gates: jax.Array
+  kept: jax.Array
+  token_index: jax.Array
+  slot_gate: jax.Array
+  token_slot: jax.Array
+  token_gate: jax.Array
+  token_major: bool = flax.struct.field(pytree_node=False, default=True)
+  strategy: str = flax.struct.field(pytree_node=False, default="gather")
+
+  @property
+  def capacity(self) -> int:
+    return self.token_index.shape[-1]
+
+  @property
+  def slot_valid(self) -> jax.Array:
+    """bool[E, C]: slots that hold a token."""
+    return self.slot_gate != 0
+
+  @property
+  def token_valid(self) -> jax.Array:
+    """bool[S, m]: assignments that hold a slot."""
+    num_experts = self.token_index.shape[0]
+    return self.token_slot < num_experts * self.capacity
+
+  def dispatch(self, x: jax.Array) -> jax.Array:
+    """x float[S, D] -> float[E, C, D]; empty slots are zeros."""
+    num_experts, cap = self.token_index.shape
+    index, valid = self.token_index.reshape(-1), self.slot_valid.reshape(-1)
+    if self.token_major:
+      h = gather_rows(x, index, valid, self.token_slot, self.token_valid)
+    else:
+      h = jnp.where(valid[:, None], jnp.take(x, index, axis=0),
+                    jnp.zeros((), x.dtype))
+    return h.reshape(num_experts, cap, x.shape[-1])
+
+  def matmul(self, h: jax.Array, w: jax.Array) -> jax.Array:
+    """h float[E, C, A] times w float[E, A, B] -> float[E, C, B]."""
+    return jnp.einsum("eca,eab->ecb", h, w)
+
+  def combine(self, y: jax.Array) -> jax.Array:
+    """y float[E, C, D] -> float[S, D]: sum over kept (s, e) of gate * y[e, slot]."""
+    width = y.shape[-1]
+    rows = y.reshape(-1, width)
+    row_token = self.token_index.reshape(-1)
+    if self.token_major:
+      return gather_combine(rows, self.token_gate, self.token_slot,
+                            self.token_valid, row_token,
+                            jax.lax.stop_gradient(self.slot_gate.reshape(-1)))
+    num_tokens = self.gates.shape[0]
+    weighted = (rows.astype(jnp.float32) *
+                self.slot_gate.reshape(-1, 1)).astype(y.dtype)
+    return jnp.zeros((num_tokens, width), y.dtype).at[row_token].add(weighted)
+
+
+def _gather_plan(routing: Routing, capacity_: int, max_fanout: int
+                 ) -> GatherPlan:
+  num_tokens, num_experts = routing.gates.shape
+  expert, valid = _assignments(routing, max_fanout)  # [S, m]
+  fanout = expert.shape[1]
+  n = num_tokens * fanout
+  flat_expert = jnp.where(valid, expert, num_experts).reshape(-1)
+  priority = jax.lax.stop_gradient(jnp.take_along_axis(
+      routing.priority.astype(jnp.float32), expert, axis=1)).reshape(-1)
+  iota = jnp.arange(n, dtype=jnp.int32)
+  # One stable sort by (expert, -priority): token order breaks ties.
+  sorted_expert, _, source = jax.lax.sort(
+      (flat_expert, -priority, iota), num_keys=2, is_stable=True)
+  counts = jnp.zeros(num_experts + 1, jnp.int32).at[flat_expert].add(1)
+  starts = _exclusive_cumsum(counts)
+  position = iota - starts[sorted_expert]
+  kept_sorted = (sorted_expert < num_experts) & (position < capacity_)
+  num_slots = num_experts * capacity_
+  slot_sorted = jnp.where(kept_sorted, sorted_expert * capacity_ + position,
+                          num_slots)
+  token_slot = _inverse_permutation(source, slot_sorted).reshape(
+      num_tokens, fanout)
+  token_valid = token_slot < num_slots
+  gate = jnp.take_along_axis(routing.gates, expert, axis=1)  # [S, m]
+  token_gate = jnp.where(token_valid, gate, 0.0)
+  # Slot (e, c) holds sorted element starts[e] + c when c < counts[e].
+  slots = jnp.arange(capacity_, dtype=jnp.int32)
+  slot_valid = slots[None, :] < jnp.minimum(counts[:num_experts],
+                                            capacity_)[:, None]
+  slot_source = jnp.take(source, starts[:num_experts, None] + slots[None, :],
+                         mode="clip")  # [E, C] flat (s * m + j)
+  token_index = jnp.where(slot_valid, slot_source // fanout, 0)
+  slot_gate = jnp.where(slot_valid,
+                        jnp.take(token_gate.reshape(-1), slot_source,
+                                 mode="clip"), 0.0)
+  kept = jnp.zeros((num_tokens, num_experts), bool).at[
+      jnp.arange(num_tokens)[:, None], expert].set(token_valid)
+  return GatherPlan(gates=routing.gates, kept=kept,
+                    token_index=token_index.astype(jnp.int32),
+                    slot_gate=slot_gate, token_slot=token_slot.astype(jnp.int32),
+                    token_gate=token_gate,
+                    token_major=num_tokens * fanout <= 2 * num_slots)
+
+
+# ---------------------------------------------------------------------------
+# Sorted-blocks dropless layout.
+# ---------------------------------------------------------------------------
+
+
+def default_block_size(num_rows: int, num_experts: int) -> int:
+  """Block rows B for `num_rows` = S*m assignments over E experts.
+
+  A power of two in [8, 128] with E*B <= S*m/8, so that the padding of the
+  static bound stays within about 1/8 of the real rows.
+  """
+  target = max(1, num_rows // (8 * num_experts))
+  size = 8
+  while size * 2 <= min(target, 128):
+    size *= 2
+  return size
+
+
+def num_blocks(num_rows: int, num_experts: int, block_size: int) -> int:
+  """Static bound N on the blocks of `num_rows` rows padded per expert."""
+  return max(1, (num_rows + min(num_experts, num_rows) * (block_size - 1))
+             // block_size)
+
+
+@flax.struct.dataclass
+class BlockPlan:
+  """Dropless plan in the sorted-blocks `[R, D]` layout ("sorted").
+
+  Rows are sorted by expert and each expert's rows padded to whole blocks of
+  B rows; block b belongs to expert `block_expert[b]` (E for unused trailing
+  blocks). The expert matmul is one batched matmul over blocks with the
+  weights gathered per block.
+
+  Attributes:
+    gates: float32[S, E] the routing's gates.
+    kept: bool[S, E] assignments in the layout.
+    row_token: int32[R] token of each row (0 for padding rows).
+    row_gate: float32[R] gate of each row (0 for padding rows).
+    token_row: int32[S, m] row of each assignment, R where none.
+    token_gate: float32[S, m] gate of each assignment, 0 where none.
+    block_expert: int32[N] expert of each block, E for unused blocks.
+    group_sizes: int32[E] rows per expert (before padding).
+  """
+  gates: jax.Array
+  kept: jax.Array
+  row_token: jax.Array
+  row_gate: jax.Array
+  token_row: jax.Array
+  token_gate: jax.Array
+  block_expert: jax.Array
+  group_sizes: jax.Array
+  strategy: str = flax.struct.field(pytree_node=False, default="sorted")
+
+  @property
+  def block_size(self) -> int:
+    return self.row_token.shape[0] // self.block_expert.shape[0]
+
+  @property
+  def token_valid(self) -> jax.Array:
+    return self.token_row < self.row_token.shape[0]
+
+  def dispatch(self, x: jax.Array) -> jax.Array:
+    """x float[S, D] -> float[R, D] rows sorted by expert; padding rows zero."""
+    return gather_rows(x, self.row_token, self.row_gate != 0, self.token_row,
+                       self.token_valid)
+
+  def matmul(self, h: jax.Array, w: jax.Array) -> jax.Array:
+    """h float[R, A] times each row's expert weight w float[E, A, B] -> [R, B]."""
+    nb, size = self.block_expert.shape[0], self.block_size
+    experts = jnp.minimum(self.block_expert, w.shape[0] - 1)
+    wb = jnp.take(w, experts, axis=0)  # [N, A, B]
+    out = jnp.einsum("nra,nab->nrb", h.reshape(nb, size, h.shape[-1]), wb)
+    return out.reshape(nb * size, w.shape[-1])
+
+  def combine(self, y: jax.Array) -> jax.Array:
+    """y float[R, D] -> float[S, D]."""
+    return gather_combine(y, self.token_gate, self.token_row, self.token_valid,
+                          self.row_token, jax.lax.stop_gradient(self.row_gate))
+
+
+def _block_plan(routing: Routing, max_fanout: int,
+                block_size: int | None) -> BlockPlan:
+  num_tokens, num_experts = routing.gates.shape
+  expert, valid = _assignments(routing, max_fanout)  # [S, m]
+  fanout = expert.shape[1]
+  n = num_tokens * fanout
+  size = block_size or default_block_size(n, num_experts)
+  nb = num_blocks(n, num_experts, size)
+  num_rows = nb * size
+  flat_expert = jnp.where(valid, expert, num_experts).reshape(-1)
+  iota = jnp.arange(n, dtype=jnp.int32)
+  sorted_expert, source = jax.lax.sort((flat_expert, iota), num_keys=1,
+                                       is_stable=True)
+  counts = jnp.zeros(num_experts + 1, jnp.int32).at[flat_expert].add(1)
+  counts = counts[:num_experts]
+  starts = _exclusive_cumsum(counts)
+  expert_blocks = (counts + size - 1) // size
+  block_end = jnp.cumsum(expert_blocks)
+  first_row = (block_end - expert_blocks) * size  # [E]
+  clipped = jnp.minimum(sorted_expert, num_experts - 1)
+  row_sorted = jnp.where(sorted_expert < num_experts,
+                         first_row[clipped] + iota - starts[clipped], num_rows)
+  token_row = _inverse_permutation(source, row_sorted).reshape(
+      num_tokens, fanout).astype(jnp.int32)
+  token_valid = token_row < num_rows
+  gate = jnp.take_along_axis(routing.gates, expert, axis=1)
+  token_gate = jnp.where(token_valid, gate, 0.0)
+  # Row r: block b = r // B of expert block_expert[b], offset within the expert.
+  blocks = jnp.arange(nb, dtype=jnp.int32)
+  block_expert = jnp.sum(block_end[None, :] <= blocks[:, None], axis=1,
+                         dtype=jnp.int32)  # [N], E = unused
+  rows = jnp.arange(num_rows, dtype=jnp.int32)
+  row_expert = jnp.minimum(jnp.repeat(block_expert, size), num_experts - 1)
+  offset = rows - first_row[row_expert]
+  row_valid = (jnp.repeat(block_expert, size) < num_experts) & (
+      offset < counts[row_expert])
+  row_source = jnp.take(source, starts[row_expert] + offset, mode="clip")
+  row_token = jnp.where(row_valid, row_source // fanout, 0).astype(jnp.int32)
+  row_gate = jnp.where(row_valid, jnp.take(token_gate.reshape(-1), row_source,
+                                           mode="clip"), 0.0)
+  kept = jnp.zeros((num_tokens, num_experts), bool).at[
+      jnp.arange(num_tokens)[:, None], expert].set(valid)
+  return BlockPlan(gates=routing.gates, kept=kept, row_token=row_token,
+                   row_gate=row_gate, token_row=token_row,
+                   token_gate=token_gate, block_expert=block_expert,
+                   group_sizes=counts)
+
+
 def _slot_plan(routing: Routing, capacity_: int, strategy: str) -> SlotPlan:
   num_tokens, num_experts = routing.gates.shape
   order, rank = slot_ranks(routing)
@@ -210,29 +606,51 @@ def _dropless_plan(routing: Routing, max_fanout: int) -> DroplessPlan:
                       row_gate=row_gate, group_sizes=group_sizes.astype(jnp.int32))
 
 
+def resolve_strategy(strategy: str, backend: str | None = None) -> str:
+  """The implementation a strategy name runs: "dropless" is "sorted" on CPU
+  (XLA:CPU has no grouped matmul kernel) and "ragged" elsewhere."""
+  if strategy != "dropless":
+    return strategy
+  backend = backend or jax.default_backend()
+  return "sorted" if backend == "cpu" else "ragged"
+
+
 def plan(routing: Routing, capacity: int, *, strategy: str = "index",
-         max_fanout: int | None = None) -> SlotPlan | DroplessPlan:
+         max_fanout: int | None = None, block_size: int | None = None
+         ) -> SlotPlan | GatherPlan | BlockPlan | DroplessPlan:
   """Builds a dispatch plan for one group.
 
   Args:
     routing: `Routing` with gates/priority float32[S, E].
     capacity: static integer C >= 1, slots per expert (see `capacity()`); ignored
-      by "dropless".
-    strategy: "einsum", "index" or "dropless".
-    max_fanout: "dropless" only: static bound on experts per token (the router's
-      largest possible fanout; default E, which keeps everything).
+      by the dropless strategies.
+    strategy: one of `STRATEGIES` (see the module docstring).
+    max_fanout: static bound m on experts per token (the router's largest
+      possible fanout; default E). The dropless strategies keep every
+      assignment among each token's m largest gates; "gather" sizes its
+      token->slot map with it (a router must not exceed it); "einsum" and
+      "index" ignore it.
+    block_size: "sorted" only: rows per block B (default
+      `default_block_size(S * m, E)`).
   Returns:
-    a `SlotPlan` or `DroplessPlan` pytree.
+    a plan pytree (`SlotPlan`, `GatherPlan`, `BlockPlan` or `DroplessPlan`).
   """
   if strategy not in STRATEGIES:
     raise ValueError(f"strategy={strategy!r} is not supported; allowed: "
                      f"{', '.join(STRATEGIES)}")
   num_experts = routing.gates.shape[-1]
-  if strategy == "dropless":
-    max_fanout = num_experts if max_fanout is None else check_int(
-        "max_fanout", max_fanout, 1, num_experts)
+  max_fanout = num_experts if max_fanout is None else check_int(
+      "max_fanout", max_fanout, 1, num_experts)
+  if block_size is not None:
+    block_size = check_int("block_size", block_size, 1)
+  strategy = resolve_strategy(strategy)
+  if strategy == "ragged":
     return _dropless_plan(routing, max_fanout)
+  if strategy == "sorted":
+    return _block_plan(routing, max_fanout, block_size)
   capacity = check_int("capacity", capacity, 1)
+  if strategy == "gather":
+    return _gather_plan(routing, capacity, max_fanout)
   return _slot_plan(routing, capacity, strategy)
 
 

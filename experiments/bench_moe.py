@@ -1,0 +1,405 @@
+"""MoE layer forward+backward vs the dense FFN of the same active FLOPs.
+
+Axis legend:
+  T  tokens (one routing group of T tokens unless --group_size)
+  D  model width
+  F  expert width
+  E  experts
+  k  experts per token (target mean fanout of variable-fanout routers)
+  C  capacity (slots per expert)
+
+For each size (T, D, F, E, k), payload dtype, router and dispatch strategy it
+times one jitted value-and-gradient step of a pure MoE function
+
+  logits = x @ router (float32) -> method.route_groups -> dispatch.plan
+         -> moejax.nn.experts.expert_ffn (SwiGLU) -> loss (+ weighted aux losses)
+
+with gradients for x, the router and the expert weights, and divides it by the
+same step of a dense SwiGLU FFN of width k*F (the same active FLOPs) timed in
+the same rounds: each round runs every function of a (size, dtype) block once,
+round-robin, and the ratio is the median over rounds of t_moe / t_dense of the
+same round (the machine is shared: interleaving cancels slow phases). Routing
+math is float32; `--dtype=bfloat16` casts tokens and expert weights (float32
+master params, as in the layer with dtype=bfloat16). Peak memory is XLA's
+compiled `memory_analysis()` (temporaries + arguments + outputs).
+
+  python experiments/bench_moe.py                       # the default table
+  python experiments/bench_moe.py --sizes=4096x512x1024x8x2 --strategies=gather \
+      --routers=top_k,dtop_p --dtype=bfloat16 --repeats=5
+
+Variable-fanout routers are calibrated to a mean fanout of k on the benchmark
+batch (top-p/DTop-p threshold by bisection, ET thresholds = each expert's
+T*k/E-th largest logit, count past warm-up); top-p/DTop-p get max_k =
+min(E, --max_k_factor * k).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from moejax import dispatch, methods, routing  # noqa: E402
+from moejax.nn.experts import expert_ffn  # noqa: E402
+from moejax.routing.base import Routing  # noqa: E402
+
+SIZES = "4096x512x1024x8x2,4096x512x256x64x8,8192x256x128x128x8"
+ROUTERS = ("top_k", "expert_choice", "top_p", "dtop_p", "expert_threshold",
+           "exact_k")
+
+flags.DEFINE_string("sizes", SIZES, "comma list of TxDxFxExk")
+flags.DEFINE_list("strategies", ["einsum", "index", "gather", "sorted"],
+                  "dispatch strategies for the top_k router (see "
+                  "moejax.dispatch.STRATEGIES)")
+flags.DEFINE_list("routers", list(ROUTERS),
+                  "routers (those not registered in moejax.methods are "
+                  "skipped with a note)")
+flags.DEFINE_list("router_strategies", ["gather"],
+                  "strategies run for the routers other than top_k")
+flags.DEFINE_list("dtype", ["float32", "bfloat16"], "payload dtypes")
+flags.DEFINE_list("bf16_strategies", ["gather", "sorted"],
+                  "strategies run in bfloat16 (top_k only; 'all' = every one)")
+flags.DEFINE_integer("repeats", 3, "timed rounds (median)")
+flags.DEFINE_integer("warmup", 1, "untimed calls after compilation")
+flags.DEFINE_float("capacity_factor", 1.25, "training capacity factor")
+flags.DEFINE_integer("group_size", None, "tokens per routing group (default T)")
+flags.DEFINE_integer("block_size", None, "'sorted' block rows (default auto)")
+flags.DEFINE_integer("einsum_max_experts", 8,
+                     "skip the one-hot 'einsum' strategy above this E (its "
+                     "cost grows like T*E*C*D)")
+flags.DEFINE_integer("ragged_max_experts", 8,
+                     "on CPU, skip 'ragged' above this E (XLA:CPU lowers "
+                     "ragged_dot to a dense matmul over every expert)")
+flags.DEFINE_float("max_k_factor", 2.0, "top_p/dtop_p max_k = factor * k")
+flags.DEFINE_bool("aux", True, "add the routers' weighted aux losses")
+flags.DEFINE_integer("seed", 0, "seed of the random inputs")
+flags.DEFINE_string("out", "experiments/reports/bench_moe.json", "JSON path")
+FLAGS = flags.FLAGS
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+  tokens: int
+  d_model: int
+  width: int
+  experts: int
+  k: int
+
+  @classmethod
+  def parse(cls, text: str) -> "Size":
+    parts = text.lower().split("x")
+    if len(parts) != 5 or not all(p.isdigit() and int(p) > 0 for p in parts):
+      raise ValueError(f"size={text!r} is not TxDxFxExk with positive "
+                       f"integers")
+    return cls(*map(int, parts))
+
+  def __str__(self):
+    return (f"{self.tokens},{self.d_model},{self.width},{self.experts},"
+            f"{self.k}")
+
+
+def swiglu(x, w_in, w_gate, w_out):
+  return (jax.nn.silu(x @ w_gate) * (x @ w_in)) @ w_out
+
+
+def make_inputs(size: Size, seed: int):
+  ks = jax.random.split(jax.random.PRNGKey(seed), 8)
+  t, d, f, e, k = (size.tokens, size.d_model, size.width, size.experts,
+                   size.k)
+  x = jax.random.normal(ks[0], (t, d), jnp.float32)
+  cot = jax.random.normal(ks[1], (t, d), jnp.float32)
+  dense = {"w_in": jax.random.normal(ks[2], (d, k * f)) / np.sqrt(d),
+           "w_gate": jax.random.normal(ks[3], (d, k * f)) / np.sqrt(d),
+           "w_out": jax.random.normal(ks[4], (k * f, d)) / np.sqrt(k * f)}
+  experts = {"w_in": jax.random.normal(ks[5], (e, d, f)) / np.sqrt(d),
+             "w_gate": jax.random.normal(ks[6], (e, d, f)) / np.sqrt(d),
+             "w_out": jax.random.normal(ks[7], (e, f, d)) / np.sqrt(f)}
+  # Router logits with std ~2 (a peaked, trained-like router).
+  router = jax.random.normal(ks[1], (d, e)) * (2.0 / np.sqrt(d))
+  return x, cot, dense, {"router": router, "experts": experts}
+
+
+def dense_step(dtype):
+  def loss(params, x, cot):
+    w = {n: v.astype(dtype) for n, v in params.items()}
+    y = swiglu(x.astype(dtype), w["w_in"], w["w_gate"], w["w_out"])
+    return jnp.vdot(y.astype(jnp.float32), cot)
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+
+
+# ----------------------------------------------------------------- routers ---
+def build_method(name: str, size: Size):
+  options = {"k": size.k}
+  if name in ("top_p", "dtop_p"):
+    options["max_k"] = min(size.experts, int(FLAGS.max_k_factor * size.k))
+  return methods.build(name, options)
+
+
+def method_state(method, size: Size, logits: jax.Array) -> dict:
+  """Controller state + router params, calibrated to mean fanout k."""
+  e = size.experts
+  state = dict(method.init_state(e))
+  state.update({n: jnp.asarray(v, jnp.float32)
+                for n, v in method.router_params(e).items()})
+  if method.name == "expert_threshold":
+    flat = logits.reshape(-1, e)
+    per_expert = max(1, int(round(flat.shape[0] * size.k / e)))
+    cutoffs = jnp.sort(flat, axis=0)[-per_expert]
+    state.update(ema=cutoffs.astype(jnp.float32),
+                 count=jnp.asarray(10 ** 6, jnp.int32))
+  if method.name == "dtop_p":
+    fanout = jax.jit(lambda p, l: method.route_groups(
+        l, {**state, "p": p}, rng=None, train=True
+    ).routing.routed.sum(-1).mean())
+    state["p"] = jnp.asarray(
+        bisect_p(lambda p: fanout(p, logits), size.k), jnp.float32)
+  return state
+
+
+def bisect_p(fanout, target: float, steps: int = 14) -> float:
+  """p in (0, 1] whose mean fanout is closest to target (fanout increasing)."""
+  low, high = 1e-3, 1.0
+  for _ in range(steps):
+    mid = 0.5 * (low + high)
+    if float(fanout(jnp.float32(mid))) < target:
+      low = mid
+    else:
+      high = mid
+  return 0.5 * (low + high)
+
+
+def calibrated_method(name: str, size: Size, logits: jax.Array):
+  method = build_method(name, size)
+  if name == "top_p":
+    fanout = jax.jit(lambda p, logits: jax.vmap(lambda l: routing.top_p(
+        l, p, max_k=method.max_k).routing.routed.sum(-1).mean())(logits).mean())
+    method = dataclasses.replace(
+        method, p=round(bisect_p(lambda p: fanout(p, logits), size.k), 4))
+  return method, method_state(method, size, logits)
+
+
+def moe_step(method, size: Size, strategy: str, dtype, group: int):
+  e = size.experts
+  cap = method.capacity(group, e, FLAGS.capacity_factor)
+  max_fanout = min(method.max_fanout(e), e)
+  aux_weights = dict(method.aux_weights) if FLAGS.aux else {}
+
+  def loss(params, x, cot, rng, state):
+    groups = x.reshape(-1, group, x.shape[-1])
+    logits = jnp.einsum("gsd,de->gse", groups, params["router"])
+    out = method.route_groups(logits, state, rng=rng, train=True)
+    weights = {n: v.astype(dtype) for n, v in params["experts"].items()}
+    xs = groups.astype(dtype)
+    if strategy in dispatch.DROPLESS or groups.shape[0] == 1:
+      # One plan over all tokens (dropless keeps everything either way).
+      flat = Routing(out.routing.gates.reshape(-1, e),
+                     out.routing.priority.reshape(-1, e))
+      plan = dispatch.plan(flat, cap, strategy=strategy,
+                           max_fanout=max_fanout, block_size=FLAGS.block_size)
+      y = expert_ffn(plan, xs.reshape(-1, xs.shape[-1]), weights)
+    else:
+      def one(r, xg):
+        plan = dispatch.plan(r, cap, strategy=strategy, max_fanout=max_fanout)
+        return expert_ffn(plan, xg, weights)
+      y = jax.vmap(one)(out.routing, xs)
+    value = jnp.vdot(y.reshape(x.shape).astype(jnp.float32), cot)
+    for key, w in aux_weights.items():
+      if w and key in out.aux:
+        value = value + w * jnp.mean(out.aux[key])
+    return value
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), cap
+
+
+# ------------------------------------------------------------------ timing ---
+def peak_memory(compiled) -> float | None:
+  try:
+    m = compiled.memory_analysis()
+    total = (m.temp_size_in_bytes + m.argument_size_in_bytes +
+             m.output_size_in_bytes - m.alias_size_in_bytes)
+    return total / 2 ** 20
+  except Exception:  # noqa: BLE001 - not every backend reports it
+    return None
+
+
+def time_block(entries, repeats: int, warmup: int):
+  """entries: list of dicts with 'fn' and 'args'; fills 'times' (seconds)."""
+  for entry in entries:
+    t0 = time.perf_counter()
+    compiled = entry["fn"].lower(*entry["args"]).compile()
+    entry["compile_s"] = time.perf_counter() - t0
+    entry["peak_mib"] = peak_memory(compiled)
+    entry["fn"] = compiled
+    for _ in range(warmup):
+      jax.block_until_ready(compiled(*entry["args"]))
+    entry["times"] = []
+  for _ in range(repeats):
+    for entry in entries:
+      t0 = time.perf_counter()
+      jax.block_until_ready(entry["fn"](*entry["args"]))
+      entry["times"].append(time.perf_counter() - t0)
+
+
+def skip_reason(strategy: str, size: Size) -> str | None:
+  if strategy == "einsum" and size.experts > FLAGS.einsum_max_experts:
+    return (f"einsum skipped: E={size.experts} > --einsum_max_experts="
+            f"{FLAGS.einsum_max_experts} (one-hot cost ~T*E*C*D)")
+  if (strategy in ("ragged", "dropless") and
+      dispatch.resolve_strategy(strategy) == "ragged" and
+      jax.default_backend() == "cpu" and
+      size.experts > FLAGS.ragged_max_experts):
+    return (f"ragged skipped on CPU: E={size.experts} > "
+            f"--ragged_max_experts={FLAGS.ragged_max_experts}")
+  return None
+
+
+def run(sizes, routers, dtypes):
+  rows, notes = [], []
+  available = set(methods.available())
+  for name in routers:
+    if name not in available:
+      notes.append(f"router {name} not registered: skipped")
+  routers = [r for r in routers if r in available]
+  for size in sizes:
+    x, cot, dense_params, moe_params = make_inputs(size, FLAGS.seed)
+    group = FLAGS.group_size or size.tokens
+    if size.tokens % group:
+      raise ValueError(f"group_size={group} must divide tokens={size.tokens}")
+    logits = jnp.einsum("gsd,de->gse", x.reshape(-1, group, size.d_model),
+                        moe_params["router"])
+    calibrated = {}
+    for name in routers:
+      calibrated[name] = calibrated_method(name, size, logits)
+    rng = jax.random.PRNGKey(FLAGS.seed + 1)
+    for dtype_name in dtypes:
+      dtype = jnp.dtype(dtype_name)
+      entries = [{"router": "dense", "strategy": "-", "fn": dense_step(dtype),
+                  "args": (dense_params, x, cot)}]
+      for name in routers:
+        if name == "top_k":
+          strategies = FLAGS.strategies
+        else:
+          strategies = FLAGS.router_strategies
+        if dtype_name != "float32" and FLAGS.bf16_strategies != ["all"]:
+          strategies = [s for s in strategies if s in FLAGS.bf16_strategies]
+          if name != "top_k":
+            strategies = []
+        for strategy in strategies:
+          reason = skip_reason(strategy, size)
+          if reason:
+            note = f"{size} {dtype_name} {name}: {reason}"
+            if note not in notes:
+              notes.append(note)
+            continue
+          method, state = calibrated[name]
+          fn, cap = moe_step(method, size, strategy, dtype, group)
+          fanout = float(jax.jit(lambda l, s, r, m=method: m.route_groups(
+              l, s, rng=r, train=True).routing.routed.sum(-1).mean())(
+                  logits, state, rng))
+          entries.append({"router": name, "strategy": strategy, "fn": fn,
+                          "args": (moe_params, x, cot, rng, state),
+                          "capacity": cap,
+                          "fanout": fanout})
+      print(f"[{size} {dtype_name}] timing {len(entries)} functions x "
+            f"{FLAGS.repeats} rounds", flush=True)
+      time_block(entries, FLAGS.repeats, FLAGS.warmup)
+      dense_times = entries[0]["times"]
+      for entry in entries:
+        ratios = [t / d for t, d in zip(entry["times"], dense_times)]
+        median = statistics.median(entry["times"])
+        row = {"size": str(size), "tokens": size.tokens,
+               "d_model": size.d_model, "width": size.width,
+               "experts": size.experts, "k": size.k, "dtype": dtype_name,
+               "router": entry["router"], "strategy": entry["strategy"],
+               "ms": 1e3 * median,
+               "ratio": statistics.median(ratios),
+               "ratio_min": min(ratios), "ratio_max": max(ratios),
+               "tokens_per_s": size.tokens / median,
+               "peak_mib": entry["peak_mib"],
+               "compile_s": entry["compile_s"],
+               "capacity": entry.get("capacity"),
+               "fanout": entry.get("fanout")}
+        rows.append(row)
+        print_row(row)
+  return rows, notes
+
+
+HEADER = (f"{'size (T,D,F,E,k)':<22} {'dtype':<8} {'router':<17} "
+          f"{'strategy':<8} {'ms':>8} {'ratio':>6} {'(min-max)':>11} "
+          f"{'tok/s':>8} {'peak MiB':>9} {'fanout':>6}")
+
+
+def print_row(row):
+  peak = "-" if row["peak_mib"] is None else f"{row['peak_mib']:.0f}"
+  fanout = "-" if row["fanout"] is None else f"{row['fanout']:.2f}"
+  spread = f"{row['ratio_min']:.2f}-{row['ratio_max']:.2f}"
+  print(f"{row['size']:<22} {row['dtype']:<8} {row['router']:<17} "
+        f"{row['strategy']:<8} {row['ms']:>8.1f} {row['ratio']:>6.2f} "
+        f"{spread:>11} {row['tokens_per_s']:>8.0f} {peak:>9} {fanout:>6}",
+        flush=True)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    sizes = [Size.parse(s) for s in FLAGS.sizes.split(",") if s]
+    for s in FLAGS.strategies + FLAGS.router_strategies:
+      if s not in dispatch.STRATEGIES:
+        raise ValueError(f"strategy={s!r} is not supported; allowed: "
+                         f"{', '.join(dispatch.STRATEGIES)}")
+    for d in FLAGS.dtype:
+      if d not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype={d!r} is not supported; allowed: float32, "
+                         f"bfloat16")
+    if FLAGS.repeats < 1:
+      raise ValueError(f"repeats={FLAGS.repeats} is out of range; allowed: "
+                       f">= 1")
+  except ValueError as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+  start = time.time()
+  print(f"backend={jax.default_backend()} devices={jax.device_count()} "
+        f"jax={jax.__version__}", flush=True)
+  print(HEADER)
+  rows, notes = run(sizes, FLAGS.routers, FLAGS.dtype)
+  wall = time.time() - start
+  print("\nbest strategy per size and dtype (top_k):")
+  best = {}
+  for row in rows:
+    if row["router"] != "top_k":
+      continue
+    key = (row["size"], row["dtype"])
+    if key not in best or row["ratio"] < best[key]["ratio"]:
+      best[key] = row
+  for (size, dtype), row in best.items():
+    print(f"  {size:<22} {dtype:<8} {row['strategy']:<8} ratio "
+          f"{row['ratio']:.2f}")
+  for note in notes:
+    print(f"note: {note}")
+  print(f"wall {wall:.0f} s")
+  result = {"command": " ".join(sys.argv), "backend": jax.default_backend(),
+            "jax": jax.__version__, "machine": platform.machine(),
+            "cpu_count": os.cpu_count(), "wall_s": wall,
+            "capacity_factor": FLAGS.capacity_factor,
+            "repeats": FLAGS.repeats, "rows": rows, "notes": notes,
+            "best": {f"{s} {d}": r["strategy"] for (s, d), r in best.items()}}
+  if FLAGS.out:
+    os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+    with open(FLAGS.out, "w") as fh:
+      json.dump(result, fh, indent=1)
+    print(f"wrote {FLAGS.out}")
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(lambda argv: sys.exit(main(argv)))
