@@ -41,8 +41,8 @@ def define_flags() -> None:
           "num_experts (default: num_experts).")
   string("dtop_p_scope", None, "dtop_p: global (one p from the mean fanout of "
          "all MoE layers) or layer (one controller per layer); default global.")
-  float_("pi_kp", None, "dtop_p: PI proportional gain (default 0.5).")
-  float_("pi_ki", None, "dtop_p: PI integral gain (default 0.2).")
+  float_("pi_kp", None, "dtop_p: PI proportional gain (default 0.1).")
+  float_("pi_ki", None, "dtop_p: PI integral gain (default 0.1).")
   float_("p_init", None, "dtop_p: initial threshold p_0 (default 0.5).")
   float_("p_min", None, "dtop_p: lower bound of p (default 0.01).")
   float_("p_max", None, "dtop_p: upper bound of p (default 1.0).")
@@ -89,6 +89,14 @@ def define_flags() -> None:
   integer("seed", 0, "Random seed (params, data order, routing).")
   string("workdir", "runs/default", "Output directory; reused to resume.")
   string("mesh", None, "Mesh, e.g. data:2,expert:4 (default: all on data).")
+  string("expert_parallel", "gspmd", "Expert parallelism: gspmd (sharding "
+         "constraints) or shard_map (explicit all-to-all).")
+  string("coordinator_address", None, "Multi-host: host:port of process 0 "
+         "(or env JAX_COORDINATOR_ADDRESS; cluster launches auto-detect).")
+  integer("num_processes", None, "Multi-host: number of processes (or env "
+          "JAX_NUM_PROCESSES).")
+  integer("process_id", None, "Multi-host: this process's id in "
+          "[0, num_processes) (or env JAX_PROCESS_ID).")
   string("dtype", "float32", "Activation dtype: float32 or bfloat16.")
   integer("log_every", 10, "Log every n steps.")
   integer("eval_every", 200, "Evaluate every n steps.")
@@ -139,7 +147,8 @@ def build_train_config(values: Mapping[str, Any]) -> TrainConfig:
         load_balance_weight=values.get("load_balance_weight"),
         z_loss_weight=values.get("z_loss_weight"),
         entropy_weight=values.get("entropy_weight"),
-        num_noop_experts=values.get("num_noop_experts") or 0)
+        num_noop_experts=values.get("num_noop_experts") or 0,
+        expert_parallel=values.get("expert_parallel") or "gspmd")
   seq_len = pick("seq_len")
   model = LMConfig(num_layers=pre["num_layers"], d_model=pre["d_model"],
                    num_heads=pre["num_heads"], d_ff=pre["d_ff"],
@@ -172,6 +181,10 @@ def run(flag_values) -> int:
   """Runs the job; returns the process exit code (2 on bad input)."""
   values = flag_values.flag_values_dict()
   try:
+    from moejax import sharding  # multi-host: before jax touches devices
+    sharding.maybe_initialize_distributed(values.get("coordinator_address"),
+                                          values.get("num_processes"),
+                                          values.get("process_id"))
     cfg = build_train_config(values)
     from moejax.train.loop import train
     summary = train(cfg, values["workdir"])

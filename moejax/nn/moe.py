@@ -26,8 +26,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moejax import dispatch
+from moejax import dispatch, sharding
 from moejax.methods import RouterMethod, TopK
+from moejax.nn import expert_parallel
 from moejax.nn.experts import ACTIVATIONS, DenseFFN, Experts, expert_ffn
 from moejax.routing import losses
 from moejax.routing.base import Routing
@@ -53,6 +54,9 @@ class MoEConfig:
     load_balance_weight / z_loss_weight / entropy_weight: aux loss weights;
       None takes the router method's default.
     router_init_scale: scale of the router's initial weights (0.1 helps).
+    expert_parallel: "gspmd" (sharding constraints on the [G, E, C, D] buffers
+      induce the all-to-all) or "shard_map" (explicit `jax.lax.all_to_all`
+      over the `expert` mesh axis); see `moejax.nn.expert_parallel`.
     num_noop_experts: no-op (identity) experts added to the router (integrated
       MoDE): the router chooses among E + N experts; an assignment to a no-op
       expert adds no MLP update and costs no compute.
@@ -71,6 +75,7 @@ class MoEConfig:
   z_loss_weight: float | None = None
   entropy_weight: float | None = None
   router_init_scale: float = 0.1
+  expert_parallel: str = "gspmd"
   num_noop_experts: int = 0
 
   def __post_init__(self):
@@ -90,6 +95,9 @@ class MoEConfig:
                        "range; allowed: >= 0")
     if self.group_size is not None:
       positive("group_size", self.group_size)
+    if self.expert_parallel not in expert_parallel.MODES:
+      raise ValueError(f"expert_parallel={self.expert_parallel!r} is not "
+                       f"supported; allowed: {', '.join(expert_parallel.MODES)}")
     if self.strategy not in dispatch.STRATEGIES:
       raise ValueError(f"strategy={self.strategy!r} is not supported; allowed: "
                        f"{', '.join(dispatch.STRATEGIES)}")
@@ -166,7 +174,7 @@ class MoE(nn.Module):
     cfg = self.config
     method = cfg.router
     batch, length, width = x.shape
-    groups = to_groups(x, cfg.group_size)
+    groups = sharding.constrain(to_groups(x, cfg.group_size), sharding.ACT_GSD)
     num_tokens = groups.shape[1]
 
     router_kernel = self.param(
@@ -201,16 +209,16 @@ class MoE(nn.Module):
     weights = Experts(cfg.num_experts, width, cfg.expert_width, cfg.activation,
                       self.dtype, self.param_dtype, name="experts")()
 
-    def one_group(routing, xg):
-      if cfg.num_noop_experts:  # no-op experts: no slots, no compute, no update
-        routing = Routing(gates=routing.gates[:, :cfg.num_experts],
-                          priority=routing.priority[:, :cfg.num_experts])
-      plan = dispatch.plan(routing, cap, strategy=cfg.strategy,
-                           max_fanout=max_fanout)
-      return expert_ffn(plan, xg, weights, cfg.activation), plan.kept
-
-    y, kept = jax.vmap(one_group)(out.routing, groups.astype(self.dtype))
-    y = y.reshape(batch, length, width)
+    routing = out.routing
+    if cfg.num_noop_experts:  # no-op experts: no slots, no compute, no update
+      routing = Routing(gates=routing.gates[..., :cfg.num_experts],
+                        priority=routing.priority[..., :cfg.num_experts])
+    # Per-group plans + experts; "gspmd"/"shard_map" expert parallelism.
+    y, kept = expert_parallel.routed_experts(
+        routing, groups.astype(self.dtype), weights, capacity=cap,
+        strategy=cfg.strategy, max_fanout=max_fanout,
+        activation=cfg.activation, mode=cfg.expert_parallel)
+    y = sharding.constrain(y, sharding.ACT_GSD).reshape(batch, length, width)
     if cfg.num_shared:
       shared_width = cfg.shared_width or cfg.expert_width
       y = y + DenseFFN(width, shared_width * cfg.num_shared, cfg.activation,

@@ -64,8 +64,8 @@ class TrainConfig:
                        "allowed: >= 0")
 
 
-def build_state(cfg: TrainConfig, model: nn.Module, mesh) -> TrainState:
-  """Initialises the state directly with its shardings (no single-device copy)."""
+def _state_init_fn(cfg: TrainConfig, model: nn.Module):
+  """rng -> the initial (boxed) TrainState."""
   optimizer = cfg.optim.optimizer()
   tokens = jnp.zeros((cfg.batch_size, cfg.seq_len), jnp.int32)
 
@@ -78,12 +78,23 @@ def build_state(cfg: TrainConfig, model: nn.Module, mesh) -> TrainState:
                       opt_state=optimizer.init(params),
                       router_state=variables.get("router_state", {}),
                       rng=state_rng, data_index=jnp.zeros((), jnp.int32))
+  return init
 
-  rng = jax.random.PRNGKey(cfg.seed)
-  abstract = jax.eval_shape(init, rng)
-  specs = nn.get_partition_spec(abstract)
-  shardings = nn.logical_to_mesh_sharding(specs, mesh, sharding.LOGICAL_RULES)
-  state = jax.jit(init, out_shardings=shardings)(rng)
+
+def state_shardings(cfg: TrainConfig, model: nn.Module, mesh) -> Any:
+  """NamedShardings of every TrainState leaf on `mesh` (logical rules of
+  `moejax.sharding`; optimizer moments follow their params), from shapes only."""
+  abstract = jax.eval_shape(_state_init_fn(cfg, model),
+                            jax.random.PRNGKey(cfg.seed))
+  return sharding.param_shardings(abstract, mesh)
+
+
+def build_state(cfg: TrainConfig, model: nn.Module, mesh) -> TrainState:
+  """Initialises the state directly with its shardings (no single-device copy):
+  one jit whose outputs are created sharded on `mesh`."""
+  init = _state_init_fn(cfg, model)
+  state = jax.jit(init, out_shardings=state_shardings(cfg, model, mesh))(
+      jax.random.PRNGKey(cfg.seed))
   return nn.meta.unbox(state)
 
 
@@ -101,6 +112,8 @@ def train(cfg: TrainConfig, workdir: str) -> dict[str, Any]:
     devices = devices[:cfg.num_devices]
   mesh = sharding.make_mesh(cfg.mesh, devices)
   sharding.check_batch(cfg.batch_size, mesh)
+  sharding.check_model(cfg.model, mesh)
+  main = sharding.is_main_process()  # multi-host: process 0 logs and plots
   data = get_lm_data(cfg.dataset, seq_len=cfg.seq_len,
                      batch_size=cfg.batch_size, seed=cfg.seed,
                      data_dir=cfg.data_dir)
@@ -109,12 +122,14 @@ def train(cfg: TrainConfig, workdir: str) -> dict[str, Any]:
   optimizer = cfg.optim.optimizer()
   batch_sharding = sharding.batch_sharding(mesh)
 
-  with mesh:
+  with jax.set_mesh(mesh):
     state = build_state(cfg, model, mesh)
     checkpointer = ckpt_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), cfg.checkpoint_every,
         cfg.keep_checkpoints)
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    metrics_path = os.path.join(
+        workdir, "metrics.jsonl" if main else
+        f"metrics.process{jax.process_index()}.jsonl")
     resumed_from = checkpointer.latest_step()
     if resumed_from is not None:
       state = checkpointer.restore(state, resumed_from)
@@ -126,9 +141,8 @@ def train(cfg: TrainConfig, workdir: str) -> dict[str, Any]:
                                  cfg.optim.schedule())
     eval_step = make_eval_step(model)
 
-    def put(batch):
-      return jax.device_put({k: np.asarray(v) for k, v in batch.items()},
-                            batch_sharding)
+    def put(batch):  # each process feeds its rows of the global batch
+      return sharding.put_batch(batch, batch_sharding)
 
     def run_eval():
       return evaluate(eval_step, state,
@@ -137,7 +151,7 @@ def train(cfg: TrainConfig, workdir: str) -> dict[str, Any]:
     start = int(jax.device_get(state.step))
     data_index = int(jax.device_get(state.data_index))
     progress = None
-    if cfg.progress:
+    if cfg.progress and main:
       from tqdm.auto import tqdm
       progress = tqdm(total=cfg.steps, initial=start, desc="train",
                       dynamic_ncols=True)
@@ -175,8 +189,8 @@ def train(cfg: TrainConfig, workdir: str) -> dict[str, Any]:
   target = method.target_fanout if method is not None else None
   summary["plot"] = metrics_lib.plot_run(
       metrics_lib.read_jsonl(metrics_path), os.path.join(workdir, "run.png"),
-      target)
-  if cfg.sample_tokens:
+      target) if main else None
+  if cfg.sample_tokens and jax.process_count() == 1:
     prompt = np.frombuffer(cfg.sample_prompt.encode(), np.uint8).astype(np.int32)
     out = sample(model, state.params, state.router_state, prompt[None],
                  cfg.sample_tokens, temperature=cfg.temperature,

@@ -1,0 +1,175 @@
+"""Expert parallelism: a batch of routed groups through the experts on a mesh.
+
+Axis legend:
+  G   groups (global)
+  Gl  groups on one device (G / (data * expert))
+  S   tokens in one group
+  E   experts
+  El  experts on one device (E / expert)
+  X   size of the mesh's `expert` axis
+  C   capacity (slots per expert)
+  D   model width
+  F   expert width (Fl = F / model on one device)
+  M   rows of the dropless layout
+
+Two ways behind one switch (`MoEConfig.expert_parallel`):
+
+  "gspmd"      plans are built per group (vmap); the `[G, E, C, D]` expert
+               buffers get sharding constraints (token side: G over
+               data x expert; expert side: G over data, E over expert), and
+               GSPMD inserts the all-to-all between them. The dropless
+               strategy keeps its own sorted `[G, M, D]` layout (no E axis
+               to constrain; GSPMD gathers the expert weights it needs).
+  "shard_map"  an explicit `jax.shard_map` over the current mesh: each device
+               builds its groups' plans, `jax.lax.all_to_all` over `expert`
+               sends each expert's slots to the device that holds it
+               ([Gl, E, C, D] -> [X * Gl, El, C, D]), the local experts run
+               (a `psum` over `model` completes the F-sharded matmul), and a
+               second all-to-all brings the outputs back. Buffers are static:
+               capacity C for "index"/"einsum"; "dropless" uses the static
+               bound C = S (a token reaches an expert at most once, so nothing
+               can drop), at E/k times the buffer of a capacity factor of 1.
+
+Without a mesh (`jax.set_mesh`) both run the same local computation, so models
+are unchanged on one device.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from moejax import dispatch, sharding
+from moejax.nn.experts import expert_ffn
+from moejax.routing.base import Routing
+
+MODES = ("gspmd", "shard_map")
+
+
+def expert_mlp(h: jax.Array, weights: dict[str, jax.Array],
+               activation: str = "swiglu",
+               hidden_names=None) -> jax.Array:
+  """Batched experts on the expert-major layout.
+
+  Args:
+    h: float[G, E, C, D] slots.
+    weights: `w_in` float[E, D, F], `w_out` float[E, F, D] (+ `w_gate`).
+    activation: "swiglu" or "gelu".
+    hidden_names: logical names to constrain the float[G, E, C, F] hidden
+      activations with (GSPMD path), or None.
+  Returns:
+    float[G, E, C, D].
+  """
+  up = jnp.einsum("gecd,edf->gecf", h, weights["w_in"])
+  if activation == "swiglu":
+    up = nn.silu(jnp.einsum("gecd,edf->gecf", h, weights["w_gate"])) * up
+  else:
+    up = nn.gelu(up)
+  if hidden_names is not None:
+    up = sharding.constrain(up, hidden_names)
+  return jnp.einsum("gecf,efd->gecd", up, weights["w_out"])
+
+
+def _slot_plans(routing: Routing, capacity: int, strategy: str):
+  return jax.vmap(lambda r: dispatch.plan(r, capacity, strategy=strategy))(
+      routing)
+
+
+def routed_experts(routing: Routing, x: jax.Array, weights: dict[str, jax.Array],
+                   *, capacity: int, strategy: str = "index",
+                   max_fanout: int | None = None, activation: str = "swiglu",
+                   mode: str = "gspmd") -> tuple[jax.Array, jax.Array]:
+  """All groups through their routed experts.
+
+  Args:
+    routing: `Routing` with gates/priority float32[G, S, E].
+    x: float[G, S, D] tokens.
+    weights: expert weights (see `expert_mlp`).
+    capacity: static C (slots per expert and group).
+    strategy: dispatch strategy, "index", "einsum" or "dropless".
+    max_fanout: the dropless layout's static fanout bound.
+    activation: "swiglu" or "gelu".
+    mode: "gspmd" or "shard_map" (see the module docstring).
+  Returns:
+    (y float[G, S, D], kept bool[G, S, E]).
+  """
+  if mode not in MODES:
+    raise ValueError(f"expert_parallel={mode!r} is not supported; allowed: "
+                     f"{', '.join(MODES)}")
+  if mode == "shard_map":
+    return _shard_map_experts(routing, x, weights, capacity=capacity,
+                              strategy=strategy, activation=activation)
+  if strategy == "dropless":
+    # No capacity, so groups do not change what is kept: one sorted layout
+    # over all G * S tokens (`ragged_dot` has no batching rule for a G axis).
+    num_groups, num_tokens, num_experts = routing.gates.shape
+    flat = Routing(gates=routing.gates.reshape(-1, num_experts),
+                   priority=routing.priority.reshape(-1, num_experts))
+    plan = dispatch.plan(flat, capacity, strategy=strategy,
+                         max_fanout=max_fanout)
+    y = expert_ffn(plan, x.reshape(-1, x.shape[-1]), weights, activation)
+    return (y.reshape(x.shape),
+            plan.kept.reshape(num_groups, num_tokens, num_experts))
+  plans = _slot_plans(routing, capacity, strategy)
+  h = jax.vmap(lambda p, xg: p.dispatch(xg))(plans, x)
+  h = sharding.constrain(h, sharding.ACT_TOKENS_GECD)   # dispatched locally
+  h = sharding.constrain(h, sharding.ACT_GECD)          # all-to-all to experts
+  y = expert_mlp(h, weights, activation, sharding.ACT_GECF)
+  y = sharding.constrain(y, sharding.ACT_GECD)
+  y = sharding.constrain(y, sharding.ACT_TOKENS_GECD)   # all-to-all back
+  out = jax.vmap(lambda p, yg: p.combine(yg))(plans, y)
+  return out, plans.kept
+
+
+def _local_experts(routing: Routing, x: jax.Array, weights: dict[str, Any], *,
+                   capacity: int, strategy: str, activation: str,
+                   collectives: bool):
+  """One device's part of the shard_map path (see the module docstring);
+  `collectives=False` is the same computation without a mesh."""
+  plans = _slot_plans(routing, capacity, strategy)
+  h = jax.vmap(lambda p, xg: p.dispatch(xg))(plans, x)     # [Gl, E, C, D]
+  if collectives:
+    h = jax.lax.all_to_all(h, "expert", 1, 0, tiled=True)  # [X*Gl, El, C, D]
+  y = expert_mlp(h, weights, activation)
+  if collectives:
+    y = jax.lax.psum(y, "model")  # complete the F-sharded contraction
+    y = jax.lax.all_to_all(y, "expert", 0, 1, tiled=True)  # [Gl, E, C, D]
+  out = jax.vmap(lambda p, yg: p.combine(yg))(plans, y)
+  return out, plans.kept
+
+
+def _shard_map_experts(routing, x, weights, *, capacity, strategy, activation):
+  num_groups, num_tokens, num_experts = routing.gates.shape
+  if strategy == "dropless":  # static dropless bound: C = S keeps everything
+    strategy, capacity = "index", num_tokens
+  mesh = sharding.current_mesh()
+  sizes = dict(mesh.shape) if mesh is not None else {}
+  expert_size, model_size = sizes.get("expert", 1), sizes.get("model", 1)
+  local = functools.partial(_local_experts, capacity=capacity,
+                            strategy=strategy, activation=activation)
+  if mesh is None or math.prod(sizes.values()) == 1:
+    return local(routing, x, weights, collectives=False)
+  missing = [a for a in sharding.MESH_AXES if a not in sizes]
+  if missing:
+    raise ValueError(f"expert_parallel='shard_map' needs a mesh with axes "
+                     f"{sharding.MESH_AXES}; the current mesh lacks {missing}")
+  shards = sizes["data"] * expert_size
+  width = weights["w_in"].shape[-1]
+  for name, value, size, axes in (
+      ("groups (batch*length/group_size)", num_groups, shards, "data*expert"),
+      ("num_experts", num_experts, expert_size, "expert"),
+      ("expert_width", width, model_size, "model")):
+    if value % size:
+      raise ValueError(f"expert_parallel='shard_map': {name}={value} must be "
+                       f"divisible by the {axes} mesh size {size}")
+  tokens = P(sharding.BATCH_AXES)
+  w_specs = {k: P("expert", "model", None) if k == "w_out"
+             else P("expert", None, "model") for k in weights}
+  fn = jax.shard_map(functools.partial(local, collectives=True), mesh=mesh, in_specs=(tokens, tokens, w_specs),
+                     out_specs=(tokens, tokens))
+  return fn(routing, x, weights)
