@@ -52,7 +52,9 @@ def _kth_key(keys: jax.Array, m: jax.Array) -> jax.Array:
     cand = t | bit
     count = jnp.sum(keys >= cand[:, None], axis=-1)
     return jnp.where(count >= m, cand, t)
-  return jax.lax.fori_loop(0, 32, body, jnp.zeros(keys.shape[:1], jnp.uint32))
+  # Unrolled: no device-side while loop (a host round trip per step on GPUs).
+  return jax.lax.fori_loop(0, 32, body, jnp.zeros(keys.shape[:1], jnp.uint32),
+                           unroll=True)
 
 
 def _as_counts(m, num_experts: int) -> jax.Array:

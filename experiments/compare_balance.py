@@ -1,0 +1,493 @@
+"""Balance without aux losses: token choice (aux / loss-free), expert choice
+(small / large pool) and Expert Threshold, with causal-vs-training evaluations.
+
+  python experiments/compare_balance.py --config=tiny --steps=300 --seeds=0,1 \
+      --out=experiments/reports/balance --workroot=runs/balance
+
+Every flag of `experiments/train_lm.py` is accepted and is the base of every
+run (this script sets `--num_shared=1`, `--eval_capacity_factor=E/k` so that
+evaluation never drops, and `--et_warmup_steps=steps/10` unless given).
+`--runs` lists `LABEL=ROUTER[,FLAG=VALUE...]` specs separated by ';'; the value
+`BATCH` stands for batch_size * seq_len (one routing group = the whole batch).
+
+Per (run, seed) the script trains (or resumes) in `WORKROOT/LABEL_sSEED`, then
+evaluates the final state on `--eval_batches` validation batches:
+  eval           the method's own evaluation routing (ET: frozen thresholds,
+                 causal; expert choice: its pool, not causal; top-k: causal)
+  eval_train     ET only: the training routing (capacity-bounded over the
+                 validation batch as pool, thresholds frozen)
+  eval_causal    expert choice only: each token routed alone by per-expert
+                 probability thresholds calibrated on `--calib_batches` unseen
+                 training batches (the mean of expert choice's cutoffs there)
+and records MaxVio, drop fraction, fanout (mean, by token position) and, from
+the training log, MaxVio over training and how often ET's bounds bind.
+`--mode=report` only aggregates `OUT/runs/*.json` into `OUT/results.json`,
+`OUT/results.md` and PNG plots; `--mode=train` only trains and evaluates.
+
+Axis legend:
+  B  batch      L  sequence length (token position)
+  G  groups     S  tokens in a group      E  experts
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+
+from moejax.cli import lm_flags  # noqa: E402
+
+lm_flags.define_flags()
+DEFAULT_RUNS = ";".join([
+    "tc_aux=top_k",
+    "tc_loss_free=top_k,balance=loss_free,score_fn=sigmoid",
+    "ec_seq=expert_choice",
+    "ec_batch=expert_choice,group_size=BATCH",
+    "et=expert_threshold,group_size=BATCH",
+    "et_beta0.99=expert_threshold,group_size=BATCH,et_beta=0.99",
+])
+flags.DEFINE_string("runs", DEFAULT_RUNS, "LABEL=ROUTER[,FLAG=VALUE...];...")
+flags.DEFINE_string("only", None, "Comma-separated labels of --runs to run "
+                    "(default: all).")
+flags.DEFINE_string("seeds", "0,1", "Comma-separated seeds.")
+flags.DEFINE_string("out", "experiments/reports/balance", "Results directory.")
+flags.DEFINE_string("workroot", "runs/balance", "Root of the run workdirs.")
+flags.DEFINE_integer("calib_batches", 4, "Training batches that calibrate "
+                     "expert choice's causal thresholds.")
+flags.DEFINE_enum("mode", "all", ["all", "train", "report"], "What to do.")
+FLAGS = flags.FLAGS
+HISTORY_KEYS = ("step", "loss", "max_vio", "max_vio_max", "drop_fraction",
+                "experts_per_token", "zero_expert_fraction", "et_bound_low",
+                "et_bound_high", "et_pass_fraction", "et_threshold", "et_warmup",
+                "bias_spread", "aux_loss", "eval_loss", "eval_max_vio")
+
+
+# ----------------------------------------------------------------- probes
+def _probe_classes():
+  """Evaluation-only router methods (not registered)."""
+  import jax
+  import jax.numpy as jnp
+  from moejax.methods import ExpertChoice, ExpertThreshold
+  from moejax.routing import losses
+  from moejax.routing.base import Routing, RouterOutput
+
+  @dataclasses.dataclass(frozen=True)
+  class ETTrainRouting(ExpertThreshold):
+    """ET with its training routing (pool bounds) at evaluation; no update."""
+
+    def route_groups(self, logits, state, *, rng, train):
+      return super().route_groups(logits, state, rng=rng, train=True)
+
+  @dataclasses.dataclass(frozen=True)
+  class ECCalibrate(ExpertChoice):
+    """Expert choice that also reports each expert's cutoff probability."""
+
+    def route(self, logits, state, *, rng, train):
+      out = super().route(logits, state, rng=rng, train=train)
+      num_tokens, num_experts = logits.shape
+      cap = self.capacity(num_tokens, num_experts, 1.0)
+      probs = jax.nn.softmax(logits, axis=-1)
+      cutoff = jnp.min(jax.lax.top_k(probs.T, cap)[0], axis=-1)
+      out.metrics["ec_cutoff"] = cutoff
+      return out
+
+  @dataclasses.dataclass(frozen=True)
+  class ECThreshold(ExpertChoice):
+    """Causal stand-in for expert choice: prob > calibrated threshold."""
+
+    def init_state(self, num_experts):
+      return {"ec_threshold": jnp.zeros((num_experts,), jnp.float32)}
+
+    def capacity(self, num_tokens, num_experts, capacity_factor):
+      return num_tokens  # variable loads: no drops
+
+    def route(self, logits, state, *, rng, train):
+      probs = jax.nn.softmax(logits, axis=-1)
+      chosen = probs > state["ec_threshold"][None, :]
+      gates = jnp.where(chosen, jnp.maximum(probs, 1e-30), 0.0)
+      routing = Routing(gates=gates, priority=probs)
+      return RouterOutput(routing=routing,
+                          aux=losses.standard_aux(logits, probs, routing),
+                          metrics=losses.routing_metrics(routing, probs, logits))
+
+  return ETTrainRouting, ECCalibrate, ECThreshold
+
+
+def _same_fields(cls, method):
+  return cls(**{f.name: getattr(method, f.name)
+                for f in dataclasses.fields(method) if f.init})
+
+
+# ------------------------------------------------------------- evaluation
+def evaluate_routing(lm_cfg, params, router_state, batches) -> dict[str, Any]:
+  """Loss and routing statistics of `lm_cfg`'s routing on `batches`."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from moejax.models import TransformerLM
+  from moejax.train.step import cross_entropy, router_outputs
+
+  model = TransformerLM(lm_cfg)
+
+  @jax.jit
+  def step(batch):
+    logits, coll = model.apply({"params": params, "router_state": router_state},
+                               batch["inputs"], train=False, mutable=["router"])
+    ce, count = cross_entropy(logits, batch["targets"], batch["mask"])
+    layers = router_outputs(coll["router"])
+    batch_size, length = batch["inputs"].shape
+    pick = lambda key: jnp.stack([v["metrics"][key] for v in layers.values()])
+    out = {"ce_sum": ce, "count": count,
+           "fanout_by_position": jnp.stack([
+               v["fanout"].reshape(batch_size, length).mean(0)
+               for v in layers.values()]).mean(0),
+           "expert_load": pick("expert_load")}
+    for key in ("max_vio", "drop_fraction", "experts_per_token",
+                "zero_expert_fraction", "fanout_std"):
+      out[key] = pick(key).mean()
+    out["max_vio_max"] = pick("max_vio").max()
+    for key in ("et_bound_low", "et_bound_high", "et_pass_fraction"):
+      if key in next(iter(layers.values()))["metrics"]:
+        out[key] = pick(key).mean()
+    return out
+
+  sums: dict[str, Any] = {}
+  for batch in batches:
+    out = jax.device_get(step(batch))
+    for key, value in out.items():
+      sums[key] = sums.get(key, 0) + np.asarray(value, np.float64)
+  n = len(batches)
+  result = {k: (v / n).tolist() for k, v in sums.items()
+            if k not in ("ce_sum", "count")}
+  result["loss"] = float(sums["ce_sum"] / sums["count"])
+  return result
+
+
+def calibrate_expert_choice(lm_cfg, params, batches) -> dict[tuple, Any]:
+  """{layer path: float32[E]} mean expert-choice cutoff probabilities."""
+  import jax
+  import numpy as np
+  from moejax.models import TransformerLM
+  from moejax.train.step import router_outputs
+
+  model = TransformerLM(lm_cfg)
+
+  @jax.jit
+  def step(batch):
+    _, coll = model.apply({"params": params}, batch["inputs"], train=False,
+                          mutable=["router"])
+    return {path: v["metrics"]["ec_cutoff"]
+            for path, v in router_outputs(coll["router"]).items()}
+
+  sums: dict[tuple, Any] = {}
+  for batch in batches:
+    for path, value in jax.device_get(step(batch)).items():
+      sums[path] = sums.get(path, 0) + np.asarray(value, np.float64)
+  return {p: (v / len(batches)).astype(np.float32) for p, v in sums.items()}
+
+
+def with_router(cfg, method):
+  moe = dataclasses.replace(cfg.model.moe, router=method)
+  return dataclasses.replace(cfg.model, moe=moe)
+
+
+# ------------------------------------------------------------------ runs
+def parse_runs(text: str, batch_tokens: int) -> list[tuple[str, str, dict]]:
+  runs = []
+  for spec in filter(None, (s.strip() for s in text.split(";"))):
+    label, _, rest = spec.partition("=")
+    router, *opts = rest.split(",")
+    options = {}
+    for opt in opts:
+      key, _, value = opt.partition("=")
+      if key not in FLAGS:
+        raise ValueError(f"run {label!r}: unknown flag {key!r}")
+      value = str(batch_tokens) if value == "BATCH" else value
+      options[key] = FLAGS[key].parser.parse(value)
+    runs.append((label, router, options))
+  return runs
+
+
+def run_one(label: str, router: str, options: dict, seed: int,
+            base: dict[str, Any]) -> dict[str, Any]:
+  import flax.traverse_util
+  import jax
+  import numpy as np
+  from moejax.data import get_lm_data
+  from moejax.train import metrics as metrics_lib
+  from moejax.train.loop import train
+
+  values = dict(base, **options, router=router, seed=seed)
+  values["workdir"] = os.path.join(FLAGS.workroot, f"{label}_s{seed}")
+  cfg = lm_flags.build_train_config(values)
+  t0 = time.perf_counter()
+  summary = train(cfg, values["workdir"])
+  wall = time.perf_counter() - t0
+  state = summary["state"]
+  method = cfg.model.moe.router
+  data = get_lm_data(cfg.dataset, seq_len=cfg.seq_len,
+                     batch_size=cfg.batch_size, seed=cfg.seed,
+                     data_dir=cfg.data_dir)
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  put = lambda b: jax.device_put({k: np.asarray(v) for k, v in b.items()},
+                                 sharding)
+  val = [put(b) for b in data.eval_batches(cfg.eval_batches)]
+  params = jax.device_put(state.params, sharding)
+  router_state = jax.device_put(state.router_state, sharding)
+  ETTrainRouting, ECCalibrate, ECThreshold = _probe_classes()
+
+  evals = {"eval": evaluate_routing(cfg.model, params, router_state, val)}
+  if router == "expert_threshold":
+    evals["eval_train"] = evaluate_routing(
+        with_router(cfg, _same_fields(ETTrainRouting, method)), params,
+        router_state, val)
+  if router == "expert_choice":
+    calib = [put(data.batch(cfg.steps + i)) for i in range(FLAGS.calib_batches)]
+    cutoffs = calibrate_expert_choice(
+        with_router(cfg, _same_fields(ECCalibrate, method)), params, calib)
+    ec_state = flax.traverse_util.unflatten_dict(
+        {path + ("state",): {"ec_threshold": c} for path, c in cutoffs.items()})
+    evals["eval_causal"] = evaluate_routing(
+        with_router(cfg, _same_fields(ECThreshold, method)), params, ec_state,
+        val)
+  records = metrics_lib.read_jsonl(summary["metrics"])
+  history = [{k: r[k] for k in HISTORY_KEYS if k in r} for r in records]
+  return {
+      "label": label, "router": router, "seed": seed,
+      "options": {k: v for k, v in options.items()},
+      "method": repr(method), "num_shared": cfg.model.moe.num_shared,
+      "group_size": cfg.model.moe.group_size,
+      "config": {"preset": values["config"], "steps": cfg.steps,
+                 "num_layers": cfg.model.num_layers, "d_model": cfg.model.d_model,
+                 "num_experts": cfg.model.moe.num_experts,
+                 "k": method.k, "batch_size": cfg.batch_size,
+                 "seq_len": cfg.seq_len,
+                 "eval_capacity_factor": cfg.model.moe.eval_capacity_factor},
+      "device": str(jax.devices()[0]), "wall_seconds": wall,
+      "tokens_per_s": summary["tokens_per_s"],
+      "resumed_from": summary["resumed_from"],
+      "evals": evals, "history": history,
+  }
+
+
+# ---------------------------------------------------------------- report
+def _ms(values):
+  values = [v for v in values if v is not None]
+  if not values:
+    return None
+  mean = sum(values) / len(values)
+  std = (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+         if len(values) > 1 else 0.0)
+  return [mean, std]
+
+
+def summarize_run(r: dict[str, Any]) -> dict[str, Any]:
+  """Headline numbers of one (run, seed)."""
+  hist = [h for h in r["history"] if "loss" in h and "max_vio" in h]
+  steps = r["config"]["steps"]
+  late = [h for h in hist if h["step"] > 0.75 * steps]
+  warm = r["options"].get("et_warmup_steps", 0)
+  post = [h for h in hist if h.get("et_warmup", 1.0) == 0.0 or
+          ("et_warmup" not in h and h["step"] > warm)]
+  mean = lambda rows, k: (sum(h[k] for h in rows if k in h) /
+                          max(1, sum(1 for h in rows if k in h))
+                          if any(k in h for h in rows) else None)
+  ev = r["evals"]["eval"]
+  out = {
+      "train_loss_last25": mean(late, "loss"),
+      "train_max_vio_last25": mean(late, "max_vio"),
+      "train_max_vio_all": mean(hist, "max_vio"),
+      "train_drop_last25": mean(late, "drop_fraction"),
+      "eval_loss": ev["loss"], "eval_max_vio": ev["max_vio"],
+      "eval_max_vio_max": ev["max_vio_max"],
+      "eval_drop": ev["drop_fraction"], "eval_fanout": ev["experts_per_token"],
+      "eval_zero_expert": ev["zero_expert_fraction"],
+  }
+  if "eval_train" in r["evals"]:
+    et = r["evals"]["eval_train"]
+    out["eval_loss_train_routing"] = et["loss"]
+    out["eval_max_vio_train_routing"] = et["max_vio"]
+    out["causal_gap"] = (ev["loss"] - et["loss"]) / et["loss"]
+    out["et_bound_low_post_warmup"] = mean(post, "et_bound_low")
+    out["et_bound_high_post_warmup"] = mean(post, "et_bound_high")
+    out["eval_et_bound_low"] = ev.get("et_bound_low")
+    out["eval_et_bound_high"] = ev.get("et_bound_high")
+  if "eval_causal" in r["evals"]:
+    ec = r["evals"]["eval_causal"]
+    out["eval_loss_causal"] = ec["loss"]
+    out["eval_max_vio_causal"] = ec["max_vio"]
+    out["eval_fanout_causal"] = ec["experts_per_token"]
+    out["causal_gap"] = (ec["loss"] - ev["loss"]) / ev["loss"]
+  return out
+
+
+def report(out_dir: str) -> None:
+  import numpy as np
+  results = [json.load(open(p)) for p in
+             sorted(glob.glob(os.path.join(out_dir, "runs", "*.json")))]
+  if not results:
+    raise FileNotFoundError(f"no run results under {out_dir}/runs")
+  found = list(dict.fromkeys(r["label"] for r in results))
+  order = [spec.partition("=")[0].strip() for spec in FLAGS.runs.split(";")]
+  labels = [l for l in order if l in found] + [l for l in found
+                                                 if l not in order]
+  rows = []
+  for label in labels:
+    rs = [r for r in results if r["label"] == label]
+    per = [summarize_run(r) for r in rs]
+    row = {"label": label, "router": rs[0]["router"],
+           "seeds": [r["seed"] for r in rs], "method": rs[0]["method"],
+           "group_size": rs[0]["group_size"], "device": rs[0]["device"]}
+    for key in per[0]:
+      row[key] = _ms([p.get(key) for p in per])
+    pos = np.mean([r["evals"]["eval"]["fanout_by_position"] for r in rs], 0)
+    row["fanout_by_position"] = pos.tolist()
+    if "eval_causal" in rs[0]["evals"]:
+      row["fanout_by_position_causal"] = np.mean(
+          [r["evals"]["eval_causal"]["fanout_by_position"] for r in rs],
+          0).tolist()
+    rows.append(row)
+  with open(os.path.join(out_dir, "results.json"), "w") as fh:
+    json.dump({"config": results[0]["config"], "rows": rows}, fh, indent=1)
+
+  def fmt(v, digits=3, pct=False):
+    if v is None:
+      return "—"
+    mean, std = v
+    if pct:
+      return f"{100 * mean:.2f}% ± {100 * std:.2f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+  lines = ["| run | eval loss (own routing) | causal / training-routing eval "
+           "loss | gap | val MaxVio | train MaxVio (last 25%) | train MaxVio "
+           "(all) | train drop | val fanout | val zero-expert |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+  for row in rows:
+    other = row.get("eval_loss_train_routing") or row.get("eval_loss_causal")
+    lines.append(
+        f"| {row['label']} | {fmt(row['eval_loss'], 4)} | {fmt(other, 4)} | "
+        f"{fmt(row.get('causal_gap'), pct=True)} | {fmt(row['eval_max_vio'])} | "
+        f"{fmt(row['train_max_vio_last25'])} | {fmt(row['train_max_vio_all'])} "
+        f"| {fmt(row['train_drop_last25'], pct=True)} | "
+        f"{fmt(row['eval_fanout'])} | {fmt(row['eval_zero_expert'], pct=True)} |")
+  et_rows = [r for r in rows if r.get("et_bound_low_post_warmup")]
+  if et_rows:
+    lines += ["", "| ET run | lower bound binds (train, after warm-up) | upper "
+              "bound binds | would bind on validation (low / high) |",
+              "| --- | --- | --- | --- |"]
+    for row in et_rows:
+      lines.append(
+          f"| {row['label']} | {fmt(row['et_bound_low_post_warmup'], pct=True)}"
+          f" | {fmt(row['et_bound_high_post_warmup'], pct=True)} | "
+          f"{fmt(row['eval_et_bound_low'], pct=True)} / "
+          f"{fmt(row['eval_et_bound_high'], pct=True)} |")
+  with open(os.path.join(out_dir, "results.md"), "w") as fh:
+    fh.write("\n".join(lines) + "\n")
+  print("\n".join(lines))
+  plot(results, rows, out_dir)
+
+
+def plot(results, rows, out_dir: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for i, label in enumerate(dict.fromkeys(r["label"] for r in results)):
+    for r in (r for r in results if r["label"] == label):
+      h = [x for x in r["history"] if "max_vio" in x and "loss" in x]
+      ax.plot([x["step"] for x in h], [x["max_vio"] for x in h], color=f"C{i}",
+              alpha=0.8, label=label if r["seed"] == min(
+                  x["seed"] for x in results if x["label"] == label) else None)
+  ax.set_yscale("log")
+  ax.axhline(0.15, color="k", ls=":", lw=1)
+  ax.set_xlabel("step")
+  ax.set_ylabel("training MaxVio (mean over layers)")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out_dir, "max_vio.png"), dpi=110)
+  plt.close(fig)
+
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for i, row in enumerate(rows):
+    pos = np.asarray(row["fanout_by_position"])
+    ax.plot(np.arange(len(pos)), pos, color=f"C{i}", label=row["label"])
+    if "fanout_by_position_causal" in row:
+      ax.plot(np.arange(len(pos)), row["fanout_by_position_causal"],
+              color=f"C{i}", ls="--", label=row["label"] + " (causal thr.)")
+  ax.set_xlabel("token position")
+  ax.set_ylabel("routed experts per token (validation)")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out_dir, "fanout_by_position.png"), dpi=110)
+  plt.close(fig)
+
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for i, label in enumerate(dict.fromkeys(r["label"] for r in results)):
+    for r in (r for r in results if r["label"] == label):
+      h = [x for x in r["history"] if "loss" in x]
+      ax.plot([x["step"] for x in h], [x["loss"] for x in h], color=f"C{i}",
+              alpha=0.7, lw=1)
+    ax.plot([], [], color=f"C{i}", label=label)
+  ax.set_xlabel("step")
+  ax.set_ylabel("training loss (nats/byte)")
+  ax.set_ylim(top=3.0)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out_dir, "loss.png"), dpi=110)
+  plt.close(fig)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  from moejax import configs
+  out_dir = FLAGS.out
+  os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
+  if FLAGS.mode in ("all", "train"):
+    base = FLAGS.flag_values_dict()
+    pre = configs.preset(base["config"])
+    pick = lambda key: pre[key] if base.get(key) is None else base[key]
+    steps = pick("steps")
+    base["steps"] = steps
+    if base.get("num_shared") is None:
+      base["num_shared"] = 1
+    if base.get("et_warmup_steps") is None:
+      base["et_warmup_steps"] = max(1, steps // 10)
+    if not FLAGS["eval_capacity_factor"].present:
+      base["eval_capacity_factor"] = pick("num_experts") / pick("k")
+    base["sample_tokens"] = 0
+    batch_tokens = pick("batch_size") * pick("seq_len")
+    only = set(FLAGS.only.split(",")) if FLAGS.only else None
+    for label, router, options in parse_runs(FLAGS.runs, batch_tokens):
+      if only is not None and label not in only:
+        continue
+      options.setdefault("et_warmup_steps", base["et_warmup_steps"])
+      for seed in [int(s) for s in FLAGS.seeds.split(",") if s]:
+        print(f"== {label} seed {seed}", flush=True)
+        result = run_one(label, router, options, seed, base)
+        path = os.path.join(out_dir, "runs", f"{label}_s{seed}.json")
+        with open(path, "w") as fh:
+          json.dump(result, fh)
+        ev = result["evals"]
+        print(f"   eval loss {ev['eval']['loss']:.4f}  val MaxVio "
+              f"{ev['eval']['max_vio']:.3f}  "
+              + "  ".join(f"{k} {v['loss']:.4f}" for k, v in ev.items()
+                          if k != "eval")
+              + f"  ({result['wall_seconds']:.0f} s)", flush=True)
+  if FLAGS.mode in ("all", "report"):
+    report(out_dir)
+
+
+if __name__ == "__main__":
+  app.run(main)
