@@ -94,6 +94,27 @@ def test_large_kp_oscillates_defaults_do_not():
   assert ringing[0] <= 2 < ringing[1]
 
 
+def test_defaults_stable_where_plant_gain_is_high():
+  """Near p ~ 0.9 the fanout is very sensitive to p: kp 0.5 / ki 0.2 ring with
+  period 2 there (as on a real `small` run); the defaults settle."""
+  num_experts, target = 16, 6.0
+  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+  logits = (jax.random.normal(k1, (2048, num_experts))
+            * jnp.exp(0.5 * jax.random.normal(k2, (2048, 1))))
+  fn = jax.jit(lambda p: dtop_p(logits, p, scale=2.0).metrics[
+      "experts_per_token"])
+  _, old, _, _ = run_loop(
+      PIController(target=target, num_experts=num_experts, kp=0.5, ki=0.2),
+      fn, 150)
+  ps, new, _, _ = run_loop(PIController(target=target, num_experts=num_experts),
+                           fn, 150)
+  assert ps[-1] > 0.85  # the high-gain regime
+  assert np.std(old[100:]) > 1.0  # sustained oscillation
+  settle = settling_step(new, target)
+  assert settle <= 100, settle
+  assert np.std(new[settle:]) < 0.05
+
+
 @pytest.mark.parametrize("router", ["top_p", "dtop_p"])
 def test_converges_on_real_top_p_routing_of_fixed_logits(router):
   num_experts, target = 16, 4.0
@@ -104,9 +125,9 @@ def test_converges_on_real_top_p_routing_of_fixed_logits(router):
     fn = jax.jit(lambda p: dtop_p(logits, p, scale=1.5).metrics[
         "experts_per_token"])
   ctrl = PIController(target=target, num_experts=num_experts)
-  _, fanouts, _, _ = run_loop(ctrl, fn, 100)
+  _, fanouts, _, _ = run_loop(ctrl, fn, 150)
   settle = settling_step(fanouts, target)
-  assert settle <= 50, (settle, fanouts[:60])
+  assert settle <= 100, (settle, fanouts[:100])
   assert np.all(np.abs(fanouts[settle:] - target) <= 0.02 * target)
 
 
@@ -118,9 +139,9 @@ def test_no_windup_when_clipped():
   assert np.all(ps <= 0.9 + 1e-6) and ps[-1] == pytest.approx(0.9)
   # The integral stopped growing once p hit p_max, at the value that puts p
   # exactly on the bound: (p_max - p_init - kp * e) / ki with e = 3/8.
-  assert integrals[-1] == pytest.approx(integrals[20], abs=1e-6)
-  assert integrals[-1] == pytest.approx((0.9 - 0.5 - 0.5 * 3 / 8) / 0.2,
-                                        abs=1e-5)
+  assert integrals[-1] == pytest.approx(integrals[60], abs=1e-6)
+  assert integrals[-1] == pytest.approx(
+      (0.9 - 0.5 - ctrl.kp * 3 / 8) / ctrl.ki, abs=1e-5)
   # When the target becomes reachable, p leaves the bound within a few steps.
   ctrl2 = PIController(target=2.0, num_experts=num_experts, p_max=0.9)
   ps2, fanouts2, _, _ = run_loop(ctrl2, lambda p: 1.0 + 4.0 * p, 60, state)
@@ -137,7 +158,9 @@ def test_p_stays_within_bounds_going_down():
   ctrl = PIController(target=1.0, num_experts=8, p_min=0.1)
   ps, _, integrals, _ = run_loop(ctrl, lambda p: 3.0 + 0 * p, 100)
   assert np.all(ps >= 0.1 - 1e-7) and ps[-1] == pytest.approx(0.1)
-  assert integrals[-1] == pytest.approx(integrals[10], abs=1e-6)
+  assert integrals[-1] == pytest.approx(integrals[50], abs=1e-6)
+  assert integrals[-1] == pytest.approx(
+      (0.1 - 0.5 - ctrl.kp * (1.0 - 3.0) / 8) / ctrl.ki, abs=1e-5)
 
 
 def _fake(paths, fanouts, num_experts=8):

@@ -203,7 +203,7 @@ def test_methods_registered_and_built_from_flags():
   assert (tp.p, tp.k, tp.max_k, tp.normalize) == (0.3, 3, 6, False)
   dt = methods.build("dtop_p", flags)
   assert (dt.k, dt.max_k, dt.dtop_p_scope, dt.pi_kp, dt.pi_ki, dt.p_init,
-          dt.p_min, dt.p_max) == (3, 6, "layer", 0.4, 0.2, 0.6, 0.05, 0.95)
+          dt.p_min, dt.p_max) == (3, 6, "layer", 0.4, 0.1, 0.6, 0.05, 0.95)
   assert dt.max_fanout(8) == 6 and DTopP(k=2).max_fanout(8) == 8
   assert dt.capacity(64, 8, 1.0) == TopP(k=3).capacity(64, 8, 1.0) == 24
   assert DTopP.aux_weights == {"load_balance": 1e-4, "z_loss": 0.0,

@@ -95,7 +95,8 @@ class DTopP(RouterMethod):
     max_k: static fanout cap (None = E), >= k.
     dtop_p_scope: "global" (one error from the mean fanout over all MoE layers,
       the same p everywhere) or "layer" (one controller per layer).
-    pi_kp, pi_ki: PI gains on the error (T - fanout) / E.
+    pi_kp, pi_ki: PI gains on the error (T - fanout) / E (see
+      `moejax.control.PIController` for why 0.1 / 0.1 and not 0.5 / 0.2).
     p_init, p_min, p_max: initial threshold and its bounds.
     gamma_init: initial value of each layer's learned scale gamma.
   Aux losses (spec): load balance 1e-4, entropy 1e-3, z-loss 0.
@@ -105,8 +106,8 @@ class DTopP(RouterMethod):
       "load_balance": 1e-4, "z_loss": 0.0, "entropy": 1e-3}
   max_k: int | None = None
   dtop_p_scope: str = "global"
-  pi_kp: float = 0.5
-  pi_ki: float = 0.2
+  pi_kp: float = 0.1
+  pi_ki: float = 0.1
   p_init: float = 0.5
   p_min: float = 0.01
   p_max: float = 1.0

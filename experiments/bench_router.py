@@ -1,0 +1,135 @@
+"""Train-step time of routers relative to top-k, measured in one process.
+
+  python experiments/bench_router.py --config=tiny --routers="top_k;dtop_p;top_p"
+
+Builds the same LM for each router (every `experiments/train_lm.py` flag is
+accepted), compiles its train step, then times `--steps` steps per router, the
+routers interleaved, `--repeats` times, on one fixed batch. Prints a table of
+median step times and ratios to the first router (the baseline) and writes JSON.
+Timings are ratios inside one run (shared, noisy machines): never a test assert.
+
+Axis legend:
+  B  batch
+  L  sequence length
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+
+from moejax.cli import lm_flags  # noqa: E402
+
+lm_flags.define_flags()
+flags.DEFINE_string("routers", "top_k;dtop_p;top_p",
+                    "';'-separated [LABEL=]ROUTER[,FLAG=VALUE...]; the first is "
+                    "the baseline.")
+flags.DEFINE_integer("bench_steps", 10, "Timed steps per repeat.")
+flags.DEFINE_integer("repeats", 7, "Interleaved repeats (median reported).")
+flags.DEFINE_string("json_out", "experiments/out/bench_router.json",
+                    "Where to write the JSON results.")
+FLAGS = flags.FLAGS
+OWN_FLAGS = ("routers", "bench_steps", "repeats", "json_out")
+
+
+def build(values):
+  """(jitted step, state, batch) for one router's config."""
+  import jax
+  import jax.numpy as jnp
+  from moejax import sharding
+  from moejax.models.lm import TransformerLM
+  from moejax.train.loop import build_state
+  from moejax.train.step import make_train_step
+
+  cfg = lm_flags.build_train_config(values)
+  mesh = sharding.make_mesh(None, jax.devices()[:1])
+  model = TransformerLM(cfg.model)
+  method = cfg.model.moe.router if cfg.model.moe is not None else None
+  with mesh:
+    state = build_state(cfg, model, mesh)
+  step = make_train_step(model, cfg.optim.optimizer(), method,
+                         cfg.optim.schedule())
+  tokens = jax.random.randint(jax.random.PRNGKey(0),
+                              (cfg.batch_size, cfg.seq_len + 1), 0, 256)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+           "mask": jnp.ones((cfg.batch_size, cfg.seq_len), jnp.float32)}
+  return cfg, mesh, step, state, batch
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  import jax
+  from moejax.cli.run_specs import parse_runs  # compare_routers' spec syntax
+
+  specs = parse_runs(FLAGS.routers)
+  base = {k: v for k, v in FLAGS.flag_values_dict().items()
+          if k not in OWN_FLAGS}
+  runs = {}
+  for spec in specs:
+    values = dict(base, router=spec.router, **spec.options)
+    cfg, mesh, step, state, batch = build(values)
+    with mesh:
+      t0 = time.perf_counter()
+      state, metrics = step(state, batch)
+      jax.block_until_ready(metrics)
+      compile_s = time.perf_counter() - t0
+      state, metrics = step(state, batch)
+      jax.block_until_ready(metrics)
+    runs[spec.label] = {"step": step, "state": state, "batch": batch,
+                        "mesh": mesh, "times": [], "compile_s": compile_s,
+                        "fanout": float(metrics.get("experts_per_token",
+                                                    float("nan")))}
+  for _ in range(FLAGS.repeats):
+    for spec in specs:
+      r = runs[spec.label]
+      with r["mesh"]:
+        state = r["state"]
+        t0 = time.perf_counter()
+        for _ in range(FLAGS.bench_steps):
+          state, metrics = r["step"](state, r["batch"])
+        jax.block_until_ready((state, metrics))
+        r["times"].append((time.perf_counter() - t0) / FLAGS.bench_steps)
+        r["state"] = state
+  base_label = specs[0].label
+  base_time = statistics.median(runs[base_label]["times"])
+  rows = []
+  for spec in specs:
+    r = runs[spec.label]
+    med = statistics.median(r["times"])
+    rows.append({"label": spec.label, "router": spec.router,
+                 "median_step_s": med, "min_step_s": min(r["times"]),
+                 "ratio_to_" + base_label: med / base_time,
+                 "min_ratio_to_" + base_label:
+                     min(r["times"]) / min(runs[base_label]["times"]),
+                 "compile_s": r["compile_s"], "fanout": r["fanout"],
+                 "times": r["times"]})
+  device = jax.devices()[0]
+  out = {"device": f"{device.platform}:{device.device_kind}",
+         "config": FLAGS.config, "bench_steps": FLAGS.bench_steps,
+         "repeats": FLAGS.repeats, "argv": sys.argv, "rows": rows}
+  print(f"device {out['device']}, config {FLAGS.config}, "
+        f"{FLAGS.repeats} x {FLAGS.bench_steps} steps per router")
+  print(f"| router | median step (ms) | min step (ms) | median ratio to "
+        f"{base_label} | min ratio | fanout |")
+  print("|---|---|---|---|---|---|")
+  for row in rows:
+    print(f"| {row['label']} | {1e3 * row['median_step_s']:.1f} | "
+          f"{1e3 * row['min_step_s']:.1f} | "
+          f"{row['ratio_to_' + base_label]:.3f} | "
+          f"{row['min_ratio_to_' + base_label]:.3f} | {row['fanout']:.2f} |")
+  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json_out)), exist_ok=True)
+  with open(FLAGS.json_out, "w") as f:
+    json.dump(out, f, indent=1)
+  print("json:", FLAGS.json_out)
+
+
+if __name__ == "__main__":
+  app.run(main)

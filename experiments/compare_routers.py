@@ -1,0 +1,470 @@
+"""Train several routers × seeds on one config and compare them.
+
+  python experiments/compare_routers.py --config=tiny --steps=300 \
+      --runs="dense;top_k;top_p,p=0.3;dtop_p;dtop_p_layer=dtop_p,dtop_p_scope=layer" \
+      --seeds=0,1 --out=experiments/reports/dtop_p --workroot=runs/compare
+
+Every flag of `experiments/train_lm.py` is accepted and is the base of every
+run. `--runs` lists run specs separated by ';', each
+`[LABEL=]ROUTER[,FLAG=VALUE...]`: the router name (`dense` = no MoE) and the
+flags that differ for that run (e.g. `top_p,p=0.3` or
+`dtop_p_layer=dtop_p,dtop_p_scope=layer`); the label defaults to the spec text.
+Each (run, seed) trains in `WORKROOT/LABEL_sSEED` (a finished one is reused, an
+interrupted one resumes) and writes `OUT/runs/LABEL_sSEED.json` (summary, router
+params per layer, controller state, the logged history). Then `OUT/results.json`
+and `OUT/results.md` (a table: mean ± std over seeds) and, with `--plots`, PNGs:
+`loss.png`, `fanout.png` (mean fanout over steps vs target, plus p where logged),
+`layer_fanout.png`, `fanout_std.png`, `router_params.png` (e.g. DTop-p's gamma).
+
+Axis legend (of the logged arrays):
+  L  routed layers
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+
+from moejax.cli import lm_flags  # noqa: E402
+from moejax.cli.run_specs import RunSpec, parse_runs  # noqa: E402
+
+lm_flags.define_flags()
+flags.DEFINE_string("runs", "dense;top_k;top_p;dtop_p",
+                    "Run specs separated by ';': [LABEL=]ROUTER[,FLAG=VALUE...]")
+flags.DEFINE_string("seeds", "0,1", "Comma-separated seeds; each run per seed.")
+flags.DEFINE_string("out", "experiments/out/compare", "Results directory.")
+flags.DEFINE_string("workroot", "runs/compare", "Root of the run workdirs.")
+flags.DEFINE_bool("plots", True, "Write PNG plots.")
+flags.DEFINE_float("band", 0.02, "Fanout band (fraction of the target) for "
+                   "the settling step.")
+flags.DEFINE_string("compile_cache", None, "Persistent JAX compilation cache "
+                    "directory (seeds of one run share compiled programs).")
+flags.DEFINE_bool("keep_going", True, "Record a failed run and go on.")
+
+FLAGS = flags.FLAGS
+# Flags of this script, not of the training runs.
+OWN_FLAGS = ("runs", "seeds", "out", "workroot", "plots", "band",
+             "compile_cache", "keep_going")
+HISTORY_KEYS = ("step", "loss", "eval_loss", "experts_per_token", "fanout_std",
+                "layer_fanout", "drop_fraction", "drop_fraction_above_mean",
+                "kept_per_token", "max_fanout", "p", "p_layer", "pi_integral",
+                "gamma", "max_vio", "top_p_capped", "zero_expert_fraction",
+                "router_entropy", "tokens_per_s", "aux_loss")
+
+
+def settling(steps, values, target: float, band: float) -> dict[str, Any]:
+  """Settling of a logged fanout series to `target` within ±band·target.
+
+  Returns the first logged step after which every later value stays in the
+  band (None if the last value is outside), the largest deviation after it and
+  over the second half (fractions of the target).
+  """
+  pairs = [(s, v) for s, v in zip(steps, values) if v is not None]
+  if not pairs or not target:
+    return {"settle_step": None, "max_dev_after_settle": None,
+            "max_dev_second_half": None}
+  dev = [abs(v - target) / target for _, v in pairs]
+  settle = None
+  for i in range(len(pairs) - 1, -1, -1):
+    if dev[i] > band:
+      settle = pairs[i + 1][0] if i + 1 < len(pairs) else None
+      break
+  else:
+    settle = pairs[0][0]
+  after = [d for (s, _), d in zip(pairs, dev) if settle is not None and s >= settle]
+  half = pairs[-1][0] / 2
+  second = [d for (s, _), d in zip(pairs, dev) if s > half]
+  return {"settle_step": settle,
+          "max_dev_after_settle": max(after) if after else None,
+          "max_dev_second_half": max(second) if second else None}
+
+
+def tail_mean(history, key: str, fraction: float = 0.25):
+  """Mean of a logged metric (scalar or per-layer list) over the last fraction
+  of the training records."""
+  rows = [r[key] for r in history if key in r and "loss" in r]
+  if not rows:
+    return None
+  rows = rows[-max(1, int(math.ceil(len(rows) * fraction))):]
+  if isinstance(rows[0], list):
+    return [sum(c) / len(c) for c in zip(*rows)]
+  return sum(rows) / len(rows)
+
+
+def router_params_per_layer(params, method, num_experts: int) -> dict[str, Any]:
+  """{param name: {layer path: value}} for the method's `router_params`."""
+  import flax.traverse_util
+  import numpy as np
+  names = set(method.router_params(num_experts)) if method is not None else set()
+  out: dict[str, dict[str, Any]] = {}
+  if not names:
+    return out
+  for path, value in flax.traverse_util.flatten_dict(params).items():
+    if path[-1] in names:
+      out.setdefault(path[-1], {})["/".join(path[:-1])] = np.asarray(
+          value).tolist()
+  return out
+
+
+def run_one(spec: RunSpec, seed: int, base: dict[str, Any], workroot: str,
+            band: float) -> dict[str, Any]:
+  """Trains one (run, seed) and returns its JSON-able result."""
+  import jax
+  from moejax.train import metrics as metrics_lib
+  from moejax.train.loop import train
+  from moejax.train.step import router_states
+
+  values = dict(base)
+  values.update(spec.options)
+  values["router"] = spec.router
+  values["seed"] = seed
+  workdir = os.path.join(workroot, f"{spec.label}_s{seed}")
+  values["workdir"] = workdir
+  cfg = lm_flags.build_train_config(values)
+  t0 = time.perf_counter()
+  summary = train(cfg, workdir)
+  wall = time.perf_counter() - t0
+  moe = cfg.model.moe
+  method = moe.router if moe is not None else None
+  history = [{k: r[k] for k in HISTORY_KEYS if k in r}
+             for r in metrics_lib.read_jsonl(summary["metrics"])]
+  final = [r for r in metrics_lib.read_jsonl(summary["metrics"])
+           if r.get("final")]
+  state = jax.device_get(summary["state"])
+  controller = {"/".join(k): metrics_lib.to_python(v) for k, v in
+                router_states(state.router_state).items()}
+  target = method.target_fanout if method is not None else None
+  train_rows = [r for r in history if "loss" in r]
+  result = {
+      "label": spec.label, "router": spec.router, "seed": seed,
+      "options": spec.options, "workdir": workdir,
+      "config": {"preset": values.get("config"), "steps": cfg.steps,
+                 "num_layers": cfg.model.num_layers,
+                 "d_model": cfg.model.d_model,
+                 "num_experts": moe.num_experts if moe else None,
+                 "expert_width": moe.expert_width if moe else None,
+                 "target_fanout": target,
+                 "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
+                 "method": repr(method) if method is not None else "dense"},
+      "eval_loss": summary["eval_loss"],
+      "final_eval": final[-1] if final else {},
+      "tokens_per_s": summary["tokens_per_s"],
+      "train_seconds": summary["train_seconds"], "wall_seconds": wall,
+      "resumed_from": summary["resumed_from"],
+      "router_params": router_params_per_layer(
+          state.params, method, moe.num_experts if moe else 0),
+      "controller_state": controller,
+      "tail": {k: tail_mean(history, k) for k in (
+          "experts_per_token", "fanout_std", "layer_fanout", "drop_fraction",
+          "drop_fraction_above_mean", "p", "p_layer", "gamma", "max_vio",
+          "top_p_capped") if tail_mean(history, k) is not None},
+      "history": history,
+  }
+  if target is not None and train_rows:
+    result["settling"] = settling([r["step"] for r in train_rows],
+                                  [r.get("experts_per_token")
+                                   for r in train_rows], target, band)
+  return result
+
+
+def _mean_std(values):
+  values = [v for v in values if v is not None]
+  if not values:
+    return None, None
+  mean = sum(values) / len(values)
+  std = (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+         if len(values) > 1 else 0.0)
+  return mean, std
+
+
+def aggregate(results: list[dict[str, Any]], specs: list[RunSpec]):
+  """One row per run label: mean ± std over seeds of the headline numbers."""
+  rows = []
+  for spec in specs:
+    rs = [r for r in results if r["label"] == spec.label and "error" not in r]
+    if not rs:
+      rows.append({"label": spec.label, "router": spec.router, "seeds": []})
+      continue
+    row = {"label": spec.label, "router": spec.router,
+           "seeds": [r["seed"] for r in rs],
+           "target": rs[0]["config"]["target_fanout"]}
+    row["eval_loss"] = _mean_std([r["eval_loss"] for r in rs])
+    for key in ("experts_per_token", "fanout_std", "drop_fraction",
+                "drop_fraction_above_mean", "max_vio"):
+      row[key] = _mean_std([r["tail"].get(key) for r in rs])
+    row["settle_step"] = [r.get("settling", {}).get("settle_step") for r in rs]
+    row["max_dev_after_settle"] = [
+        r.get("settling", {}).get("max_dev_after_settle") for r in rs]
+    row["tokens_per_s"] = _mean_std([r["tokens_per_s"] for r in rs])
+    rows.append(row)
+  return rows
+
+
+def _fmt(ms, digits=3, pct=False):
+  if ms is None or ms[0] is None:
+    return "–"
+  mean, std = ms
+  if pct:
+    return f"{100 * mean:.1f}% ± {100 * std:.1f}"
+  return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def markdown_table(rows) -> str:
+  head = ("| run | router | seeds | val. loss (nats/byte) | mean fanout (target) "
+          "| per-token fanout std | drop | drop, above-mean tokens | settle step "
+          "(±band) | max dev. after settling | tokens/s |")
+  lines = [head, "|" + "---|" * 11]
+  for r in rows:
+    if not r["seeds"]:
+      lines.append(f"| {r['label']} | {r['router']} | failed |" + " |" * 8)
+      continue
+    target = r.get("target")
+    fan = _fmt(r["experts_per_token"], 2)
+    if target is not None and fan != "–":
+      fan += f" ({target:g})"
+    settle = ", ".join("–" if s is None else str(s) for s in r["settle_step"])
+    devs = ", ".join("–" if d is None else f"{100 * d:.1f}%"
+                     for d in r["max_dev_after_settle"])
+    tps = r["tokens_per_s"]
+    lines.append(
+        f"| {r['label']} | {r['router']} | {','.join(map(str, r['seeds']))} "
+        f"| {_fmt(r['eval_loss'], 4)} | {fan} | {_fmt(r['fanout_std'], 2)} "
+        f"| {_fmt(r['drop_fraction'], pct=True)} "
+        f"| {_fmt(r['drop_fraction_above_mean'], pct=True)} "
+        f"| {settle if target is not None else '–'} "
+        f"| {devs if target is not None else '–'} "
+        f"| {tps[0]:.0f} |")
+  return "\n".join(lines) + "\n"
+
+
+def plot_all(results, specs, out: str) -> list[str]:
+  """Writes the comparison PNGs; returns their paths."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+
+  ok = [r for r in results if "error" not in r]
+  labels = [s.label for s in specs if any(r["label"] == s.label for r in ok)]
+  colors = {lab: plt.cm.tab10(i % 10) for i, lab in enumerate(labels)}
+  paths = []
+  seeds_of = lambda lab: [r for r in ok if r["label"] == lab]
+
+  # Loss: training curves and final validation loss ± std.
+  fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+  for lab in labels:
+    for j, r in enumerate(seeds_of(lab)):
+      tr = [h for h in r["history"] if "loss" in h]
+      steps = np.array([h["step"] for h in tr])
+      loss = np.array([h["loss"] for h in tr])
+      w = max(1, len(loss) // 30)
+      smooth = np.convolve(loss, np.ones(w) / w, mode="valid")
+      axes[0].plot(steps[w - 1:], smooth, color=colors[lab], alpha=0.8,
+                   lw=1, label=lab if j == 0 else None)
+  axes[0].set_xlabel("step")
+  axes[0].set_ylabel("train loss (nats/byte, smoothed)")
+  axes[0].legend(fontsize=8)
+  means = [_mean_std([r["eval_loss"] for r in seeds_of(lab)]) for lab in labels]
+  axes[1].bar(range(len(labels)), [m[0] for m in means],
+              yerr=[m[1] for m in means], capsize=4,
+              color=[colors[lab] for lab in labels])
+  for i, lab in enumerate(labels):
+    axes[1].plot([i] * len(seeds_of(lab)),
+                 [r["eval_loss"] for r in seeds_of(lab)], "k.", ms=4)
+  lo = min(m[0] - 3 * max(m[1], 1e-3) for m in means)
+  hi = max(m[0] + 3 * max(m[1], 1e-3) for m in means)
+  axes[1].set_ylim(lo, hi)
+  axes[1].set_xticks(range(len(labels)), labels, rotation=20, fontsize=8)
+  axes[1].set_ylabel("validation loss (mean ± std, dots = seeds)")
+  fig.tight_layout()
+  paths.append(os.path.join(out, "loss.png"))
+  fig.savefig(paths[-1], dpi=110)
+  plt.close(fig)
+
+  routed = [lab for lab in labels
+            if seeds_of(lab)[0]["config"]["target_fanout"] is not None]
+  if not routed:
+    return paths
+  # Fanout trajectory (controller step response) and p.
+  has_p = [lab for lab in routed
+           if any("p" in h for h in seeds_of(lab)[0]["history"])]
+  fig, axes = plt.subplots(1, 2 if has_p else 1, figsize=(12 if has_p else 6,
+                                                          4), squeeze=False)
+  ax = axes[0, 0]
+  targets = set()
+  for lab in routed:
+    for j, r in enumerate(seeds_of(lab)):
+      tr = [h for h in r["history"] if "experts_per_token" in h and "loss" in h]
+      ax.plot([h["step"] for h in tr], [h["experts_per_token"] for h in tr],
+              color=colors[lab], lw=1, alpha=0.8, ls="-" if j == 0 else ":",
+              label=lab if j == 0 else None)
+      targets.add(r["config"]["target_fanout"])
+  for t in targets:
+    ax.axhline(t, color="k", ls="--", lw=1)
+    ax.axhspan(t * (1 - FLAGS.band), t * (1 + FLAGS.band), color="k",
+               alpha=0.08)
+  ax.set_xlabel("step")
+  ax.set_ylabel("mean experts per token (dashed: target, band ±%g%%)"
+                % (100 * FLAGS.band))
+  ax.legend(fontsize=8)
+  if has_p:
+    ax = axes[0, 1]
+    for lab in has_p:
+      for j, r in enumerate(seeds_of(lab)):
+        tr = [h for h in r["history"] if "p" in h and "loss" in h]
+        ax.plot([h["step"] for h in tr], [h["p"] for h in tr],
+                color=colors[lab], lw=1, ls="-" if j == 0 else ":",
+                label=lab if j == 0 else None)
+        if tr and "p_layer" in tr[0] and r["options"].get(
+            "dtop_p_scope") == "layer" and j == 0:
+          layer_p = np.array([h["p_layer"] for h in tr])
+          for i in range(layer_p.shape[1]):
+            ax.plot([h["step"] for h in tr], layer_p[:, i],
+                    color=colors[lab], lw=0.5, alpha=0.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("controller threshold p (thin: per layer)")
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  paths.append(os.path.join(out, "fanout.png"))
+  fig.savefig(paths[-1], dpi=110)
+  plt.close(fig)
+
+  # Per-layer fanout and per-token fanout std (last quarter of training).
+  fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+  width = 0.8 / len(routed)
+  for i, lab in enumerate(routed):
+    layer = np.array([r["tail"]["layer_fanout"] for r in seeds_of(lab)])
+    x = np.arange(layer.shape[1]) + (i - (len(routed) - 1) / 2) * width
+    axes[0].bar(x, layer.mean(0), width,
+                yerr=layer.std(0, ddof=1) if len(layer) > 1 else None,
+                color=colors[lab], label=lab, capsize=2)
+  for t in targets:
+    axes[0].axhline(t, color="k", ls="--", lw=1)
+  axes[0].set_xlabel("MoE layer")
+  axes[0].set_ylabel("mean experts per token (last 25% of steps)")
+  axes[0].legend(fontsize=8)
+  for lab in routed:
+    for j, r in enumerate(seeds_of(lab)):
+      tr = [h for h in r["history"] if "fanout_std" in h and "loss" in h]
+      axes[1].plot([h["step"] for h in tr], [h["fanout_std"] for h in tr],
+                   color=colors[lab], lw=1, ls="-" if j == 0 else ":",
+                   label=lab if j == 0 else None)
+  axes[1].set_xlabel("step")
+  axes[1].set_ylabel("per-token fanout std (mean over layers)")
+  axes[1].legend(fontsize=8)
+  fig.tight_layout()
+  paths.append(os.path.join(out, "layer_fanout.png"))
+  fig.savefig(paths[-1], dpi=110)
+  plt.close(fig)
+
+  fig, ax = plt.subplots(figsize=(6, 3.6))
+  stds = [_mean_std([r["tail"].get("fanout_std") for r in seeds_of(lab)])
+          for lab in routed]
+  fans = [_mean_std([r["tail"].get("experts_per_token") for r in seeds_of(lab)])
+          for lab in routed]
+  ax.bar(range(len(routed)), [s[0] for s in stds], yerr=[s[1] for s in stds],
+         color=[colors[lab] for lab in routed], capsize=4)
+  for i, f in enumerate(fans):
+    ax.text(i, stds[i][0], f"mean {f[0]:.2f}", ha="center", va="bottom",
+            fontsize=8)
+  ax.set_xticks(range(len(routed)), routed, rotation=20, fontsize=8)
+  ax.set_ylabel("per-token fanout std (last 25%)")
+  fig.tight_layout()
+  paths.append(os.path.join(out, "fanout_std.png"))
+  fig.savefig(paths[-1], dpi=110)
+  plt.close(fig)
+
+  with_params = [lab for lab in routed if seeds_of(lab)[0]["router_params"]]
+  if with_params:
+    names = sorted({n for lab in with_params
+                    for n in seeds_of(lab)[0]["router_params"]})
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 3.6),
+                             squeeze=False)
+    for k, name in enumerate(names):
+      ax = axes[0, k]
+      for lab in with_params:
+        for j, r in enumerate(seeds_of(lab)):
+          per_layer = r["router_params"].get(name, {})
+          ax.plot(range(len(per_layer)), list(per_layer.values()), marker="o",
+                  color=colors[lab], ls="-" if j == 0 else ":",
+                  label=lab if j == 0 else None)
+      ax.set_xlabel("MoE layer")
+      ax.set_ylabel(f"learned {name} (end of training)")
+      ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(os.path.join(out, "router_params.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+  return paths
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  if FLAGS.compile_cache:
+    import jax
+    jax.config.update("jax_compilation_cache_dir", FLAGS.compile_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  specs = parse_runs(FLAGS.runs)
+  seeds = [int(s) for s in FLAGS.seeds.split(",") if s.strip()]
+  base = {k: v for k, v in FLAGS.flag_values_dict().items()
+          if k not in OWN_FLAGS}
+  if FLAGS["progress"].using_default_value:
+    base["progress"] = False
+  os.makedirs(os.path.join(FLAGS.out, "runs"), exist_ok=True)
+  results = []
+  # Seed-major order: an interrupted comparison still has every run once.
+  for seed in seeds:
+    for spec in specs:
+      path = os.path.join(FLAGS.out, "runs", f"{spec.label}_s{seed}.json")
+      if os.path.exists(path):
+        with open(path) as f:
+          done = json.load(f)
+        if "error" not in done:
+          print(f"{spec.label} seed {seed}: reusing {path}", flush=True)
+          results.append(done)
+          continue
+      print(f"{spec.label} seed {seed}: training ...", flush=True)
+      try:
+        result = run_one(spec, seed, base, FLAGS.workroot, FLAGS.band)
+      except Exception as e:  # pylint: disable=broad-except
+        if not FLAGS.keep_going:
+          raise
+        result = {"label": spec.label, "router": spec.router, "seed": seed,
+                  "error": f"{type(e).__name__}: {e}"}
+        print(f"  failed: {result['error']}", flush=True)
+      with open(path, "w") as f:
+        json.dump(result, f)
+      if "error" not in result:
+        s = result.get("settling", {})
+        print(f"  eval loss {result['eval_loss']:.4f}, fanout "
+              f"{result['tail'].get('experts_per_token', float('nan')):.3f}, "
+              f"settle {s.get('settle_step')}, "
+              f"{result['wall_seconds']:.0f} s", flush=True)
+      results.append(result)
+  results.sort(key=lambda r: ([s.label for s in specs].index(r["label"]),
+                              r["seed"]))
+  rows = aggregate(results, specs)
+  table = markdown_table(rows)
+  with open(os.path.join(FLAGS.out, "results.json"), "w") as f:
+    json.dump({"rows": rows, "runs": [
+        {k: v for k, v in r.items() if k != "history"} for r in results],
+               "argv": sys.argv}, f, indent=1)
+  with open(os.path.join(FLAGS.out, "results.md"), "w") as f:
+    f.write(table)
+  print(table)
+  if FLAGS.plots and any("error" not in r for r in results):
+    for p in plot_all(results, specs, FLAGS.out):
+      print("plot:", p)
+
+
+if __name__ == "__main__":
+  app.run(main)
