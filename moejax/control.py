@@ -13,10 +13,13 @@ frozen.
 
 Controllers here:
   `PIController`  DTop-p's positional PI law on the threshold p of top-p routing.
+  `ThresholdEMA`  Expert Threshold's bias-corrected EMA of per-expert cutoffs.
+  `SignBias`      loss-free balancing's per-expert selection bias (sign law).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 
 import flax.struct
@@ -141,3 +144,76 @@ class PIController:
                  self.p_max)
     return PIState(p=p.astype(jnp.float32),
                    integral=integral.astype(jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class ThresholdEMA:
+  """Bias-corrected EMA of per-expert score cutoffs (Expert Threshold routing).
+
+  State `{"ema": float32[E], "count": int32[]}`, started at ema = 0, count = 0.
+  After each training step with cutoffs x (each expert's k-th largest score
+  over the global batch):
+    ema' = beta * ema + (1 - beta) * x;  count' = count + 1
+  and the thresholds used for routing are the bias-corrected
+    c = ema / (1 - beta^count)   (0 while count = 0),
+  i.e. the beta-weighted mean of all cutoffs seen so far.
+
+  Attributes:
+    beta: EMA decay in [0, 1) (0.999 in the paper).
+  """
+  beta: float = 0.999
+
+  def __post_init__(self):
+    _check_number("beta", self.beta, 0.0, 1.0)
+    if self.beta >= 1.0:
+      raise ValueError(f"beta={self.beta} is out of range; allowed: [0, 1)")
+
+  def init(self, num_experts: int) -> dict[str, jax.Array]:
+    """ema = zeros float32[E], count = 0."""
+    return {"ema": jnp.zeros((num_experts,), jnp.float32),
+            "count": jnp.zeros((), jnp.int32)}
+
+  def update(self, state, cutoffs) -> dict[str, jax.Array]:
+    """One EMA step with this step's cutoffs float32[E]; pure and jit-able."""
+    cutoffs = jnp.asarray(cutoffs, jnp.float32)
+    ema = self.beta * state["ema"] + (1.0 - self.beta) * cutoffs
+    return {"ema": ema.astype(jnp.float32),
+            "count": (state["count"] + 1).astype(jnp.int32)}
+
+  def value(self, state) -> jax.Array:
+    """float32[E]: the bias-corrected thresholds (0 before the first update)."""
+    count = state["count"].astype(jnp.float32)
+    log_beta = math.log(self.beta) if self.beta > 0 else -math.inf
+    correction = -jnp.expm1(count * log_beta)  # 1 - beta^count, accurately
+    return jnp.where(state["count"] > 0,
+                     state["ema"] / jnp.maximum(correction, 1e-30),
+                     state["ema"])
+
+
+@dataclasses.dataclass(frozen=True)
+class SignBias:
+  """Loss-free balancing (DeepSeek-V3): a per-expert bias for top-k selection.
+
+  State `{"bias": float32[E]}`, started at 0. After each step, with loads c
+  (assignments per expert over the whole global batch; any positive scale):
+    b_e' = b_e + rate * sign(mean(c) - c_e)
+  Underloaded experts gain bias (chosen more), overloaded ones lose it.
+
+  Attributes:
+    rate: update speed u > 0 (1e-3 in the paper; 1e-4 too slow, 1e-2
+      oscillates).
+  """
+  rate: float = 1e-3
+
+  def __post_init__(self):
+    _check_number("rate", self.rate, 0.0, low_open=True)
+
+  def init(self, num_experts: int) -> dict[str, jax.Array]:
+    """bias = zeros float32[E]."""
+    return {"bias": jnp.zeros((num_experts,), jnp.float32)}
+
+  def update(self, state, load) -> dict[str, jax.Array]:
+    """One sign step from the loads float32[E]; pure and jit-able."""
+    load = jnp.asarray(load, jnp.float32)
+    step = self.rate * jnp.sign(jnp.mean(load) - load)
+    return {"bias": (state["bias"] + step).astype(jnp.float32)}
