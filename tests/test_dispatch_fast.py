@@ -1,0 +1,276 @@
+"""Fast dispatch paths ("gather", "sorted", "dropless") against the references.
+
+References: the per-expert loop of tests/test_dispatch.py and the one-hot
+"einsum" strategy (outputs and gradients, over-capacity cases); the custom VJPs
+against autodiff of the plain formulas; no retracing under jit.
+"""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moejax import dispatch
+from moejax.routing import Routing, expert_choice, top_k
+from test_dispatch import make_case, reference_kept, reference_moe, run_plan
+
+
+def assert_close(got, want, rtol=1e-5, atol=1e-5):
+  np.testing.assert_allclose(np.asarray(got, np.float32),
+                             np.asarray(want, np.float32), rtol=rtol, atol=atol)
+
+
+def loop_reference(routing, kept, x, w1, w2):
+  return reference_moe(np.asarray(x), np.asarray(routing.gates), kept,
+                       np.asarray(w1), np.asarray(w2))
+
+
+@pytest.mark.parametrize("max_fanout", [2, 3, None])
+@pytest.mark.parametrize("capacity", [3, 8, 40])
+def test_gather_matches_loop_and_index(capacity, max_fanout):
+  routing, x, w1, w2 = make_case()
+  out, kept = run_plan(routing, capacity, "gather", x, w1, w2, max_fanout)
+  want_kept = reference_kept(routing.gates, routing.priority, capacity)
+  np.testing.assert_array_equal(np.asarray(kept), want_kept)
+  assert_close(out, loop_reference(routing, want_kept, x, w1, w2))
+  index_out, _ = run_plan(routing, capacity, "index", x, w1, w2)
+  assert_close(out, index_out)
+  # Same slot contents as "index" (token and gate of every slot).
+  fast = dispatch.plan(routing, capacity, strategy="gather",
+                       max_fanout=max_fanout)
+  ref = dispatch.plan(routing, capacity, strategy="index")
+  np.testing.assert_array_equal(np.asarray(fast.slot_valid),
+                                np.asarray(ref.slot_valid))
+  np.testing.assert_array_equal(
+      np.asarray(fast.token_index),
+      np.where(np.asarray(ref.slot_valid), np.asarray(ref.token_index), 0))
+  assert_close(fast.slot_gate, ref.slot_gate, rtol=0, atol=0)
+
+
+def test_gather_hand_checked_and_ties():
+  gates = jnp.array([[.6, .4], [.3, .7], [.9, .1], [.2, .8]])
+  priority = jnp.array([[2., 1.], [1., 2.], [2., 1.], [1., 2.]])
+  p = dispatch.plan(Routing(gates, priority), 3, strategy="gather",
+                    max_fanout=2)
+  np.testing.assert_array_equal(
+      np.asarray(p.kept),
+      [[True, True], [True, True], [True, False], [False, True]])
+  # Equal priorities: the lower token index wins; higher priority beats index.
+  ones = jnp.ones((5, 1))
+  p = dispatch.plan(Routing(ones, jnp.zeros((5, 1))), 2, strategy="gather")
+  np.testing.assert_array_equal(np.asarray(p.kept[:, 0]),
+                                [True, True, False, False, False])
+  p = dispatch.plan(Routing(ones, jnp.array([[0.], [0.], [0.], [5.], [0.]])),
+                    2, strategy="gather")
+  np.testing.assert_array_equal(np.asarray(p.kept[:, 0]),
+                                [True, False, False, True, False])
+
+
+def test_gather_scatter_fallback_for_large_fanout_bound():
+  # S*m = 24*8 > 2*E*C = 2*8*4: the token->slot map is bigger than the slots,
+  # combine falls back to scatter-add; same results as "index".
+  routing, x, w1, w2 = make_case(seed=4, e=8, k=3)
+  fast = dispatch.plan(routing, 4, strategy="gather")
+  assert not fast.token_major
+  out, kept = run_plan(routing, 4, "gather", x, w1, w2)
+  want_kept = reference_kept(routing.gates, routing.priority, 4)
+  np.testing.assert_array_equal(np.asarray(kept), want_kept)
+  assert_close(out, loop_reference(routing, want_kept, x, w1, w2))
+
+
+@pytest.mark.parametrize("strategy,block_size", [
+    ("sorted", None), ("sorted", 1), ("sorted", 3), ("sorted", 64),
+    ("dropless", None), ("ragged", None)])
+def test_dropless_paths_match_loop(strategy, block_size):
+  for max_fanout in (2, None):
+    routing, x, w1, w2 = make_case(seed=1)
+    p = dispatch.plan(routing, 1, strategy=strategy, max_fanout=max_fanout,
+                      block_size=block_size)
+    h = jax.nn.relu(p.matmul(p.dispatch(x), w1))
+    out = p.combine(p.matmul(h, w2))
+    np.testing.assert_array_equal(np.asarray(p.kept),
+                                  np.asarray(routing.routed))
+    assert_close(out, loop_reference(routing, np.asarray(routing.routed), x,
+                                     w1, w2))
+
+
+def test_variable_fanout_expert_choice():
+  # Expert choice: a token can have 0..E experts; nothing drops at C = 8.
+  logits = jax.random.normal(jax.random.PRNGKey(3), (32, 8))
+  routing = expert_choice(logits, 8).routing
+  # Token 0 routed nowhere (a valid Routing; e.g. a skipped token).
+  routing = Routing(routing.gates.at[0].set(0.0), routing.priority)
+  _, x, w1, w2 = make_case(seed=3, s=32, e=8)
+  fanout = np.asarray(routing.routed.sum(-1))
+  assert fanout.min() == 0 and fanout.max() > 2
+  want = loop_reference(routing, np.asarray(routing.routed), x, w1, w2)
+  for strategy in ("gather", "sorted"):
+    out, kept = run_plan(routing, 8, strategy, x, w1, w2)
+    np.testing.assert_array_equal(np.asarray(kept),
+                                  np.asarray(routing.routed))
+    assert_close(out, want)
+
+
+def test_sorted_block_layout():
+  routing, _, _, _ = make_case(seed=5, s=40, e=4, k=2)
+  size = 4
+  p = dispatch.plan(routing, 1, strategy="sorted", max_fanout=2,
+                    block_size=size)
+  counts = np.asarray(routing.routed.sum(0))
+  np.testing.assert_array_equal(np.asarray(p.group_sizes), counts)
+  nb = dispatch.num_blocks(80, 4, size)
+  assert p.block_expert.shape == (nb,) and p.block_size == size
+  block_expert = np.asarray(p.block_expert)
+  want = np.concatenate([np.full(-(-c // size), e) for e, c in
+                         enumerate(counts)])
+  np.testing.assert_array_equal(block_expert[:len(want)], want)
+  assert (block_expert[len(want):] == 4).all()
+  # Every kept assignment has one row holding its token and gate.
+  row_token, row_gate = np.asarray(p.row_token), np.asarray(p.row_gate)
+  token_row, gates = np.asarray(p.token_row), np.asarray(routing.gates)
+  for s in range(40):
+    experts = np.nonzero(gates[s])[0]
+    rows = sorted(r for r in token_row[s] if r < len(row_token))
+    assert len(rows) == len(experts)
+    for r in rows:
+      assert row_token[r] == s
+      assert block_expert[r // size] in experts
+      assert row_gate[r] == gates[s, block_expert[r // size]]
+  assert (row_gate != 0).sum() == counts.sum()
+
+
+@pytest.mark.parametrize("strategy,capacity", [
+    ("gather", 6), ("gather", 16), ("sorted", 1), ("dropless", 1)])
+def test_gradients_match_reference(strategy, capacity):
+  _, x, w1, w2 = make_case(seed=2, s=16)
+  logits = jax.random.normal(jax.random.PRNGKey(5), (16, 4))
+
+  def loss(logits, x, w1, w2, strategy):
+    routing = top_k(logits, 2).routing
+    out, _ = run_plan(routing, capacity, strategy, x, w1, w2, max_fanout=2)
+    return jnp.sum(out * jnp.cos(out))
+
+  got = jax.grad(loss, argnums=(0, 1, 2, 3))(logits, x, w1, w2, strategy)
+  reference = "einsum" if strategy == "gather" else "ragged"
+  want = jax.grad(loss, argnums=(0, 1, 2, 3))(logits, x, w1, w2, reference)
+  if strategy == "gather" and capacity == 6:  # something really dropped
+    routing = top_k(logits, 2).routing
+    assert not reference_kept(routing.gates, routing.priority, 6).all(
+        where=np.asarray(routing.routed))
+  for g, w in zip(got, want):
+    assert_close(g, w, rtol=2e-4, atol=2e-5)
+
+
+def test_custom_vjps_match_autodiff():
+  rng = np.random.default_rng(0)
+  n, rows, m, d = 7, 10, 3, 4
+  # A random bijection between valid layout rows and valid (n, j) pairs.
+  pairs = [(i, j) for i in range(n) for j in range(m)]
+  chosen = rng.choice(len(pairs), size=8, replace=False)
+  layout = rng.choice(rows, size=8, replace=False)
+  index = np.zeros(rows, np.int32)
+  valid = np.zeros(rows, bool)
+  inverse = np.full((n, m), rows, np.int32)
+  gate = rng.normal(size=(n, m)).astype(np.float32)
+  for c, r in zip(chosen, layout):
+    i, j = pairs[c]
+    index[r], valid[r], inverse[i, j] = i, True, r
+  inv_valid = inverse < rows
+  gate = np.where(inv_valid, gate, 0.0).astype(np.float32)
+  row_gate = np.zeros(rows, np.float32)
+  row_gate[layout] = gate[tuple(np.array([pairs[c] for c in chosen]).T)]
+  x = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+  y = jnp.asarray(rng.normal(size=(rows, d)), jnp.float32)
+
+  def plain_rows(x):
+    return jnp.where(valid[:, None], x[index], 0.0)
+
+  def fast_rows(x):
+    return dispatch.gather_rows(x, jnp.asarray(index), jnp.asarray(valid),
+                                jnp.asarray(inverse), jnp.asarray(inv_valid))
+
+  cot = jnp.asarray(rng.normal(size=(rows, d)), jnp.float32)
+  assert_close(fast_rows(x), plain_rows(x))
+  assert_close(jax.vjp(fast_rows, x)[1](cot)[0],
+               jax.vjp(plain_rows, x)[1](cot)[0])
+
+  def plain_combine(y, g):
+    picked = jnp.take(y, jnp.minimum(inverse, rows - 1), axis=0)
+    return jnp.einsum("nm,nmd->nd", jnp.where(inv_valid, g, 0.0),
+                      jnp.where(inv_valid[..., None], picked, 0.0))
+
+  def fast_combine(y, g):
+    return dispatch.gather_combine(y, g, jnp.asarray(inverse),
+                                   jnp.asarray(inv_valid), jnp.asarray(index),
+                                   jnp.asarray(row_gate))
+
+  cot = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+  g = jnp.asarray(gate)
+  assert_close(fast_combine(y, g), plain_combine(y, g))
+  for got, want in zip(jax.vjp(fast_combine, y, g)[1](cot),
+                       jax.vjp(plain_combine, y, g)[1](cot)):
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("strategy", ["gather", "sorted"])
+def test_jit_grad_no_retrace(strategy):
+  routing, x, w1, w2 = make_case()
+  chex.clear_trace_counter()
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step(logits, x):
+    def loss(logits, x):
+      r = top_k(logits, 2).routing
+      return jnp.sum(run_plan(r, 8, strategy, x, w1, w2, max_fanout=2)[0] ** 2)
+    return jax.grad(loss, argnums=(0, 1))(logits, x)
+
+  for seed in range(3):
+    _, xx, _, _ = make_case(seed=seed)
+    logits = jax.random.normal(jax.random.PRNGKey(seed), (24, 4))
+    chex.assert_tree_all_finite(step(logits, xx))
+
+
+@pytest.mark.parametrize("strategy", ["gather", "sorted"])
+def test_bfloat16_payload(strategy):
+  routing, x, w1, w2 = make_case(seed=6)
+  want, _ = run_plan(routing, 8, strategy, x, w1, w2, max_fanout=2)
+  bf = lambda a: a.astype(jnp.bfloat16)  # noqa: E731
+  got, _ = run_plan(routing, 8, strategy, bf(x), bf(w1), bf(w2), max_fanout=2)
+  assert got.dtype == jnp.bfloat16
+  assert_close(got, want, rtol=5e-2, atol=5e-2)
+
+  def loss(gates, x):
+    r = Routing(gates, routing.priority)
+    out, _ = run_plan(r, 8, strategy, x, bf(w1), bf(w2), max_fanout=2)
+    return jnp.sum(out.astype(jnp.float32) ** 2)
+  dg, dx = jax.grad(loss, argnums=(0, 1))(routing.gates, bf(x))
+  assert dg.dtype == jnp.float32 and dx.dtype == jnp.bfloat16
+
+
+def test_vmap_over_groups():
+  cases = [make_case(seed=s) for s in range(3)]
+  gates = jnp.stack([c[0].gates for c in cases])
+  priority = jnp.stack([c[0].priority for c in cases])
+  xs = jnp.stack([c[1] for c in cases])
+  _, _, w1, w2 = cases[0]
+
+  def one(r, x):
+    return run_plan(r, 6, "gather", x, w1, w2, max_fanout=2)[0]
+  got = jax.vmap(one)(Routing(gates, priority), xs)
+  for i, (r, x, _, _) in enumerate(cases):
+    assert_close(got[i], run_plan(r, 6, "index", x, w1, w2)[0])
+
+
+def test_resolve_and_bad_arguments():
+  assert dispatch.resolve_strategy("dropless", "cpu") == "sorted"
+  assert dispatch.resolve_strategy("dropless", "gpu") == "ragged"
+  assert dispatch.resolve_strategy("gather", "gpu") == "gather"
+  assert set(dispatch.DROPLESS) < set(dispatch.STRATEGIES)
+  assert dispatch.default_block_size(8192, 8) == 128
+  assert dispatch.default_block_size(64, 8) == 8
+  routing, *_ = make_case()
+  with pytest.raises(ValueError, match="block_size=0"):
+    dispatch.plan(routing, 4, strategy="sorted", block_size=0)
+  with pytest.raises(ValueError, match="max_fanout=5"):
+    dispatch.plan(routing, 4, strategy="gather", max_fanout=5)
