@@ -93,6 +93,24 @@ class ImageClassifier:
     return np.maximum(h, 0.0)
 
 
+_CLASSIFIERS: dict[tuple[Any, ...], ImageClassifier] = {}
+
+
+def fit_classifier(images: np.ndarray, labels: np.ndarray,
+                   **options) -> ImageClassifier:
+  """`ImageClassifier(**options).fit(images, labels)`, cached in the process
+  by the content of the arrays (runs in one process share the fit)."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  images = np.ascontiguousarray(images, np.float32)
+  labels = np.ascontiguousarray(labels)
+  key = (hashlib.sha1(images.tobytes()).hexdigest(), images.shape,
+         hashlib.sha1(labels.tobytes()).hexdigest(),
+         tuple(sorted(options.items())))
+  if key not in _CLASSIFIERS:
+    _CLASSIFIERS[key] = ImageClassifier(**options).fit(images, labels)
+  return _CLASSIFIERS[key]
+
+
 def _flat(images: np.ndarray) -> np.ndarray:
   images = np.asarray(images, np.float64)
   return np.clip(images, -1.0, 1.0).reshape(len(images), -1)

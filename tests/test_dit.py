@@ -1,0 +1,381 @@
+"""DiT: shapes, adaLN-Zero identity, diffusion math, DDIM, training, resume, quality."""
+import json
+import os
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moejax import diffusion
+from moejax import methods
+from moejax.data.images import digits_arrays
+from moejax.eval import image_quality
+from moejax.methods import TopK
+from moejax.models import dit as dit_lib
+from moejax.models.dit import DiT, DiTBlock, DiTConfig
+from moejax.nn.attention import Attention
+from moejax.nn.moe import MoEConfig
+from moejax.train import dit_loop
+from moejax.train.state import OptimConfig, create_train_state
+
+MOE = MoEConfig(num_experts=4, expert_width=16, router=TopK(k=2))
+
+
+def tiny_config(moe=MOE, **kw):
+  base = dict(image_size=8, channels=1, patch_size=2, num_classes=10,
+              num_layers=2, d_model=16, num_heads=2, d_ff=32, moe=moe,
+              frequency_dim=16)
+  base.update(kw)
+  return DiTConfig(**base)
+
+
+def tiny_train_config(**kw):
+  base = dict(model=tiny_config(),
+              diffusion=diffusion.DiffusionConfig(num_timesteps=100),
+              optim=OptimConfig(learning_rate=3e-3, warmup_steps=0,
+                                total_steps=4, weight_decay=0.0),
+              batch_size=16, steps=4, log_every=1, eval_every=2,
+              eval_batches=1, eval_repeats=1, checkpoint_every=2,
+              timestep_buckets=4, sample_steps=2, samples_per_class=0,
+              quality_samples_per_class=0, progress=False)
+  base.update(kw)
+  return dit_loop.DiTTrainConfig(**base)
+
+
+# ---------------------------------------------------------------- model
+
+
+def test_patchify_matches_loop_and_inverts():
+  x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype(np.float32)
+  p = 2
+  got = np.asarray(dit_lib.patchify(jnp.asarray(x), p))
+  ref = np.zeros((2, 16, p * p * 3), np.float32)
+  for b in range(2):
+    for i in range(4):
+      for j in range(4):
+        ref[b, i * 4 + j] = x[b, i * p:(i + 1) * p, j * p:(j + 1) * p].reshape(-1)
+  np.testing.assert_array_equal(got, ref)
+  np.testing.assert_array_equal(
+      np.asarray(dit_lib.unpatchify(jnp.asarray(got), p, 3)), x)
+
+
+@pytest.mark.parametrize("moe", [MOE, None], ids=["moe", "dense"])
+def test_shapes_and_zero_output_at_init(moe):
+  model = DiT(tiny_config(moe=moe))
+  params, router_state = dit_lib.init_variables(model, jax.random.PRNGKey(0))
+  x = jax.random.normal(jax.random.PRNGKey(1), (3, 8, 8, 1))
+  out, coll = model.apply({"params": params}, x, jnp.array([0, 50, 99]),
+                          jnp.array([0, 3, 10]), mutable=["router"])
+  chex.assert_shape(out, (3, 8, 8, 1))
+  assert out.dtype == jnp.float32
+  # adaLN-Zero: zero-initialised final layer -> the prediction starts at 0.
+  np.testing.assert_array_equal(np.asarray(out), 0.0)
+  if moe is None:
+    assert "router" not in coll
+  else:
+    fan = coll["router"]["layers_0"]["mlp"]["fanout"][0]
+    chex.assert_shape(fan, (3, 16))  # one group per image, 16 patches
+    np.testing.assert_array_equal(np.asarray(fan), 2.0)
+
+
+def test_adaln_zero_block_is_identity_at_init_and_not_after():
+  block = DiTBlock(num_heads=2, d_ff=32, moe=MOE)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16))
+  c = jax.random.normal(jax.random.PRNGKey(1), (2, 16))
+  variables = block.init({"params": jax.random.PRNGKey(2)}, x, c, train=False)
+  y = block.apply(variables, x, c, train=False)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
+  # With a non-zero modulation the block changes its input (the test can fail).
+  params = jax.tree.map(lambda a: a, variables["params"])
+  params["adaln"]["bias"] = jnp.ones_like(params["adaln"]["bias"])
+  y2 = block.apply({**variables, "params": params}, x, c, train=False)
+  assert float(jnp.max(jnp.abs(y2 - x))) > 1e-3
+
+
+def test_noncausal_attention_matches_full_softmax_reference():
+  attn = Attention(num_heads=2, causal=False)
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 5, 8))
+  pos = jnp.zeros((1, 5), jnp.int32)  # RoPE is the identity at position 0
+  variables = attn.init(jax.random.PRNGKey(1), x, pos)
+  out, _ = attn.apply(variables, x, pos)
+  p = jax.tree.map(np.asarray, nn.meta.unbox(variables["params"]))
+  xn = np.asarray(x[0], np.float64)
+  q = np.einsum("ld,dhk->lhk", xn, p["query"]["kernel"])
+  k = np.einsum("ld,dhk->lhk", xn, p["key"]["kernel"])
+  v = np.einsum("ld,dhk->lhk", xn, p["value"]["kernel"])
+  s = np.einsum("lhk,thk->hlt", q, k) / np.sqrt(4)
+  w = np.exp(s - s.max(-1, keepdims=True))
+  w /= w.sum(-1, keepdims=True)
+  ref = np.einsum("hlt,thk->lhk", w, v)
+  ref = np.einsum("lhk,hkd->ld", ref, p["out"]["kernel"])
+  np.testing.assert_allclose(np.asarray(out[0]), ref, rtol=1e-4, atol=1e-5)
+  # The causal default differs (the first token sees only itself).
+  causal, _ = Attention(num_heads=2).apply(variables, x,
+                                           jnp.arange(5)[None])
+  assert not np.allclose(np.asarray(causal[0, 0]), ref[0], atol=1e-3)
+
+
+def test_config_validation_names_field():
+  with pytest.raises(ValueError, match="patch_size=3"):
+    tiny_config(patch_size=3)
+  with pytest.raises(ValueError, match="class_dropout=1"):
+    tiny_config(class_dropout=1.0)
+  with pytest.raises(ValueError, match="num_layers=0"):
+    tiny_config(num_layers=0)
+  with pytest.raises(ValueError, match="schedule='quadratic'"):
+    diffusion.DiffusionConfig(schedule="quadratic")
+  with pytest.raises(ValueError, match="num_timesteps=1"):
+    diffusion.DiffusionConfig(num_timesteps=1)
+  with pytest.raises(ValueError, match="timestep_buckets=3"):
+    tiny_train_config(timestep_buckets=3)
+
+
+# ---------------------------------------------------------------- diffusion
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_schedule_alpha_bar(schedule):
+  cfg = diffusion.DiffusionConfig(num_timesteps=50, schedule=schedule)
+  ab = cfg.alpha_bar()
+  assert ab.shape == (50,)
+  assert np.all(np.diff(ab) < 0) and 0 < ab[-1] < ab[0] < 1
+  assert ab[-1] < 0.01  # the last step is (nearly) pure noise
+  if schedule == "cosine":
+    s, t = 0.008, np.arange(1, 51) / 50
+    f = lambda u: np.cos((u + s) / (1 + s) * np.pi / 2) ** 2
+    np.testing.assert_allclose(ab[:-1], (f(t) / f(0))[:-1], rtol=1e-5)
+
+
+def test_v_prediction_roundtrip_and_q_sample():
+  cfg = diffusion.DiffusionConfig(num_timesteps=100)
+  ab = jnp.asarray(cfg.alpha_bar())
+  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+  x0 = jax.random.uniform(k1, (4, 8, 8, 1), minval=-1, maxval=1)
+  eps = jax.random.normal(k2, x0.shape)
+  t = jnp.array([0, 10, 50, 99])
+  xt = diffusion.q_sample(x0, t, eps, ab)
+  a = np.asarray(ab)[np.asarray(t)][:, None, None, None]
+  np.testing.assert_allclose(np.asarray(xt), np.sqrt(a) * x0 + np.sqrt(1 - a) * eps,
+                             rtol=1e-6)
+  v = diffusion.target(x0, eps, t, ab, "v")
+  np.testing.assert_allclose(
+      np.asarray(diffusion.to_eps(v, xt, ab[t], "v")), np.asarray(eps),
+      atol=1e-5)
+
+
+def test_stratified_timesteps_fill_every_bucket_equally():
+  t = diffusion.stratified_timesteps(jax.random.PRNGKey(3), 64, 1000)
+  assert t.dtype == jnp.int32 and int(t.min()) >= 0 and int(t.max()) < 1000
+  buckets = np.asarray(dit_loop.bucket_of(t, 1000, 4))
+  np.testing.assert_array_equal(np.bincount(buckets, minlength=4), [16] * 4)
+
+
+def _oracle(x0_fixed, cfg):
+  """A model of a one-point data set: its exact eps for any x_t."""
+  ab = jnp.asarray(cfg.alpha_bar())
+
+  def apply_fn(variables, x, t, labels):
+    del variables, labels
+    a = ab[t][:, None, None, None]
+    return (x - jnp.sqrt(a) * x0_fixed) / jnp.sqrt(1 - a)
+  return apply_fn
+
+
+def test_ddim_recovers_the_data_point_and_is_deterministic():
+  cfg = diffusion.DiffusionConfig(num_timesteps=100)
+  x0 = jnp.linspace(-0.9, 0.9, 64).reshape(1, 8, 8, 1)
+  apply_fn = _oracle(x0, cfg)
+  labels = jnp.zeros((3,), jnp.int32)
+  kw = dict(shape=(8, 8, 1), config=cfg, num_steps=10)
+  a = diffusion.ddim_sample(apply_fn, {}, labels, jax.random.PRNGKey(0), **kw)
+  chex.assert_shape(a, (3, 8, 8, 1))
+  np.testing.assert_allclose(np.asarray(a), np.broadcast_to(x0, a.shape),
+                             atol=1e-4)
+  # Same key -> identical samples (also with eta > 0); other key -> other noise.
+  kw.update(eta=1.0)
+  b1 = diffusion.ddim_sample(apply_fn, {}, labels, jax.random.PRNGKey(1), **kw)
+  b2 = diffusion.ddim_sample(apply_fn, {}, labels, jax.random.PRNGKey(1), **kw)
+  np.testing.assert_array_equal(np.asarray(b1), np.asarray(b2))
+  np.testing.assert_allclose(np.asarray(b1), np.broadcast_to(x0, a.shape),
+                             atol=1e-3)
+  # Guidance with a label-blind model equals unguided sampling.
+  g = diffusion.ddim_sample(apply_fn, {}, labels, jax.random.PRNGKey(0),
+                            shape=(8, 8, 1), config=cfg, num_steps=10,
+                            guidance_scale=3.0, null_label=10)
+  np.testing.assert_allclose(np.asarray(g), np.asarray(a), atol=1e-5)
+
+
+def test_model_sampler_shapes_and_determinism():
+  model = DiT(tiny_config())
+  params, rs = dit_lib.init_variables(model, jax.random.PRNGKey(0))
+  params = jax.tree.map(  # non-zero outputs
+      lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(5), p.shape),
+      jax.tree.map(jnp.asarray, params))
+  cfg = diffusion.DiffusionConfig(num_timesteps=100)
+  labels = jnp.array([0, 1, 2, 3], jnp.int32)
+  kw = dict(diffusion=cfg, num_steps=4, guidance_scale=2.0)
+  s1 = dit_lib.sample(model, params, rs, labels, jax.random.PRNGKey(1), **kw)
+  s2 = dit_lib.sample(model, params, rs, labels, jax.random.PRNGKey(1), **kw)
+  s3 = dit_lib.sample(model, params, rs, labels, jax.random.PRNGKey(2), **kw)
+  chex.assert_shape(s1, (4, 8, 8, 1))
+  assert float(jnp.max(jnp.abs(s1))) <= 1.0
+  np.testing.assert_array_equal(np.asarray(s1), np.asarray(s2))
+  assert not np.allclose(np.asarray(s1), np.asarray(s3))
+
+
+# ---------------------------------------------------------------- training
+
+
+def _batch(i, size=32):
+  tx, ty, _, _ = digits_arrays()
+  idx = (np.arange(size) + i * size) % len(tx)
+  return {"images": jnp.asarray(tx[idx]), "labels": jnp.asarray(ty[idx])}
+
+
+def test_loss_decreases_and_fanout_by_timestep_is_consistent():
+  cfg = tiny_train_config(steps=30, optim=OptimConfig(
+      learning_rate=3e-3, warmup_steps=0, total_steps=30, weight_decay=0.0))
+  model = DiT(cfg.model)
+  params, rs = dit_lib.init_variables(model, jax.random.PRNGKey(0))
+  state = create_train_state(params, rs, cfg.optim.optimizer(),
+                             jax.random.PRNGKey(1))
+  step = dit_loop.make_dit_train_step(model, cfg, donate=False)
+  eval_step = dit_loop.make_dit_eval_step(model, cfg.diffusion, 4)
+  val = [_batch(100)]
+  before = dit_loop.evaluate_dit(eval_step, state, val)["eval_loss"]
+  for i in range(30):
+    state, metrics = step(state, _batch(i))
+  after = dit_loop.evaluate_dit(eval_step, state, val)
+  assert after["eval_loss"] < 0.8 * before, (before, after["eval_loss"])
+  assert before == pytest.approx(1.0, abs=0.1)  # zero prediction: E[eps^2]
+  chex.assert_shape(metrics["loss_by_t"], (4,))
+  chex.assert_shape(metrics["fanout_by_t"], (4,))
+  # Buckets are equal-sized, so their mean is the mean fanout (top-2: 2).
+  np.testing.assert_allclose(np.asarray(metrics["fanout_by_t"]), 2.0)
+  np.testing.assert_allclose(float(jnp.mean(metrics["loss_by_t"])),
+                             float(metrics["loss"]), rtol=1e-5)
+  assert len(after["eval_layer_fanout_by_t"]) == 2
+
+
+def test_per_image_fanout_matches_layer_mean_under_top_p():
+  if "top_p" not in methods.available():
+    pytest.skip("top_p is not registered")
+  moe = MoEConfig(num_experts=4, expert_width=16,
+                  router=methods.build("top_p", {"k": 2, "p": 0.6}))
+  model = DiT(tiny_config(moe=moe))
+  params, rs = dit_lib.init_variables(model, jax.random.PRNGKey(0))
+  params = jax.tree.map(  # a non-trivial router
+      lambda p: p + 0.5 * jax.random.normal(jax.random.PRNGKey(7), p.shape),
+      jax.tree.map(jnp.asarray, params))
+  batch = _batch(0, 8)
+  t = jnp.arange(8) * 12
+  _, coll = model.apply({"params": params, "router_state": rs},
+                        batch["images"], t, batch["labels"], mutable=["router"])
+  layers = dit_loop.router_outputs(coll["router"])
+  fan = dit_loop.per_image_fanout(layers, 8)
+  chex.assert_shape(fan, (2, 8))
+  for row, layer in zip(np.asarray(fan), layers.values()):
+    np.testing.assert_allclose(row.mean(), float(
+        layer["metrics"]["experts_per_token"]), rtol=1e-5)
+  assert np.asarray(fan).std() > 0  # variable fanout across images
+
+
+def test_resume_is_exact_and_outputs_are_written(tmp_path):
+  cfg = tiny_train_config(samples_per_class=2, quality_samples_per_class=2,
+                          sample_classes=(0, 1))
+  full = dit_loop.train_dit(cfg, str(tmp_path / "full"))
+  half = dataclasses_replace(cfg, steps=2, samples_per_class=0,
+                             quality_samples_per_class=0)
+  dit_loop.train_dit(half, str(tmp_path / "resumed"))
+  resumed = dit_loop.train_dit(cfg, str(tmp_path / "resumed"))
+  assert resumed["resumed_from"] == 2
+  chex.assert_trees_all_equal(full["state"].params, resumed["state"].params)
+  chex.assert_trees_all_equal(full["state"].opt_state,
+                              resumed["state"].opt_state)
+  assert full["eval_loss"] == resumed["eval_loss"]
+  records = [json.loads(l) for l in open(tmp_path / "resumed" / "metrics.jsonl")]
+  train_steps = [r["step"] for r in records if "loss" in r]
+  assert train_steps == [1, 2, 3, 4]
+  final = records[-1]
+  assert final["final"] and "class_accuracy" in final and "frechet" in final
+  for c in (0, 1):
+    assert os.path.exists(tmp_path / "full" / "samples" / f"class_{c}.png")
+  assert os.path.exists(tmp_path / "full" / "samples.png")
+  summary = json.load(open(tmp_path / "full" / "summary.json"))
+  assert summary["num_samples"] == 4 and summary["router"] == "top_k"
+
+
+def dataclasses_replace(cfg, **kw):
+  import dataclasses
+  return dataclasses.replace(cfg, **kw)
+
+
+def test_controller_state_is_trained_and_resumed(tmp_path):
+  if "dtop_p" not in methods.available():
+    pytest.skip("dtop_p is not registered")
+  moe = MoEConfig(num_experts=4, expert_width=16,
+                  router=methods.build("dtop_p", {"k": 2}))
+  cfg = tiny_train_config(model=tiny_config(moe=moe))
+  full = dit_loop.train_dit(cfg, str(tmp_path / "full"))
+  assert full["state"].router_state  # the controller lives in the state
+  dit_loop.train_dit(dataclasses_replace(cfg, steps=2), str(tmp_path / "r"))
+  resumed = dit_loop.train_dit(cfg, str(tmp_path / "r"))
+  chex.assert_trees_all_equal(full["state"].router_state,
+                              resumed["state"].router_state)
+  chex.assert_trees_all_equal(full["state"].params, resumed["state"].params)
+
+
+# ---------------------------------------------------------------- quality
+
+
+def test_classifier_is_accurate_on_real_digits():
+  tx, ty, vx, vy = digits_arrays()
+  clf = image_quality.fit_classifier(tx, ty)
+  assert clf.accuracy(vx, vy) > 0.95
+  assert image_quality.fit_classifier(tx, ty) is clf  # cached
+  q = image_quality.sample_quality(clf, vx, vy, tx, heldout=vx,
+                                   num_classes=10)
+  assert q["class_accuracy"] > 0.95
+  noise = np.random.default_rng(0).uniform(-1, 1, vx.shape)
+  qn = image_quality.sample_quality(clf, noise, vy, tx, num_classes=10)
+  assert qn["class_accuracy"] < 0.3
+  assert qn["frechet"] > 10 * q["frechet"]
+
+
+def test_frechet_distance_matches_1d_closed_form():
+  rng = np.random.default_rng(0)
+  a = rng.normal(0.0, 1.0, (400, 1))
+  b = rng.normal(2.0, 3.0, (300, 1))
+  ref = (a.mean() - b.mean()) ** 2 + (a.std(ddof=1) - b.std(ddof=1)) ** 2
+  assert image_quality.frechet_distance(a, b) == pytest.approx(ref, rel=1e-4)
+  assert image_quality.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-5)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_every_registered_router_builds_a_dit_config():
+  from moejax.cli import dit_flags
+  from absl import flags
+  if "router" not in flags.FLAGS:
+    dit_flags.define_flags()
+  base = {name: flags.FLAGS[name].default for name in flags.FLAGS}
+  for router in methods.available() + ("dense",):
+    values = dict(base, router=router, k=2)
+    if router == "top_p":
+      values["p"] = 0.5
+    try:
+      cfg = dit_flags.build_dit_train_config(values)
+    except ValueError as e:  # a router's own requirement, named in the error
+      assert router in str(e) or "=" in str(e), (router, e)
+      continue
+    assert cfg.model.image_size == 8 and cfg.dataset == "digits"
+    if router == "dense":
+      assert cfg.model.moe is None and cfg.model.d_ff == 2 * 64
+    else:
+      assert cfg.model.moe.router.name == router
+  with pytest.raises(ValueError, match="mod_capacity"):
+    dit_flags.build_dit_train_config(dict(base, mod_capacity=0.5))
