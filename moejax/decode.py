@@ -242,7 +242,9 @@ def decode_loop(cfg: LMConfig, params, router_state, logits, cache, start, rng,
 
   def body(i, carry):
     logits, cache, out, dec, key = carry
-    key, sub = jax.random.split(key)
+    sub = key
+    if temperature != 0.0:  # greedy decoding needs no random numbers
+      key, sub = jax.random.split(key)
     token = _pick(logits, sub, temperature)
     out = out.at[:, i].set(token)
     logits, cache, d = forward(cfg, params, router_state, token[:, None],
@@ -254,8 +256,8 @@ def decode_loop(cfg: LMConfig, params, router_state, logits, cache, start, rng,
   dec = jnp.zeros((batch, num_mod, max(num_steps, 1)), bool)
   logits, cache, out, dec, key = jax.lax.fori_loop(
       0, num_steps, body, (logits, cache, out, dec, rng))
-  out = out.at[:, num_steps].set(
-      _pick(logits, jax.random.split(key)[1], temperature))
+  last = jax.random.split(key)[1] if temperature != 0.0 else key
+  out = out.at[:, num_steps].set(_pick(logits, last, temperature))
   return out, cache, dec[:, :, :num_steps]
 
 
@@ -274,3 +276,31 @@ def generate(cfg: LMConfig, params, router_state, prompt, num_new: int, *,
                           jnp.int32(plen), rng, num_steps=num_new - 1,
                           temperature=float(temperature), skip=skip)
   return np.asarray(out)
+
+
+def calibrate_predictor(model, params, tokens, capacity: float):
+  """Sets each routed block's predictor bias so ~`capacity` of tokens enter.
+
+  For measuring decode speed with untrained weights (the speed of a routed
+  model depends on how many tokens enter its blocks). Returns new params.
+
+  Layer by layer (a routed block's input depends on the earlier decisions):
+  the bias is minus the (1 - capacity) quantile of its predictor's logits on
+  `tokens` under causal routing.
+  """
+  cfg = model.config
+  params = jax.tree.map(lambda a: a, params)  # new containers, same arrays
+  for i in range(cfg.num_layers):
+    if not cfg.is_mod_layer(i):
+      continue
+    _, inter = model.apply(
+        {"params": params}, tokens, mod_routing="causal",
+        capture_intermediates=lambda mdl, _: mdl.name == "predictor",
+        mutable=["intermediates"])
+    logits = np.asarray(
+        inter["intermediates"][f"layers_{i}"]["predictor"]["__call__"][0])
+    bias = params[f"layers_{i}"]["predictor"]["out"]["bias"]
+    shift = float(np.quantile(logits, 1.0 - capacity))
+    params[f"layers_{i}"]["predictor"]["out"]["bias"] = bias - jnp.float32(
+        shift)
+  return params
