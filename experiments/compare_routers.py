@@ -44,14 +44,18 @@ flags.DEFINE_string("workroot", "runs/compare", "Root of the run workdirs.")
 flags.DEFINE_bool("plots", True, "Write PNG plots.")
 flags.DEFINE_float("band", 0.02, "Fanout band (fraction of the target) for "
                    "the settling step.")
+flags.DEFINE_integer("smooth_steps", 50, "Window (steps) of the moving "
+                     "average of the fanout for the smoothed settling step.")
 flags.DEFINE_string("compile_cache", None, "Persistent JAX compilation cache "
                     "directory (seeds of one run share compiled programs).")
 flags.DEFINE_bool("keep_going", True, "Record a failed run and go on.")
+flags.DEFINE_bool("aggregate_only", False, "Train nothing: tabulate and plot "
+                  "the run JSONs already in OUT/runs (missing runs skipped).")
 
 FLAGS = flags.FLAGS
 # Flags of this script, not of the training runs.
 OWN_FLAGS = ("runs", "seeds", "out", "workroot", "plots", "band",
-             "compile_cache", "keep_going")
+             "compile_cache", "keep_going", "aggregate_only", "smooth_steps")
 HISTORY_KEYS = ("step", "loss", "eval_loss", "experts_per_token", "fanout_std",
                 "layer_fanout", "drop_fraction", "drop_fraction_above_mean",
                 "kept_per_token", "max_fanout", "p", "p_layer", "pi_integral",
@@ -184,7 +188,28 @@ def _mean_std(values):
   return mean, std
 
 
-def aggregate(results: list[dict[str, Any]], specs: list[RunSpec]):
+def fanout_control(history, target: float, band: float,
+                   smooth_steps: int) -> dict[str, Any]:
+  """Settling of the logged per-step mean fanout and of its moving average
+  over `smooth_steps` steps; the step-to-step sd over the second half."""
+  rows = [r for r in history if "loss" in r and "experts_per_token" in r]
+  if not rows or target is None:
+    return {}
+  steps = [r["step"] for r in rows]
+  fan = [r["experts_per_token"] for r in rows]
+  every = steps[1] - steps[0] if len(steps) > 1 else 1
+  w = max(1, int(round(smooth_steps / every)))
+  smooth = [sum(fan[i - w + 1:i + 1]) / w for i in range(w - 1, len(fan))]
+  half = [f for s, f in zip(steps, fan) if s > steps[-1] / 2]
+  mean = sum(half) / len(half)
+  return {"raw": settling(steps, fan, target, band),
+          "smoothed": settling(steps[w - 1:], smooth, target, band),
+          "sd_second_half": math.sqrt(sum((f - mean) ** 2 for f in half)
+                                      / len(half))}
+
+
+def aggregate(results: list[dict[str, Any]], specs: list[RunSpec],
+              band: float = 0.02, smooth_steps: int = 50):
   """One row per run label: mean ± std over seeds of the headline numbers."""
   rows = []
   for spec in specs:
@@ -199,9 +224,15 @@ def aggregate(results: list[dict[str, Any]], specs: list[RunSpec]):
     for key in ("experts_per_token", "fanout_std", "drop_fraction",
                 "drop_fraction_above_mean", "max_vio"):
       row[key] = _mean_std([r["tail"].get(key) for r in rs])
-    row["settle_step"] = [r.get("settling", {}).get("settle_step") for r in rs]
-    row["max_dev_after_settle"] = [
-        r.get("settling", {}).get("max_dev_after_settle") for r in rs]
+    control = [fanout_control(r["history"], row["target"], band, smooth_steps)
+               for r in rs] if "history" in rs[0] else []
+    row["settle_step"] = [c.get("raw", {}).get("settle_step") for c in control]
+    row["settle_step_smoothed"] = [c.get("smoothed", {}).get("settle_step")
+                                   for c in control]
+    row["max_dev_smoothed"] = [c.get("smoothed", {}).get(
+        "max_dev_after_settle") for c in control]
+    row["fanout_sd_steps"] = _mean_std([c.get("sd_second_half")
+                                        for c in control])
     row["tokens_per_s"] = _mean_std([r["tokens_per_s"] for r in rs])
     rows.append(row)
   return rows
@@ -216,31 +247,34 @@ def _fmt(ms, digits=3, pct=False):
   return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def markdown_table(rows) -> str:
-  head = ("| run | router | seeds | val. loss (nats/byte) | mean fanout (target) "
-          "| per-token fanout std | drop | drop, above-mean tokens | settle step "
-          "(±band) | max dev. after settling | tokens/s |")
-  lines = [head, "|" + "---|" * 11]
+def markdown_table(rows, band: float = 0.02, smooth_steps: int = 50) -> str:
+  """The comparison table (per-seed lists where a mean would hide a None)."""
+  b = f"±{100 * band:g}%"
+  head = ("| run | router | seeds | val. loss (nats/byte) | mean fanout, last "
+          "25% (target) | per-token fanout std | drop | drop, above-mean "
+          f"tokens | settle step, per-step fanout ({b}) | settle step, "
+          f"{smooth_steps}-step mean ({b}) | max dev. of the {smooth_steps}-step "
+          "mean after settling | step-to-step fanout sd, 2nd half |")
+  lines = [head, "|" + "---|" * 12]
+  seq = lambda xs, f: ", ".join("–" if x is None else f(x) for x in xs) or "–"
   for r in rows:
     if not r["seeds"]:
-      lines.append(f"| {r['label']} | {r['router']} | failed |" + " |" * 8)
+      lines.append(f"| {r['label']} | {r['router']} | failed |" + " |" * 9)
       continue
     target = r.get("target")
     fan = _fmt(r["experts_per_token"], 2)
     if target is not None and fan != "–":
       fan += f" ({target:g})"
-    settle = ", ".join("–" if s is None else str(s) for s in r["settle_step"])
-    devs = ", ".join("–" if d is None else f"{100 * d:.1f}%"
-                     for d in r["max_dev_after_settle"])
-    tps = r["tokens_per_s"]
+    routed = target is not None
     lines.append(
         f"| {r['label']} | {r['router']} | {','.join(map(str, r['seeds']))} "
         f"| {_fmt(r['eval_loss'], 4)} | {fan} | {_fmt(r['fanout_std'], 2)} "
         f"| {_fmt(r['drop_fraction'], pct=True)} "
         f"| {_fmt(r['drop_fraction_above_mean'], pct=True)} "
-        f"| {settle if target is not None else '–'} "
-        f"| {devs if target is not None else '–'} "
-        f"| {tps[0]:.0f} |")
+        f"| {seq(r['settle_step'], str) if routed else '–'} "
+        f"| {seq(r['settle_step_smoothed'], str) if routed else '–'} "
+        f"| {seq(r['max_dev_smoothed'], lambda d: f'{100 * d:.1f}%') if routed else '–'} "
+        f"| {_fmt(r['fanout_sd_steps'], 3) if routed else '–'} |")
   return "\n".join(lines) + "\n"
 
 
@@ -432,6 +466,9 @@ def main(argv):
           print(f"{spec.label} seed {seed}: reusing {path}", flush=True)
           results.append(done)
           continue
+      if FLAGS.aggregate_only:
+        print(f"{spec.label} seed {seed}: missing, skipped", flush=True)
+        continue
       print(f"{spec.label} seed {seed}: training ...", flush=True)
       try:
         result = run_one(spec, seed, base, FLAGS.workroot, FLAGS.band)
@@ -452,8 +489,8 @@ def main(argv):
       results.append(result)
   results.sort(key=lambda r: ([s.label for s in specs].index(r["label"]),
                               r["seed"]))
-  rows = aggregate(results, specs)
-  table = markdown_table(rows)
+  rows = aggregate(results, specs, FLAGS.band, FLAGS.smooth_steps)
+  table = markdown_table(rows, FLAGS.band, FLAGS.smooth_steps)
   with open(os.path.join(FLAGS.out, "results.json"), "w") as f:
     json.dump({"rows": rows, "runs": [
         {k: v for k, v in r.items() if k != "history"} for r in results],
