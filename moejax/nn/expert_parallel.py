@@ -15,20 +15,24 @@ Axis legend:
 Two ways behind one switch (`MoEConfig.expert_parallel`):
 
   "gspmd"      plans are built per group (vmap); the `[G, E, C, D]` expert
-               buffers get sharding constraints (token side: G over
-               data x expert; expert side: G over data, E over expert), and
-               GSPMD inserts the all-to-all between them. The dropless
-               strategy keeps its own sorted `[G, M, D]` layout (no E axis
-               to constrain; GSPMD gathers the expert weights it needs).
+               buffers of the slot strategies (einsum, index, gather) get
+               sharding constraints (token side: G over data x expert;
+               expert side: G over data, E over expert), and GSPMD inserts
+               the all-to-all between them. The dropless strategies keep
+               their own sorted layouts (no E axis to constrain; GSPMD
+               gathers the expert weights they need); "ragged" sorts all
+               G * S tokens at once (`ragged_dot` has no G batching rule).
   "shard_map"  an explicit `jax.shard_map` over the current mesh: each device
                builds its groups' plans, `jax.lax.all_to_all` over `expert`
                sends each expert's slots to the device that holds it
                ([Gl, E, C, D] -> [X * Gl, El, C, D]), the local experts run
                (a `psum` over `model` completes the F-sharded matmul), and a
                second all-to-all brings the outputs back. Buffers are static:
-               capacity C for "index"/"einsum"; "dropless" uses the static
-               bound C = S (a token reaches an expert at most once, so nothing
-               can drop), at E/k times the buffer of a capacity factor of 1.
+               capacity C for the slot strategies; the dropless strategies
+               ("dropless", "sorted", "ragged") use "index" slots with the
+               static bound C = S (a token reaches an expert at most once, so
+               nothing can drop), at E/k times the buffer of a capacity
+               factor of 1.
 
 Without a mesh (`jax.set_mesh`) both run the same local computation, so models
 are unchanged on one device.
@@ -75,9 +79,14 @@ def expert_mlp(h: jax.Array, weights: dict[str, jax.Array],
   return jnp.einsum("gecf,efd->gecd", up, weights["w_out"])
 
 
-def _slot_plans(routing: Routing, capacity: int, strategy: str):
-  return jax.vmap(lambda r: dispatch.plan(r, capacity, strategy=strategy))(
-      routing)
+# Strategies whose plans use the capacity-bounded [E, C, D] layout.
+SLOT_STRATEGIES = ("einsum", "index", "gather")
+
+
+def _slot_plans(routing: Routing, capacity: int, strategy: str,
+                max_fanout: int | None):
+  return jax.vmap(lambda r: dispatch.plan(r, capacity, strategy=strategy,
+                                          max_fanout=max_fanout))(routing)
 
 
 def routed_experts(routing: Routing, x: jax.Array, weights: dict[str, jax.Array],
@@ -103,8 +112,16 @@ def routed_experts(routing: Routing, x: jax.Array, weights: dict[str, jax.Array]
                      f"{', '.join(MODES)}")
   if mode == "shard_map":
     return _shard_map_experts(routing, x, weights, capacity=capacity,
-                              strategy=strategy, activation=activation)
-  if strategy == "dropless":
+                              strategy=strategy, max_fanout=max_fanout,
+                              activation=activation)
+  if strategy not in SLOT_STRATEGIES and (
+      dispatch.resolve_strategy(strategy) != "ragged"):
+    def one_group(r, xg):  # dropless layouts of one group each
+      plan = dispatch.plan(r, capacity, strategy=strategy,
+                           max_fanout=max_fanout)
+      return expert_ffn(plan, xg, weights, activation), plan.kept
+    return jax.vmap(one_group)(routing, x)
+  if strategy not in SLOT_STRATEGIES:
     # No capacity, so groups do not change what is kept: one sorted layout
     # over all G * S tokens (`ragged_dot` has no batching rule for a G axis).
     num_groups, num_tokens, num_experts = routing.gates.shape
@@ -115,7 +132,7 @@ def routed_experts(routing: Routing, x: jax.Array, weights: dict[str, jax.Array]
     y = expert_ffn(plan, x.reshape(-1, x.shape[-1]), weights, activation)
     return (y.reshape(x.shape),
             plan.kept.reshape(num_groups, num_tokens, num_experts))
-  plans = _slot_plans(routing, capacity, strategy)
+  plans = _slot_plans(routing, capacity, strategy, max_fanout)
   h = jax.vmap(lambda p, xg: p.dispatch(xg))(plans, x)
   h = sharding.constrain(h, sharding.ACT_TOKENS_GECD)   # dispatched locally
   h = sharding.constrain(h, sharding.ACT_GECD)          # all-to-all to experts
@@ -127,11 +144,11 @@ def routed_experts(routing: Routing, x: jax.Array, weights: dict[str, jax.Array]
 
 
 def _local_experts(routing: Routing, x: jax.Array, weights: dict[str, Any], *,
-                   capacity: int, strategy: str, activation: str,
-                   collectives: bool):
+                   capacity: int, strategy: str, max_fanout: int | None,
+                   activation: str, collectives: bool):
   """One device's part of the shard_map path (see the module docstring);
   `collectives=False` is the same computation without a mesh."""
-  plans = _slot_plans(routing, capacity, strategy)
+  plans = _slot_plans(routing, capacity, strategy, max_fanout)
   h = jax.vmap(lambda p, xg: p.dispatch(xg))(plans, x)     # [Gl, E, C, D]
   if collectives:
     h = jax.lax.all_to_all(h, "expert", 1, 0, tiled=True)  # [X*Gl, El, C, D]
@@ -143,15 +160,17 @@ def _local_experts(routing: Routing, x: jax.Array, weights: dict[str, Any], *,
   return out, plans.kept
 
 
-def _shard_map_experts(routing, x, weights, *, capacity, strategy, activation):
+def _shard_map_experts(routing, x, weights, *, capacity, strategy, max_fanout,
+                       activation):
   num_groups, num_tokens, num_experts = routing.gates.shape
-  if strategy == "dropless":  # static dropless bound: C = S keeps everything
+  if strategy not in SLOT_STRATEGIES:  # static dropless bound: C = S
     strategy, capacity = "index", num_tokens
   mesh = sharding.current_mesh()
   sizes = dict(mesh.shape) if mesh is not None else {}
   expert_size, model_size = sizes.get("expert", 1), sizes.get("model", 1)
   local = functools.partial(_local_experts, capacity=capacity,
-                            strategy=strategy, activation=activation)
+                            strategy=strategy, max_fanout=max_fanout,
+                            activation=activation)
   if mesh is None or math.prod(sizes.values()) == 1:
     return local(routing, x, weights, collectives=False)
   missing = [a for a in sharding.MESH_AXES if a not in sizes]

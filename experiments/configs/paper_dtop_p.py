@@ -1,0 +1,33 @@
+"""DTop-p paper LLM shape: 64 experts, 8 active (target fanout), ~1.3B active /
+~6.9B total parameters (OLMoE-1B-7B-like: 16 layers, D=2048, 16 heads, expert
+width 1024, SwiGLU), seq 2048, bfloat16 activations.
+
+POD_MESH is the intended layout on 256 chips (experts over 8, heads/vocab over
+2, the rest data); TEST_MESH has the same axes over 8 devices (forced host
+devices in the tests stand in for the pod when the step is compiled).
+"""
+from moejax import methods
+from moejax.models.lm import LMConfig
+from moejax.nn.moe import MoEConfig
+from moejax.train.loop import TrainConfig
+from moejax.train.state import OptimConfig
+
+NAME = "paper_dtop_p"
+POD_MESH = "data:16,expert:8,model:2"
+POD_DEVICES = 256
+TEST_MESH = "data:2,expert:2,model:2"
+
+
+def config(batch_size: int = 1024, num_layers: int = 16,
+           expert_parallel: str = "gspmd") -> TrainConfig:
+  router = methods.build("dtop_p", {"k": 8})
+  moe = MoEConfig(num_experts=64, expert_width=1024, router=router,
+                  capacity_factor=1.25, strategy="index",
+                  expert_parallel=expert_parallel)
+  model = LMConfig(vocab_size=50304, num_layers=num_layers, d_model=2048,
+                   num_heads=16, d_ff=8192, max_len=2048, moe=moe,
+                   dtype="bfloat16")
+  return TrainConfig(model=model, batch_size=batch_size, seq_len=2048,
+                     steps=50000, mesh=POD_MESH,
+                     optim=OptimConfig(learning_rate=4e-4, warmup_steps=2000,
+                                       total_steps=50000))
