@@ -37,8 +37,8 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
   if len(a) < 2 or len(b) < 2:
     raise ValueError(f"feature sets need >= 2 rows, got {len(a)} and {len(b)}")
   mu_a, mu_b = a.mean(0), b.mean(0)
-  cov_a = np.cov(a, rowvar=False)
-  cov_b = np.cov(b, rowvar=False)
+  cov_a = np.atleast_2d(np.cov(a, rowvar=False))
+  cov_b = np.atleast_2d(np.cov(b, rowvar=False))
   eps = 1e-6 * np.eye(a.shape[1])  # dead ReLU units make covariances singular
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")

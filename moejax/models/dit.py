@@ -22,6 +22,7 @@ the MoE layers sow into the `"router"` collection as in the LM.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -254,15 +255,26 @@ class DiT(nn.Module):
     return unpatchify(out.astype(jnp.float32), cfg.patch_size, cfg.channels)
 
 
-def init_variables(model: DiT, rng: jax.Array, batch: int = 1):
+def batch_multiple(cfg: DiTConfig) -> int:
+  """Smallest batch unit whose tokens split into the MoE routing groups."""
+  size = cfg.moe.group_size if cfg.moe is not None else None
+  if not size:
+    return 1
+  return math.lcm(cfg.num_patches, size) // cfg.num_patches
+
+
+def init_variables(model: DiT, rng: jax.Array, batch: int | None = None):
   """Returns (boxed params, router_state) of `model` (no sown outputs)."""
   cfg = model.config
-  variables = model.init(
-      {"params": rng, "router": rng},
-      jnp.zeros((batch,) + cfg.image_shape, jnp.float32),
-      jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32),
-      train=False)
-  return variables["params"], variables.get("router_state", {})
+  batch = batch_multiple(cfg) if batch is None else batch
+  def init(rng):  # jitted: one compile instead of one per primitive
+    variables = model.init(
+        {"params": rng, "router": rng},
+        jnp.zeros((batch,) + cfg.image_shape, jnp.float32),
+        jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32),
+        train=False)
+    return variables["params"], variables.get("router_state", {})
+  return jax.jit(init)(rng)
 
 
 _APPLY_FNS: dict[DiT, Any] = {}
@@ -285,14 +297,23 @@ def sample(model: DiT, params, router_state, labels, rng, *, diffusion,
            clip: bool = True) -> jax.Array:
   """DDIM samples float32[B, H, W, C] of the classes `labels` int32[B].
 
-  `diffusion` is the `DiffusionConfig` the model was trained with.
+  `diffusion` is the `DiffusionConfig` the model was trained with. With MoE
+  routing groups spanning several images, the batch is padded (label 0) to
+  fill whole groups; the padding is dropped from the result.
   """
   from moejax import diffusion as diffusion_lib  # pylint: disable=g-import-not-at-top
   variables = {"params": params}
   if router_state:
     variables["router_state"] = router_state
-  return diffusion_lib.ddim_sample(
-      make_apply_fn(model), variables, jnp.asarray(labels, jnp.int32), rng,
+  labels = jnp.asarray(labels, jnp.int32)
+  count = labels.shape[0]
+  unit = batch_multiple(model.config)  # pad so that routing groups fill up
+  padded = -(-count // unit) * unit
+  if padded != count:
+    labels = jnp.concatenate([labels, jnp.zeros(padded - count, jnp.int32)])
+  out = diffusion_lib.ddim_sample(
+      make_apply_fn(model), variables, labels, rng,
       shape=model.config.image_shape, config=diffusion, num_steps=num_steps,
       eta=eta, guidance_scale=guidance_scale,
       null_label=model.config.null_label, clip=clip)
+  return out[:count]

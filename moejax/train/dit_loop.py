@@ -33,7 +33,7 @@ import numpy as np
 from moejax import diffusion as diffusion_lib
 from moejax import sharding
 from moejax.data import get_image_data
-from moejax.models.dit import DiT, DiTConfig, sample
+from moejax.models.dit import DiT, DiTConfig, batch_multiple, sample
 from moejax.train import checkpoint as ckpt_lib
 from moejax.train import metrics as metrics_lib
 from moejax.train.state import OptimConfig, TrainState
@@ -111,6 +111,12 @@ class DiTTrainConfig:
       if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name}={value!r} is out of range; allowed: "
                          "integer >= 0")
+    unit = batch_multiple(self.model)
+    if self.batch_size % unit:
+      raise ValueError(f"batch_size={self.batch_size} is out of range; "
+                       f"allowed: a multiple of {unit} (MoE group_size="
+                       f"{self.model.moe.group_size} tokens of "
+                       f"{self.model.num_patches} patches per image)")
     if self.batch_size % self.timestep_buckets:
       raise ValueError(f"timestep_buckets={self.timestep_buckets} must divide "
                        f"batch_size={self.batch_size}")
@@ -222,12 +228,26 @@ def make_dit_loss_fn(model: DiT, diffusion: diffusion_lib.DiffusionConfig,
   return loss_fn
 
 
+_JITTED: dict[tuple[Any, ...], Any] = {}
+
+
+def _cached(key: tuple[Any, ...], build):
+  """One jitted function per key in the process: a resumed or repeated run
+  (same model and settings) reuses the compiled step instead of recompiling."""
+  if key not in _JITTED:
+    _JITTED[key] = build()
+  return _JITTED[key]
+
+
 def make_dit_train_step(model: DiT, cfg: DiTTrainConfig, donate: bool = True):
   """Jitted `train_step(state, batch) -> (state, metrics)` (the generic step)."""
   method = cfg.model.moe.router if cfg.model.moe is not None else None
-  return make_train_step(
-      model, cfg.optim.optimizer(), method, cfg.optim.schedule(), donate=donate,
-      loss_fn=make_dit_loss_fn(model, cfg.diffusion, cfg.timestep_buckets))
+  return _cached(
+      ("train", model, cfg.optim, cfg.diffusion, cfg.timestep_buckets, donate),
+      lambda: make_train_step(
+          model, cfg.optim.optimizer(), method, cfg.optim.schedule(),
+          donate=donate, loss_fn=make_dit_loss_fn(model, cfg.diffusion,
+                                                  cfg.timestep_buckets)))
 
 
 def make_dit_eval_step(model: DiT, diffusion: diffusion_lib.DiffusionConfig,
@@ -241,7 +261,8 @@ def make_dit_eval_step(model: DiT, diffusion: diffusion_lib.DiffusionConfig,
     out.update({k: v for k, v in summarize(layers).items() if jnp.ndim(v) == 0})
     return out
 
-  return jax.jit(eval_step)
+  return _cached(("eval", model, diffusion, num_buckets),
+                 lambda: jax.jit(eval_step))
 
 
 def evaluate_dit(eval_step, state: TrainState, batches, repeats: int = 1
@@ -298,12 +319,15 @@ def build_dit_state(cfg: DiTTrainConfig, model: DiT, mesh) -> TrainState:
                       router_state=variables.get("router_state", {}),
                       rng=state_rng, data_index=jnp.zeros((), jnp.int32))
 
-  rng = jax.random.PRNGKey(cfg.seed)
-  abstract = jax.eval_shape(init, rng)
-  specs = nn.get_partition_spec(abstract)
-  shardings = nn.logical_to_mesh_sharding(specs, mesh, sharding.LOGICAL_RULES)
-  state = jax.jit(init, out_shardings=shardings)(rng)
-  return nn.meta.unbox(state)
+  def build():
+    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+    specs = nn.get_partition_spec(abstract)
+    shardings = nn.logical_to_mesh_sharding(specs, mesh,
+                                            sharding.LOGICAL_RULES)
+    return jax.jit(init, out_shardings=shardings)
+
+  jitted = _cached(("init", model, cfg.optim, shape, mesh), build)
+  return nn.meta.unbox(jitted(jax.random.PRNGKey(cfg.seed)))
 
 
 def image_grid(images: np.ndarray, cols: int, pad: int = 1) -> np.ndarray:
