@@ -292,6 +292,84 @@ def _gather_combine_bwd(res, g):
 gather_combine.defvjp(_gather_combine_fwd, _gather_combine_bwd)
 
 
+# ---------------------------------------------------------------------------
+# Grouped matmul over row blocks: a loop over the blocks in use.
+# ---------------------------------------------------------------------------
+
+
+@jax.custom_vjp
+def grouped_matmul(h: jax.Array, w: jax.Array, block_expert: jax.Array,
+                   order: jax.Array, num_used: jax.Array) -> jax.Array:
+  """Each used block of rows times its expert's weight; other blocks are 0.
+
+  out[b] = h[b] @ w[block_expert[b]] for b in order[:num_used], zeros for the
+  other blocks. A loop over the used blocks only (dynamic trip count, no host
+  sync): no FLOPs on empty blocks and no per-block copy of the weights, which
+  makes it XLA:CPU's grouped matmul. The backward is the same loop:
+  dh[b] = g[b] @ w[e]^T and dw[e] += h[b]^T @ g[b].
+
+  Args:
+    h: float[N, B, A] rows in blocks.
+    w: float[E, A, C] expert weights.
+    block_expert: int32[N] expert of each block (clipped into [0, E)).
+    order: int32[N] block indices, the used ones first.
+    num_used: int32[] number of used blocks.
+  Returns:
+    float[N, B, C] in h's dtype.
+  """
+  experts = jnp.minimum(block_expert, w.shape[0] - 1)
+
+  def body(i, out):
+    b = order[i]
+    row = jnp.dot(h[b], w[experts[b]], preferred_element_type=jnp.float32)
+    return jax.lax.dynamic_update_index_in_dim(out, row.astype(out.dtype), b,
+                                               0)
+  out = jnp.zeros(h.shape[:2] + w.shape[-1:], h.dtype)
+  return jax.lax.fori_loop(0, num_used, body, out)
+
+
+def _grouped_matmul_fwd(h, w, block_expert, order, num_used):
+  out = grouped_matmul(h, w, block_expert, order, num_used)
+  return out, (h, w, block_expert, order, num_used)
+
+
+def _grouped_matmul_bwd(res, g):
+  h, w, block_expert, order, num_used = res
+  experts = jnp.minimum(block_expert, w.shape[0] - 1)
+
+  def body(i, carry):
+    dh, dw = carry
+    b = order[i]
+    e = experts[b]
+    dh_b = jnp.dot(g[b], w[e].T, preferred_element_type=jnp.float32)
+    dh = jax.lax.dynamic_update_index_in_dim(dh, dh_b.astype(dh.dtype), b, 0)
+    dw_e = dw[e] + jnp.dot(h[b].T, g[b], preferred_element_type=jnp.float32)
+    dw = jax.lax.dynamic_update_index_in_dim(dw, dw_e, e, 0)
+    return dh, dw
+  dh, dw = jax.lax.fori_loop(
+      0, num_used, body,
+      (jnp.zeros_like(h), jnp.zeros(w.shape, jnp.float32)))
+  return dh, dw.astype(w.dtype), None, None, None
+
+
+grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
+
+
+def use_loop_matmul(backend: str | None = None) -> bool:
+  """Whether plans use the block loop (`grouped_matmul`): on CPU, where XLA
+  runs small batched matmuls poorly and has no grouped matmul; accelerators
+  prefer one batched matmul."""
+  return (backend or jax.default_backend()) == "cpu"
+
+
+def slot_block_size(capacity_: int, target: int = 128) -> int:
+  """Largest power of two <= target dividing C (the "gather" loop's blocks)."""
+  size = 1
+  while size * 2 <= target and capacity_ % (size * 2) == 0:
+    size *= 2
+  return size
+
+
 def _assignments(routing: Routing, max_fanout: int
                  ) -> tuple[jax.Array, jax.Array]:
   """Each token's routed experts, at most `max_fanout` of them.
@@ -342,6 +420,11 @@ class GatherPlan:
     token_gate: float32[S, m] gate of each kept assignment, 0 elsewhere.
     token_major: static; False when the token->slot map is larger than the
       slots (S*m > 2*E*C): combine and the dispatch backward then scatter-add.
+    block_order: int32[E * C / B] the slot blocks of B rows holding tokens
+      first (expert-major block index), for the block loop of `matmul`.
+    num_used: int32[] blocks holding at least one token.
+    block_size: static B; 0 = `matmul` is one batched einsum over all slots
+      (accelerators, or no power-of-two B >= 16 divides C).
   """
   gates: jax.Array
   kept: jax.Array
@@ -349,7 +432,10 @@ class GatherPlan:
   slot_gate: jax.Array
   token_slot: jax.Array
   token_gate: jax.Array
+  block_order: jax.Array
+  num_used: jax.Array
   token_major: bool = flax.struct.field(pytree_node=False, default=True)
+  block_size: int = flax.struct.field(pytree_node=False, default=0)
   strategy: str = flax.struct.field(pytree_node=False, default="gather")
 
   @property
@@ -379,8 +465,23 @@ class GatherPlan:
     return h.reshape(num_experts, cap, x.shape[-1])
 
   def matmul(self, h: jax.Array, w: jax.Array) -> jax.Array:
-    """h float[E, C, A] times w float[E, A, B] -> float[E, C, B]."""
-    return jnp.einsum("eca,eab->ecb", h, w)
+    """h float[E, C, A] times w float[E, A, B] -> float[E, C, B].
+
+    With `block_size` B > 0 only the blocks of B slots that hold tokens are
+    computed (`grouped_matmul`); the other slots give zeros and get no
+    gradient, which is exact for the layer since their rows are zeros that
+    combine ignores.
+    """
+    if not self.block_size:
+      return jnp.einsum("eca,eab->ecb", h, w)
+    num_experts, cap, width = h.shape
+    size = self.block_size
+    per_expert = cap // size
+    block_expert = jnp.repeat(jnp.arange(num_experts, dtype=jnp.int32),
+                              per_expert)
+    out = grouped_matmul(h.reshape(num_experts * per_expert, size, width), w,
+                         block_expert, self.block_order, self.num_used)
+    return out.reshape(num_experts, cap, w.shape[-1])
 
   def combine(self, y: jax.Array) -> jax.Array:
     """y float[E, C, D] -> float[S, D]: sum over kept (s, e) of gate * y[e, slot]."""
@@ -434,11 +535,22 @@ def _gather_plan(routing: Routing, capacity_: int, max_fanout: int
                                  mode="clip"), 0.0)
   kept = jnp.zeros((num_tokens, num_experts), bool).at[
       jnp.arange(num_tokens)[:, None], expert].set(token_valid)
+  # Blocks of B slots holding tokens: the first ceil(kept_e / B) of expert e.
+  size = slot_block_size(capacity_)
+  if size < 16 or not use_loop_matmul():
+    size = 0
+  per_expert = capacity_ // size if size else 1
+  used_e = (jnp.minimum(counts[:num_experts], capacity_) + max(size, 1) - 1
+            ) // max(size, 1)
+  used = jnp.arange(per_expert)[None, :] < used_e[:, None]  # [E, C / B]
+  block_order = jnp.argsort(~used.reshape(-1), stable=True).astype(jnp.int32)
   return GatherPlan(gates=routing.gates, kept=kept,
                     token_index=token_index.astype(jnp.int32),
                     slot_gate=slot_gate, token_slot=token_slot.astype(jnp.int32),
-                    token_gate=token_gate,
-                    token_major=num_tokens * fanout <= 2 * num_slots)
+                    token_gate=token_gate, block_order=block_order,
+                    num_used=jnp.sum(used_e).astype(jnp.int32),
+                    token_major=num_tokens * fanout <= 2 * num_slots,
+                    block_size=size)
 
 
 # ---------------------------------------------------------------------------
@@ -449,10 +561,11 @@ def _gather_plan(routing: Routing, capacity_: int, max_fanout: int
 def default_block_size(num_rows: int, num_experts: int) -> int:
   """Block rows B for `num_rows` = S*m assignments over E experts.
 
-  A power of two in [8, 128] with E*B <= S*m/8, so that the padding of the
-  static bound stays within about 1/8 of the real rows.
+  128 (the CPU block loop runs only the used blocks, so the padding costs
+  about E*B/2 rows of compute), smaller when there are fewer than B rows per
+  expert: the power of two in [8, 128] at most S*m/E.
   """
-  target = max(1, num_rows // (8 * num_experts))
+  target = max(1, num_rows // num_experts)
   size = 8
   while size * 2 <= min(target, 128):
     size *= 2
@@ -508,11 +621,21 @@ class BlockPlan:
                        self.token_valid)
 
   def matmul(self, h: jax.Array, w: jax.Array) -> jax.Array:
-    """h float[R, A] times each row's expert weight w float[E, A, B] -> [R, B]."""
+    """h float[R, A] times each row's expert weight w float[E, A, B] -> [R, B].
+
+    On CPU a loop over the used blocks (`grouped_matmul`); elsewhere one
+    batched matmul with the weights gathered per block.
+    """
     nb, size = self.block_expert.shape[0], self.block_size
-    experts = jnp.minimum(self.block_expert, w.shape[0] - 1)
-    wb = jnp.take(w, experts, axis=0)  # [N, A, B]
-    out = jnp.einsum("nra,nab->nrb", h.reshape(nb, size, h.shape[-1]), wb)
+    blocks = h.reshape(nb, size, h.shape[-1])
+    if use_loop_matmul():
+      num_used = jnp.sum(self.block_expert < w.shape[0]).astype(jnp.int32)
+      out = grouped_matmul(blocks, w, self.block_expert,
+                           jnp.arange(nb, dtype=jnp.int32), num_used)
+    else:
+      experts = jnp.minimum(self.block_expert, w.shape[0] - 1)
+      wb = jnp.take(w, experts, axis=0)  # [N, A, B]
+      out = jnp.einsum("nra,nab->nrb", blocks, wb)
     return out.reshape(nb * size, w.shape[-1])
 
   def combine(self, y: jax.Array) -> jax.Array:

@@ -269,8 +269,52 @@ def test_resolve_and_bad_arguments():
   assert set(dispatch.DROPLESS) < set(dispatch.STRATEGIES)
   assert dispatch.default_block_size(8192, 8) == 128
   assert dispatch.default_block_size(64, 8) == 8
+  assert dispatch.default_block_size(8 * 40, 8) == 32
+  assert dispatch.slot_block_size(1280) == 128
+  assert dispatch.slot_block_size(640, 64) == 64
+  assert dispatch.slot_block_size(20) == 4
   routing, *_ = make_case()
   with pytest.raises(ValueError, match="block_size=0"):
     dispatch.plan(routing, 4, strategy="sorted", block_size=0)
   with pytest.raises(ValueError, match="max_fanout=5"):
     dispatch.plan(routing, 4, strategy="gather", max_fanout=5)
+
+
+@pytest.mark.parametrize("capacity", [16, 32, 48])
+def test_gather_block_loop_over_capacity(capacity):
+  # C divisible by 16: "gather" runs its matmuls as a loop over used blocks.
+  routing, x, w1, w2 = make_case(seed=7, s=64, e=4, k=2)
+  p = dispatch.plan(routing, capacity, strategy="gather", max_fanout=2)
+  assert p.block_size == dispatch.slot_block_size(capacity) >= 16
+  out, kept = run_plan(routing, capacity, "gather", x, w1, w2, max_fanout=2)
+  want_kept = reference_kept(routing.gates, routing.priority, capacity)
+  if capacity == 16:
+    assert not want_kept[np.asarray(routing.routed)].all()
+  np.testing.assert_array_equal(np.asarray(kept), want_kept)
+  assert_close(out, loop_reference(routing, want_kept, x, w1, w2))
+
+
+def test_grouped_matmul_matches_einsum_and_autodiff():
+  rng = np.random.default_rng(1)
+  nb, size, a, c, e = 6, 4, 5, 3, 3
+  h = jnp.asarray(rng.normal(size=(nb, size, a)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(e, a, c)), jnp.float32)
+  block_expert = jnp.array([0, 0, 2, 2, 2, 3], jnp.int32)  # 3 = unused
+  order = jnp.array([4, 0, 2, 1, 3, 5], jnp.int32)
+  used = np.zeros(nb, bool)
+  used[[4, 0, 2, 1]] = True
+  num_used = jnp.int32(4)
+
+  def plain(h, w):
+    wb = jnp.take(w, jnp.minimum(block_expert, e - 1), axis=0)
+    return jnp.where(used[:, None, None], jnp.einsum("nra,nab->nrb", h, wb),
+                     0.0)
+
+  def fast(h, w):
+    return dispatch.grouped_matmul(h, w, block_expert, order, num_used)
+
+  assert_close(fast(h, w), plain(h, w))
+  cot = jnp.asarray(rng.normal(size=(nb, size, c)), jnp.float32)
+  for got, want in zip(jax.vjp(fast, h, w)[1](cot),
+                       jax.vjp(plain, h, w)[1](cot)):
+    assert_close(got, want)
