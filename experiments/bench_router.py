@@ -62,6 +62,59 @@ def build(values):
   return cfg, mesh, step, state, batch
 
 
+def time_routers(specs, base, runs):
+  """Times each method's routing alone (forward + backward through the gates,
+  as in training) on the model's router-logit shape, interleaved, and relates
+  it to the baseline's train step: a less noisy view of router overhead."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  fns = {}
+  for spec in specs:
+    cfg = lm_flags.build_train_config(dict(base, router=spec.router,
+                                           **spec.options))
+    moe = cfg.model.moe
+    if moe is None:
+      continue
+    method = moe.router
+    num_experts = moe.num_experts
+    state = {k: jnp.asarray(v) for k, v in method.init_state(
+        num_experts).items()}
+    state.update({k: jnp.asarray(v, jnp.float32) for k, v in
+                  method.router_params(num_experts).items()})
+    shape = (cfg.batch_size, cfg.seq_len, num_experts)
+    logits = jax.random.normal(jax.random.PRNGKey(1), shape) * 0.3
+    w = jax.random.normal(jax.random.PRNGKey(2), shape)
+
+    def loss(lg, method=method, state=state, w=w):
+      out = method.route_groups(lg, state, rng=None, train=True)
+      return jnp.sum(out.routing.gates * w) + sum(
+          jnp.mean(v) for v in out.aux.values())
+
+    fn = jax.jit(jax.grad(loss))
+    jax.block_until_ready(fn(logits))
+    fns[spec.label] = (fn, logits, cfg.model.num_moe_layers, [])
+  for _ in range(FLAGS.repeats):
+    for label, (fn, logits, layers, times) in fns.items():
+      t0 = time.perf_counter()
+      for _ in range(FLAGS.bench_steps * 4):
+        out = fn(logits)
+      jax.block_until_ready(out)
+      times.append(layers * (time.perf_counter() - t0) / (FLAGS.bench_steps * 4))
+  base_label = specs[0].label
+  base_step = statistics.median(runs[base_label]["times"])
+  base_router = statistics.median(fns[base_label][3]) if base_label in fns else 0
+  rows = []
+  for label, (_, _, _, times) in fns.items():
+    med = float(np.median(times))
+    rows.append({"label": label, "median_s_per_step": med,
+                 "fraction_of_base_step": med / base_step,
+                 "added_fraction_over_base": (med - base_router) / base_step,
+                 "times": times})
+  return rows
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -98,6 +151,7 @@ def main(argv):
         jax.block_until_ready((state, metrics))
         r["times"].append((time.perf_counter() - t0) / FLAGS.bench_steps)
         r["state"] = state
+  router_only = time_routers(specs, base, runs)
   base_label = specs[0].label
   base_time = statistics.median(runs[base_label]["times"])
   rows = []
@@ -114,7 +168,8 @@ def main(argv):
   device = jax.devices()[0]
   out = {"device": f"{device.platform}:{device.device_kind}",
          "config": FLAGS.config, "bench_steps": FLAGS.bench_steps,
-         "repeats": FLAGS.repeats, "argv": sys.argv, "rows": rows}
+         "repeats": FLAGS.repeats, "argv": sys.argv, "rows": rows,
+         "router_only": router_only}
   print(f"device {out['device']}, config {FLAGS.config}, "
         f"{FLAGS.repeats} x {FLAGS.bench_steps} steps per router")
   print(f"| router | median step (ms) | min step (ms) | median ratio to "
@@ -125,6 +180,16 @@ def main(argv):
           f"{1e3 * row['min_step_s']:.1f} | "
           f"{row['ratio_to_' + base_label]:.3f} | "
           f"{row['min_ratio_to_' + base_label]:.3f} | {row['fanout']:.2f} |")
+  print("\nrouter alone (forward + backward of one layer's routing over the "
+        "batch's groups, x number of MoE layers), as a fraction of the "
+        f"{base_label} train step:")
+  print("| router | median (ms) per step | fraction of the step | added over "
+        f"{base_label} |")
+  print("|---|---|---|---|")
+  for row in router_only:
+    print(f"| {row['label']} | {1e3 * row['median_s_per_step']:.2f} | "
+          f"{row['fraction_of_base_step']:.3f} | "
+          f"{row['added_fraction_over_base']:+.3f} |")
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json_out)), exist_ok=True)
   with open(FLAGS.json_out, "w") as f:
     json.dump(out, f, indent=1)
