@@ -21,7 +21,12 @@ from moejax.nn.moe import MoEConfig
 from moejax.train import dit_loop
 from moejax.train.state import OptimConfig, create_train_state
 
-MOE = MoEConfig(num_experts=4, expert_width=16, router=TopK(k=2))
+# One routed model shared by the heavy tests, so that they share compiled
+# steps: DTop-p when registered (variable fanout, a controller, a learned
+# gamma), else top-k; routing groups of 2 images (32 patches).
+ROUTER = "dtop_p" if "dtop_p" in methods.available() else "top_k"
+MOE = MoEConfig(num_experts=4, expert_width=16,
+                router=methods.build(ROUTER, {"k": 2}), group_size=32)
 
 
 def tiny_config(moe=MOE, **kw):
@@ -36,11 +41,11 @@ def tiny_train_config(**kw):
   base = dict(model=tiny_config(),
               diffusion=diffusion.DiffusionConfig(num_timesteps=100),
               optim=OptimConfig(learning_rate=3e-3, warmup_steps=0,
-                                total_steps=4, weight_decay=0.0),
+                                total_steps=30, weight_decay=0.0),
               batch_size=16, steps=4, log_every=1, eval_every=2,
               eval_batches=1, eval_repeats=1, checkpoint_every=2,
               timestep_buckets=4, sample_steps=2, samples_per_class=0,
-              quality_samples_per_class=0, progress=False)
+              quality_samples_per_class=0, num_devices=1, progress=False)
   base.update(kw)
   return dit_loop.DiTTrainConfig(**base)
 
@@ -66,24 +71,28 @@ def test_patchify_matches_loop_and_inverts():
 def test_shapes_and_zero_output_at_init(moe):
   model = DiT(tiny_config(moe=moe))
   params, router_state = dit_lib.init_variables(model, jax.random.PRNGKey(0))
-  x = jax.random.normal(jax.random.PRNGKey(1), (3, 8, 8, 1))
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 8, 8, 1))
   out, coll = jax.jit(lambda p, x, t, y: model.apply(
-      {"params": p}, x, t, y, mutable=["router"]))(
-          params, x, jnp.array([0, 50, 99]), jnp.array([0, 3, 10]))
-  chex.assert_shape(out, (3, 8, 8, 1))
+      {"params": p, "router_state": router_state}, x, t, y,
+      mutable=["router"]))(params, x, jnp.array([0, 50, 99, 7]),
+                           jnp.array([0, 3, 10, 9]))
+  chex.assert_shape(out, (4, 8, 8, 1))
   assert out.dtype == jnp.float32
   # adaLN-Zero: zero-initialised final layer -> the prediction starts at 0.
   np.testing.assert_array_equal(np.asarray(out), 0.0)
   if moe is None:
     assert "router" not in coll
   else:
-    fan = coll["router"]["layers_0"]["mlp"]["fanout"][0]
-    chex.assert_shape(fan, (3, 16))  # one group per image, 16 patches
-    np.testing.assert_array_equal(np.asarray(fan), 2.0)
+    layer = coll["router"]["layers_0"]["mlp"]
+    fan = np.asarray(layer["fanout"][0])
+    chex.assert_shape(fan, (2, 32))  # groups of 2 images x 16 patches
+    assert fan.min() >= 1 and fan.max() <= 4
+    assert fan.mean() == pytest.approx(
+        float(layer["metrics"][0]["experts_per_token"]), rel=1e-6)
 
 
 def test_adaln_zero_block_is_identity_at_init_and_not_after():
-  block = DiTBlock(num_heads=2, d_ff=32, moe=MOE)
+  block = DiTBlock(num_heads=2, d_ff=32, moe=None)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16))
   c = jax.random.normal(jax.random.PRNGKey(1), (2, 16))
   variables = jax.jit(lambda r: block.init({"params": r}, x, c, train=False))(
@@ -136,7 +145,7 @@ def test_config_validation_names_field():
     tiny_train_config(timestep_buckets=3)
   with pytest.raises(ValueError, match="batch_size=16 .* multiple of 32"):
     tiny_train_config(model=tiny_config(moe=MoEConfig(
-        num_experts=4, expert_width=16, group_size=512)))
+        num_experts=4, expert_width=16, router=TopK(k=2), group_size=512)))
 
 
 # ---------------------------------------------------------------- diffusion
@@ -216,16 +225,15 @@ def test_ddim_recovers_the_data_point_and_is_deterministic():
 
 def test_model_sampler_shapes_and_determinism():
   # Routing groups of 2 images: 3 labels are padded to 4 and cut back.
-  model = DiT(tiny_config(moe=MoEConfig(num_experts=4, expert_width=16,
-                                        router=TopK(k=2), group_size=32)))
+  model = DiT(tiny_config())
   assert dit_lib.batch_multiple(model.config) == 2
   params, rs = dit_lib.init_variables(model, jax.random.PRNGKey(0))
   params = jax.tree.map(  # non-zero outputs
       lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(5), p.shape),
-      jax.tree.map(jnp.asarray, nn.meta.unbox(params)))
-  cfg = diffusion.DiffusionConfig(num_timesteps=100)
+      nn.meta.unbox(params))
+  cfg = tiny_train_config().diffusion
   labels = jnp.array([0, 1, 2], jnp.int32)
-  kw = dict(diffusion=cfg, num_steps=4, guidance_scale=2.0)
+  kw = dict(diffusion=cfg, num_steps=2)
   s1 = dit_lib.sample(model, params, rs, labels, jax.random.PRNGKey(1), **kw)
   s2 = dit_lib.sample(model, params, rs, labels, jax.random.PRNGKey(1), **kw)
   s3 = dit_lib.sample(model, params, rs, labels, jax.random.PRNGKey(2), **kw)
@@ -238,20 +246,19 @@ def test_model_sampler_shapes_and_determinism():
 # ---------------------------------------------------------------- training
 
 
-def _batch(i, size=32):
+def _batch(i, size=16):
   tx, ty, _, _ = digits_arrays()
   idx = (np.arange(size) + i * size) % len(tx)
   return {"images": jnp.asarray(tx[idx]), "labels": jnp.asarray(ty[idx])}
 
 
 def test_loss_decreases_and_fanout_by_timestep_is_consistent():
-  cfg = tiny_train_config(steps=30, optim=OptimConfig(
-      learning_rate=3e-3, warmup_steps=0, total_steps=30, weight_decay=0.0))
+  cfg = tiny_train_config(steps=30)
   model = DiT(cfg.model)
   params, rs = dit_lib.init_variables(model, jax.random.PRNGKey(0))
   state = create_train_state(params, rs, cfg.optim.optimizer(),
                              jax.random.PRNGKey(1))
-  step = dit_loop.make_dit_train_step(model, cfg, donate=False)
+  step = dit_loop.make_dit_train_step(model, cfg)
   eval_step = dit_loop.make_dit_eval_step(model, cfg.diffusion, 4)
   val = [_batch(100)]
   before = dit_loop.evaluate_dit(eval_step, state, val)["eval_loss"]
@@ -259,26 +266,26 @@ def test_loss_decreases_and_fanout_by_timestep_is_consistent():
     state, metrics = step(state, _batch(i))
   after = dit_loop.evaluate_dit(eval_step, state, val)
   assert after["eval_loss"] < 0.8 * before, (before, after["eval_loss"])
-  assert before == pytest.approx(1.0, abs=0.1)  # zero prediction: E[eps^2]
+  assert before == pytest.approx(1.0, abs=0.15)  # zero prediction: E[eps^2]
   chex.assert_shape(metrics["loss_by_t"], (4,))
   chex.assert_shape(metrics["fanout_by_t"], (4,))
-  # Buckets are equal-sized, so their mean is the mean fanout (top-2: 2).
-  np.testing.assert_allclose(np.asarray(metrics["fanout_by_t"]), 2.0)
+  # Stratified timesteps fill the buckets equally, so the bucket means
+  # average to the step's means.
+  np.testing.assert_allclose(float(jnp.mean(metrics["fanout_by_t"])),
+                             float(metrics["experts_per_token"]), rtol=1e-5)
   np.testing.assert_allclose(float(jnp.mean(metrics["loss_by_t"])),
                              float(metrics["loss"]), rtol=1e-5)
   assert len(after["eval_layer_fanout_by_t"]) == 2
+  np.testing.assert_allclose(np.mean(after["eval_fanout_by_t"]),
+                             after["eval_experts_per_token"], rtol=1e-5)
 
 
-def test_per_image_fanout_matches_layer_mean_under_top_p():
-  if "top_p" not in methods.available():
-    pytest.skip("top_p is not registered")
-  moe = MoEConfig(num_experts=4, expert_width=16,
-                  router=methods.build("top_p", {"k": 2, "p": 0.6}))
-  model = DiT(tiny_config(moe=moe))
+def test_per_image_fanout_matches_layer_mean():
+  model = DiT(tiny_config())
   params, rs = dit_lib.init_variables(model, jax.random.PRNGKey(0))
   params = jax.tree.map(  # a non-trivial router
       lambda p: p + 0.5 * jax.random.normal(jax.random.PRNGKey(7), p.shape),
-      jax.tree.map(jnp.asarray, params))
+      nn.meta.unbox(params))
   batch = _batch(0, 8)
   t = jnp.arange(8) * 12
   _, coll = jax.jit(lambda p: model.apply(
@@ -290,17 +297,14 @@ def test_per_image_fanout_matches_layer_mean_under_top_p():
   for row, layer in zip(np.asarray(fan), layers.values()):
     np.testing.assert_allclose(row.mean(), float(
         layer["metrics"]["experts_per_token"]), rtol=1e-5)
-  assert np.asarray(fan).std() > 0  # variable fanout across images
+  if ROUTER == "dtop_p":
+    assert np.asarray(fan).std() > 0  # variable fanout across images
 
 
 def test_resume_is_exact_with_controller_state_and_writes_outputs(tmp_path):
-  # DTop-p when registered: its PI controller state and learned gamma must
-  # resume exactly too.
-  name = "dtop_p" if "dtop_p" in methods.available() else "top_k"
-  moe = MoEConfig(num_experts=4, expert_width=16,
-                  router=methods.build(name, {"k": 2}))
-  cfg = tiny_train_config(model=tiny_config(moe=moe), num_devices=1,
-                          samples_per_class=2, quality_samples_per_class=2,
+  # With DTop-p, its PI controller state and learned gamma resume exactly too.
+  name = ROUTER
+  cfg = tiny_train_config(samples_per_class=2, quality_samples_per_class=2,
                           sample_classes=(0, 1), keep_checkpoints=3)
   workdir = tmp_path / "run"
   full = dit_loop.train_dit(cfg, str(workdir))

@@ -267,14 +267,20 @@ def init_variables(model: DiT, rng: jax.Array, batch: int | None = None):
   """Returns (boxed params, router_state) of `model` (no sown outputs)."""
   cfg = model.config
   batch = batch_multiple(cfg) if batch is None else batch
-  def init(rng):  # jitted: one compile instead of one per primitive
-    variables = model.init(
-        {"params": rng, "router": rng},
-        jnp.zeros((batch,) + cfg.image_shape, jnp.float32),
-        jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32),
-        train=False)
-    return variables["params"], variables.get("router_state", {})
-  return jax.jit(init)(rng)
+  key = (model, batch)
+  if key not in _INIT_FNS:
+    def init(rng):  # jitted: one compile instead of one per primitive
+      variables = model.init(
+          {"params": rng, "router": rng},
+          jnp.zeros((batch,) + cfg.image_shape, jnp.float32),
+          jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32),
+          train=False)
+      return variables["params"], variables.get("router_state", {})
+    _INIT_FNS[key] = jax.jit(init)
+  return _INIT_FNS[key](rng)
+
+
+_INIT_FNS: dict[tuple[Any, ...], Any] = {}
 
 
 _APPLY_FNS: dict[DiT, Any] = {}
