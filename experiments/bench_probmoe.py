@@ -62,11 +62,12 @@ def plain_prefix(logits: jax.Array, k: int) -> jax.Array:
   """float32[E+1, K, S] prefix table by a plain scan with jnp.logaddexp."""
   rt = logits.T
   lp, lq = jax.nn.log_sigmoid(rt), jax.nn.log_sigmoid(-rt)
-  init = jnp.full((k + 1, rt.shape[1]), -jnp.inf).at[0].set(0.0)
+  # A finite log 0 (-inf gives NaN gradients through logaddexp).
+  init = jnp.full((k + 1, rt.shape[1]), ek.NEG).at[0].set(0.0)
 
   def step(a, x):
     p, q = x
-    shifted = jnp.concatenate([jnp.full_like(a[:1], -jnp.inf), a[:-1]])
+    shifted = jnp.concatenate([jnp.full_like(a[:1], ek.NEG), a[:-1]])
     new = jnp.logaddexp(shifted + p, a + q)
     return new, a
 
@@ -74,15 +75,31 @@ def plain_prefix(logits: jax.Array, k: int) -> jax.Array:
   return jnp.concatenate([seen, last[None]])
 
 
+def walk(prefix, lp, k, rng):
+  """Backward-walk sample from a prefix table [E+1, K, S]. bool[E, S]."""
+  rho = jnp.exp(jnp.concatenate([jnp.full_like(prefix[:-1, :1], ek.NEG),
+                                 prefix[:-1, :-1]], axis=1)
+                + lp[:, None, :] - prefix[1:])
+  u = jax.random.uniform(jax.random.split(rng)[1], lp.shape)  # as the library
+  rows = jnp.arange(k + 1)[:, None]
+
+  def step(j, x):
+    rho_i, u_i, i = x
+    p = jnp.sum(jnp.where(rows == j[None, :], rho_i, 0.0), axis=0)
+    take = (j > 0) & ((j > i) | (u_i < p))
+    return j - take, take
+
+  size = jnp.full(lp.shape[1:], k, jnp.int32)
+  return jax.lax.scan(step, size, (rho, u, jnp.arange(lp.shape[0])),
+                      reverse=True)[1]
+
+
 def plain_route(logits, k, rng):
   """Straight-through gates with autodiff marginals. float32[S, E]."""
   log_z = lambda x: jnp.sum(plain_prefix(x, k)[-1, k])
   m = jax.grad(log_z)(logits) + jax.nn.sigmoid(logits)
-  prefix = jax.lax.stop_gradient(plain_prefix(logits, k))
-  lp = jax.nn.log_sigmoid(jax.lax.stop_gradient(logits)).T
-  prefix = jnp.maximum(prefix, ek.NEG)  # the walk expects finite log 0
-  size = jnp.full(logits.shape[:1], k, jnp.int32)
-  z = ek._walk(ek._inclusion(prefix[:-1], prefix[1:], lp), size, rng).T
+  z = walk(jax.lax.stop_gradient(plain_prefix(logits, k)),
+           jax.nn.log_sigmoid(jax.lax.stop_gradient(logits)).T, k, rng).T
   probs = jax.nn.softmax(logits, axis=-1)
   g = jnp.where(z, jax.lax.stop_gradient(z - m) + m, 0.0)
   return g * probs
@@ -90,16 +107,23 @@ def plain_route(logits, k, rng):
 
 # ------------------------------- timing -----------------------------------
 def timed(fns: dict, reps: int) -> dict:
-  """Interleaved timing; {name: (min_ms, median_ms)}."""
+  """Interleaved timing: {name: (wall min ms, wall median ms, cpu min ms)}.
+
+  CPU = process time (all threads); on a shared, overloaded machine it is the
+  steadier measure of the work done.
+  """
   for f in fns.values():
     jax.block_until_ready(f())
-  times = {name: [] for name in fns}
+  wall = {name: [] for name in fns}
+  cpu = {name: [] for name in fns}
   for _ in range(reps):
     for name, f in fns.items():
-      t0 = time.perf_counter()
+      t0, c0 = time.perf_counter(), time.process_time()
       jax.block_until_ready(f())
-      times[name].append(1e3 * (time.perf_counter() - t0))
-  return {n: (float(np.min(t)), float(np.median(t))) for n, t in times.items()}
+      wall[name].append(1e3 * (time.perf_counter() - t0))
+      cpu[name].append(1e3 * (time.process_time() - c0))
+  return {n: (float(np.min(wall[n])), float(np.median(wall[n])),
+              float(np.min(cpu[n]))) for n in fns}
 
 
 def main(argv):
@@ -148,23 +172,29 @@ def main(argv):
   res = timed({"fast": fast, "fast_forward_only": fast_fwd, "scan": plain,
                "top_k": topk, "layer_top_k": layer_vg(TopK(k=k)),
                "layer_exact_k": layer_vg(ExactK(k=k))}, FLAGS.reps)
-  layer = res["layer_top_k"][0]
+  layer, layer_cpu = res["layer_top_k"][0], res["layer_top_k"][2]
   rows = []
-  for name, (best, med) in res.items():
-    rows.append({"variant": name, "min_ms": best, "median_ms": med,
-                 "fraction_of_layer_top_k": best / layer})
+  for name, (best, med, cpu) in res.items():
+    rows.append({"variant": name, "wall_min_ms": best, "wall_median_ms": med,
+                 "cpu_min_ms": cpu, "wall_fraction": best / layer,
+                 "cpu_fraction": cpu / layer_cpu})
   print(f"S={s} D={d} F={f} E={e} k={k}  device={jax.devices()[0].platform}  "
-        f"reps={FLAGS.reps} (min over interleaved reps; the CPU is shared)")
-  print(f"{'variant':<20}{'min ms':>10}{'median ms':>12}{'/ layer':>10}")
+        f"reps={FLAGS.reps}; min over interleaved reps; fractions of the "
+        f"top-k MoE layer fwd+bwd")
+  print(f"{'variant':<20}{'wall min':>10}{'wall med':>10}{'cpu min':>10}"
+        f"{'wall %':>8}{'cpu %':>8}")
   for r in rows:
-    print(f"{r['variant']:<20}{r['min_ms']:>10.1f}{r['median_ms']:>12.1f}"
-          f"{100 * r['fraction_of_layer_top_k']:>9.1f}%")
+    print(f"{r['variant']:<20}{r['wall_min_ms']:>10.1f}"
+          f"{r['wall_median_ms']:>10.1f}{r['cpu_min_ms']:>10.1f}"
+          f"{100 * r['wall_fraction']:>8.1f}{100 * r['cpu_fraction']:>8.1f}")
   extra = res["layer_exact_k"][0] - layer
-  print(f"routing fraction (fast, value+grad with sampling): "
-        f"{100 * res['fast'][0] / layer:.1f}% of the top-k layer fwd+bwd; "
-        f"scan: {100 * res['scan'][0] / layer:.1f}%; "
-        f"layer with exact_k - layer with top_k: {extra:.1f} ms; "
-        f"max |grad fast - grad scan| / max |grad| = {grad_rel:.1e}")
+  print(f"exact-k routing (value+grad, with sampling): fast "
+        f"{100 * res['fast'][0] / layer:.1f}% wall / "
+        f"{100 * res['fast'][2] / layer_cpu:.1f}% cpu, plain scan "
+        f"{100 * res['scan'][0] / layer:.1f}% / "
+        f"{100 * res['scan'][2] / layer_cpu:.1f}%; layer(exact_k) - "
+        f"layer(top_k) = {extra:.1f} ms wall; max |grad fast - grad scan| / "
+        f"max |grad| = {grad_rel:.1e}")
   if FLAGS.out:
     os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
     with open(FLAGS.out, "w") as fh:
@@ -172,6 +202,8 @@ def main(argv):
                             "num_experts": e, "k": k, "reps": FLAGS.reps,
                             "device": jax.devices()[0].device_kind},
                  "rows": rows, "grad_rel_diff_fast_vs_scan": grad_rel,
+                 "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                 "load_average": os.getloadavg(),
                  "layer_exact_minus_top_k_ms": extra}, fh, indent=1)
 
 
