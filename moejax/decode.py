@@ -12,7 +12,9 @@ Axis legend:
 The decoder runs the model's own parameters through the same Flax modules as
 `TransformerLM` (norms, attention projections, MLP / MoE, MoD router and
 predictor), applied layer by layer with a key/value cache per layer:
-`{"k": float[B, T, H, K], "v": float[B, T, H, K], "pos": int32[B, T]}`.
+`{"k": float[B, H, T, K], "v": float[B, H, T, K], "pos": int32[B, T]}` (heads
+major, so that the per-step attention products need no transposed copy of the
+cache).
 Slot t holds the token at position t; a slot that holds nothing has position
 `PAD_POSITION`, larger than every real position, so the causal mask hides it.
 
@@ -44,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax.models.lm import DTYPES, LMConfig
-from moejax.nn.attention import attend, causal_mask, rope
+from moejax.nn.attention import causal_mask, rope
 from moejax.nn.experts import DenseFFN
 from moejax.nn.mod import PAD_POSITION, Predictor, router_score
 from moejax.nn.moe import MoE, MoEConfig
@@ -71,10 +73,10 @@ def supports(cfg: LMConfig) -> bool:
 
 
 def init_cache(cfg: LMConfig, batch: int, length: int) -> tuple[dict, ...]:
-  """An empty cache: per layer k/v float[B, T, H, K] zeros, pos = PAD_POSITION."""
+  """An empty cache: per layer k/v float[B, H, T, K] zeros, pos = PAD_POSITION."""
   dtype = DTYPES[cfg.dtype]
   head = cfg.d_model // cfg.num_heads
-  shape = (batch, length, cfg.num_heads, head)
+  shape = (batch, cfg.num_heads, length, head)
   return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
                 "pos": jnp.full((batch, length), PAD_POSITION, jnp.int32)}
                for _ in range(cfg.num_layers))
@@ -102,11 +104,19 @@ def _attention(p, x, positions, cache, valid, num_heads, dtype):
   k = rope(proj("key", (num_heads, head), -1, x), positions)
   v = proj("value", (num_heads, head), -1, x)
   start = positions[0, 0]
-  write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(
-      buf, new.astype(buf.dtype), start, axis=1)
-  cache = {"k": write(cache["k"], k), "v": write(cache["v"], v),
-           "pos": write(cache["pos"], jnp.where(valid, positions, PAD_POSITION))}
-  out = attend(q, cache["k"], cache["v"], causal_mask(positions, cache["pos"]))
+  write = lambda buf, new, axis: jax.lax.dynamic_update_slice_in_dim(
+      buf, new.astype(buf.dtype), start, axis=axis)
+  heads_major = lambda a: jnp.swapaxes(a, 1, 2)  # [B, L, H, K] -> [B, H, L, K]
+  cache = {"k": write(cache["k"], heads_major(k), 2),
+           "v": write(cache["v"], heads_major(v), 2),
+           "pos": write(cache["pos"], jnp.where(valid, positions, PAD_POSITION),
+                        1)}
+  # `attention.attend` with the cache's [B, H, T, K] layout.
+  mask = causal_mask(positions, cache["pos"])
+  scores = jnp.einsum("blhk,bhtk->bhlt", q, cache["k"]).astype(jnp.float32)
+  scores = jnp.where(mask, scores * head ** -0.5, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(cache["v"].dtype)
+  out = jnp.einsum("bhlt,bhtk->blhk", probs, cache["v"])
   return proj("out", width, (-2, -1), out), cache
 
 
