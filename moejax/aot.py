@@ -142,8 +142,9 @@ def all_to_all_bytes(cfg: TrainConfig, mesh_sizes: dict[str, int],
   data, E over expert) and back: per device a buffer of `G E C D / (data *
   expert)` elements, of which the fraction `(X - 1) / X` leaves the device
   (X = expert axis size), twice in the forward pass and twice more in the
-  backward (the transposed all-to-alls). Returns per-device bytes per layer
-  and per step, and the global total per step (0 when X = 1).
+  backward (the transposed all-to-alls). Devices along `model` hold the same
+  tokens and each sends its copy. Returns per-device bytes per layer and per
+  step, and the total over all devices per step (0 when X = 1).
   """
   moe = cfg.model.moe
   if moe is None:
@@ -165,7 +166,8 @@ def all_to_all_bytes(cfg: TrainConfig, mesh_sizes: dict[str, int],
   passes = 4 if train else 2
   per_layer = per_device * passes
   layers = cfg.model.num_moe_layers
+  devices = shards * mesh_sizes.get("model", 1)
   return {"per_layer_per_device": per_layer,
           "per_step_per_device": per_layer * layers,
-          "per_step_total": per_layer * layers * shards,
+          "per_step_total": per_layer * layers * devices,
           "capacity": cap, "groups": groups}

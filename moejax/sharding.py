@@ -165,12 +165,19 @@ def check_model(model_config: Any, mesh: Mesh) -> None:
   moe with num_experts/expert_width). Raises ValueError naming the field.
   """
   model, expert = mesh.shape["model"], mesh.shape["expert"]
-  checks = [("num_heads", getattr(model_config, "num_heads", None), model),
-            ("d_ff", getattr(model_config, "d_ff", None), model)]
+  checks = [("num_heads", getattr(model_config, "num_heads", None), model)]
   moe = getattr(model_config, "moe", None)
+  dense_layers = (getattr(model_config, "num_layers", 1)
+                  - getattr(model_config, "num_moe_layers", 0))
+  if moe is None or dense_layers > 0:
+    checks.append(("d_ff", getattr(model_config, "d_ff", None), model))
   if moe is not None:
     checks += [("num_experts", moe.num_experts, expert),
                ("expert_width", moe.expert_width, model)]
+    if moe.num_shared:
+      checks.append(("num_shared * shared_width",
+                     moe.num_shared * (moe.shared_width or moe.expert_width),
+                     model))
   for name, value, size in checks:
     if value is not None and size > 1 and value % size:
       axis = "expert" if name == "num_experts" else "model"

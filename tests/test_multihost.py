@@ -48,6 +48,18 @@ def test_maybe_initialize_distributed_argument_checks():
         env={"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"})
 
 
+def test_cli_flags_reach_the_config():
+  from moejax.cli import lm_flags
+  cfg = lm_flags.build_train_config(
+      {"config": "tiny", "router": "top_k", "expert_parallel": "shard_map",
+       "mesh": "data:2,expert:4"})
+  assert cfg.model.moe.expert_parallel == "shard_map"
+  assert cfg.mesh == "data:2,expert:4"
+  with pytest.raises(ValueError, match="expert_parallel='a2a' is not"):
+    lm_flags.build_train_config({"config": "tiny", "router": "top_k",
+                                 "expert_parallel": "a2a"})
+
+
 def test_process_batch_rows_single_process_covers_the_batch():
   mesh = sharding.make_mesh("data:2,expert:4")
   assert sharding.process_batch_rows(16, sharding.batch_sharding(mesh)) == (0,

@@ -100,8 +100,10 @@ def routed_experts(routing: Routing, x: jax.Array, weights: dict[str, jax.Array]
     x: float[G, S, D] tokens.
     weights: expert weights (see `expert_mlp`).
     capacity: static C (slots per expert and group).
-    strategy: dispatch strategy, "index", "einsum" or "dropless".
-    max_fanout: the dropless layout's static fanout bound.
+    strategy: a `dispatch.STRATEGIES` name; slot strategies ("einsum",
+      "index", "gather") use the [G, E, C, D] buffers, the dropless ones
+      ("dropless", "sorted", "ragged") their own layouts (see above).
+    max_fanout: the router's static fanout bound (dropless layouts, "gather").
     activation: "swiglu" or "gelu".
     mode: "gspmd" or "shard_map" (see the module docstring).
   Returns:
