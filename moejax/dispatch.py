@@ -42,6 +42,7 @@ All paths are jit-able with static shapes and no host synchronisation.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.struct
@@ -362,12 +363,160 @@ def use_loop_matmul(backend: str | None = None) -> bool:
   return (backend or jax.default_backend()) == "cpu"
 
 
-def slot_block_size(capacity_: int, target: int = 128) -> int:
-  """Largest power of two <= target dividing C (the "gather" loop's blocks)."""
-  size = 1
-  while size * 2 <= target and capacity_ % (size * 2) == 0:
-    size *= 2
-  return size
+BLOCK_ROWS = 256  # rows per block of the CPU block loops
+
+
+def slot_block_size(capacity_: int, target: int = BLOCK_ROWS) -> int:
+  """Rows B of the "gather" block loop: `target`, or C rounded up to a
+  multiple of 8 when C is smaller (the capacity is padded to whole blocks)."""
+  return min(target, 8 * -(-capacity_ // 8))
+
+
+# ---------------------------------------------------------------------------
+# Fused dispatch + expert FFN over row blocks (the CPU path of "gather" and
+# "sorted"): one loop over the used blocks, each gathering its tokens and
+# running the whole expert MLP while the block is in cache.
+# ---------------------------------------------------------------------------
+
+
+def _activation(activation: str):
+  if activation == "swiglu":
+    def fn(pre):  # pre = [gate | in] pre-activations
+      gate, up = jnp.split(pre, 2, axis=-1)
+      return jax.nn.silu(gate) * up
+    return fn
+  if activation == "gelu":
+    return jax.nn.gelu
+  raise ValueError(f"activation={activation!r} is not supported; allowed: "
+                   f"swiglu, gelu")
+
+
+def _dot(a, b, contract):
+  """a @ b contracting a's dim contract[0] with b's dim contract[1] (f32 out)."""
+  return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)),
+                                    ((), ())),
+                             preferred_element_type=jnp.float32)
+
+
+def _block_rows(x, row_token, row_valid, b):
+  rows = _take_rows(x, row_token[b])
+  return jnp.where(row_valid[b][:, None], rows, jnp.zeros((), x.dtype))
+
+
+def _block_ffn_forward(x, w_up, w_out, row_token, row_valid, block_expert,
+                       order, num_used, activation, save):
+  act_fn = _activation(activation)
+  experts = jnp.minimum(block_expert, w_up.shape[0] - 1)
+  num, size = row_token.shape
+  dtype = x.dtype
+
+  def body(i, carry):
+    y, pre_all = carry
+    b = order[i]
+    e = experts[b]
+    xb = _block_rows(x, row_token, row_valid, b)
+    pre = _dot(xb, w_up[e], (1, 0))  # [B, U]
+    yb = _dot(act_fn(pre).astype(dtype), w_out[e], (1, 0))  # [B, D]
+    y = jax.lax.dynamic_update_index_in_dim(y, yb.astype(dtype), b, 0)
+    if save:
+      pre_all = jax.lax.dynamic_update_index_in_dim(pre_all, pre.astype(dtype),
+                                                    b, 0)
+    return y, pre_all
+  y = jnp.zeros((num, size, w_out.shape[-1]), dtype)
+  pre_all = jnp.zeros((num, size, w_up.shape[-1]) if save else (0,), dtype)
+  return jax.lax.fori_loop(0, num_used, body, (y, pre_all))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
+def block_ffn(x: jax.Array, w_up: jax.Array, w_out: jax.Array,
+              row_token: jax.Array, row_valid: jax.Array,
+              block_expert: jax.Array, order: jax.Array, num_used: jax.Array,
+              activation: str = "swiglu", remat: bool = False) -> jax.Array:
+  """Expert MLP of every used block of a row layout, reading tokens directly.
+
+  out[b, r] = act(x[row_token[b, r]] @ w_up[e]) @ w_out[e] with e =
+  block_expert[b], for the used blocks b in order[:num_used] and their valid
+  rows; zeros elsewhere. Matmuls accumulate in float32; activations and
+  outputs are in x's dtype. The backward is the same loop (gradients of x
+  are added per block; weight gradients accumulate in float32).
+
+  Args:
+    x: float[S, D] tokens.
+    w_up: float[E, D, U]: SwiGLU [w_gate | w_in] (U = 2F), or GELU w_in (U = F).
+    w_out: float[E, F, D].
+    row_token: int32[N, B] token of each row; row_valid: bool[N, B].
+    block_expert: int32[N]; order: int32[N] used blocks first; num_used:
+      int32[] (see `grouped_matmul`).
+    activation: "swiglu" or "gelu" (static).
+    remat: static; True recomputes the pre-activations in the backward
+      (one extra up-projection) instead of saving float[N, B, U].
+  Returns:
+    float[N, B, D] in x's dtype.
+  """
+  y, _ = _block_ffn_forward(x, w_up, w_out, row_token, row_valid,
+                            block_expert, order, num_used, activation, False)
+  return y
+
+
+def _block_ffn_fwd(x, w_up, w_out, row_token, row_valid, block_expert, order,
+                   num_used, activation, remat):
+  y, pre_all = _block_ffn_forward(x, w_up, w_out, row_token, row_valid,
+                                  block_expert, order, num_used, activation,
+                                  not remat)
+  return y, (x, w_up, w_out, row_token, row_valid, block_expert, order,
+             num_used, pre_all)
+
+
+def _block_ffn_bwd(activation, remat, res, gy):
+  (x, w_up, w_out, row_token, row_valid, block_expert, order, num_used,
+   pre_all) = res
+  act_fn = _activation(activation)
+  experts = jnp.minimum(block_expert, w_up.shape[0] - 1)
+  dtype = x.dtype
+
+  def body(i, carry):
+    dx, dw_up, dw_out = carry
+    b = order[i]
+    e = experts[b]
+    xb = _block_rows(x, row_token, row_valid, b)
+    if remat:
+      pre = _dot(xb, w_up[e], (1, 0))
+    else:
+      pre = pre_all[b].astype(jnp.float32)
+    act, act_vjp = jax.vjp(act_fn, pre)
+    g = gy[b]  # [B, D]
+    dw_out = jax.lax.dynamic_update_index_in_dim(
+        dw_out, dw_out[e] + _dot(act.astype(dtype), g, (0, 0)), e, 0)
+    dact = _dot(g, w_out[e], (1, 1))  # [B, F]
+    dpre = act_vjp(dact)[0].astype(dtype)  # [B, U]
+    dw_up = jax.lax.dynamic_update_index_in_dim(
+        dw_up, dw_up[e] + _dot(xb, dpre, (0, 0)), e, 0)
+    dxb = _dot(dpre, w_up[e], (1, 1))  # [B, D]
+    dxb = jnp.where(row_valid[b][:, None], dxb, 0.0)
+    dx = dx.at[row_token[b]].add(dxb)
+    return dx, dw_up, dw_out
+  dx, dw_up, dw_out = jax.lax.fori_loop(
+      0, num_used, body,
+      (jnp.zeros(x.shape, jnp.float32), jnp.zeros(w_up.shape, jnp.float32),
+       jnp.zeros(w_out.shape, jnp.float32)))
+  return (dx.astype(x.dtype), dw_up.astype(w_up.dtype),
+          dw_out.astype(w_out.dtype), None, None, None, None, None)
+
+
+block_ffn.defvjp(_block_ffn_fwd, _block_ffn_bwd)
+
+
+def fused_ffn(x: jax.Array, weights: dict[str, jax.Array], activation: str,
+              row_token: jax.Array, row_valid: jax.Array,
+              block_expert: jax.Array, order: jax.Array, num_used: jax.Array,
+              remat: bool = False) -> jax.Array:
+  """`block_ffn` with the weights of `moejax.nn.experts` (w_in, w_gate, w_out)."""
+  if activation == "swiglu":
+    w_up = jnp.concatenate([weights["w_gate"], weights["w_in"]], axis=-1)
+  else:
+    w_up = weights["w_in"]
+  return block_ffn(x.astype(w_up.dtype), w_up, weights["w_out"], row_token,
+                   row_valid, block_expert, order, num_used, activation, remat)
 
 
 def _assignments(routing: Routing, max_fanout: int
@@ -420,11 +569,11 @@ class GatherPlan:
     token_gate: float32[S, m] gate of each kept assignment, 0 elsewhere.
     token_major: static; False when the token->slot map is larger than the
       slots (S*m > 2*E*C): combine and the dispatch backward then scatter-add.
-    block_order: int32[E * C / B] the slot blocks of B rows holding tokens
-      first (expert-major block index), for the block loop of `matmul`.
+    block_order: int32[E * ceil(C / B)] blocks of B slots (the capacity
+      padded to whole blocks) holding tokens first, for the block loop of
+      `ffn`.
     num_used: int32[] blocks holding at least one token.
-    block_size: static B; 0 = `matmul` is one batched einsum over all slots
-      (accelerators, or no power-of-two B >= 16 divides C).
+    block_size: static B of `ffn`; 0 = no fused block loop (accelerators).
   """
   gates: jax.Array
   kept: jax.Array
@@ -465,23 +614,43 @@ class GatherPlan:
     return h.reshape(num_experts, cap, x.shape[-1])
 
   def matmul(self, h: jax.Array, w: jax.Array) -> jax.Array:
-    """h float[E, C, A] times w float[E, A, B] -> float[E, C, B].
+    """h float[E, C, A] times w float[E, A, B] -> float[E, C, B]."""
+    return jnp.einsum("eca,eab->ecb", h, w)
 
-    With `block_size` B > 0 only the blocks of B slots that hold tokens are
-    computed (`grouped_matmul`); the other slots give zeros and get no
-    gradient, which is exact for the layer since their rows are zeros that
-    combine ignores.
+  def ffn(self, x: jax.Array, weights: dict[str, jax.Array],
+          activation: str = "swiglu", remat: bool = False
+          ) -> jax.Array | None:
+    """The whole `expert_ffn` fused (the CPU path): x float[S, D] -> float[S, D].
+
+    One loop over the used blocks of B slots (capacity padded to whole
+    blocks) gathers each block's tokens and runs the expert MLP on it
+    (`block_ffn`); then the gather combine. None when this plan has no block
+    loop (use dispatch/matmul/combine).
     """
     if not self.block_size:
-      return jnp.einsum("eca,eab->ecb", h, w)
-    num_experts, cap, width = h.shape
+      return None
+    num_experts, cap = self.token_index.shape
     size = self.block_size
-    per_expert = cap // size
+    per_expert = -(-cap // size)
+    padded = per_expert * size
+
+    def pad(a):
+      return jnp.pad(a, ((0, 0), (0, padded - cap)))
+    row_token, row_gate = pad(self.token_index), pad(self.slot_gate)
     block_expert = jnp.repeat(jnp.arange(num_experts, dtype=jnp.int32),
                               per_expert)
-    out = grouped_matmul(h.reshape(num_experts * per_expert, size, width), w,
-                         block_expert, self.block_order, self.num_used)
-    return out.reshape(num_experts, cap, w.shape[-1])
+    y = fused_ffn(x, weights, activation, row_token.reshape(-1, size),
+                  (row_gate != 0).reshape(-1, size), block_expert,
+                  self.block_order, self.num_used, remat)
+    rows = y.reshape(-1, y.shape[-1])
+    row_token, row_gate = row_token.reshape(-1), row_gate.reshape(-1)
+    if not self.token_major:
+      return _scatter_combine(rows, row_token, row_gate, x.shape[0])
+    expert, slot = jnp.divmod(self.token_slot, cap)
+    token_row = jnp.where(self.token_valid, expert * padded + slot,
+                          num_experts * padded)
+    return gather_combine(rows, self.token_gate, token_row, self.token_valid,
+                          row_token, jax.lax.stop_gradient(row_gate))
 
   def combine(self, y: jax.Array) -> jax.Array:
     """y float[E, C, D] -> float[S, D]: sum over kept (s, e) of gate * y[e, slot]."""
@@ -492,14 +661,20 @@ class GatherPlan:
       return gather_combine(rows, self.token_gate, self.token_slot,
                             self.token_valid, row_token,
                             jax.lax.stop_gradient(self.slot_gate.reshape(-1)))
-    num_tokens = self.gates.shape[0]
-    weighted = (rows.astype(jnp.float32) *
-                self.slot_gate.reshape(-1, 1)).astype(y.dtype)
-    return jnp.zeros((num_tokens, width), y.dtype).at[row_token].add(weighted)
+    return _scatter_combine(rows, row_token, self.slot_gate.reshape(-1),
+                            self.gates.shape[0])
 
 
-def _gather_plan(routing: Routing, capacity_: int, max_fanout: int
-                 ) -> GatherPlan:
+def _scatter_combine(rows, row_token, row_gate, num_tokens):
+  """float[R, D] rows -> float[S, D]: scatter-add of gate * row (the "index"
+  combine; the fallback of "gather" when its token map is too large)."""
+  weighted = (rows.astype(jnp.float32) * row_gate[:, None]).astype(rows.dtype)
+  return jnp.zeros((num_tokens, rows.shape[-1]), rows.dtype).at[
+      row_token].add(weighted)
+
+
+def _gather_plan(routing: Routing, capacity_: int, max_fanout: int,
+                 block_size: int | None = None) -> GatherPlan:
   num_tokens, num_experts = routing.gates.shape
   expert, valid = _assignments(routing, max_fanout)  # [S, m]
   fanout = expert.shape[1]
@@ -536,13 +711,11 @@ def _gather_plan(routing: Routing, capacity_: int, max_fanout: int
   kept = jnp.zeros((num_tokens, num_experts), bool).at[
       jnp.arange(num_tokens)[:, None], expert].set(token_valid)
   # Blocks of B slots holding tokens: the first ceil(kept_e / B) of expert e.
-  size = slot_block_size(capacity_)
-  if size < 16 or not use_loop_matmul():
-    size = 0
-  per_expert = capacity_ // size if size else 1
+  size = (block_size or slot_block_size(capacity_)) if use_loop_matmul() else 0
+  per_expert = -(-capacity_ // size) if size else 1
   used_e = (jnp.minimum(counts[:num_experts], capacity_) + max(size, 1) - 1
             ) // max(size, 1)
-  used = jnp.arange(per_expert)[None, :] < used_e[:, None]  # [E, C / B]
+  used = jnp.arange(per_expert)[None, :] < used_e[:, None]  # [E, C/B]
   block_order = jnp.argsort(~used.reshape(-1), stable=True).astype(jnp.int32)
   return GatherPlan(gates=routing.gates, kept=kept,
                     token_index=token_index.astype(jnp.int32),
@@ -561,13 +734,15 @@ def _gather_plan(routing: Routing, capacity_: int, max_fanout: int
 def default_block_size(num_rows: int, num_experts: int) -> int:
   """Block rows B for `num_rows` = S*m assignments over E experts.
 
-  128 (the CPU block loop runs only the used blocks, so the padding costs
-  about E*B/2 rows of compute), smaller when there are fewer than B rows per
-  expert: the power of two in [8, 128] at most S*m/E.
+  `BLOCK_ROWS` (the CPU block loop runs only the used blocks, so padding
+  costs about E*B/2 rows of compute; XLA:CPU's small matmuls, the weight
+  gradients above all, lose efficiency below ~256 rows), smaller when there
+  are fewer rows per expert: the power of two in [8, BLOCK_ROWS] at most
+  S*m/E.
   """
   target = max(1, num_rows // num_experts)
   size = 8
-  while size * 2 <= min(target, 128):
+  while size * 2 <= min(target, BLOCK_ROWS):
     size *= 2
   return size
 
@@ -637,6 +812,22 @@ class BlockPlan:
       wb = jnp.take(w, experts, axis=0)  # [N, A, B]
       out = jnp.einsum("nra,nab->nrb", blocks, wb)
     return out.reshape(nb * size, w.shape[-1])
+
+  def ffn(self, x: jax.Array, weights: dict[str, jax.Array],
+          activation: str = "swiglu", remat: bool = False
+          ) -> jax.Array | None:
+    """The whole `expert_ffn` fused on CPU (`block_ffn` over the used blocks,
+    then the gather combine): x float[S, D] -> float[S, D]; None elsewhere
+    (use dispatch/matmul/combine)."""
+    if not use_loop_matmul():
+      return None
+    nb, size = self.block_expert.shape[0], self.block_size
+    num_used = jnp.sum(self.block_expert < self.gates.shape[-1]
+                       ).astype(jnp.int32)
+    y = fused_ffn(x, weights, activation, self.row_token.reshape(nb, size),
+                  (self.row_gate != 0).reshape(nb, size), self.block_expert,
+                  jnp.arange(nb, dtype=jnp.int32), num_used, remat)
+    return self.combine(y.reshape(nb * size, y.shape[-1]))
 
   def combine(self, y: jax.Array) -> jax.Array:
     """y float[R, D] -> float[S, D]."""
@@ -753,8 +944,9 @@ def plan(routing: Routing, capacity: int, *, strategy: str = "index",
       assignment among each token's m largest gates; "gather" sizes its
       token->slot map with it (a router must not exceed it); "einsum" and
       "index" ignore it.
-    block_size: "sorted" only: rows per block B (default
-      `default_block_size(S * m, E)`).
+    block_size: rows per block B of the CPU block loops: "sorted" (default
+      `default_block_size(S * m, E)`) and "gather" (default
+      `slot_block_size(C)`; the capacity is padded to whole blocks).
   Returns:
     a plan pytree (`SlotPlan`, `GatherPlan`, `BlockPlan` or `DroplessPlan`).
   """
@@ -773,7 +965,7 @@ def plan(routing: Routing, capacity: int, *, strategy: str = "index",
     return _block_plan(routing, max_fanout, block_size)
   capacity = check_int("capacity", capacity, 1)
   if strategy == "gather":
-    return _gather_plan(routing, capacity, max_fanout)
+    return _gather_plan(routing, capacity, max_fanout, block_size)
   return _slot_plan(routing, capacity, strategy)
 
 

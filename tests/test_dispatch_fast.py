@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from moejax import dispatch
+from moejax.nn.experts import expert_ffn
 from moejax.routing import Routing, expert_choice, top_k
 from test_dispatch import make_case, reference_kept, reference_moe, run_plan
 
@@ -267,12 +268,12 @@ def test_resolve_and_bad_arguments():
   assert dispatch.resolve_strategy("dropless", "gpu") == "ragged"
   assert dispatch.resolve_strategy("gather", "gpu") == "gather"
   assert set(dispatch.DROPLESS) < set(dispatch.STRATEGIES)
-  assert dispatch.default_block_size(8192, 8) == 128
+  assert dispatch.default_block_size(8192, 8) == 256
   assert dispatch.default_block_size(64, 8) == 8
   assert dispatch.default_block_size(8 * 40, 8) == 32
-  assert dispatch.slot_block_size(1280) == 128
+  assert dispatch.slot_block_size(1280) == 256
   assert dispatch.slot_block_size(640, 64) == 64
-  assert dispatch.slot_block_size(20) == 4
+  assert dispatch.slot_block_size(20) == 24
   routing, *_ = make_case()
   with pytest.raises(ValueError, match="block_size=0"):
     dispatch.plan(routing, 4, strategy="sorted", block_size=0)
@@ -280,18 +281,45 @@ def test_resolve_and_bad_arguments():
     dispatch.plan(routing, 4, strategy="gather", max_fanout=5)
 
 
-@pytest.mark.parametrize("capacity", [16, 32, 48])
-def test_gather_block_loop_over_capacity(capacity):
-  # C divisible by 16: "gather" runs its matmuls as a loop over used blocks.
-  routing, x, w1, w2 = make_case(seed=7, s=64, e=4, k=2)
-  p = dispatch.plan(routing, capacity, strategy="gather", max_fanout=2)
-  assert p.block_size == dispatch.slot_block_size(capacity) >= 16
-  out, kept = run_plan(routing, capacity, "gather", x, w1, w2, max_fanout=2)
-  want_kept = reference_kept(routing.gates, routing.priority, capacity)
-  if capacity == 16:
-    assert not want_kept[np.asarray(routing.routed)].all()
-  np.testing.assert_array_equal(np.asarray(kept), want_kept)
-  assert_close(out, loop_reference(routing, want_kept, x, w1, w2))
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_fused_expert_ffn_matches_einsum(activation):
+  # expert_ffn takes the plans' fused CPU block loop (`plan.ffn`): values and
+  # gradients against the one-hot "einsum" plan, with drops (C = 12 < 16
+  # assignments per expert on average), blocks not dividing C (padded
+  # slots), remat, and the dropless "sorted" path against "ragged".
+  s, d, f, e, k = 32, 6, 5, 4, 2
+  keys = jax.random.split(jax.random.PRNGKey(8), 5)
+  logits = jax.random.normal(keys[0], (s, e)) * 2
+  x = jax.random.normal(keys[1], (s, d))
+  w = {"w_in": jax.random.normal(keys[2], (e, d, f)) / np.sqrt(d),
+       "w_gate": jax.random.normal(keys[3], (e, d, f)) / np.sqrt(d),
+       "w_out": jax.random.normal(keys[4], (e, f, d)) / np.sqrt(f)}
+
+  def loss(logits, x, w, strategy, capacity, remat=False, block_size=None):
+    routing = top_k(logits, k).routing
+    p = dispatch.plan(routing, capacity, strategy=strategy, max_fanout=k,
+                      block_size=block_size)
+    y = expert_ffn(p, x, w, activation, remat=remat)
+    return jnp.sum(y * jnp.cos(y))
+
+  grad = jax.value_and_grad(loss, argnums=(0, 1, 2))
+  for strategy, capacity, reference, kwargs in [
+      ("gather", 12, "einsum", {}),  # one block of 16 per expert
+      ("gather", 12, "einsum", {"block_size": 8, "remat": True}),  # 2 blocks
+      ("gather", 40, "einsum", {"block_size": 16}),
+      ("sorted", 1, "ragged", {"block_size": 8}),
+      ("sorted", 1, "ragged", {"block_size": 3, "remat": True})]:
+    p = dispatch.plan(top_k(logits, k).routing, capacity, strategy=strategy,
+                      max_fanout=k, block_size=kwargs.get("block_size"))
+    assert p.ffn(x, w, activation) is not None  # the fused path runs on CPU
+    got = grad(logits, x, w, strategy, capacity, **kwargs)
+    want = grad(logits, x, w, reference, capacity)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      assert_close(a, b, rtol=2e-4, atol=2e-5)
+  kept = dispatch.plan(top_k(logits, k).routing, 12, strategy="gather",
+                       max_fanout=k).kept
+  assert not np.asarray(kept)[np.asarray(top_k(logits, k).routing.routed)
+                              ].all()
 
 
 def test_grouped_matmul_matches_einsum_and_autodiff():

@@ -20,12 +20,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 ACTIVATIONS = ("swiglu", "gelu")
 
 
 def expert_ffn(plan, x: jax.Array, weights: dict[str, jax.Array],
-               activation: str = "swiglu") -> jax.Array:
+               activation: str = "swiglu", remat: bool = False) -> jax.Array:
   """One group through its routed experts.
 
   Args:
@@ -34,15 +35,28 @@ def expert_ffn(plan, x: jax.Array, weights: dict[str, jax.Array],
     weights: `w_in` float[E, D, F], `w_out` float[E, F, D] and, for SwiGLU,
       `w_gate` float[E, D, F].
     activation: "swiglu" or "gelu".
+    remat: recompute the expert hidden activations in the backward instead of
+      saving them (they are tagged `checkpoint_name(..., "expert_hidden")`).
   Returns:
     float[S, D]: sum over each token's kept experts of gate * expert(x).
   """
-  h = plan.dispatch(x)
-  up = plan.matmul(h, weights["w_in"])
-  if activation == "swiglu":
-    up = nn.silu(plan.matmul(h, weights["w_gate"])) * up
-  else:
-    up = nn.gelu(up)
+  fused = getattr(plan, "ffn", None)  # the whole FFN in one block loop (CPU)
+  out = fused(x, weights, activation, remat) if fused is not None else None
+  if out is not None:
+    return out
+
+  def hidden(h, weights):
+    up = plan.matmul(h, weights["w_in"])
+    if activation == "swiglu":
+      up = nn.silu(plan.matmul(h, weights["w_gate"])) * up
+    else:
+      up = nn.gelu(up)
+    return checkpoint_name(up, "expert_hidden")
+  if remat:
+    hidden = jax.checkpoint(
+        hidden, policy=jax.checkpoint_policies.save_anything_except_these_names(
+            "expert_hidden"))
+  up = hidden(plan.dispatch(x), weights)
   return plan.combine(plan.matmul(up, weights["w_out"]))
 
 
