@@ -1,0 +1,320 @@
+"""ProbMoE comparison: exact-k vs top-k (same k) vs dynamic-k, and fine-tuning
+a trained top-k model with exact-k vs top-k.
+
+Axis legend:
+  G  groups (sequences) of one batch
+  S  tokens in a group
+  E  experts
+  L  routed layers
+
+  python experiments/probmoe_report.py --config=tiny --steps=150 --seeds=0,1 \
+      --finetune_steps=60 --out=experiments/reports/probmoe --workroot=/tmp/probmoe
+
+Every flag of `experiments/train_lm.py` is accepted (the base of every run).
+Runs, per seed: `top_k` (k), `exact_k` (k), `dynamic_k` (k_min..k_max, default
+[max(1, k - 1), k]); then, per seed in --finetune_seeds, the finished top_k run
+is copied (checkpoints only) into `ft_top_k` and `ft_exact_k` workdirs that
+continue for --finetune_steps more steps with that router (params and optimizer
+state are compatible; the learning-rate schedule is the one of steps +
+finetune_steps for both arms). A finished run is reused, an interrupted one
+resumes.
+
+Per run, on --analysis_batches validation batches with the final params:
+validation loss (the run's own final evaluation), expert utilisation of the
+evaluation routing (top-k for top_k / exact_k, the MAP subset for dynamic_k)
+and of the training routing (sampled subsets for exact_k / dynamic_k):
+  load_entropy   entropy (nats) of the expert load (fraction of assignments),
+                 per layer, mean over layers; the maximum is log E;
+  cover99        experts needed to cover 99% of the routing mass (sum of the
+                 combine weights per expert), per layer, mean over layers;
+  token_cover99  per token, experts needed to cover 99% of softmax(logits),
+                 mean over tokens and layers;
+  fanout         mean experts per token.
+Writes OUT/results.json, OUT/results.md and OUT/loss.png.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from moejax.cli import lm_flags  # noqa: E402
+from moejax.data import get_lm_data  # noqa: E402
+from moejax.models.lm import TransformerLM  # noqa: E402
+from moejax.nn.moe import MoE, to_groups  # noqa: E402
+from moejax.train.loop import train  # noqa: E402
+from moejax.train.metrics import read_jsonl  # noqa: E402
+
+lm_flags.define_flags()
+flags.DEFINE_string("seeds", "0,1", "Seeds of the from-scratch runs.")
+flags.DEFINE_string("finetune_seeds", "0,1", "Seeds of the fine-tuning runs "
+                    "('' = none).")
+flags.DEFINE_integer("finetune_steps", 60, "Steps after the top-k checkpoint.")
+flags.DEFINE_string("routers", "top_k,exact_k,dynamic_k",
+                    "From-scratch routers.")
+flags.DEFINE_integer("dyn_k_min", None, "dynamic_k k_min (default max(1, k-1)).")
+flags.DEFINE_integer("dyn_k_max", None, "dynamic_k k_max (default k).")
+flags.DEFINE_integer("analysis_batches", 4, "Validation batches of the "
+                     "utilisation analysis.")
+flags.DEFINE_string("out", "experiments/reports/probmoe", "Results directory.")
+flags.DEFINE_string("workroot", "runs/probmoe", "Root of the run workdirs.")
+flags.DEFINE_string("compile_cache", "/tmp/jax_cache_probmoe",
+                    "Persistent JAX compilation cache ('' = none).")
+FLAGS = flags.FLAGS
+OWN = ("seeds", "finetune_seeds", "finetune_steps", "routers", "dyn_k_min",
+       "dyn_k_max", "analysis_batches", "out", "workroot", "compile_cache")
+
+
+def coverage(mass: np.ndarray, frac: float = 0.99) -> np.ndarray:
+  """Experts needed to cover `frac` of the mass. mass [..., E] -> [...]."""
+  sorted_mass = -np.sort(-mass, axis=-1)
+  cum = np.cumsum(sorted_mass, axis=-1)
+  total = cum[..., -1:]
+  return 1 + np.sum(cum < frac * total - 1e-12, axis=-1)
+
+
+def layer_logits(model, params, router_state, inputs):
+  """Router logits of every MoE layer: list of float32[G, S, E]."""
+  captured = []
+
+  def interceptor(next_fun, args, kwargs, context):
+    if isinstance(context.module, MoE) and context.method_name == "__call__":
+      cfg = context.module.config
+      kernel = nn.meta.unbox(context.module.variables["params"]["router"])
+      groups = to_groups(args[0], cfg.group_size).astype(jnp.float32)
+      captured.append(jnp.einsum("gsd,de->gse", groups,
+                                 kernel.astype(jnp.float32)))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(interceptor):
+    model.apply({"params": params, "router_state": router_state}, inputs,
+                train=False, mutable=["router"])
+  return captured
+
+
+def utilisation(gates: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+  """gates, probs float[T, E] of one layer (T tokens)."""
+  routed = gates != 0
+  counts = routed.sum(0).astype(np.float64)
+  load = counts / max(counts.sum(), 1.0)
+  nz = load[load > 0]
+  return {"load_entropy": float(-np.sum(nz * np.log(nz))),
+          "cover99": float(coverage(gates.sum(0))),
+          "token_cover99": float(np.mean(coverage(probs))),
+          "fanout": float(routed.sum(1).mean())}
+
+
+def analyse(cfg, state, num_batches: int, seed: int) -> dict[str, float]:
+  """Utilisation of eval (deterministic) and train (sampled) routing."""
+  model = TransformerLM(cfg.model)
+  method = cfg.model.moe.router
+  data = get_lm_data(cfg.dataset, seq_len=cfg.seq_len,
+                     batch_size=cfg.batch_size, seed=cfg.seed,
+                     data_dir=cfg.data_dir)
+  params = jax.device_get(state.params)
+  router_state = jax.device_get(state.router_state)
+
+  @jax.jit
+  def route(inputs, key):
+    out = []
+    for i, logits in enumerate(layer_logits(model, params, router_state,
+                                            inputs)):
+      ev = method.route_groups(logits, {}, rng=None, train=False)
+      tr = method.route_groups(logits, {}, rng=jax.random.fold_in(key, i),
+                               train=True) if method.uses_rng else ev
+      num_experts = logits.shape[-1]
+      out.append((jax.nn.softmax(logits).reshape(-1, num_experts),
+                  ev.routing.gates.reshape(-1, num_experts),
+                  tr.routing.gates.reshape(-1, num_experts)))
+    return out
+
+  per = {"eval": [], "train": []}
+  key = jax.random.PRNGKey(seed + 1234)
+  layers = None
+  for b, batch in enumerate(data.eval_batches(num_batches)):
+    res = jax.device_get(route(jnp.asarray(batch["inputs"]),
+                               jax.random.fold_in(key, b)))
+    if layers is None:
+      layers = [[[], [], []] for _ in res]
+    for acc, arrays in zip(layers, res):
+      for lst, arr in zip(acc, arrays):
+        lst.append(np.asarray(arr))
+  for probs, ev, tr in layers:
+    probs, ev, tr = (np.concatenate(x) for x in (probs, ev, tr))
+    per["eval"].append(utilisation(ev, probs))
+    per["train"].append(utilisation(tr, probs))
+  out = {}
+  for mode, rows in per.items():
+    for key_ in rows[0]:
+      out[f"{mode}_{key_}"] = float(np.mean([r[key_] for r in rows]))
+  out["num_experts"] = int(cfg.model.moe.num_experts)
+  return out
+
+
+def run_one(label, values, workdir, source=None):
+  """Trains (or reuses) one run; returns its record."""
+  cfg = lm_flags.build_train_config(values)
+  done = os.path.join(workdir, "done.json")
+  if os.path.exists(done):
+    with open(done) as fh:
+      record = json.load(fh)
+    print(f"[{label}] reused {workdir}")
+    return record
+  if source is not None and not os.path.exists(workdir):
+    os.makedirs(workdir)
+    shutil.copytree(os.path.join(source, "checkpoints"),
+                    os.path.join(workdir, "checkpoints"))
+  t0 = time.time()
+  summary = train(cfg, workdir)
+  wall = time.time() - t0
+  history = read_jsonl(summary["metrics"])
+  logged = [r for r in history if "loss" in r and "experts_per_token" in r]
+  tail = logged[-max(1, len(logged) // 4):]
+  record = {
+      "label": label, "router": values["router"], "seed": values["seed"],
+      "steps": cfg.steps, "eval_loss": summary["eval_loss"],
+      "resumed_from": summary["resumed_from"], "wall_s": wall,
+      "train_fanout_last25": float(np.mean([r["experts_per_token"]
+                                            for r in tail])),
+      "train_loss_last25": float(np.mean([r["loss"] for r in tail])),
+      "router": values["router"], "k": cfg.model.moe.router.k,
+      "method": repr(cfg.model.moe.router),
+      **analyse(cfg, summary["state"], FLAGS.analysis_batches,
+                values["seed"]),
+      "history": [{k: r.get(k) for k in ("step", "loss", "eval_loss",
+                                         "experts_per_token")}
+                  for r in history],
+  }
+  with open(done, "w") as fh:
+    json.dump(record, fh)
+  print(f"[{label}] eval_loss {record['eval_loss']:.4f} in {wall:.0f} s")
+  return record
+
+
+def mean_std(values):
+  values = [v for v in values if v is not None]
+  if not values:
+    return "–"
+  if len(values) == 1:
+    return f"{values[0]:.4f}"
+  return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
+
+
+def table(records, labels, columns):
+  lines = ["| run | seeds | " + " | ".join(c[0] for c in columns) + " |",
+           "|---|---|" + "---|" * len(columns)]
+  for label in labels:
+    rows = [r for r in records if r["label"] == label]
+    if not rows:
+      continue
+    cells = []
+    for _, key, fmt in columns:
+      vals = [r.get(key) for r in rows]
+      if fmt == "loss":
+        cells.append(mean_std(vals))
+      else:
+        vals = [v for v in vals if v is not None]
+        cells.append(f"{np.mean(vals):.2f}" if vals else "–")
+    seeds = ",".join(str(r["seed"]) for r in rows)
+    lines.append(f"| {label} | {seeds} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  if FLAGS.compile_cache:
+    jax.config.update("jax_compilation_cache_dir", FLAGS.compile_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  base = {k: v for k, v in FLAGS.flag_values_dict().items() if k not in OWN}
+  base["progress"] = False
+  k = lm_flags.build_train_config({**base, "router": "top_k"}).model.moe.router.k
+  k_max = FLAGS.dyn_k_max or k
+  k_min = FLAGS.dyn_k_min or max(1, k_max - 1)
+  steps = lm_flags.build_train_config({**base, "router": "top_k"}).steps
+  seeds = [int(s) for s in FLAGS.seeds.split(",") if s]
+  ft_seeds = [int(s) for s in FLAGS.finetune_seeds.split(",") if s]
+  routers = [r for r in FLAGS.routers.split(",") if r]
+  records = []
+  for seed in seeds:
+    for router in routers:
+      values = {**base, "router": router, "seed": seed, "k": k}
+      if router == "dynamic_k":
+        values.update(k_min=k_min, k_max=k_max, k=k_max)
+      records.append(run_one(router, values, os.path.join(
+          FLAGS.workroot, f"{router}_s{seed}")))
+  for seed in ft_seeds:
+    source = os.path.join(FLAGS.workroot, f"top_k_s{seed}")
+    if not os.path.exists(os.path.join(source, "done.json")):
+      records.append(run_one("top_k", {**base, "router": "top_k",
+                                       "seed": seed, "k": k}, source))
+    for router in ("top_k", "exact_k"):
+      values = {**base, "router": router, "seed": seed, "k": k,
+                "steps": steps + FLAGS.finetune_steps}
+      records.append(run_one(f"ft_{router}", values, os.path.join(
+          FLAGS.workroot, f"ft_{router}_s{seed}"), source=source))
+  os.makedirs(FLAGS.out, exist_ok=True)
+  with open(os.path.join(FLAGS.out, "results.json"), "w") as fh:
+    json.dump({"k": k, "k_min": k_min, "k_max": k_max, "steps": steps,
+               "finetune_steps": FLAGS.finetune_steps,
+               "config": FLAGS.config, "records": records}, fh, indent=1)
+  scratch_cols = [
+      ("val. loss", "eval_loss", "loss"),
+      ("train fanout (last 25%)", "train_fanout_last25", "f"),
+      ("eval fanout", "eval_fanout", "f"),
+      ("load entropy, eval", "eval_load_entropy", "f"),
+      ("load entropy, train", "train_load_entropy", "f"),
+      ("experts for 99% mass, eval", "eval_cover99", "f"),
+      ("experts for 99% mass, train", "train_cover99", "f"),
+      ("experts for 99% of a token's softmax", "eval_token_cover99", "f")]
+  md = [f"From scratch ({steps} steps, k = {k}, dynamic-k range "
+        f"[{k_min}, {k_max}]); loss = validation CE, nats/byte; mean ± std "
+        "over seeds.", "",
+        table(records, routers, scratch_cols), "",
+        f"Fine-tuning: top-k checkpoint at step {steps}, then "
+        f"{FLAGS.finetune_steps} more steps.", "",
+        table(records, ["top_k", "ft_top_k", "ft_exact_k"], scratch_cols)]
+  with open(os.path.join(FLAGS.out, "results.md"), "w") as fh:
+    fh.write("\n".join(md) + "\n")
+  print("\n".join(md))
+  plot(records, os.path.join(FLAGS.out, "loss.png"))
+
+
+def plot(records, path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  colors = {"top_k": "C0", "exact_k": "C1", "dynamic_k": "C2",
+            "ft_top_k": "C0", "ft_exact_k": "C1"}
+  for r in records:
+    hist = [h for h in r["history"] if h.get("loss") is not None]
+    ax = axes[1] if r["label"].startswith("ft_") else axes[0]
+    ax.plot([h["step"] for h in hist], [h["loss"] for h in hist],
+            color=colors.get(r["label"], "k"), alpha=0.7,
+            ls="-" if r["seed"] == 0 else "--",
+            label=f"{r['label']} s{r['seed']}")
+  axes[0].set_title("from scratch: training loss")
+  axes[1].set_title("fine-tuning from top-k: training loss")
+  for ax in axes:
+    ax.set_xlabel("step")
+    ax.set_ylabel("CE (nats/byte)")
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+if __name__ == "__main__":
+  app.run(main)
