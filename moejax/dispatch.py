@@ -562,9 +562,11 @@ class GatherPlan:
   Attributes:
     gates: float32[S, E] the routing's gates.
     kept: bool[S, E] assignments that fit in capacity.
-    token_index: int32[E, C] token held by each slot (0 for empty slots).
-    slot_gate: float32[E, C] gate of each slot, 0 for empty slots.
-    token_slot: int32[S, m] flat slot (e * C + c) of each assignment, E * C
+    token_index: int32[G*E, C] token held by each slot (0 for empty slots);
+      with G > 1 groups (`plan(num_groups=G)`) row g * E + e holds the slots
+      of expert e for the tokens of group g.
+    slot_gate: float32[G*E, C] gate of each slot, 0 for empty slots.
+    token_slot: int32[S, m] flat slot (v * C + c) of each assignment, G*E*C
       where it is not kept.
     token_gate: float32[S, m] gate of each kept assignment, 0 elsewhere.
     token_major: static; False when the token->slot map is larger than the
@@ -614,8 +616,11 @@ class GatherPlan:
     return h.reshape(num_experts, cap, x.shape[-1])
 
   def matmul(self, h: jax.Array, w: jax.Array) -> jax.Array:
-    """h float[E, C, A] times w float[E, A, B] -> float[E, C, B]."""
-    return jnp.einsum("eca,eab->ecb", h, w)
+    """h float[G*E, C, A] times w float[E, A, B] -> float[G*E, C, B]."""
+    num_experts = w.shape[0]
+    h = h.reshape(-1, num_experts, *h.shape[1:])
+    out = jnp.einsum("geca,eab->gecb", h, w)
+    return out.reshape(-1, *out.shape[2:])
 
   def ffn(self, x: jax.Array, weights: dict[str, jax.Array],
           activation: str = "swiglu", remat: bool = False
@@ -637,8 +642,9 @@ class GatherPlan:
     def pad(a):
       return jnp.pad(a, ((0, 0), (0, padded - cap)))
     row_token, row_gate = pad(self.token_index), pad(self.slot_gate)
-    block_expert = jnp.repeat(jnp.arange(num_experts, dtype=jnp.int32),
-                              per_expert)
+    block_expert = jnp.repeat(
+        jnp.arange(num_experts, dtype=jnp.int32) % self.gates.shape[-1],
+        per_expert)
     y = fused_ffn(x, weights, activation, row_token.reshape(-1, size),
                   (row_gate != 0).reshape(-1, size), block_expert,
                   self.block_order, self.num_used, remat)
@@ -674,12 +680,18 @@ def _scatter_combine(rows, row_token, row_gate, num_tokens):
 
 
 def _gather_plan(routing: Routing, capacity_: int, max_fanout: int,
-                 block_size: int | None = None) -> GatherPlan:
-  num_tokens, num_experts = routing.gates.shape
+                 block_size: int | None = None,
+                 num_groups: int = 1) -> GatherPlan:
+  num_tokens, real_experts = routing.gates.shape
   expert, valid = _assignments(routing, max_fanout)  # [S, m]
   fanout = expert.shape[1]
   n = num_tokens * fanout
-  flat_expert = jnp.where(valid, expert, num_experts).reshape(-1)
+  # Groups: (group, expert) pairs are virtual experts g * E + e, each with C
+  # slots, so that capacity applies per group.
+  num_experts = num_groups * real_experts
+  group = jnp.arange(num_tokens, dtype=jnp.int32) // (num_tokens // num_groups)
+  virtual = group[:, None] * real_experts + expert
+  flat_expert = jnp.where(valid, virtual, num_experts).reshape(-1)
   priority = jax.lax.stop_gradient(jnp.take_along_axis(
       routing.priority.astype(jnp.float32), expert, axis=1)).reshape(-1)
   iota = jnp.arange(n, dtype=jnp.int32)
@@ -708,7 +720,7 @@ def _gather_plan(routing: Routing, capacity_: int, max_fanout: int,
   slot_gate = jnp.where(slot_valid,
                         jnp.take(token_gate.reshape(-1), slot_source,
                                  mode="clip"), 0.0)
-  kept = jnp.zeros((num_tokens, num_experts), bool).at[
+  kept = jnp.zeros((num_tokens, real_experts), bool).at[
       jnp.arange(num_tokens)[:, None], expert].set(token_valid)
   # Blocks of B slots holding tokens: the first ceil(kept_e / B) of expert e.
   size = (block_size or slot_block_size(capacity_)) if use_loop_matmul() else 0
@@ -930,7 +942,8 @@ def resolve_strategy(strategy: str, backend: str | None = None) -> str:
 
 
 def plan(routing: Routing, capacity: int, *, strategy: str = "index",
-         max_fanout: int | None = None, block_size: int | None = None
+         max_fanout: int | None = None, block_size: int | None = None,
+         num_groups: int = 1
          ) -> SlotPlan | GatherPlan | BlockPlan | DroplessPlan:
   """Builds a dispatch plan for one group.
 
@@ -947,6 +960,10 @@ def plan(routing: Routing, capacity: int, *, strategy: str = "index",
     block_size: rows per block B of the CPU block loops: "sorted" (default
       `default_block_size(S * m, E)`) and "gather" (default
       `slot_block_size(C)`; the capacity is padded to whole blocks).
+    num_groups: G >= 1 routing groups laid end to end in the S tokens (S/G
+      each): capacity C applies per group and expert. "gather" plans all
+      groups at once (its layout is [G*E, C, D]); the dropless strategies
+      keep everything anyway; "einsum" and "index" need G = 1 (vmap them).
   Returns:
     a plan pytree (`SlotPlan`, `GatherPlan`, `BlockPlan` or `DroplessPlan`).
   """
@@ -958,14 +975,21 @@ def plan(routing: Routing, capacity: int, *, strategy: str = "index",
       "max_fanout", max_fanout, 1, num_experts)
   if block_size is not None:
     block_size = check_int("block_size", block_size, 1)
+  num_groups = check_int("num_groups", num_groups, 1)
+  if routing.gates.shape[0] % num_groups:
+    raise ValueError(f"num_groups={num_groups} must divide the tokens "
+                     f"S={routing.gates.shape[0]}")
   strategy = resolve_strategy(strategy)
+  if num_groups > 1 and strategy in ("einsum", "index"):
+    raise ValueError(f"num_groups={num_groups} is not supported by "
+                     f"strategy={strategy!r}; allowed: 1 (vmap over groups)")
   if strategy == "ragged":
     return _dropless_plan(routing, max_fanout)
   if strategy == "sorted":
     return _block_plan(routing, max_fanout, block_size)
   capacity = check_int("capacity", capacity, 1)
   if strategy == "gather":
-    return _gather_plan(routing, capacity, max_fanout, block_size)
+    return _gather_plan(routing, capacity, max_fanout, block_size, num_groups)
   return _slot_plan(routing, capacity, strategy)
 
 

@@ -259,8 +259,25 @@ def test_vmap_over_groups():
   def one(r, x):
     return run_plan(r, 6, "gather", x, w1, w2, max_fanout=2)[0]
   got = jax.vmap(one)(Routing(gates, priority), xs)
-  for i, (r, x, _, _) in enumerate(cases):
-    assert_close(got[i], run_plan(r, 6, "index", x, w1, w2)[0])
+  want = [run_plan(r, 6, "index", x, w1, w2) for r, x, _, _ in cases]
+  for i in range(3):
+    assert_close(got[i], want[i][0])
+  # One plan over the 3 groups laid end to end, capacity 6 per group.
+  flat = Routing(gates.reshape(-1, 4), priority.reshape(-1, 4))
+  out, kept = run_plan_groups(flat, xs.reshape(-1, xs.shape[-1]), w1, w2)
+  np.testing.assert_array_equal(
+      np.asarray(kept), np.concatenate([np.asarray(k) for _, k in want]))
+  assert_close(out, np.concatenate([np.asarray(o) for o, _ in want]))
+  with pytest.raises(ValueError, match="num_groups=3"):
+    dispatch.plan(flat, 6, strategy="index", num_groups=3)
+  with pytest.raises(ValueError, match="num_groups=5"):
+    dispatch.plan(flat, 6, strategy="gather", num_groups=5)
+
+
+def run_plan_groups(routing, x, w1, w2):
+  p = dispatch.plan(routing, 6, strategy="gather", max_fanout=2, num_groups=3)
+  h = jax.nn.relu(p.matmul(p.dispatch(x), w1))
+  return p.combine(p.matmul(h, w2)), p.kept
 
 
 def test_resolve_and_bad_arguments():
@@ -316,6 +333,23 @@ def test_fused_expert_ffn_matches_einsum(activation):
     want = grad(logits, x, w, reference, capacity)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
       assert_close(a, b, rtol=2e-4, atol=2e-5)
+  # Two groups of 16 tokens, capacity 6 per group and expert.
+  def grouped(logits, x, w, strategy):
+    routing = top_k(logits, k).routing
+    if strategy == "gather":
+      p = dispatch.plan(routing, 6, strategy=strategy, max_fanout=k,
+                        num_groups=2, block_size=4)
+      y = expert_ffn(p, x, w, activation)
+    else:
+      halves = lambda a: a.reshape(2, s // 2, *a.shape[1:])  # noqa: E731
+      y = jax.vmap(lambda r, xg: expert_ffn(
+          dispatch.plan(r, 6, strategy=strategy), xg, w, activation))(
+              jax.tree.map(halves, routing), halves(x)).reshape(x.shape)
+    return jnp.sum(y * jnp.cos(y))
+  got = jax.value_and_grad(grouped, argnums=(0, 1, 2))(logits, x, w, "gather")
+  want = jax.value_and_grad(grouped, argnums=(0, 1, 2))(logits, x, w, "einsum")
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert_close(a, b, rtol=2e-4, atol=2e-5)
   kept = dispatch.plan(top_k(logits, k).routing, 12, strategy="gather",
                        max_fanout=k).kept
   assert not np.asarray(kept)[np.asarray(top_k(logits, k).routing.routed)
