@@ -1,8 +1,11 @@
 """Dense vs Mixture-of-Depths vs MoDE: training runs, causal evaluation, plots.
 
-  # all runs (subprocesses, --parallel at a time), then the report:
-  python experiments/mod_report.py --config=small --steps=1000 --seeds=0,1 \
-      --parallel=6 --workroot=runs/mod --out=experiments/reports/mod
+  # all runs (subprocesses, --parallel at a time), then the report (the
+  # command of experiments/reports/mod.md, tiny preset on a CPU):
+  python experiments/mod_report.py --config=tiny --batch_size=8 --steps=200 \
+      --eval_every=40 --eval_batches=4 --log_every=20 --sample_tokens=0 \
+      --checkpoint_every=100000 --mod_capacity=0.125 --seeds=0,1 --parallel=3 \
+      --workroot=runs/mod --out=experiments/reports/mod --compile_cache=runs/mod_cc
   # only the report from finished runs:
   python experiments/mod_report.py --phase=report --out=experiments/reports/mod
 
