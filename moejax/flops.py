@@ -19,11 +19,12 @@ and scatters are not. Attention scores are counted as implemented: every query
 against all T keys of its sequence (the causal mask hides half of them;
 `causal_attention=True` counts only the unmasked (T + 1) / 2). An MoE layer
 counts the expert rows its dispatcher computes: E * C slots per group for the
-slot strategies ("index", "einsum"; C from the method's capacity at the train
-or eval capacity factor), the expected real assignments S * k * E / (E + N)
-for "dropless". A routed MoD block counts its block at T = C tokens, i.e. per
-token of the sequence about c x (projections + MLP) + c^2 x (attention scores)
-with c = C / L, plus its router (D) and predictor (D -> D/2 -> 1).
+slot strategies ("gather", "index", "einsum"; C from the method's capacity
+at the train or eval capacity factor), the expected real assignments
+S * k * E / (E + N) for the dropless ones ("dropless", "sorted", "ragged").
+A routed MoD block counts its block at T = C tokens, i.e. per token of the
+sequence about c x (projections + MLP) + c^2 x (attention scores) with
+c = C / L, plus its router (D) and predictor (D -> D/2 -> 1).
 
 Training FLOPs are the usual 3 x forward (`train_flops`).
 """
@@ -33,6 +34,10 @@ from typing import Any
 
 from moejax.models.lm import LMConfig
 from moejax.nn.moe import MoEConfig
+
+
+# Strategies that compute each kept assignment once (no capacity slots).
+DROPLESS = ("dropless", "sorted", "ragged")
 
 
 def mlp_flops(d_model: int, width: int, activation: str = "swiglu") -> int:
@@ -52,7 +57,7 @@ def moe_flops(moe: MoEConfig, d_model: int, group_tokens: int, *,
   method = moe.router
   out = {"router": 2.0 * d_model * (e + n)}
   expert = mlp_flops(d_model, moe.expert_width, moe.activation)
-  if moe.strategy == "dropless":
+  if moe.strategy in DROPLESS:
     rows_per_token = method.target_fanout * e / (e + n)
     out["dispatch"] = 0.0
   else:
