@@ -55,8 +55,9 @@ cfg = DiTConfig(image_size=8, channels=1, patch_size=2, num_classes=10, num_laye
                 d_model=32, num_heads=2, d_ff=64, moe=moe, frequency_dim=32)
 model = DiT(cfg)
 params, router_state = init_variables(model, jax.random.PRNGKey(0))
-out = model.apply({"params": params, "router_state": router_state}, x0,
-                  jnp.array([500]), jnp.array([3]))
+x4 = jnp.asarray(data.batch(0)["images"][:4])  # routing groups: 64 tokens = 4 images
+out = model.apply({"params": params, "router_state": router_state}, x4,
+                  jnp.array([10, 300, 600, 900]), jnp.array([3, 1, 4, 1]))
 print("router:", router, " output shape:", out.shape, " max |output| at init:", float(jnp.abs(out).max()))"""),
     new_markdown_cell("""## Training with the generic train step
 `make_dit_train_step` is `moejax.train.step.make_train_step` with the diffusion

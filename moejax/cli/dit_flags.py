@@ -90,6 +90,8 @@ def define_flags() -> None:
     flags.FLAGS.set_default(name, default)
   flags.FLAGS["config"].help = ("Preset: " + ", ".join(sorted(DIT_PRESETS))
                                 + " (DiT presets)")
+  flags.FLAGS["dataset"].help = ("Images: digits (scikit-learn's 8x8), or "
+                                 "tfds:mnist / tfds:cifar10 prepared on disk.")
 
 
 def preset(name: str) -> dict[str, Any]:
