@@ -75,8 +75,12 @@ def main(argv):
   if values["compilation_cache"]:
     import jax  # pylint: disable=g-import-not-at-top
     jax.config.update("jax_compilation_cache_dir", values["compilation_cache"])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    for key, value in (("jax_persistent_cache_min_compile_time_secs", 0.0),
+                       ("jax_persistent_cache_min_entry_size_bytes", -1)):
+      try:
+        jax.config.update(key, value)
+      except (AttributeError, KeyError, ValueError):  # older/newer jax
+        pass
   from moejax import methods  # pylint: disable=g-import-not-at-top
   from moejax.train.dit_loop import train_dit  # pylint: disable=g-import-not-at-top
 
@@ -127,6 +131,8 @@ def main(argv):
             f"acc {record.get('class_accuracy', float('nan')):.3f} "
             f"frechet {record.get('frechet', float('nan')):.3f} "
             f"({record['wall_seconds']:.0f} s)", flush=True)
+  specs = specs + [s for s in dict.fromkeys(r["spec"] for r in results)
+                   if s not in specs]  # earlier invocations' runs too
   table = make_table(results, specs)
   with open(os.path.join(values["out"], "dit_table.md"), "w") as f:
     f.write(table + "\n")
