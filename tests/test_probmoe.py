@@ -346,8 +346,17 @@ def test_methods_route_groups_with_rng():
     np.testing.assert_array_equal(a[name][0], b[name][0])
     assert not np.array_equal(a[name][0], c[name][0])
     np.testing.assert_array_equal(a[name][1], c[name][1])  # eval: no rng
-  # Groups get different keys.
+  # Groups get different draws.
   assert not np.array_equal(a["exact_k"][0][0] != 0, a["exact_k"][0][1] != 0)
+  # Training routes all groups' tokens in one pass: the same as exact_k /
+  # dynamic_k on the flattened tokens with the same key.
+  flat = logits.reshape(-1, 6)
+  ref = jax.jit(lambda v, key: (
+      routing.exact_k(v, 2, rng=key).routing.gates,
+      routing.dynamic_k(v, 1, 3, rng=key).routing.gates))(
+          flat, jax.random.PRNGKey(1))
+  np.testing.assert_array_equal(a["exact_k"][0], ref[0].reshape(3, 16, 6))
+  np.testing.assert_array_equal(a["dynamic_k"][0], ref[1].reshape(3, 16, 6))
 
 
 def test_train_steps_with_dynamic_k_are_reproducible_and_resumable():
