@@ -18,7 +18,9 @@ with gradients for x, the router and the expert weights, and divides it by the
 same step of a dense SwiGLU FFN of width k*F (the same active FLOPs) timed in
 the same rounds: each round runs every function of a (size, dtype) block once,
 round-robin, and the ratio is the median over rounds of t_moe / t_dense of the
-same round (the machine is shared: interleaving cancels slow phases). Routing
+same round (the machine is shared: interleaving cancels slow phases); "cpu"
+is the same median ratio of process CPU time (all threads), a second view
+that load from other processes disturbs less. Routing
 math is float32; `--dtype=bfloat16` casts tokens and expert weights (float32
 master params, as in the layer with dtype=bfloat16). Peak memory is XLA's
 compiled `memory_analysis()` (temporaries + arguments + outputs).
@@ -26,6 +28,12 @@ compiled `memory_analysis()` (temporaries + arguments + outputs).
   python experiments/bench_moe.py                       # the default table
   python experiments/bench_moe.py --sizes=4096x512x1024x8x2 --strategies=gather \
       --routers=top_k,dtop_p --dtype=bfloat16 --repeats=5
+
+Default matrix: top_k x {index, gather, sorted} at every size in float32 and
+{gather, sorted} in bfloat16; the other registered routers with "gather" at
+the first size (--router_sizes=all for every size). The one-hot "einsum" and
+"ragged" run only when named in --strategies, and are skipped (with a note)
+above --einsum_max_experts / --ragged_max_experts experts.
 
 Variable-fanout routers are calibrated to a mean fanout of k on the benchmark
 batch (top-p/DTop-p threshold by bisection, ET thresholds = each expert's
@@ -58,14 +66,18 @@ ROUTERS = ("top_k", "expert_choice", "top_p", "dtop_p", "expert_threshold",
            "exact_k")
 
 flags.DEFINE_string("sizes", SIZES, "comma list of TxDxFxExk")
-flags.DEFINE_list("strategies", ["einsum", "index", "gather", "sorted"],
+flags.DEFINE_list("strategies", ["index", "gather", "sorted"],
                   "dispatch strategies for the top_k router (see "
-                  "moejax.dispatch.STRATEGIES)")
+                  "moejax.dispatch.STRATEGIES; add einsum for the one-hot "
+                  "reference, ragged for lax.ragged_dot)")
 flags.DEFINE_list("routers", list(ROUTERS),
                   "routers (those not registered in moejax.methods are "
                   "skipped with a note)")
 flags.DEFINE_list("router_strategies", ["gather"],
                   "strategies run for the routers other than top_k")
+flags.DEFINE_string("router_sizes", "first",
+                    "sizes at which the routers other than top_k run: "
+                    "'first', 'all', or comma list of 0-based size indices")
 flags.DEFINE_list("dtype", ["float32", "bfloat16"], "payload dtypes")
 flags.DEFINE_list("bf16_strategies", ["gather", "sorted"],
                   "strategies run in bfloat16 (top_k only; 'all' = every one)")
@@ -241,12 +253,13 @@ def time_block(entries, repeats: int, warmup: int):
     entry["fn"] = compiled
     for _ in range(warmup):
       jax.block_until_ready(compiled(*entry["args"]))
-    entry["times"] = []
+    entry["times"], entry["cpu_times"] = [], []
   for _ in range(repeats):
     for entry in entries:
-      t0 = time.perf_counter()
+      t0, c0 = time.perf_counter(), time.process_time()
       jax.block_until_ready(entry["fn"](*entry["args"]))
       entry["times"].append(time.perf_counter() - t0)
+      entry["cpu_times"].append(time.process_time() - c0)
 
 
 def skip_reason(strategy: str, size: Size) -> str | None:
@@ -269,22 +282,30 @@ def run(sizes, routers, dtypes):
     if name not in available:
       notes.append(f"router {name} not registered: skipped")
   routers = [r for r in routers if r in available]
-  for size in sizes:
+  if FLAGS.router_sizes == "all":
+    router_sizes = set(range(len(sizes)))
+  elif FLAGS.router_sizes == "first":
+    router_sizes = {0}
+  else:
+    router_sizes = {int(i) for i in FLAGS.router_sizes.split(",") if i}
+  for index, size in enumerate(sizes):
     x, cot, dense_params, moe_params = make_inputs(size, FLAGS.seed)
     group = FLAGS.group_size or size.tokens
     if size.tokens % group:
       raise ValueError(f"group_size={group} must divide tokens={size.tokens}")
     logits = jnp.einsum("gsd,de->gse", x.reshape(-1, group, size.d_model),
                         moe_params["router"])
+    size_routers = [r for r in routers
+                    if r == "top_k" or index in router_sizes]
     calibrated = {}
-    for name in routers:
+    for name in size_routers:
       calibrated[name] = calibrated_method(name, size, logits)
     rng = jax.random.PRNGKey(FLAGS.seed + 1)
     for dtype_name in dtypes:
       dtype = jnp.dtype(dtype_name)
       entries = [{"router": "dense", "strategy": "-", "fn": dense_step(dtype),
                   "args": (dense_params, x, cot)}]
-      for name in routers:
+      for name in size_routers:
         if name == "top_k":
           strategies = FLAGS.strategies
         else:
@@ -313,8 +334,10 @@ def run(sizes, routers, dtypes):
             f"{FLAGS.repeats} rounds", flush=True)
       time_block(entries, FLAGS.repeats, FLAGS.warmup)
       dense_times = entries[0]["times"]
+      dense_cpu = entries[0]["cpu_times"]
       for entry in entries:
         ratios = [t / d for t, d in zip(entry["times"], dense_times)]
+        cpu_ratios = [t / d for t, d in zip(entry["cpu_times"], dense_cpu)]
         median = statistics.median(entry["times"])
         row = {"size": str(size), "tokens": size.tokens,
                "d_model": size.d_model, "width": size.width,
@@ -323,6 +346,7 @@ def run(sizes, routers, dtypes):
                "ms": 1e3 * median,
                "ratio": statistics.median(ratios),
                "ratio_min": min(ratios), "ratio_max": max(ratios),
+               "cpu_ratio": statistics.median(cpu_ratios),
                "tokens_per_s": size.tokens / median,
                "peak_mib": entry["peak_mib"],
                "compile_s": entry["compile_s"],
@@ -335,7 +359,7 @@ def run(sizes, routers, dtypes):
 
 HEADER = (f"{'size (T,D,F,E,k)':<22} {'dtype':<8} {'router':<17} "
           f"{'strategy':<8} {'ms':>8} {'ratio':>6} {'(min-max)':>11} "
-          f"{'tok/s':>8} {'peak MiB':>9} {'fanout':>6}")
+          f"{'cpu':>5} {'tok/s':>8} {'peak MiB':>9} {'fanout':>6}")
 
 
 def print_row(row):
@@ -344,7 +368,8 @@ def print_row(row):
   spread = f"{row['ratio_min']:.2f}-{row['ratio_max']:.2f}"
   print(f"{row['size']:<22} {row['dtype']:<8} {row['router']:<17} "
         f"{row['strategy']:<8} {row['ms']:>8.1f} {row['ratio']:>6.2f} "
-        f"{spread:>11} {row['tokens_per_s']:>8.0f} {peak:>9} {fanout:>6}",
+        f"{spread:>11} {row['cpu_ratio']:>5.2f} {row['tokens_per_s']:>8.0f} "
+        f"{peak:>9} {fanout:>6}",
         flush=True)
 
 

@@ -92,7 +92,8 @@ def _slot_plans(routing: Routing, capacity: int, strategy: str,
 def routed_experts(routing: Routing, x: jax.Array, weights: dict[str, jax.Array],
                    *, capacity: int, strategy: str = "index",
                    max_fanout: int | None = None, activation: str = "swiglu",
-                   mode: str = "gspmd") -> tuple[jax.Array, jax.Array]:
+                   mode: str = "gspmd", remat: bool = False
+                   ) -> tuple[jax.Array, jax.Array]:
   """All groups through their routed experts.
 
   Args:
@@ -106,6 +107,8 @@ def routed_experts(routing: Routing, x: jax.Array, weights: dict[str, jax.Array]
     max_fanout: the router's static fanout bound (dropless layouts, "gather").
     activation: "swiglu" or "gelu".
     mode: "gspmd" or "shard_map" (see the module docstring).
+    remat: recompute the expert hidden activations in the backward pass
+      (`expert_ffn(remat=True)`; single-device "gather"/"sorted" path).
   Returns:
     (y float[G, S, D], kept bool[G, S, E]).
   """
@@ -116,6 +119,21 @@ def routed_experts(routing: Routing, x: jax.Array, weights: dict[str, jax.Array]
     return _shard_map_experts(routing, x, weights, capacity=capacity,
                               strategy=strategy, max_fanout=max_fanout,
                               activation=activation)
+  mesh = sharding.current_mesh()
+  if (dispatch.resolve_strategy(strategy) in ("gather", "sorted") and
+      (mesh is None or math.prod(dict(mesh.shape).values()) == 1)):
+    # One device, nothing to shard: one plan over all G * S tokens ("gather"
+    # keeps capacity per group) and the fused CPU block loop of `expert_ffn`.
+    num_groups, num_tokens, num_experts = routing.gates.shape
+    flat = Routing(gates=routing.gates.reshape(-1, num_experts),
+                   priority=routing.priority.reshape(-1, num_experts))
+    plan = dispatch.plan(
+        flat, capacity, strategy=strategy, max_fanout=max_fanout,
+        num_groups=num_groups if strategy == "gather" else 1)
+    y = expert_ffn(plan, x.reshape(-1, x.shape[-1]), weights, activation,
+                   remat=remat)
+    return (y.reshape(x.shape),
+            plan.kept.reshape(num_groups, num_tokens, num_experts))
   if strategy not in SLOT_STRATEGIES and (
       dispatch.resolve_strategy(strategy) != "ragged"):
     def one_group(r, xg):  # dropless layouts of one group each

@@ -48,7 +48,13 @@ class MoEConfig:
     shared_width: width of each shared expert (default `expert_width`).
     capacity_factor: training capacity factor (C formula in `dispatch.capacity`).
     eval_capacity_factor: capacity factor in evaluation and sampling.
-    strategy: dispatch strategy, "index", "einsum" or "dropless".
+    strategy: dispatch strategy (`moejax.dispatch.STRATEGIES`): "gather"
+      (default; the capacity semantics of "index" with gather-only dispatch
+      and combine and, on CPU, a fused block loop), "index", "einsum" (the
+      one-hot reference), "dropless" ("sorted" on CPU, "ragged" elsewhere),
+      "sorted", "ragged".
+    remat: recompute the expert hidden activations in the backward pass
+      instead of saving them (less memory, one more up-projection).
     group_size: tokens per routing group; None = one sequence per group.
     activation: "swiglu" or "gelu".
     load_balance_weight / z_loss_weight / entropy_weight: aux loss weights;
@@ -68,7 +74,7 @@ class MoEConfig:
   shared_width: int | None = None
   capacity_factor: float = 1.25
   eval_capacity_factor: float = 2.0
-  strategy: str = "index"
+  strategy: str = "gather"
   group_size: int | None = None
   activation: str = "swiglu"
   load_balance_weight: float | None = None
@@ -77,6 +83,7 @@ class MoEConfig:
   router_init_scale: float = 0.1
   expert_parallel: str = "gspmd"
   num_noop_experts: int = 0
+  remat: bool = False
 
   def __post_init__(self):
     def positive(name, value):
@@ -217,7 +224,8 @@ class MoE(nn.Module):
     y, kept = expert_parallel.routed_experts(
         routing, groups.astype(self.dtype), weights, capacity=cap,
         strategy=cfg.strategy, max_fanout=max_fanout,
-        activation=cfg.activation, mode=cfg.expert_parallel)
+        activation=cfg.activation, mode=cfg.expert_parallel,
+        remat=cfg.remat)
     y = sharding.constrain(y, sharding.ACT_GSD).reshape(batch, length, width)
     if cfg.num_shared:
       shared_width = cfg.shared_width or cfg.expert_width
