@@ -2,6 +2,8 @@
 keeps one identical controller state on every replica, equal to the
 single-device run. And the pure routers + dispatchers run under `jax.pmap`."""
 import chex
+import flax.linen as nn
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,8 +14,11 @@ from moejax import dispatch, methods, routing, sharding
 from moejax.models.lm import LMConfig, TransformerLM
 from moejax.nn.experts import expert_ffn
 from moejax.nn.moe import MoEConfig
-from moejax.train.loop import TrainConfig, build_state, state_shardings
+from moejax.train.loop import TrainConfig
+from moejax.train.state import TrainState
 from moejax.train.step import make_train_step, router_states
+
+OPTIMIZER = optax.sgd(0.3)
 
 # Controller-bearing methods registered today (others may join the registry).
 CONTROLLED = [("dtop_p", {}), ("expert_threshold", {"et_warmup_steps": 1}),
@@ -30,7 +35,7 @@ def _config(router, options):
   return TrainConfig(model=model, batch_size=16, seq_len=16, steps=3)
 
 
-def _batches(n=3, batch=16, length=16):
+def _batches(n=2, batch=16, length=16):
   rng = np.random.default_rng(1)
   out = []
   for _ in range(n):
@@ -41,11 +46,39 @@ def _batches(n=3, batch=16, length=16):
   return out
 
 
-def _train(cfg, mesh, init_state, batches):
+def _initial_state(cfg):
+  """A TrainState for plain SGD with params drawn by numpy at `init`'s shapes
+  and every layer's initial controller state (no init compile), plus the
+  boxed param shapes (for their shardings)."""
+  model = TransformerLM(cfg.model)
+  tokens = jnp.zeros((cfg.batch_size, cfg.seq_len), jnp.int32)
+  shapes = jax.eval_shape(lambda: model.init(
+      {"params": jax.random.PRNGKey(0), "router": jax.random.PRNGKey(0)},
+      tokens, train=False))
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(
+      lambda s: (np.ones(s.shape, np.float32) if len(s.shape) < 2 else
+                 rng.normal(0, 0.1, s.shape).astype(np.float32)),
+      nn.meta.unbox(shapes["params"]))
+  method = cfg.model.moe.router
+  paths = router_states(shapes.get("router_state", {}))
+  router_state = flax.traverse_util.unflatten_dict(
+      {path + ("state",): method.init_state(cfg.model.moe.num_experts)
+       for path in paths})
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                     opt_state=OPTIMIZER.init(params),
+                     router_state=router_state, rng=jax.random.PRNGKey(0),
+                     data_index=jnp.zeros((), jnp.int32))
+  return state, shapes["params"]
+
+
+def _train(cfg, mesh, init_state, boxed, batches):
   model = TransformerLM(cfg.model)
   with jax.set_mesh(mesh):
-    state = jax.device_put(init_state, state_shardings(cfg, model, mesh))
-    step = make_train_step(model, optax.sgd(0.3), cfg.model.moe.router,
+    shards = jax.tree.map(lambda _: sharding.replicated(mesh), init_state)
+    shards = shards.replace(params=sharding.param_shardings(boxed, mesh))
+    state = jax.device_put(init_state, shards)
+    step = make_train_step(model, OPTIMIZER, cfg.model.moe.router,
                            donate=False)
     history = []
     for batch in batches:
@@ -60,13 +93,12 @@ def _train(cfg, mesh, init_state, batches):
 def test_data_parallel_controller_state_identical_and_matches_one_device(
     router, options):
   cfg = _config(router, options)
-  mesh1 = sharding.make_mesh(None, jax.devices()[:1])
-  with jax.set_mesh(mesh1):
-    init = build_state(cfg, TransformerLM(cfg.model), mesh1)
+  init, boxed = _initial_state(cfg)
   assert init.router_state, f"{router} keeps no controller state"
   batches = _batches()
-  single = _train(cfg, mesh1, init, batches)
-  multi = _train(cfg, sharding.make_mesh("data:8"), init, batches)
+  single = _train(cfg, sharding.make_mesh(None, jax.devices()[:1]), init,
+                  boxed, batches)
+  multi = _train(cfg, sharding.make_mesh("data:8"), init, boxed, batches)
   moved = False
   for step, (one, eight) in enumerate(zip(single, multi)):
     for leaf in jax.tree.leaves(eight):
