@@ -41,6 +41,7 @@ flags.DEFINE_list("layouts", ["1", "data:8", "data:2,expert:4",
                   "Mesh layouts; '1' = one device.")
 flags.DEFINE_list("expert_parallel", ["gspmd", "shard_map"],
                   "Expert-parallel modes for layouts with an expert axis > 1.")
+flags.DEFINE_string("strategy", "index", "Dispatch strategy of the MoE layers.")
 flags.DEFINE_string("out", "experiments/reports/bench_sharding.json",
                     "JSON output path.")
 
@@ -55,7 +56,7 @@ def build_config(preset_name, batch_size, num_layers, mode):
   moe = MoEConfig(num_experts=pre["num_experts"],
                   expert_width=pre["expert_width"],
                   router=methods.build("top_k", {"k": pre["k"]}),
-                  expert_parallel=mode)
+                  strategy=FLAGS.strategy, expert_parallel=mode)
   model = LMConfig(num_layers=num_layers or pre["num_layers"],
                    d_model=pre["d_model"], num_heads=pre["num_heads"],
                    d_ff=pre["d_ff"], max_len=pre["seq_len"], moe=moe,
@@ -141,6 +142,7 @@ def main(argv):
       f"config={FLAGS.config} layers={base.model.num_layers} "
       f"D={base.model.d_model} E={base.model.moe.num_experts} "
       f"k={base.model.moe.router.k} batch={base.batch_size}x{base.seq_len} "
+      f"strategy={FLAGS.strategy} "
       f"params={count.total / 1e6:.2f}M (active {count.active / 1e6:.2f}M)",
       "",
       "| layout | devices | expert parallel | compile s | step s (median) "
@@ -157,6 +159,7 @@ def main(argv):
   table = "\n".join(lines)
   print(table)
   result = {"config": FLAGS.config, "num_layers": base.model.num_layers,
+            "strategy": FLAGS.strategy,
             "batch_size": base.batch_size, "seq_len": base.seq_len,
             "params": count.as_dict(), "cpu_count": os.cpu_count(),
             "jax": jax.__version__, "runs": runs, "table": table}
