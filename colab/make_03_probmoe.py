@@ -91,7 +91,7 @@ cov = (zs * (weights / Z)[:, None]).T @ zs - np.outer(brute_m, brute_m)
 print('d(m . c)/dr  custom VJP', np.round(grad, 5)); print('             Cov(z) c  ', np.round(cov @ c, 5))"""),
     ("md", """## 4. A tiny training run
 A two-block LM on Python standard-library bytes, exact-k (k = 2 of 8 experts)
-against top-k with the same k, 40 steps each (a CPU smoke test, not a
+against top-k with the same k and dynamic-k over [1, 2], 30 steps each (a CPU smoke test, not a
 comparison: see the report for that). Inference uses top-k for both."""),
     ("code", """from moejax.methods import ExactK, TopK, DynamicK
 from moejax.models import LMConfig
@@ -102,8 +102,8 @@ import tempfile
 def config(router):
   model = LMConfig(num_layers=2, d_model=64, num_heads=2, d_ff=256, max_len=64,
                    moe=MoEConfig(num_experts=8, expert_width=64, router=router))
-  return TrainConfig(model=model, optim=OptimConfig(learning_rate=3e-3, warmup_steps=5, total_steps=40),
-                     batch_size=8, seq_len=64, steps=40, log_every=2, eval_every=1000,
+  return TrainConfig(model=model, optim=OptimConfig(learning_rate=3e-3, warmup_steps=5, total_steps=30),
+                     batch_size=8, seq_len=64, steps=30, log_every=2, eval_every=1000,
                      eval_batches=2, checkpoint_every=1000, sample_tokens=0, progress=False, num_devices=1)
 results = {}
 for name, router in [('top_k', TopK(k=2)), ('exact_k', ExactK(k=2)), ('dynamic_k [1,2]', DynamicK(k=2, k_min=1, k_max=2))]:

@@ -7,17 +7,20 @@ Axis legend:
   E  experts
   L  routed layers
 
-  python experiments/probmoe_report.py --config=tiny --steps=150 --seeds=0,1 \
-      --finetune_steps=60 --out=experiments/reports/probmoe --workroot=/tmp/probmoe
+  python experiments/probmoe_report.py --config=tiny --steps=120 --seeds=0,1 \
+      --finetune_steps=60 --out=experiments/reports/probmoe --workroot=runs/probmoe
 
 Every flag of `experiments/train_lm.py` is accepted (the base of every run).
-Runs, per seed: `top_k` (k), `exact_k` (k), `dynamic_k` (k_min..k_max, default
-[max(1, k - 1), k]); then, per seed in --finetune_seeds, the finished top_k run
-is copied (checkpoints only) into `ft_top_k` and `ft_exact_k` workdirs that
-continue for --finetune_steps more steps with that router (params and optimizer
-state are compatible; the learning-rate schedule is the one of steps +
-finetune_steps for both arms). A finished run is reused, an interrupted one
-resumes.
+From scratch, per seed, the runs of --runs (default: `top_k` (k, weights
+renormalised, moejax's default), `top_k_unnorm` (k, softmax weights not
+renormalised: the conventional OLMoE router, and the same gate scale as
+ProbMoE's), `exact_k` (k), `dynamic_k` (k_min..k_max, default
+[max(1, k - 1), k])). Then, per seed in --finetune_seeds, the finished
+--finetune_source run (default top_k_unnorm) is copied (checkpoints only) into
+`ft_LABEL` workdirs, one per label of --finetune_runs, that continue for
+--finetune_steps more steps with that router (params and optimizer state are
+compatible; the learning-rate schedule is the one of steps + finetune_steps for
+every arm). A finished run is reused, an interrupted one resumes.
 
 Per run, on --analysis_batches validation batches with the final params:
 validation loss (the run's own final evaluation), expert utilisation of the
@@ -60,8 +63,14 @@ flags.DEFINE_string("seeds", "0,1", "Seeds of the from-scratch runs.")
 flags.DEFINE_string("finetune_seeds", "0,1", "Seeds of the fine-tuning runs "
                     "('' = none).")
 flags.DEFINE_integer("finetune_steps", 60, "Steps after the top-k checkpoint.")
-flags.DEFINE_string("routers", "top_k,exact_k,dynamic_k",
-                    "From-scratch routers.")
+flags.DEFINE_string("runs", "top_k;top_k_unnorm=top_k,normalize=0;exact_k;"
+                    "dynamic_k", "From-scratch runs separated by ';': "
+                    "[LABEL=]ROUTER[,FIELD=VALUE...] (fields of the method or "
+                    "flags of train_lm.py).")
+flags.DEFINE_string("finetune_source", "top_k_unnorm", "Label of the run whose "
+                    "final checkpoint the fine-tuning runs start from.")
+flags.DEFINE_string("finetune_runs", "top_k_unnorm;exact_k", "Labels (from "
+                    "--runs) continued from the source checkpoint.")
 flags.DEFINE_integer("dyn_k_min", None, "dynamic_k k_min (default max(1, k-1)).")
 flags.DEFINE_integer("dyn_k_max", None, "dynamic_k k_max (default k).")
 flags.DEFINE_integer("analysis_batches", 4, "Validation batches of the "
@@ -71,8 +80,34 @@ flags.DEFINE_string("workroot", "runs/probmoe", "Root of the run workdirs.")
 flags.DEFINE_string("compile_cache", "/tmp/jax_cache_probmoe",
                     "Persistent JAX compilation cache ('' = none).")
 FLAGS = flags.FLAGS
-OWN = ("seeds", "finetune_seeds", "finetune_steps", "routers", "dyn_k_min",
+OWN = ("seeds", "finetune_seeds", "finetune_steps", "runs", "finetune_source",
+       "finetune_runs", "dyn_k_min",
        "dyn_k_max", "analysis_batches", "out", "workroot", "compile_cache")
+
+
+def parse_value(text: str):
+  for cast in (int, float):
+    try:
+      return cast(text)
+    except ValueError:
+      pass
+  return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def parse_runs(spec: str) -> dict[str, dict]:
+  """'[LABEL=]ROUTER[,KEY=VALUE...]' separated by ';' -> {label: values}."""
+  runs = {}
+  for item in filter(None, (x.strip() for x in spec.split(";"))):
+    head, *rest = item.split(",")
+    label, _, router = head.rpartition("=")
+    values = {"router": router}
+    for kv in rest:
+      key, _, value = kv.partition("=")
+      values[key] = parse_value(value)
+    if values.get("normalize") in (0, 1):
+      values["normalize"] = bool(values["normalize"])
+    runs[label or router] = values
+  return runs
 
 
 def coverage(mass: np.ndarray, frac: float = 0.99) -> np.ndarray:
@@ -187,7 +222,7 @@ def run_one(label, values, workdir, source=None):
       "train_fanout_last25": float(np.mean([r["experts_per_token"]
                                             for r in tail])),
       "train_loss_last25": float(np.mean([r["loss"] for r in tail])),
-      "router": values["router"], "k": cfg.model.moe.router.k,
+      "k": cfg.model.moe.router.k,
       "method": repr(cfg.model.moe.router),
       **analyse(cfg, summary["state"], FLAGS.analysis_batches,
                 values["seed"]),
@@ -245,25 +280,30 @@ def main(argv):
   steps = lm_flags.build_train_config({**base, "router": "top_k"}).steps
   seeds = [int(s) for s in FLAGS.seeds.split(",") if s]
   ft_seeds = [int(s) for s in FLAGS.finetune_seeds.split(",") if s]
-  routers = [r for r in FLAGS.routers.split(",") if r]
+  runs = parse_runs(FLAGS.runs)
+
+  def values_of(label, seed, **over):
+    values = {**base, "seed": seed, "k": k, **runs[label], **over}
+    if values["router"] == "dynamic_k":
+      values.setdefault("k_min", k_min)
+      values.setdefault("k_max", k_max)
+      values["k"] = values["k_max"]
+    return values
+
   records = []
   for seed in seeds:
-    for router in routers:
-      values = {**base, "router": router, "seed": seed, "k": k}
-      if router == "dynamic_k":
-        values.update(k_min=k_min, k_max=k_max, k=k_max)
-      records.append(run_one(router, values, os.path.join(
-          FLAGS.workroot, f"{router}_s{seed}")))
+    for label in runs:
+      records.append(run_one(label, values_of(label, seed), os.path.join(
+          FLAGS.workroot, f"{label}_s{seed}")))
+  src = FLAGS.finetune_source
   for seed in ft_seeds:
-    source = os.path.join(FLAGS.workroot, f"top_k_s{seed}")
+    source = os.path.join(FLAGS.workroot, f"{src}_s{seed}")
     if not os.path.exists(os.path.join(source, "done.json")):
-      records.append(run_one("top_k", {**base, "router": "top_k",
-                                       "seed": seed, "k": k}, source))
-    for router in ("top_k", "exact_k"):
-      values = {**base, "router": router, "seed": seed, "k": k,
-                "steps": steps + FLAGS.finetune_steps}
-      records.append(run_one(f"ft_{router}", values, os.path.join(
-          FLAGS.workroot, f"ft_{router}_s{seed}"), source=source))
+      records.append(run_one(src, values_of(src, seed), source))
+    for label in filter(None, FLAGS.finetune_runs.split(";")):
+      values = values_of(label, seed, steps=steps + FLAGS.finetune_steps)
+      records.append(run_one(f"ft_{label}", values, os.path.join(
+          FLAGS.workroot, f"ft_{label}_s{seed}"), source=source))
   os.makedirs(FLAGS.out, exist_ok=True)
   with open(os.path.join(FLAGS.out, "results.json"), "w") as fh:
     json.dump({"k": k, "k_min": k_min, "k_max": k_max, "steps": steps,
@@ -281,10 +321,12 @@ def main(argv):
   md = [f"From scratch ({steps} steps, k = {k}, dynamic-k range "
         f"[{k_min}, {k_max}]); loss = validation CE, nats/byte; mean ± std "
         "over seeds.", "",
-        table(records, routers, scratch_cols), "",
-        f"Fine-tuning: top-k checkpoint at step {steps}, then "
+        table(records, list(runs), scratch_cols), "",
+        f"Fine-tuning: the {src} checkpoint at step {steps}, then "
         f"{FLAGS.finetune_steps} more steps.", "",
-        table(records, ["top_k", "ft_top_k", "ft_exact_k"], scratch_cols)]
+        table(records, [src] + [f"ft_{l}" for l in
+                                FLAGS.finetune_runs.split(";") if l],
+              scratch_cols)]
   with open(os.path.join(FLAGS.out, "results.md"), "w") as fh:
     fh.write("\n".join(md) + "\n")
   print("\n".join(md))
@@ -297,7 +339,7 @@ def plot(records, path):
   import matplotlib.pyplot as plt
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   colors = {"top_k": "C0", "exact_k": "C1", "dynamic_k": "C2",
-            "ft_top_k": "C0", "ft_exact_k": "C1"}
+            "top_k_unnorm": "C3", "ft_top_k_unnorm": "C3", "ft_exact_k": "C1"}
   for r in records:
     hist = [h for h in r["history"] if h.get("loss") is not None]
     ax = axes[1] if r["label"].startswith("ft_") else axes[0]
@@ -306,7 +348,7 @@ def plot(records, path):
             ls="-" if r["seed"] == 0 else "--",
             label=f"{r['label']} s{r['seed']}")
   axes[0].set_title("from scratch: training loss")
-  axes[1].set_title("fine-tuning from top-k: training loss")
+  axes[1].set_title(f"fine-tuning from {FLAGS.finetune_source}: training loss")
   for ax in axes:
     ax.set_xlabel("step")
     ax.set_ylabel("CE (nats/byte)")
