@@ -403,120 +403,142 @@ def _block_rows(x, row_token, row_valid, b):
   return jnp.where(row_valid[b][:, None], rows, jnp.zeros((), x.dtype))
 
 
-def _block_ffn_forward(x, w_up, w_out, row_token, row_valid, block_expert,
-                       order, num_used, activation, save):
+def _block_moe_forward(x, w_up, w_out, row_gate, row_token, row_valid,
+                       block_expert, order, num_used, activation, save):
   act_fn = _activation(activation)
   experts = jnp.minimum(block_expert, w_up.shape[0] - 1)
   num, size = row_token.shape
   dtype = x.dtype
 
   def body(i, carry):
-    y, pre_all = carry
+    out, pre_all = carry
     b = order[i]
     e = experts[b]
     xb = _block_rows(x, row_token, row_valid, b)
     pre = _dot(xb, w_up[e], (1, 0))  # [B, U]
     yb = _dot(act_fn(pre).astype(dtype), w_out[e], (1, 0))  # [B, D]
-    y = jax.lax.dynamic_update_index_in_dim(y, yb.astype(dtype), b, 0)
+    yb = jnp.where(row_valid[b][:, None], row_gate[b][:, None] * yb, 0.0)
+    out = out.at[row_token[b]].add(yb)
     if save:
       pre_all = jax.lax.dynamic_update_index_in_dim(pre_all, pre.astype(dtype),
                                                     b, 0)
-    return y, pre_all
-  y = jnp.zeros((num, size, w_out.shape[-1]), dtype)
+    return out, pre_all
+  out = jnp.zeros(x.shape[:1] + w_out.shape[-1:], jnp.float32)
   pre_all = jnp.zeros((num, size, w_up.shape[-1]) if save else (0,), dtype)
-  return jax.lax.fori_loop(0, num_used, body, (y, pre_all))
+  out, pre_all = jax.lax.fori_loop(0, num_used, body, (out, pre_all))
+  return out.astype(dtype), pre_all
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
-def block_ffn(x: jax.Array, w_up: jax.Array, w_out: jax.Array,
-              row_token: jax.Array, row_valid: jax.Array,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10))
+def block_moe(x: jax.Array, w_up: jax.Array, w_out: jax.Array,
+              row_gate: jax.Array, row_token: jax.Array, row_valid: jax.Array,
               block_expert: jax.Array, order: jax.Array, num_used: jax.Array,
               activation: str = "swiglu", remat: bool = False) -> jax.Array:
-  """Expert MLP of every used block of a row layout, reading tokens directly.
+  """Dispatch, expert MLPs and combine in one loop over the used row blocks.
 
-  out[b, r] = act(x[row_token[b, r]] @ w_up[e]) @ w_out[e] with e =
-  block_expert[b], for the used blocks b in order[:num_used] and their valid
-  rows; zeros elsewhere. Matmuls accumulate in float32; activations and
-  outputs are in x's dtype. The backward is the same loop (gradients of x
-  are added per block; weight gradients accumulate in float32).
+  out[s] = sum over valid rows r with row_token[r] = s of
+  row_gate[r] * act(x[s] @ w_up[e]) @ w_out[e], e = the row's block expert,
+  for the used blocks b in order[:num_used]. Each block gathers its tokens,
+  runs the whole MLP while they are in cache and adds its gated rows to the
+  output; nothing of size [rows, D] is materialised. Matmuls accumulate in
+  float32, the output sums in float32; activations are in x's dtype. The
+  backward pass is the same loop: it gathers the output cotangents of each
+  block, adds the block's input gradients to dx and accumulates the weight
+  gradients (float32); the gate gradient of a row is <dout[s], y_r> =
+  <dout[s] @ w_out^T, act>, from the same matmul as the activation gradient.
 
   Args:
     x: float[S, D] tokens.
     w_up: float[E, D, U]: SwiGLU [w_gate | w_in] (U = 2F), or GELU w_in (U = F).
     w_out: float[E, F, D].
-    row_token: int32[N, B] token of each row; row_valid: bool[N, B].
+    row_gate: float32[N, B] gate of each row (0 for empty rows).
+    row_token: int32[N, B] token of each row; row_valid: bool[N, B]. A block's
+      valid rows hold distinct tokens.
     block_expert: int32[N]; order: int32[N] used blocks first; num_used:
       int32[] (see `grouped_matmul`).
     activation: "swiglu" or "gelu" (static).
     remat: static; True recomputes the pre-activations in the backward
       (one extra up-projection) instead of saving float[N, B, U].
   Returns:
-    float[N, B, D] in x's dtype.
+    float[S, D] in x's dtype.
   """
-  y, _ = _block_ffn_forward(x, w_up, w_out, row_token, row_valid,
-                            block_expert, order, num_used, activation, False)
-  return y
+  out, _ = _block_moe_forward(x, w_up, w_out, row_gate, row_token, row_valid,
+                              block_expert, order, num_used, activation, False)
+  return out
 
 
-def _block_ffn_fwd(x, w_up, w_out, row_token, row_valid, block_expert, order,
-                   num_used, activation, remat):
-  y, pre_all = _block_ffn_forward(x, w_up, w_out, row_token, row_valid,
-                                  block_expert, order, num_used, activation,
-                                  not remat)
-  return y, (x, w_up, w_out, row_token, row_valid, block_expert, order,
-             num_used, pre_all)
+def _block_moe_fwd(x, w_up, w_out, row_gate, row_token, row_valid,
+                   block_expert, order, num_used, activation, remat):
+  out, pre_all = _block_moe_forward(x, w_up, w_out, row_gate, row_token,
+                                    row_valid, block_expert, order, num_used,
+                                    activation, not remat)
+  return out, (x, w_up, w_out, row_gate, row_token, row_valid, block_expert,
+               order, num_used, pre_all)
 
 
-def _block_ffn_bwd(activation, remat, res, gy):
-  (x, w_up, w_out, row_token, row_valid, block_expert, order, num_used,
-   pre_all) = res
+def _block_moe_bwd(activation, remat, res, g):
+  (x, w_up, w_out, row_gate, row_token, row_valid, block_expert, order,
+   num_used, pre_all) = res
   act_fn = _activation(activation)
   experts = jnp.minimum(block_expert, w_up.shape[0] - 1)
   dtype = x.dtype
 
   def body(i, carry):
-    dx, dw_up, dw_out = carry
+    dx, dw_up, dw_out, dgate = carry
     b = order[i]
     e = experts[b]
+    valid = row_valid[b][:, None]
     xb = _block_rows(x, row_token, row_valid, b)
     if remat:
       pre = _dot(xb, w_up[e], (1, 0))
     else:
       pre = pre_all[b].astype(jnp.float32)
     act, act_vjp = jax.vjp(act_fn, pre)
-    g = gy[b]  # [B, D]
+    gb = jnp.where(valid, _take_rows(g, row_token[b]), jnp.zeros((), g.dtype))
+    dact = _dot(gb, w_out[e], (1, 1))  # [B, F], before the gate
+    dgate = jax.lax.dynamic_update_index_in_dim(
+        dgate, jnp.sum(dact * act, axis=-1), b, 0)
+    gate = row_gate[b][:, None]
+    gw = (gate * gb.astype(jnp.float32)).astype(dtype)
     dw_out = jax.lax.dynamic_update_index_in_dim(
-        dw_out, dw_out[e] + _dot(act.astype(dtype), g, (0, 0)), e, 0)
-    dact = _dot(g, w_out[e], (1, 1))  # [B, F]
-    dpre = act_vjp(dact)[0].astype(dtype)  # [B, U]
+        dw_out, dw_out[e] + _dot(act.astype(dtype), gw, (0, 0)), e, 0)
+    dpre = act_vjp(gate * dact)[0].astype(dtype)  # [B, U]
     dw_up = jax.lax.dynamic_update_index_in_dim(
         dw_up, dw_up[e] + _dot(xb, dpre, (0, 0)), e, 0)
-    dxb = _dot(dpre, w_up[e], (1, 1))  # [B, D]
-    dxb = jnp.where(row_valid[b][:, None], dxb, 0.0)
+    dxb = jnp.where(valid, _dot(dpre, w_up[e], (1, 1)), 0.0)  # [B, D]
     dx = dx.at[row_token[b]].add(dxb)
-    return dx, dw_up, dw_out
-  dx, dw_up, dw_out = jax.lax.fori_loop(
+    return dx, dw_up, dw_out, dgate
+  dx, dw_up, dw_out, dgate = jax.lax.fori_loop(
       0, num_used, body,
       (jnp.zeros(x.shape, jnp.float32), jnp.zeros(w_up.shape, jnp.float32),
-       jnp.zeros(w_out.shape, jnp.float32)))
+       jnp.zeros(w_out.shape, jnp.float32),
+       jnp.zeros(row_gate.shape, jnp.float32)))
   return (dx.astype(x.dtype), dw_up.astype(w_up.dtype),
-          dw_out.astype(w_out.dtype), None, None, None, None, None)
+          dw_out.astype(w_out.dtype), dgate.astype(row_gate.dtype), None,
+          None, None, None, None)
 
 
-block_ffn.defvjp(_block_ffn_fwd, _block_ffn_bwd)
+block_moe.defvjp(_block_moe_fwd, _block_moe_bwd)
 
 
 def fused_ffn(x: jax.Array, weights: dict[str, jax.Array], activation: str,
-              row_token: jax.Array, row_valid: jax.Array,
+              row_gate: jax.Array, row_token: jax.Array, row_valid: jax.Array,
               block_expert: jax.Array, order: jax.Array, num_used: jax.Array,
               remat: bool = False) -> jax.Array:
-  """`block_ffn` with the weights of `moejax.nn.experts` (w_in, w_gate, w_out)."""
+  """`block_moe` with the weights of `moejax.nn.experts` (w_in, w_gate,
+  w_out): x float[S, D] -> float[S, D]."""
   if activation == "swiglu":
     w_up = jnp.concatenate([weights["w_gate"], weights["w_in"]], axis=-1)
   else:
     w_up = weights["w_in"]
-  return block_ffn(x.astype(w_up.dtype), w_up, weights["w_out"], row_token,
-                   row_valid, block_expert, order, num_used, activation, remat)
+  # XLA:CPU runs these small matmuls faster in float32 than in bfloat16
+  # (which it converts per call): the loop computes in float32 whatever the
+  # payload dtype, and returns the payload dtype.
+  out = block_moe(x.astype(jnp.float32), w_up.astype(jnp.float32),
+                  weights["w_out"].astype(jnp.float32),
+                  row_gate.astype(jnp.float32), row_token, row_valid,
+                  block_expert, order, num_used, activation, remat)
+  return out.astype(x.dtype)
 
 
 def _assignments(routing: Routing, max_fanout: int
@@ -628,8 +650,8 @@ class GatherPlan:
     """The whole `expert_ffn` fused (the CPU path): x float[S, D] -> float[S, D].
 
     One loop over the used blocks of B slots (capacity padded to whole
-    blocks) gathers each block's tokens and runs the expert MLP on it
-    (`block_ffn`); then the gather combine. None when this plan has no block
+    blocks) gathers each block's tokens, runs the expert MLP and adds the
+    gated rows to the output (`block_moe`). None when this plan has no block
     loop (use dispatch/matmul/combine).
     """
     if not self.block_size:
@@ -645,18 +667,10 @@ class GatherPlan:
     block_expert = jnp.repeat(
         jnp.arange(num_experts, dtype=jnp.int32) % self.gates.shape[-1],
         per_expert)
-    y = fused_ffn(x, weights, activation, row_token.reshape(-1, size),
-                  (row_gate != 0).reshape(-1, size), block_expert,
-                  self.block_order, self.num_used, remat)
-    rows = y.reshape(-1, y.shape[-1])
-    row_token, row_gate = row_token.reshape(-1), row_gate.reshape(-1)
-    if not self.token_major:
-      return _scatter_combine(rows, row_token, row_gate, x.shape[0])
-    expert, slot = jnp.divmod(self.token_slot, cap)
-    token_row = jnp.where(self.token_valid, expert * padded + slot,
-                          num_experts * padded)
-    return gather_combine(rows, self.token_gate, token_row, self.token_valid,
-                          row_token, jax.lax.stop_gradient(row_gate))
+    return fused_ffn(x, weights, activation, row_gate.reshape(-1, size),
+                     row_token.reshape(-1, size),
+                     (row_gate != 0).reshape(-1, size), block_expert,
+                     self.block_order, self.num_used, remat)
 
   def combine(self, y: jax.Array) -> jax.Array:
     """y float[E, C, D] -> float[S, D]: sum over kept (s, e) of gate * y[e, slot]."""
@@ -828,18 +842,18 @@ class BlockPlan:
   def ffn(self, x: jax.Array, weights: dict[str, jax.Array],
           activation: str = "swiglu", remat: bool = False
           ) -> jax.Array | None:
-    """The whole `expert_ffn` fused on CPU (`block_ffn` over the used blocks,
-    then the gather combine): x float[S, D] -> float[S, D]; None elsewhere
-    (use dispatch/matmul/combine)."""
+    """The whole `expert_ffn` fused on CPU (`block_moe` over the used
+    blocks): x float[S, D] -> float[S, D]; None elsewhere (use
+    dispatch/matmul/combine)."""
     if not use_loop_matmul():
       return None
     nb, size = self.block_expert.shape[0], self.block_size
     num_used = jnp.sum(self.block_expert < self.gates.shape[-1]
                        ).astype(jnp.int32)
-    y = fused_ffn(x, weights, activation, self.row_token.reshape(nb, size),
-                  (self.row_gate != 0).reshape(nb, size), self.block_expert,
-                  jnp.arange(nb, dtype=jnp.int32), num_used, remat)
-    return self.combine(y.reshape(nb * size, y.shape[-1]))
+    return fused_ffn(x, weights, activation, self.row_gate.reshape(nb, size),
+                     self.row_token.reshape(nb, size),
+                     (self.row_gate != 0).reshape(nb, size), self.block_expert,
+                     jnp.arange(nb, dtype=jnp.int32), num_used, remat)
 
   def combine(self, y: jax.Array) -> jax.Array:
     """y float[R, D] -> float[S, D]."""

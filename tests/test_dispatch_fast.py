@@ -247,6 +247,13 @@ def test_bfloat16_payload(strategy):
     return jnp.sum(out.astype(jnp.float32) ** 2)
   dg, dx = jax.grad(loss, argnums=(0, 1))(routing.gates, bf(x))
   assert dg.dtype == jnp.float32 and dx.dtype == jnp.bfloat16
+  # The fused CPU path of expert_ffn: bfloat16 in and out (float32 inside).
+  w = {"w_in": w1, "w_gate": w1, "w_out": w2}
+  p = dispatch.plan(routing, 8, strategy=strategy, max_fanout=2)
+  want = expert_ffn(p, x, w)
+  got = expert_ffn(p, bf(x), jax.tree.map(bf, w))
+  assert got.dtype == jnp.bfloat16
+  assert_close(got, want, rtol=5e-2, atol=5e-2)
 
 
 def test_vmap_over_groups():
