@@ -32,6 +32,9 @@ and of the training routing (sampled subsets for exact_k / dynamic_k):
                  combine weights per expert), per layer, mean over layers;
   token_cover99  per token, experts needed to cover 99% of softmax(logits),
                  mean over tokens and layers;
+  max_load       largest expert load / mean load (1 = uniform);
+  cover90, token_cover90   the same at 90%;
+  router_entropy mean over tokens of the entropy (nats) of softmax(logits);
   fanout         mean experts per token.
 Writes OUT/results.json, OUT/results.md and OUT/loss.png.
 """
@@ -77,11 +80,13 @@ flags.DEFINE_integer("analysis_batches", 4, "Validation batches of the "
                      "utilisation analysis.")
 flags.DEFINE_string("out", "experiments/reports/probmoe", "Results directory.")
 flags.DEFINE_string("workroot", "runs/probmoe", "Root of the run workdirs.")
+flags.DEFINE_bool("reanalyse", False, "Train nothing: recompute the "
+                  "utilisation of every finished run from its last checkpoint.")
 flags.DEFINE_string("compile_cache", "/tmp/jax_cache_probmoe",
                     "Persistent JAX compilation cache ('' = none).")
 FLAGS = flags.FLAGS
 OWN = ("seeds", "finetune_seeds", "finetune_steps", "runs", "finetune_source",
-       "finetune_runs", "dyn_k_min",
+       "finetune_runs", "reanalyse", "dyn_k_min",
        "dyn_k_max", "analysis_batches", "out", "workroot", "compile_cache")
 
 
@@ -143,9 +148,14 @@ def utilisation(gates: np.ndarray, probs: np.ndarray) -> dict[str, float]:
   counts = routed.sum(0).astype(np.float64)
   load = counts / max(counts.sum(), 1.0)
   nz = load[load > 0]
+  safe = np.maximum(probs, 1e-30)
   return {"load_entropy": float(-np.sum(nz * np.log(nz))),
+          "max_load": float(load.max() * len(load)),  # 1 = uniform
           "cover99": float(coverage(gates.sum(0))),
+          "cover90": float(coverage(gates.sum(0), 0.9)),
           "token_cover99": float(np.mean(coverage(probs))),
+          "token_cover90": float(np.mean(coverage(probs, 0.9))),
+          "router_entropy": float(np.mean(-np.sum(probs * np.log(safe), -1))),
           "fanout": float(routed.sum(1).mean())}
 
 
@@ -196,6 +206,21 @@ def analyse(cfg, state, num_batches: int, seed: int) -> dict[str, float]:
   return out
 
 
+def reanalyse(cfg, workdir, seed):
+  """Utilisation of a finished run from its latest checkpoint."""
+  from moejax import sharding
+  from moejax.train.checkpoint import Checkpointer
+  from moejax.train.loop import build_state
+  model = TransformerLM(cfg.model)
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+  with mesh:
+    state = build_state(cfg, model, mesh)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    state = ckpt.restore(state, ckpt.latest_step())
+    ckpt.close()
+  return analyse(cfg, state, FLAGS.analysis_batches, seed)
+
+
 def run_one(label, values, workdir, source=None):
   """Trains (or reuses) one run; returns its record."""
   cfg = lm_flags.build_train_config(values)
@@ -203,8 +228,16 @@ def run_one(label, values, workdir, source=None):
   if os.path.exists(done):
     with open(done) as fh:
       record = json.load(fh)
-    print(f"[{label}] reused {workdir}")
+    if FLAGS.reanalyse:
+      record.update(reanalyse(cfg, workdir, values["seed"]))
+      with open(done, "w") as fh:
+        json.dump(record, fh)
+      print(f"[{label}] reanalysed {workdir}")
+    else:
+      print(f"[{label}] reused {workdir}")
     return record
+  if FLAGS.reanalyse:
+    raise FileNotFoundError(f"{done}: run not finished (--reanalyse)")
   if source is not None and not os.path.exists(workdir):
     os.makedirs(workdir)
     shutil.copytree(os.path.join(source, "checkpoints"),
@@ -253,13 +286,16 @@ def table(records, labels, columns):
     if not rows:
       continue
     cells = []
-    for _, key, fmt in columns:
-      vals = [r.get(key) for r in rows]
-      if fmt == "loss":
-        cells.append(mean_std(vals))
-      else:
-        vals = [v for v in vals if v is not None]
-        cells.append(f"{np.mean(vals):.2f}" if vals else "–")
+    for _, keys, fmt in columns:
+      parts = []
+      for key in (keys if isinstance(keys, tuple) else (keys,)):
+        vals = [r.get(key) for r in rows]
+        if fmt == "loss":
+          parts.append(mean_std(vals))
+        else:
+          vals = [v for v in vals if v is not None]
+          parts.append(f"{np.mean(vals):.2f}" if vals else "–")
+      cells.append(" / ".join(parts))
     seeds = ",".join(str(r["seed"]) for r in rows)
     lines.append(f"| {label} | {seeds} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
@@ -309,24 +345,31 @@ def main(argv):
     json.dump({"k": k, "k_min": k_min, "k_max": k_max, "steps": steps,
                "finetune_steps": FLAGS.finetune_steps,
                "config": FLAGS.config, "records": records}, fh, indent=1)
-  scratch_cols = [
+  loss_cols = [
       ("val. loss", "eval_loss", "loss"),
+      ("train loss (last 25%)", "train_loss_last25", "loss"),
       ("train fanout (last 25%)", "train_fanout_last25", "f"),
-      ("eval fanout", "eval_fanout", "f"),
-      ("load entropy, eval", "eval_load_entropy", "f"),
-      ("load entropy, train", "train_load_entropy", "f"),
-      ("experts for 99% mass, eval", "eval_cover99", "f"),
-      ("experts for 99% mass, train", "train_cover99", "f"),
-      ("experts for 99% of a token's softmax", "eval_token_cover99", "f")]
+      ("eval fanout", "eval_fanout", "f")]
+  util_cols = [
+      ("load entropy eval / train", ("eval_load_entropy",
+                                     "train_load_entropy"), "f"),
+      ("max load eval / train", ("eval_max_load", "train_max_load"), "f"),
+      ("experts for 99% mass eval / train", ("eval_cover99", "train_cover99"),
+       "f"),
+      ("experts for 90% mass eval / train", ("eval_cover90", "train_cover90"),
+       "f"),
+      ("experts for 99% / 90% of a token's softmax",
+       ("eval_token_cover99", "eval_token_cover90"), "f"),
+      ("router entropy", "eval_router_entropy", "f")]
+  ft_labels = [src] + [f"ft_{l}" for l in FLAGS.finetune_runs.split(";") if l]
   md = [f"From scratch ({steps} steps, k = {k}, dynamic-k range "
-        f"[{k_min}, {k_max}]); loss = validation CE, nats/byte; mean ± std "
-        "over seeds.", "",
-        table(records, list(runs), scratch_cols), "",
+        f"[{k_min}, {k_max}]); loss = CE, nats/byte; mean ± std over seeds.",
+        "", table(records, list(runs), loss_cols), "",
+        table(records, list(runs), util_cols), "",
         f"Fine-tuning: the {src} checkpoint at step {steps}, then "
         f"{FLAGS.finetune_steps} more steps.", "",
-        table(records, [src] + [f"ft_{l}" for l in
-                                FLAGS.finetune_runs.split(";") if l],
-              scratch_cols)]
+        table(records, ft_labels, loss_cols), "",
+        table(records, ft_labels, util_cols)]
   with open(os.path.join(FLAGS.out, "results.md"), "w") as fh:
     fh.write("\n".join(md) + "\n")
   print("\n".join(md))

@@ -6,6 +6,8 @@ Axis legend:
   K  subset sizes 0..k_max (K = k_max + 1 rows of the tables)
   J  prefix sizes used by a marginal (0..k_max-1)
   W  width of the size range (k_max - k_min + 1)
+  L  rows of the size-reversed suffix table (k_max + W - 1)
+  G  groups (sampled_groups only)
 
 The distribution (specs/probmoe.md): per token independent inclusions with
 `p_e = sigmoid(r_e)`, conditioned on the subset size,
@@ -15,20 +17,27 @@ conditions on `k_min <= |S| <= k_max` instead (normaliser `Z* = sum_k Z_k`).
 Computation (all log space, `log_sigmoid` for log p and log q, float32, a finite
 `NEG = -1e30` for log 0 so that no inf/NaN ever appears):
 
-- ONE forward `lax.scan` over experts, vectorised over sizes and tokens (carry
-  `[2, K, S]`), builds the prefix table `P[i, j]` (log-sum over subsets of the
-  experts < i of size j) and, in the same steps, the suffix table `Q[i, t]`
-  (experts >= i). `log Z_j = P[E, j]`.
-- Marginals in closed form: `m_e = sum_{j+t+1 in range} exp(P[e, j] + log p_e +
-  Q[e+1, t] - log Z*)` (O(E k W) per token, no autodiff).
-- Exact sampling: the backward walk from (E, k) including expert i with
-  probability `exp(P[i, j-1] + log p_i - P[i+1, j])`; always exactly k members.
+- A forward `lax.scan` over experts, vectorised over sizes and tokens (carry
+  `[K, S]`), builds the prefix table `P[e, j]` (log-sum over subsets of the
+  experts < e of size j); `log Z_j = P[E, j]`.
+- A reverse scan builds the suffix table `Q` (experts > e) in a size-reversed
+  layout and, fused in the same steps, the marginals in closed form
+  `m_e = sum_{j+t+1 in range} exp(P[e, j] + log p_e + Q[e+1, t] - log Z*)`
+  (O(E k W) per token, no autodiff) and the exact sample: the backward walk
+  from (E, k) includes expert e with probability
+  `exp(P[e, j-1] + log p_e - P[e+1, j])`; always exactly k members.
 - A custom VJP for the marginals. `m = d log Z* / d r + p`, so its Jacobian is
   the covariance of the subset indicator z: `(J g)_e = E[z_e (z . g)] - m_e (m . g)`.
-  The first term is computed exactly with one more scan that carries conditional
-  expectations `R[i, j] = E[sum_{f in S} g_f | S in first i experts, |S| = j]`
-  (convex combinations: multiply-adds only, bounded, no logs), prefix and suffix
-  together, then the same closed-form contraction as the marginals.
+  The first term is exact with two more scans carrying conditional expectations
+  `R[e, j] = E[sum_{f in S} g_f | S within the prefix (suffix), |S| = j]`
+  (convex combinations, bounded): the prefix R from the stored prefix table,
+  then the suffix table rebuilt with the suffix R and the contraction. Only
+  the prefix table is stored between the passes.
+
+Measured on CPU (experiments/bench_probmoe.py): memory traffic, not flops,
+dominates, hence no stored suffix tables, inclusion probabilities or joint
+weights, no reversed arrays, and no vmap over groups in training
+(`sampled_groups` routes all tokens of all groups in one pass).
 
 Straight-through gates (training): `g = where(z, stop_gradient(z - m) + m, 0)`,
 `gates = g * softmax(r)`: exactly 0 off the sampled subset, value = softmax
@@ -82,24 +91,19 @@ def _prefix(lp: jax.Array, lq: jax.Array, kmax: int):
     lp, lq: float32[E, S] log p and log(1 - p).
     kmax: largest size kept (static); K = kmax + 1.
   Returns:
-    before: float32[E, J, S], before[e, j] = log-sum over subsets of the experts
-      < e of size j (j < kmax: all a marginal needs).
+    before: float32[E, K, S], before[e, j] = log-sum over subsets of the experts
+      < e of size j.
     last: float32[K, S], over all experts: last[j] = log Z_j.
-    rho: float32[E, K, S], rho[e, j] = P(e in subset | the experts <= e hold
-      j members) = exp(before[e, j-1] + lp_e - before[e+1, j]).
   """
   num_tokens = lp.shape[1]
   init = jnp.full((kmax + 1, num_tokens), NEG, jnp.float32).at[0].set(0.0)
 
   def step(a, x):
     p, q = x
-    take = _down(a, NEG) + p
-    new = _lae(take, a + q)
-    rho = jnp.clip(jnp.exp(take - new), 0.0, 1.0)
-    return new, (a[:kmax], rho)
+    return _lae(_down(a, NEG) + p, a + q), a
 
-  last, (before, rho) = jax.lax.scan(step, init, (lp, lq))
-  return before, last, rho
+  last, before = jax.lax.scan(step, init, (lp, lq))
+  return before, last
 
 
 def _log_normaliser(last: jax.Array, kmin: int, kmax: int) -> jax.Array:
@@ -109,9 +113,33 @@ def _log_normaliser(last: jax.Array, kmin: int, kmax: int) -> jax.Array:
   return mx + jnp.log(jnp.sum(jnp.exp(sizes - mx), axis=0))
 
 
-def _suffix(lp, lq, before, rho_pre, log_z, kmin, kmax, walk=None):
+def _row(x: jax.Array, j: jax.Array) -> jax.Array:
+  """x[j[s], s] for x float32[K, S], j int32[S]; NEG where j is out of range."""
+  rows = jnp.arange(x.shape[0], dtype=jnp.int32)[:, None]
+  return jnp.max(jnp.where(rows == j[None, :], x, NEG), axis=0)
+
+
+def _suffix_init(kmin, kmax, num_tokens):
+  """Empty suffix in the U layout: [kmax + W - 1, S], log 1 at size 0."""
+  rows = 2 * kmax - kmin
+  return jnp.full((rows, num_tokens), NEG, jnp.float32).at[kmax - 1].set(0.0)
+
+
+def _suffix_add(upper, p, q):
+  """Adds one expert to the suffix table (U layout): (take, new) [L, S]."""
+  take = _up(upper, NEG) + p
+  return take, _lae(take, upper + q)
+
+
+def _joint(pre, upper, p, log_z, kmin, kmax):
+  """W x float32[J, S]: P(e in subset, j before e, size kmax - d)."""
+  base = pre[:kmax] + (p - log_z)
+  return [jnp.exp(base + upper[d:d + kmax]) for d in range(kmax - kmin + 1)]
+
+
+def _suffix(lp, lq, before, last, log_z, kmin, kmax, walk=None):
   """Reverse scan over experts: suffix table, marginals and (optionally) the
-  exact backward-walk sample, fused.
+  exact backward-walk sample, fused; outputs [E, S] only.
 
   The suffix table is carried in a size-reversed layout U[l] = (log-sum over
   subsets of the experts > e of size kmax - 1 - l), padded with W - 1 rows of
@@ -119,20 +147,14 @@ def _suffix(lp, lq, before, rho_pre, log_z, kmin, kmax, walk=None):
   a subset in [kmin, kmax] is a plain shift: U[j + d], d = kmax - size.
 
   Args:
-    lp, lq: float32[E, S]; before, rho_pre: `_prefix` outputs; log_z: [S].
-    walk: None, or (u float32[E, S] uniforms, size int32[S] subset sizes).
+    lp, lq: float32[E, S]; before, last: `_prefix` outputs; log_z: [S].
+    walk: None, or (u float32[E, S] uniforms, size int32[S] subset sizes). The
+      walk includes expert e with probability
+      exp(before[e, j-1] + lp_e - before[e+1, j]), j = members still needed.
   Returns:
-    w_pre: float32[E, J, S], sum over sizes of the joint weights P(e in subset,
-      j members before e); w_suf: float32[E, J + W - 1, S], the same by the
-      suffix row l (= the w_pre for exact k); m: float32[E, S] marginals;
-    rho_suf: float32[E, J, S] (U layout) P(e in subset | the experts >= e hold
-      kmax - 1 - l members); z: bool[E, S] the sample (None without walk).
+    m: float32[E, S] marginals; z: bool[E, S] the sample (None without walk).
   """
   num_tokens = lp.shape[1]
-  width = kmax - kmin + 1
-  rows = kmax + width - 1
-  init = jnp.full((rows, num_tokens), NEG, jnp.float32).at[kmax - 1].set(0.0)
-  size_rows = jnp.arange(kmax + 1, dtype=jnp.int32)[:, None]
   index = jnp.arange(lp.shape[0], dtype=jnp.int32)
   if walk is None:
     u = jnp.zeros_like(lp)
@@ -141,45 +163,30 @@ def _suffix(lp, lq, before, rho_pre, log_z, kmin, kmax, walk=None):
     u, size = walk
 
   def step(carry, x):
-    upper, j = carry
-    p, q, pre, rho, u_e, e = x
-    base = pre + (p - log_z)                             # [J, S]
-    w = [jnp.exp(base + upper[d:d + kmax]) for d in range(width)]  # W x [J, S]
-    w_pre = sum(w[1:], w[0])
-    if width == 1:
-      w_suf = w_pre
-    else:  # w_suf[l] = sum_d w[d][l - d]
-      pad = lambda x, d: jnp.pad(x, ((d, width - 1 - d), (0, 0)))
-      w_suf = sum((pad(w[d], d) for d in range(1, width)), pad(w[0], 0))
-    m = jnp.clip(jnp.sum(w_pre, axis=0), 0.0, 1.0)
-    take = _up(upper, NEG) + p
-    new = _lae(take, upper + q)
-    rho_suf = jnp.clip(jnp.exp(take[:kmax] - new[:kmax]), 0.0, 1.0)
+    upper, j, nxt = carry
+    p, q, pre, u_e, e = x
+    m = jnp.clip(sum(jnp.sum(w, axis=0) for w in
+                     _joint(pre, upper, p, log_z, kmin, kmax)), 0.0, 1.0)
     if walk is None:
       z = jnp.zeros_like(j, bool)
     else:
-      p_incl = jnp.sum(jnp.where(size_rows == j[None, :], rho, 0.0), axis=0)
+      p_incl = jnp.exp(_row(pre, j - 1) + p - _row(nxt, j))
       z = (j > 0) & ((j > e) | (u_e < p_incl))  # j > e: all the rest needed
       j = j - z.astype(jnp.int32)
-    outs = (w_pre, m, rho_suf, z) if width == 1 else (w_pre, w_suf, m,
-                                                      rho_suf, z)
-    return (new, j), outs
+    _, new = _suffix_add(upper, p, q)
+    return (new, j, pre), (m, z)
 
-  _, outs = jax.lax.scan(
-      step, (init, size), (lp, lq, before, rho_pre, u, index), reverse=True)
-  if width == 1:
-    w_pre, m, rho_suf, z = outs
-    w_suf = w_pre
-  else:
-    w_pre, w_suf, m, rho_suf, z = outs
-  return w_pre, w_suf, m, rho_suf, (z if walk is not None else None)
+  init = (_suffix_init(kmin, kmax, num_tokens), size, last)
+  _, (m, z) = jax.lax.scan(step, init, (lp, lq, before, u, index),
+                           reverse=True)
+  return m, (z if walk is not None else None)
 
 
 def _forward(rt, kmin, kmax, rng=None):
   """Everything from transposed logits rt float32[E, S]."""
   lp = jax.nn.log_sigmoid(rt)
   lq = jax.nn.log_sigmoid(-rt)
-  before, last, rho_pre = _prefix(lp, lq, kmax)
+  before, last = _prefix(lp, lq, kmax)
   log_z = _log_normaliser(last, kmin, kmax)
   walk, size = None, None
   if rng is not None:
@@ -190,9 +197,10 @@ def _forward(rt, kmin, kmax, rng=None):
       size = kmin + jax.random.categorical(
           size_key, last[kmin:kmax + 1], axis=0).astype(jnp.int32)
     walk = (jax.random.uniform(walk_key, rt.shape, jnp.float32), size)
-  w_pre, w_suf, m, rho_suf, z = _suffix(lp, lq, before, rho_pre, log_z, kmin,
-                                        kmax, walk)
-  residuals = (rt, rho_pre, rho_suf, w_pre, w_suf, m)
+  m, z = _suffix(lp, lq, before, last, log_z, kmin, kmax, walk)
+  # Only the prefix table is kept for the backward pass (which rebuilds the
+  # suffix side on the fly): memory traffic, not flops, dominates on CPU.
+  residuals = (rt, lp, lq, before, log_z, m)
   return m, log_z, z, size, residuals
 
 
@@ -200,34 +208,45 @@ def _backward(kmin, kmax, res, g_m, g_z):
   """VJP of (m, log Z*) with respect to the logits, float32[E, S].
 
   (J g)_e = E[z_e (z . g)] - m_e (m . g), and E[z_e (z . g)] =
-  m_e g_e + sum_j w_pre[e, j] R_pre[e, j] + sum_l w_suf[e, l] R_suf[e, l], R the
-  conditional expectations of sum_{f in subset} g_f over the prefix (experts
-  < e, size j) and suffix (experts > e, U layout) tables: two scans of
-  multiply-adds, each contracting on the fly (outputs [E, S] only).
+  m_e g_e + sum_{j, d} w[e, j, d] (R_pre[e, j] + R_suf[e, j + d]), w the joint
+  weights of `_joint`, R the conditional expectations of sum_{f in subset} g_f
+  over the prefix (experts < e, size j) and suffix (experts > e, U layout)
+  tables. Two scans: the prefix R (forward; inclusion probabilities from the
+  stored prefix table), then the suffix table rebuilt with R_suf and the
+  contraction (reverse).
   """
-  del kmin
-  rt, rho_pre, rho_suf, w_pre, w_suf, m = res
+  rt, lp, lq, before, log_z, m = res
   g = g_m.astype(jnp.float32)
   num_tokens = rt.shape[1]
 
-  def prefix_step(r, x):
-    rho, w, gi = x
-    return r + rho[:kmax] * (_down(r, 0.0) + gi - r), jnp.sum(w * r, axis=0)
+  def prefix_step(carry, x):
+    r, b_prev, p_prev, g_prev = carry  # R over experts < e - 1, ...
+    b, p, gi = x
+    rho = jnp.clip(jnp.exp(_down(b_prev[:kmax], NEG) + p_prev - b[:kmax]),
+                   0.0, 1.0)  # P(e - 1 in subset | experts <= e - 1 hold j)
+    r = r + rho * (_down(r, 0.0) + g_prev - r)
+    return (r, b, p, gi), r
 
-  _, first = jax.lax.scan(prefix_step, jnp.zeros((kmax, num_tokens)),
-                          (rho_pre, w_pre, g))
+  init = (jnp.zeros((kmax, num_tokens)),
+          jnp.full((kmax + 1, num_tokens), NEG, jnp.float32),
+          jnp.zeros((num_tokens,)), jnp.zeros((num_tokens,)))
+  _, r_pre = jax.lax.scan(prefix_step, init, (before, lp, g))  # [E, J, S]
 
-  def suffix_step(r, x):
-    rho, w, gi = x
-    out = jnp.sum(w * r, axis=0)
-    head = r[:kmax]
-    head = head + rho * (_up(r, 0.0)[:kmax] + gi - head)
-    return jnp.concatenate([head, r[kmax:]], axis=0), out
+  def suffix_step(carry, x):
+    upper, r = carry  # suffix table and R over experts > e (U layout)
+    p, q, b, gi, rp = x
+    w = _joint(b, upper, p, log_z, kmin, kmax)
+    second = sum(jnp.sum(wd * (rp + r[d:d + kmax]), axis=0)
+                 for d, wd in enumerate(w))
+    take, new = _suffix_add(upper, p, q)
+    rho = jnp.clip(jnp.exp(take[:kmax] - new[:kmax]), 0.0, 1.0)
+    head = r[:kmax] + rho * (_up(r, 0.0)[:kmax] + gi - r[:kmax])
+    return (new, jnp.concatenate([head, r[kmax:]], axis=0)), second
 
-  rows = w_suf.shape[1]
-  _, second = jax.lax.scan(suffix_step, jnp.zeros((rows, num_tokens)),
-                           (rho_suf, w_suf, g), reverse=True)
-  grad = first + second + m * g - m * jnp.sum(m * g, axis=0, keepdims=True)
+  upper = _suffix_init(kmin, kmax, num_tokens)
+  _, second = jax.lax.scan(suffix_step, (upper, jnp.zeros_like(upper)),
+                           (lp, lq, before, g, r_pre), reverse=True)
+  grad = second + m * g - m * jnp.sum(m * g, axis=0, keepdims=True)
   if g_z is not None:
     grad = grad + g_z[None, :] * (m - jax.nn.sigmoid(rt))
   return grad.astype(rt.dtype)
@@ -331,7 +350,7 @@ def size_log_partitions(logits: jax.Array, k_max: int) -> jax.Array:
   logits = check_logits(logits)
   k_max = check_int("k_max", k_max, 0, logits.shape[-1])
   rt = jax.lax.stop_gradient(logits).T
-  _, last, _ = _prefix(jax.nn.log_sigmoid(rt), jax.nn.log_sigmoid(-rt), k_max)
+  _, last = _prefix(jax.nn.log_sigmoid(rt), jax.nn.log_sigmoid(-rt), k_max)
   return last.T
 
 
