@@ -26,7 +26,7 @@ def loop_reference(routing, kept, x, w1, w2):
                        np.asarray(w1), np.asarray(w2))
 
 
-@pytest.mark.parametrize("max_fanout", [2, 3, None])
+@pytest.mark.parametrize("max_fanout", [3, None])
 @pytest.mark.parametrize("capacity", [3, 8, 40])
 def test_gather_matches_loop_and_index(capacity, max_fanout):
   routing, x, w1, w2 = make_case()
@@ -151,9 +151,10 @@ def test_gradients_match_reference(strategy, capacity):
     out, _ = run_plan(routing, capacity, strategy, x, w1, w2, max_fanout=2)
     return jnp.sum(out * jnp.cos(out))
 
-  got = jax.grad(loss, argnums=(0, 1, 2, 3))(logits, x, w1, w2, strategy)
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)), static_argnums=4)
+  got = grad(logits, x, w1, w2, strategy)
   reference = "einsum" if strategy == "gather" else "ragged"
-  want = jax.grad(loss, argnums=(0, 1, 2, 3))(logits, x, w1, w2, reference)
+  want = grad(logits, x, w1, w2, reference)
   if strategy == "gather" and capacity == 6:  # something really dropped
     routing = top_k(logits, 2).routing
     assert not reference_kept(routing.gates, routing.priority, 6).all(
@@ -326,18 +327,21 @@ def test_fused_expert_ffn_matches_einsum(activation):
     y = expert_ffn(p, x, w, activation, remat=remat)
     return jnp.sum(y * jnp.cos(y))
 
-  grad = jax.value_and_grad(loss, argnums=(0, 1, 2))
-  for strategy, capacity, reference, kwargs in [
-      ("gather", 12, "einsum", {}),  # one block of 16 per expert
-      ("gather", 12, "einsum", {"block_size": 8, "remat": True}),  # 2 blocks
-      ("gather", 40, "einsum", {"block_size": 16}),
-      ("sorted", 1, "ragged", {"block_size": 8}),
-      ("sorted", 1, "ragged", {"block_size": 3, "remat": True})]:
+  grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)),
+                 static_argnums=(3, 4, 5, 6))
+  cases = [("gather", 12, "einsum", {"block_size": 8, "remat": True}),
+           ("sorted", 1, "ragged", {"block_size": 3})]
+  if activation == "swiglu":
+    cases += [("gather", 12, "einsum", {}),  # one block of 16 per expert
+              ("gather", 40, "einsum", {"block_size": 16}),
+              ("sorted", 1, "ragged", {"block_size": 8, "remat": True})]
+  for strategy, capacity, reference, kwargs in cases:
     p = dispatch.plan(top_k(logits, k).routing, capacity, strategy=strategy,
                       max_fanout=k, block_size=kwargs.get("block_size"))
     assert p.ffn(x, w, activation) is not None  # the fused path runs on CPU
-    got = grad(logits, x, w, strategy, capacity, **kwargs)
-    want = grad(logits, x, w, reference, capacity)
+    got = grad(logits, x, w, strategy, capacity, kwargs.get("remat", False),
+               kwargs.get("block_size"))
+    want = grad(logits, x, w, reference, capacity, False, None)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
       assert_close(a, b, rtol=2e-4, atol=2e-5)
   # Two groups of 16 tokens, capacity 6 per group and expert.
@@ -353,8 +357,10 @@ def test_fused_expert_ffn_matches_einsum(activation):
           dispatch.plan(r, 6, strategy=strategy), xg, w, activation))(
               jax.tree.map(halves, routing), halves(x)).reshape(x.shape)
     return jnp.sum(y * jnp.cos(y))
-  got = jax.value_and_grad(grouped, argnums=(0, 1, 2))(logits, x, w, "gather")
-  want = jax.value_and_grad(grouped, argnums=(0, 1, 2))(logits, x, w, "einsum")
+  grouped_grad = jax.jit(jax.value_and_grad(grouped, argnums=(0, 1, 2)),
+                         static_argnums=3)
+  got = grouped_grad(logits, x, w, "gather")
+  want = grouped_grad(logits, x, w, "einsum")
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     assert_close(a, b, rtol=2e-4, atol=2e-5)
   kept = dispatch.plan(top_k(logits, k).routing, 12, strategy="gather",
@@ -391,15 +397,15 @@ def test_grouped_matmul_matches_einsum_and_autodiff():
 
 def test_moe_layer_gather_default_matches_index():
   # The MoE layer's default strategy ("gather": one plan over all groups and
-  # the fused block loop on CPU) against "index" (per-group vmap), with drops;
-  # remat changes nothing numerically.
+  # the fused block loop on CPU, here with remat) against "index" (per-group
+  # vmap), with drops.
   from moejax.methods import TopK
   from moejax.nn.moe import MoE, MoEConfig
   assert MoEConfig().strategy == "gather"
   x = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 8))
   outs = {}
-  for strategy, remat in (("index", False), ("gather", False),
-                          ("gather", True), ("sorted", False)):
+  for strategy, remat in (("index", False), ("gather", True),
+                          ("sorted", False)):
     cfg = MoEConfig(num_experts=4, expert_width=6, router=TopK(k=2),
                     capacity_factor=0.75, strategy=strategy, remat=remat,
                     router_init_scale=1.0)
@@ -409,12 +415,12 @@ def test_moe_layer_gather_default_matches_index():
     def loss(params, x):
       y, coll = layer.apply(params, x, train=True, mutable=["router"])
       return jnp.sum(y * jnp.cos(y)), coll["router"]["metrics"][0]
-    (value, metrics), grads = jax.value_and_grad(
-        loss, argnums=(0, 1), has_aux=True)(params, x)
+    (value, metrics), grads = jax.jit(jax.value_and_grad(
+        loss, argnums=(0, 1), has_aux=True))(params, x)
     outs[(strategy, remat)] = (value, grads, metrics["drop_fraction"])
   ref_value, ref_grads, ref_drop = outs[("index", False)]
   assert float(ref_drop) > 0
-  for key in (("gather", False), ("gather", True)):
+  for key in (("gather", True),):
     value, grads, drop = outs[key]
     assert_close(value, ref_value, rtol=1e-5)
     assert_close(drop, ref_drop)
