@@ -36,8 +36,15 @@ brings the results back:
              matmul over every expert).
   "sorted"   rows sorted by expert and padded per expert to blocks of B rows
              (static bound N = (S*m + E*(B-1)) // B blocks); each block times its
-             expert's weight in one batched matmul; gather dispatch/combine.
+             expert's weight (a loop over the used blocks on CPU, one batched
+             matmul with per-block weights elsewhere); gather dispatch/combine.
   "dropless" "sorted" on CPU, "ragged" elsewhere (`jax.default_backend()`).
+
+On CPU, "gather" and "sorted" plans also offer `plan.ffn(x, weights)`, the
+whole expert FFN in one loop over the used blocks of rows (`block_moe`: each
+block gathers its tokens, runs the MLP, adds its gated rows to the output; the
+backward is the same loop); `moejax.nn.experts.expert_ffn` takes it when
+present. Empty slots and blocks cost nothing there.
 All paths are jit-able with static shapes and no host synchronisation.
 """
 from __future__ import annotations
