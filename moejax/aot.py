@@ -61,7 +61,8 @@ def lower_train_step(cfg: TrainConfig, mesh):
   method = cfg.model.moe.router if cfg.model.moe is not None else None
   with jax.set_mesh(mesh):
     step = make_train_step(model, cfg.optim.optimizer(), method,
-                           cfg.optim.schedule())
+                           cfg.optim.schedule(),
+                           state_sharding=state_shardings(cfg, model, mesh))
     return step.lower(abstract_state(cfg, mesh), abstract_batch(cfg, mesh))
 
 

@@ -198,7 +198,7 @@ class MoE(nn.Module):
              if init_state else {})
     # Learned router params a method declares (e.g. DTop-p's scale gamma):
     # trained by the loss, handed to the router beside the controller state.
-    extra = method.router_params(cfg.num_experts)
+    extra = method.router_params(cfg.router_experts)
     if extra:
       clash = sorted(set(extra) & set(state))
       if clash:

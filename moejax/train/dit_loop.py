@@ -239,15 +239,20 @@ def _cached(key: tuple[Any, ...], build):
   return _JITTED[key]
 
 
-def make_dit_train_step(model: DiT, cfg: DiTTrainConfig, donate: bool = True):
-  """Jitted `train_step(state, batch) -> (state, metrics)` (the generic step)."""
+def make_dit_train_step(model: DiT, cfg: DiTTrainConfig, donate: bool = True,
+                        mesh=None):
+  """Jitted `train_step(state, batch) -> (state, metrics)` (the generic step);
+  with `mesh`, the new state keeps the shardings of `build_dit_state`."""
   method = cfg.model.moe.router if cfg.model.moe is not None else None
   return _cached(
-      ("train", model, cfg.optim, cfg.diffusion, cfg.timestep_buckets, donate),
+      ("train", model, cfg.optim, cfg.diffusion, cfg.timestep_buckets, donate,
+       mesh),
       lambda: make_train_step(
           model, cfg.optim.optimizer(), method, cfg.optim.schedule(),
           donate=donate, loss_fn=make_dit_loss_fn(model, cfg.diffusion,
-                                                  cfg.timestep_buckets)))
+                                                  cfg.timestep_buckets),
+          state_sharding=(None if mesh is None else
+                          dit_state_shardings(cfg, model, mesh))))
 
 
 def make_dit_eval_step(model: DiT, diffusion: diffusion_lib.DiffusionConfig,
@@ -302,8 +307,8 @@ def evaluate_dit(eval_step, state: TrainState, batches, repeats: int = 1
   return result
 
 
-def build_dit_state(cfg: DiTTrainConfig, model: DiT, mesh) -> TrainState:
-  """Initialises the state directly with its shardings."""
+def _dit_state_init_fn(cfg: DiTTrainConfig, model: DiT):
+  """rng -> the initial (boxed) TrainState."""
   optimizer = cfg.optim.optimizer()
   shape = (cfg.batch_size,) + cfg.model.image_shape
 
@@ -318,13 +323,23 @@ def build_dit_state(cfg: DiTTrainConfig, model: DiT, mesh) -> TrainState:
                       opt_state=optimizer.init(params),
                       router_state=variables.get("router_state", {}),
                       rng=state_rng, data_index=jnp.zeros((), jnp.int32))
+  return init
+
+
+def dit_state_shardings(cfg: DiTTrainConfig, model: DiT, mesh) -> Any:
+  """NamedShardings of every TrainState leaf on `mesh`, from shapes only."""
+  abstract = jax.eval_shape(_dit_state_init_fn(cfg, model),
+                            jax.random.PRNGKey(0))
+  return sharding.param_shardings(abstract, mesh)
+
+
+def build_dit_state(cfg: DiTTrainConfig, model: DiT, mesh) -> TrainState:
+  """Initialises the state directly with its shardings."""
+  shape = (cfg.batch_size,) + cfg.model.image_shape
 
   def build():
-    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
-    specs = nn.get_partition_spec(abstract)
-    shardings = nn.logical_to_mesh_sharding(specs, mesh,
-                                            sharding.LOGICAL_RULES)
-    return jax.jit(init, out_shardings=shardings)
+    return jax.jit(_dit_state_init_fn(cfg, model),
+                   out_shardings=dit_state_shardings(cfg, model, mesh))
 
   jitted = _cached(("init", model, cfg.optim, shape, mesh), build)
   return nn.meta.unbox(jitted(jax.random.PRNGKey(cfg.seed)))
@@ -459,7 +474,7 @@ def train_dit(cfg: DiTTrainConfig, workdir: str) -> dict[str, Any]:
     elif os.path.exists(metrics_path):
       os.remove(metrics_path)
     writer = metrics_lib.MetricsWriter(metrics_path)
-    train_step = make_dit_train_step(model, cfg)
+    train_step = make_dit_train_step(model, cfg, mesh=mesh)
     eval_step = make_dit_eval_step(model, cfg.diffusion, cfg.timestep_buckets)
 
     def put(batch):

@@ -137,8 +137,9 @@ def train(cfg: TrainConfig, workdir: str) -> dict[str, Any]:
     elif os.path.exists(metrics_path):
       os.remove(metrics_path)
     writer = metrics_lib.MetricsWriter(metrics_path)
-    train_step = make_train_step(model, optimizer, method,
-                                 cfg.optim.schedule())
+    train_step = make_train_step(
+        model, optimizer, method, cfg.optim.schedule(),
+        state_sharding=state_shardings(cfg, model, mesh))
     eval_step = make_eval_step(model)
 
     def put(batch):  # each process feeds its rows of the global batch

@@ -20,6 +20,7 @@ import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec as P
 
 from moejax.methods.base import RouterMethod
 from moejax.train.state import TrainState
@@ -105,8 +106,14 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
                     method: RouterMethod | None,
                     schedule: optax.Schedule | None = None,
                     donate: bool = True,
-                    loss_fn: Callable | None = None) -> Callable:
+                    loss_fn: Callable | None = None,
+                    state_sharding: Any = None) -> Callable:
   """Returns jitted `train_step(state, batch) -> (state, metrics)`.
+
+  `state_sharding` (NamedShardings of every TrainState leaf, e.g. from
+  `moejax.train.loop.state_shardings`) pins the new state to the shardings the
+  state was created with, metrics replicated. Without it XLA returns
+  equivalent shardings under other specs, and the second step compiles again.
 
   `loss_fn` replaces the LM cross-entropy (e.g. a diffusion loss):
   `(params, router_state, batch, rng) -> (objective, (loss, aux_loss,
@@ -138,7 +145,13 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
                               data_index=state.data_index + 1)
     return new_state, metrics
 
-  return jax.jit(train_step, donate_argnums=(0,) if donate else ())
+  donate_argnums = (0,) if donate else ()
+  if state_sharding is None:
+    return jax.jit(train_step, donate_argnums=donate_argnums)
+  mesh = jax.tree.leaves(state_sharding)[0].mesh
+  return jax.jit(train_step, donate_argnums=donate_argnums,
+                 out_shardings=(state_sharding,
+                                jax.sharding.NamedSharding(mesh, P())))
 
 
 def make_eval_step(model: nn.Module) -> Callable:
