@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from moejax.routing import losses
 from moejax.routing.base import (Routing, RouterOutput, check_int, check_logits)
+from moejax.routing.top_k import scatter_rows
 
 _TINY = float(jnp.finfo(jnp.float32).tiny)
 
@@ -29,7 +30,7 @@ def select_top_tokens(scores: jax.Array, capacity: int) -> jax.Array:
   num_tokens = scores.shape[0]
   capacity = min(capacity, num_tokens)
   _, index = jax.lax.top_k(scores.T, capacity)  # [E, C]
-  chosen = jax.nn.one_hot(index, num_tokens, dtype=jnp.float32).sum(axis=1)
+  chosen = scatter_rows(jnp.ones(index.shape, jnp.float32), index, num_tokens)
   return chosen.T > 0  # [S, E]
 
 

@@ -16,6 +16,30 @@ from moejax.routing.base import (Routing, RouterOutput, check_int, check_logits)
 _TINY = float(jnp.finfo(jnp.float32).tiny)
 
 
+def scatter_rows(values: jax.Array, index: jax.Array, width: int) -> jax.Array:
+  """out[r, index[r, j]] += values[r, j]: [R, K] entries into a dense [R, W].
+
+  A scatter-add (its gradient is a gather) on CPU and GPU; a one-hot einsum
+  on TPU, where it runs on the matrix unit. The one-hot form materialises
+  [R, K, W]: at (8192, 8, 128) it took 25 ms on a CPU core for a value and
+  gradient that the scatter does in 0.5 ms.
+
+  Args:
+    values: float[R, K].
+    index: int32[R, K] columns in [0, W).
+    width: W.
+  Returns:
+    float[R, W] in values' dtype.
+  """
+  if jax.default_backend() == "tpu":
+    one_hot = jax.nn.one_hot(index, width, dtype=values.dtype)
+    return jnp.einsum("rk,rkw->rw", values, one_hot,
+                      precision=jax.lax.Precision.HIGHEST)
+  rows = jnp.arange(values.shape[0], dtype=jnp.int32)[:, None]
+  return jnp.zeros((values.shape[0], width), values.dtype).at[
+      rows, index].add(values, indices_are_sorted=False, unique_indices=False)
+
+
 def scatter_choices(weights: jax.Array, index: jax.Array, num_experts: int,
                     keep: jax.Array | None = None) -> jax.Array:
   """Scatters per-choice weights into a dense gate matrix.
@@ -32,18 +56,15 @@ def scatter_choices(weights: jax.Array, index: jax.Array, num_experts: int,
   weights = jnp.maximum(weights, _TINY)
   if keep is not None:
     weights = jnp.where(keep, weights, 0.0)
-  one_hot = jax.nn.one_hot(index, num_experts, dtype=jnp.float32)  # [S, K, E]
-  return jnp.einsum("sk,ske->se", weights, one_hot,
-                    precision=jax.lax.Precision.HIGHEST)
+  return scatter_rows(weights.astype(jnp.float32), index, num_experts)
 
 
 def choice_priority(index: jax.Array, num_experts: int) -> jax.Array:
   """float32[S, E]: k - rank at chosen experts (first choices highest), else 0."""
   k = index.shape[-1]
   rank_value = (k - jnp.arange(k, dtype=jnp.float32))[None, :]  # [1, K]
-  one_hot = jax.nn.one_hot(index, num_experts, dtype=jnp.float32)
-  return jnp.einsum("sk,ske->se", jnp.broadcast_to(rank_value, index.shape),
-                    one_hot)
+  return scatter_rows(jnp.broadcast_to(rank_value, index.shape), index,
+                      num_experts)
 
 
 def top_k(logits: jax.Array, k: int, *, normalize: bool = True,
