@@ -20,7 +20,8 @@ sampling) in the same process, interleaved, min and median over repetitions:
               gradient by autodiff of that (reverse over reverse); sampling
               from its own table.
   top_k       the top-k router (same k), for scale.
-  layer_top_k / layer_exact_k   the MoE layer (index dispatch, cf 1.25) fwd+bwd
+  layer_top_k / layer_exact_k   the MoE layer (--strategy, default the layer's "gather";
+              cf 1.25) fwd+bwd
               with each router.
 
 Prints a table and writes JSON (--out).
@@ -52,7 +53,8 @@ flags.DEFINE_integer("expert_width", 256, "Expert width F.")
 flags.DEFINE_integer("num_experts", 64, "Experts E.")
 flags.DEFINE_integer("k", 8, "Subset size k.")
 flags.DEFINE_integer("reps", 15, "Timed repetitions per variant.")
-flags.DEFINE_string("out", "experiments/reports/bench_probmoe.json",
+flags.DEFINE_string("strategy", "gather", "Dispatch strategy of the layer.")
+flags.DEFINE_string("out", "experiments/reports/probmoe_bench.json",
                     "JSON output path ('' = none).")
 FLAGS = flags.FLAGS
 
@@ -157,7 +159,7 @@ def main(argv):
 
   def layer_vg(method):
     cfg = MoEConfig(num_experts=e, expert_width=f, router=method,
-                    strategy="index", capacity_factor=1.25)
+                    strategy=FLAGS.strategy, capacity_factor=1.25)
     layer = MoE(cfg, d_model=d)
     params = layer.init({"params": keys[5]}, x, train=False)["params"]
 
