@@ -127,3 +127,21 @@ def test_routers_jit_and_vmap():
 def test_public_names():
   for name in ("Routing", "RouterOutput", "top_k", "expert_choice"):
     assert hasattr(routing, name)
+
+
+def test_scatter_rows_matches_a_loop_and_its_gradient_is_a_gather():
+  from moejax.routing.top_k import scatter_rows
+  rng = np.random.default_rng(3)
+  values = rng.normal(size=(6, 3)).astype(np.float32)
+  index = rng.integers(0, 5, size=(6, 3)).astype(np.int32)  # repeats add up
+  want = np.zeros((6, 5), np.float32)
+  for r in range(6):
+    for j in range(3):
+      want[r, index[r, j]] += values[r, j]
+  got = scatter_rows(jnp.asarray(values), jnp.asarray(index), 5)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
+  cot = rng.normal(size=(6, 5)).astype(np.float32)
+  grad = jax.grad(lambda v: jnp.sum(scatter_rows(v, jnp.asarray(index), 5)
+                                    * cot))(jnp.asarray(values))
+  np.testing.assert_allclose(np.asarray(grad),
+                             np.take_along_axis(cot, index, axis=1), rtol=1e-6)
