@@ -23,12 +23,12 @@ brings the results back:
   "einsum"   one-hot dispatch/combine tensors (the GShard reference; O(S*E*C*D)).
   "index"    gather into slots (column-wise argsort of priorities), scatter-add
              back.
-  "gather"   slots assigned by one sort of the S*m routed assignments; dispatch
-             and combine are gathers whose backward passes are gathers too
-             (custom VJPs over the token->slot map and its inverse), no
-             scatter-add of rows. Needs `max_fanout` (the router's bound m) to
-             be fast; with a large m (S*m > 2*E*C) it falls back to the
-             scatter-add combine of "index".
+  "gather"   slots assigned by one sort of the S*m routed assignments (for
+             m = E, a top-C per expert column); dispatch and combine are
+             gathers whose backward passes are gathers too (custom VJPs over
+             the token->slot map and its inverse), no scatter-add of rows.
+             With a large m (S*m > 2*E*C) combine falls back to the
+             scatter-add of "index".
   dropless (ignore capacity; keep every assignment among each token's
   `max_fanout` largest gates, default E = everything):
   "ragged"   rows sorted by expert, `jax.lax.ragged_dot` for the expert matmuls
@@ -585,8 +585,9 @@ class GatherPlan:
 
   Same kept set and slots contents as "index" (each expert keeps its routed
   tokens by priority descending, ties to the lower token index); slots are
-  assigned by one stable sort of the S*m assignments by (expert, -priority),
-  and dispatch/combine are gathers in both directions.
+  assigned by one stable sort of the S*m assignments by (expert, -priority)
+  (for m = E by a top-C per expert instead, `_top_slots`), and
+  dispatch/combine are gathers in both directions.
 
   Attributes:
     gates: float32[S, E] the routing's gates.
@@ -700,10 +701,88 @@ def _scatter_combine(rows, row_token, row_gate, num_tokens):
       row_token].add(weighted)
 
 
+def _top_slots(routing: Routing, capacity_: int, num_groups: int
+               ) -> tuple[jax.Array, jax.Array]:
+  """Each (group, expert)'s kept tokens in slot order, from a top-C per expert.
+
+  The slots of "gather" without the sort of S*m assignments: for m = E (a
+  router whose fanout may reach every expert: expert choice, uncapped top-p)
+  that sort is over S*E elements, while a top-C per expert column gives the
+  same slots (routed tokens by priority descending, ties to the lower token
+  index: `lax.top_k` keeps the lower index first).
+
+  Returns:
+    slot_token: int32[G*E, C] global token of each slot (0 where empty).
+    slot_valid: bool[G*E, C].
+  """
+  num_tokens, num_experts = routing.gates.shape
+  per_group = num_tokens // num_groups
+  finite = jnp.maximum(routing.priority.astype(jnp.float32),
+                       jnp.finfo(jnp.float32).min)
+  key = jax.lax.stop_gradient(jnp.where(routing.routed, finite, -jnp.inf))
+  key = key.reshape(num_groups, per_group, num_experts).transpose(0, 2, 1)
+  take = min(capacity_, per_group)
+  values, token = jax.lax.top_k(key, take)  # [G, E, take]
+  valid = values > -jnp.inf
+  token = token + (jnp.arange(num_groups, dtype=jnp.int32)
+                   * per_group)[:, None, None]
+  pad = ((0, 0), (0, 0), (0, capacity_ - take))
+  token = jnp.pad(jnp.where(valid, token, 0), pad)
+  valid = jnp.pad(valid, pad)
+  return (token.reshape(-1, capacity_).astype(jnp.int32),
+          valid.reshape(-1, capacity_))
+
+
+def _gather_plan_all_experts(routing: Routing, capacity_: int,
+                             block_size: int | None,
+                             num_groups: int) -> GatherPlan:
+  """`_gather_plan` for m = E (every expert is a possible assignment)."""
+  num_tokens, real_experts = routing.gates.shape
+  token_index, slot_valid = _top_slots(routing, capacity_, num_groups)
+  num_experts = num_groups * real_experts
+  num_slots = num_experts * capacity_
+  slot_expert = jnp.broadcast_to(
+      (jnp.arange(num_experts, dtype=jnp.int32) % real_experts)[:, None],
+      token_index.shape)
+  slot_id = jnp.arange(num_slots, dtype=jnp.int32).reshape(token_index.shape)
+  token_slot = jnp.full((num_tokens, real_experts), num_slots, jnp.int32).at[
+      jnp.where(slot_valid, token_index, num_tokens), slot_expert].set(
+          slot_id, mode="drop")
+  kept = token_slot < num_slots
+  token_gate = jnp.where(kept, routing.gates, 0.0)
+  slot_gate = jnp.where(slot_valid, routing.gates[token_index, slot_expert],
+                        0.0)
+  kept_e = slot_valid.sum(axis=1)
+  return _with_blocks(routing, kept, token_index, slot_gate, token_slot,
+                      token_gate, kept_e, capacity_, block_size,
+                      token_major=num_tokens * real_experts <= 2 * num_slots)
+
+
+def _with_blocks(routing: Routing, kept, token_index, slot_gate, token_slot,
+                 token_gate, kept_e, capacity_: int, block_size: int | None,
+                 token_major: bool) -> GatherPlan:
+  """The GatherPlan with the block order of the CPU loop (kept_e: int32[V]
+  tokens each virtual expert keeps)."""
+  # Blocks of B slots holding tokens: the first ceil(kept_e / B) of expert e.
+  size = (block_size or slot_block_size(capacity_)) if use_loop_matmul() else 0
+  per_expert = -(-capacity_ // size) if size else 1
+  used_e = (kept_e + max(size, 1) - 1) // max(size, 1)
+  used = jnp.arange(per_expert)[None, :] < used_e[:, None]  # [V, C/B]
+  block_order = jnp.argsort(~used.reshape(-1), stable=True).astype(jnp.int32)
+  return GatherPlan(gates=routing.gates, kept=kept,
+                    token_index=token_index.astype(jnp.int32),
+                    slot_gate=slot_gate, token_slot=token_slot.astype(jnp.int32),
+                    token_gate=token_gate, block_order=block_order,
+                    num_used=jnp.sum(used_e).astype(jnp.int32),
+                    token_major=token_major, block_size=size)
+
+
 def _gather_plan(routing: Routing, capacity_: int, max_fanout: int,
                  block_size: int | None = None,
                  num_groups: int = 1) -> GatherPlan:
   num_tokens, real_experts = routing.gates.shape
+  if max_fanout >= real_experts:
+    return _gather_plan_all_experts(routing, capacity_, block_size, num_groups)
   expert, valid = _assignments(routing, max_fanout)  # [S, m]
   fanout = expert.shape[1]
   n = num_tokens * fanout
@@ -743,20 +822,10 @@ def _gather_plan(routing: Routing, capacity_: int, max_fanout: int,
                                  mode="clip"), 0.0)
   kept = jnp.zeros((num_tokens, real_experts), bool).at[
       jnp.arange(num_tokens)[:, None], expert].set(token_valid)
-  # Blocks of B slots holding tokens: the first ceil(kept_e / B) of expert e.
-  size = (block_size or slot_block_size(capacity_)) if use_loop_matmul() else 0
-  per_expert = -(-capacity_ // size) if size else 1
-  used_e = (jnp.minimum(counts[:num_experts], capacity_) + max(size, 1) - 1
-            ) // max(size, 1)
-  used = jnp.arange(per_expert)[None, :] < used_e[:, None]  # [E, C/B]
-  block_order = jnp.argsort(~used.reshape(-1), stable=True).astype(jnp.int32)
-  return GatherPlan(gates=routing.gates, kept=kept,
-                    token_index=token_index.astype(jnp.int32),
-                    slot_gate=slot_gate, token_slot=token_slot.astype(jnp.int32),
-                    token_gate=token_gate, block_order=block_order,
-                    num_used=jnp.sum(used_e).astype(jnp.int32),
-                    token_major=num_tokens * fanout <= 2 * num_slots,
-                    block_size=size)
+  return _with_blocks(routing, kept, token_index, slot_gate, token_slot,
+                      token_gate, jnp.minimum(counts[:num_experts], capacity_),
+                      capacity_, block_size,
+                      token_major=num_tokens * fanout <= 2 * num_slots)
 
 
 # ---------------------------------------------------------------------------

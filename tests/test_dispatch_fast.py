@@ -257,7 +257,8 @@ def test_bfloat16_payload(strategy):
   assert_close(got, want, rtol=5e-2, atol=5e-2)
 
 
-def test_vmap_over_groups():
+@pytest.mark.parametrize("max_fanout", [2, None])
+def test_vmap_over_groups(max_fanout):
   cases = [make_case(seed=s) for s in range(3)]
   gates = jnp.stack([c[0].gates for c in cases])
   priority = jnp.stack([c[0].priority for c in cases])
@@ -272,7 +273,8 @@ def test_vmap_over_groups():
     assert_close(got[i], want[i][0])
   # One plan over the 3 groups laid end to end, capacity 6 per group.
   flat = Routing(gates.reshape(-1, 4), priority.reshape(-1, 4))
-  out, kept = run_plan_groups(flat, xs.reshape(-1, xs.shape[-1]), w1, w2)
+  out, kept = run_plan_groups(flat, xs.reshape(-1, xs.shape[-1]), w1, w2,
+                              max_fanout)
   np.testing.assert_array_equal(
       np.asarray(kept), np.concatenate([np.asarray(k) for _, k in want]))
   assert_close(out, np.concatenate([np.asarray(o) for o, _ in want]))
@@ -282,8 +284,9 @@ def test_vmap_over_groups():
     dispatch.plan(flat, 6, strategy="gather", num_groups=5)
 
 
-def run_plan_groups(routing, x, w1, w2):
-  p = dispatch.plan(routing, 6, strategy="gather", max_fanout=2, num_groups=3)
+def run_plan_groups(routing, x, w1, w2, max_fanout):
+  p = dispatch.plan(routing, 6, strategy="gather", max_fanout=max_fanout,
+                    num_groups=3)
   h = jax.nn.relu(p.matmul(p.dispatch(x), w1))
   return p.combine(p.matmul(h, w2)), p.kept
 
