@@ -23,7 +23,10 @@ compatible; the learning-rate schedule is the one of steps + finetune_steps for
 every arm). A finished run is reused, an interrupted one resumes.
 
 Per run, on --analysis_batches validation batches with the final params:
-validation loss (the run's own final evaluation), expert utilisation of the
+validation loss (the run's own final evaluation; and on these batches, with
+the evaluation routing and with the training routing: sampled subsets and the
+training capacity factor, `eval_mode_val_loss` / `train_mode_val_loss`), expert
+utilisation of the
 evaluation routing (top-k for top_k / exact_k, the MAP subset for dynamic_k)
 and of the training routing (sampled subsets for exact_k / dynamic_k):
   load_entropy   entropy (nats) of the expert load (fraction of assignments),
@@ -60,6 +63,7 @@ from moejax.models.lm import TransformerLM  # noqa: E402
 from moejax.nn.moe import MoE, to_groups  # noqa: E402
 from moejax.train.loop import train  # noqa: E402
 from moejax.train.metrics import read_jsonl  # noqa: E402
+from moejax.train.step import make_loss_fn  # noqa: E402
 
 lm_flags.define_flags()
 flags.DEFINE_string("seeds", "0,1", "Seeds of the from-scratch runs.")
@@ -183,10 +187,24 @@ def analyse(cfg, state, num_batches: int, seed: int) -> dict[str, float]:
                   tr.routing.gates.reshape(-1, num_experts)))
     return out
 
+  losses = {mode: make_loss_fn(model, train=(mode == "train"))
+            for mode in ("eval", "train")}
+
+  @jax.jit
+  def ce_sums(batch, key):
+    return {mode: fn(params, router_state, batch, key)[1][2:4]
+            for mode, fn in losses.items()}
+
   per = {"eval": [], "train": []}
+  ce = {"eval": [0.0, 0.0], "train": [0.0, 0.0]}
   key = jax.random.PRNGKey(seed + 1234)
   layers = None
   for b, batch in enumerate(data.eval_batches(num_batches)):
+    for mode, (total, count) in jax.device_get(ce_sums(
+        {k: jnp.asarray(v) for k, v in batch.items()},
+        jax.random.fold_in(key, 10_000 + b))).items():
+      ce[mode][0] += float(total)
+      ce[mode][1] += float(count)
     res = jax.device_get(route(jnp.asarray(batch["inputs"]),
                                jax.random.fold_in(key, b)))
     if layers is None:
@@ -202,6 +220,8 @@ def analyse(cfg, state, num_batches: int, seed: int) -> dict[str, float]:
   for mode, rows in per.items():
     for key_ in rows[0]:
       out[f"{mode}_{key_}"] = float(np.mean([r[key_] for r in rows]))
+  for mode, (total, count) in ce.items():
+    out[f"{mode}_mode_val_loss"] = total / max(count, 1.0)
   out["num_experts"] = int(cfg.model.moe.num_experts)
   return out
 
@@ -347,6 +367,8 @@ def main(argv):
                "config": FLAGS.config, "records": records}, fh, indent=1)
   loss_cols = [
       ("val. loss", "eval_loss", "loss"),
+      ("val. loss, first batches: eval / train routing",
+       ("eval_mode_val_loss", "train_mode_val_loss"), "loss"),
       ("train loss (last 25%)", "train_loss_last25", "loss"),
       ("train fanout (last 25%)", "train_fanout_last25", "f"),
       ("eval fanout", "eval_fanout", "f")]
