@@ -22,7 +22,7 @@ Every flag of `experiments/train_lm.py` is the base of every run. Each (run,
 seed) trains in WORKROOT/LABEL_sSEED, then is evaluated on the validation
 batches with top-C routing and with both causal rules (`mod_routing`
 "predictor" and "router": the realised capacity and the loss gap), and writes
-OUT/runs/LABEL_sSEED.json. The report phase writes OUT/results.json,
+OUT/records/LABEL_sSEED.json. The report phase writes OUT/results.json,
 OUT/results.md (mean ± std over seeds) and PNGs: loss_vs_flops.png (final
 validation loss vs forward FLOPs per token), eval_loss.png (validation loss
 vs training FLOPs), predictor.png (predictor and router accuracy vs step).
@@ -196,8 +196,8 @@ def train_one(label: str, seed: int, base: dict) -> dict:
           "router": cfg.model.moe.router.name, "k": cfg.model.moe.router.k,
           "num_noop_experts": cfg.model.moe.num_noop_experts},
   }
-  os.makedirs(os.path.join(FLAGS.out, "runs"), exist_ok=True)
-  with open(os.path.join(FLAGS.out, "runs", f"{label}_s{seed}.json"), "w") as f:
+  os.makedirs(os.path.join(FLAGS.out, "records"), exist_ok=True)
+  with open(os.path.join(FLAGS.out, "records", f"{label}_s{seed}.json"), "w") as f:
     json.dump(result, f, indent=1)
   if FLAGS.save_params and label == FLAGS.save_params and seed == 0:
     result["params_files"] = save_params_npz(
@@ -211,7 +211,7 @@ def train_one(label: str, seed: int, base: dict) -> dict:
 def train_parallel(labels, seeds, argv_flags) -> None:
   """Trains every (label, seed) in subprocesses, seeds in waves."""
   jobs = [(label, seed) for seed in seeds for label in labels
-          if not os.path.exists(os.path.join(FLAGS.out, "runs",
+          if not os.path.exists(os.path.join(FLAGS.out, "records",
                                              f"{label}_s{seed}.json"))]
   env = dict(os.environ)
   env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -266,9 +266,9 @@ def report(out: str) -> dict:
   import matplotlib.pyplot as plt
 
   runs = [json.load(open(p)) for p in sorted(
-      glob.glob(os.path.join(out, "runs", "*.json")))]
+      glob.glob(os.path.join(out, "records", "*.json")))]
   if not runs:
-    raise ValueError(f"no runs under {out}/runs")
+    raise ValueError(f"no runs under {out}/records")
   by_label: dict[str, list] = {}
   for r in runs:
     by_label.setdefault(r["label"], []).append(r)
@@ -410,7 +410,7 @@ def main(argv):
     else:
       for seed in seeds:
         for label in labels:
-          if not os.path.exists(os.path.join(FLAGS.out, "runs",
+          if not os.path.exists(os.path.join(FLAGS.out, "records",
                                              f"{label}_s{seed}.json")):
             train_one(label, seed, base)
   if FLAGS.phase in ("all", "report"):
