@@ -64,7 +64,7 @@ print("router:", router, " output shape:", out.shape, " max |output| at init:", 
 loss: the same `TrainState`, optimizer and controller updates as the LM.
 Timesteps are drawn stratified over the batch, so each step also reports the
 loss and the mean fanout per timestep bucket."""),
-    new_code_cell("""from moejax.train import dit_loop
+    new_code_cell("""from moejax.tasks import dit as dit_loop
 from moejax.train.state import OptimConfig, create_train_state
 steps = 80
 tcfg = dit_loop.DiTTrainConfig(

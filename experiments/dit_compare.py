@@ -82,7 +82,7 @@ def main(argv):
       except (AttributeError, KeyError, ValueError):  # older/newer jax
         pass
   from moejax import methods  # pylint: disable=g-import-not-at-top
-  from moejax.train.dit_loop import train_dit  # pylint: disable=g-import-not-at-top
+  from moejax.train.loop import train as train_dit  # pylint: disable=g-import-not-at-top
 
   os.makedirs(values["out"], exist_ok=True)
   results_path = os.path.join(values["out"], "dit_results.json")

@@ -14,14 +14,11 @@ WORKDIR/checkpoints; run again with the same workdir to resume.
 """
 from __future__ import annotations
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags, logging
 
-from absl import app, flags, logging  # noqa: E402
-
-from moejax.cli import dit_flags  # noqa: E402
+from moejax.cli import dit_flags
 
 dit_flags.define_flags()
 

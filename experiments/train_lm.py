@@ -7,14 +7,11 @@ WORKDIR/checkpoints; run again with the same workdir to resume.
 """
 from __future__ import annotations
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags, logging
 
-from absl import app, flags, logging  # noqa: E402
-
-from moejax.cli import lm_flags  # noqa: E402
+from moejax.cli import lm_flags
 
 lm_flags.define_flags()
 

@@ -28,14 +28,14 @@ import numpy as np
 
 from moejax import sharding
 from moejax.models.lm import TransformerLM
-from moejax.train.loop import TrainConfig, _state_init_fn, state_shardings
+from moejax.train.loop import TrainConfig, init_state, state_shardings
 from moejax.train.step import make_train_step
 
 
 def abstract_state(cfg: TrainConfig, mesh) -> Any:
   """The initial TrainState as sharded `ShapeDtypeStruct`s (no allocation)."""
   model = TransformerLM(cfg.model)
-  boxed = jax.eval_shape(_state_init_fn(cfg, model),
+  boxed = jax.eval_shape(lambda rng: init_state(cfg, model, rng),
                          jax.random.PRNGKey(cfg.seed))
   shards = state_shardings(cfg, model, mesh)
   unboxed = nn.meta.unbox(boxed)

@@ -48,3 +48,62 @@ def test_train_and_resume(tmp_path):
   second = run(*common, "--steps=4")
   assert second.returncode == 0, second.stderr[-3000:]
   assert "resumed from step 2" in second.stdout
+
+
+def _flag_defaults(define):
+  """{name: default} of every flag after `define()` (process-wide absl
+  flags; their defaults are restored afterwards)."""
+  from absl import flags
+  before = {name: flags.FLAGS[name].default for name in flags.FLAGS}
+  try:
+    define()
+    return {name: flags.FLAGS[name].default for name in flags.FLAGS}
+  finally:
+    for name, default in before.items():
+      flags.FLAGS.set_default(name, default)
+
+
+def test_unset_flags_take_the_dataclass_defaults():
+  import dataclasses
+
+  from absl import flags
+
+  from moejax.cli import defaults, dit_flags, lm_flags
+  from moejax.diffusion import DiffusionConfig
+  from moejax.models.dit import DiTConfig
+  from moejax.models.lm import LMConfig
+  from moejax.nn.moe import MoEConfig
+  from moejax.tasks.dit import DiTTrainConfig
+  from moejax.train import TrainConfig
+
+  values = _flag_defaults(dit_flags.define_flags)
+  tables = {**lm_flags.MOE_FLAGS, **lm_flags.LM_MODEL_FLAGS,
+            **lm_flags.RUN_FLAGS, **dit_flags.DIT_FLAGS}
+  for name in tables:
+    assert values[name] is None, name  # falls through to the dataclass
+  # The documented default dispatch strategy is the one a run gets.
+  assert MoEConfig().strategy == "gather"
+  lm = lm_flags.build_train_config(values)
+  assert lm.model.moe.strategy == "gather"
+  assert "(default: gather)" in flags.FLAGS["strategy"].help
+  objects = {MoEConfig: lm.model.moe, LMConfig: lm.model, TrainConfig: lm}
+  for name, (_, cls, _) in {**lm_flags.MOE_FLAGS, **lm_flags.LM_MODEL_FLAGS,
+                            **lm_flags.RUN_FLAGS}.items():
+    assert getattr(objects[cls], name) == defaults.field_default(cls, name), (
+        name)
+  dit = dit_flags.build_dit_train_config(values)
+  assert dit.model.moe.strategy == "gather"
+  objects = {DiTConfig: dit.model, DiffusionConfig: dit.diffusion,
+             DiTTrainConfig: dit}
+  for name, (_, cls, _) in dit_flags.DIT_FLAGS.items():
+    assert getattr(objects[cls], name) == defaults.field_default(cls, name), (
+        name)
+  dit_fields = {f.name for f in dataclasses.fields(DiTTrainConfig)}
+  for name in lm_flags.RUN_FLAGS:
+    if name in dit_fields:
+      assert getattr(dit, name) == defaults.field_default(DiTTrainConfig,
+                                                          name), name
+  assert dit.dataset == "digits" and lm.dataset == "stdlib"
+  # A flag that is set wins over the dataclass.
+  assert lm_flags.build_train_config(
+      dict(values, strategy="index")).model.moe.strategy == "index"

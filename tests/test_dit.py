@@ -19,7 +19,8 @@ from moejax.models import dit as dit_lib
 from moejax.models.dit import DiT, DiTBlock, DiTConfig
 from moejax.nn.attention import Attention
 from moejax.nn.moe import MoEConfig
-from moejax.train import dit_loop
+from moejax.tasks import dit as dit_task
+from moejax.train import loop
 from moejax.train.state import OptimConfig
 
 # One routed model shared by the heavy tests, so that they share compiled
@@ -48,7 +49,7 @@ def tiny_train_config(**kw):
               timestep_buckets=4, sample_steps=2, samples_per_class=0,
               quality_samples_per_class=0, num_devices=1, progress=False)
   base.update(kw)
-  return dit_loop.DiTTrainConfig(**base)
+  return dit_task.DiTTrainConfig(**base)
 
 
 # ---------------------------------------------------------------- model
@@ -97,8 +98,8 @@ def test_shapes_zero_init_and_per_image_fanout(moe):
       params)
   out, coll = forward(params, x, t, y)
   assert float(jnp.max(jnp.abs(out))) > 0
-  layers = dit_loop.router_outputs(coll["router"])
-  per_image = np.asarray(dit_loop.per_image_fanout(layers, 4))
+  layers = dit_task.router_outputs(coll["router"])
+  per_image = np.asarray(dit_task.per_image_fanout(layers, 4))
   chex.assert_shape(per_image, (1, 4))  # [MoE layers, images]
   for row, layer in zip(per_image, layers.values()):
     np.testing.assert_allclose(row.mean(), float(
@@ -200,7 +201,7 @@ def test_v_prediction_roundtrip_and_q_sample():
 def test_stratified_timesteps_fill_every_bucket_equally():
   t = diffusion.stratified_timesteps(jax.random.PRNGKey(3), 64, 1000)
   assert t.dtype == jnp.int32 and int(t.min()) >= 0 and int(t.max()) < 1000
-  buckets = np.asarray(dit_loop.bucket_of(t, 1000, 4))
+  buckets = np.asarray(dit_task.bucket_of(t, 1000, 4))
   np.testing.assert_array_equal(np.bincount(buckets, minlength=4), [16] * 4)
 
 
@@ -240,12 +241,12 @@ def test_ddim_recovers_the_data_point_and_is_deterministic():
 
 
 def _mesh_state(cfg):
-  """(mesh, model, state) placed as `train_dit` places them (1 device), so
+  """(mesh, model, state) placed as the loop places them (1 device), so
   that the tests share its compiled steps and sampler."""
   mesh = sharding.make_mesh(None, jax.devices()[:1])
   model = DiT(cfg.model)
-  with mesh:
-    state = dit_loop.build_dit_state(cfg, model, mesh)
+  with jax.set_mesh(mesh):
+    state = loop.build_state(cfg, model, mesh)
   return mesh, model, state
 
 
@@ -254,7 +255,7 @@ def test_model_sampler_shapes_and_determinism():
   cfg = tiny_train_config()
   assert dit_lib.batch_multiple(cfg.model) == 2
   mesh, model, state = _mesh_state(cfg)
-  with mesh:
+  with jax.set_mesh(mesh):
     params = jax.tree.map(  # non-zero outputs
         lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(5), p.shape),
         state.params)
@@ -282,15 +283,15 @@ def _batch(i, size=16):
 def test_loss_decreases_and_fanout_by_timestep_is_consistent():
   cfg = tiny_train_config(steps=30)
   mesh, model, state = _mesh_state(cfg)
-  step = dit_loop.make_dit_train_step(model, cfg)
-  eval_step = dit_loop.make_dit_eval_step(model, cfg.diffusion, 4)
+  step = dit_task.make_dit_train_step(model, cfg)
+  eval_step = dit_task.make_dit_eval_step(model, cfg.diffusion, 4)
   put = lambda b: jax.device_put(b, sharding.batch_sharding(mesh))
-  with mesh:
+  with jax.set_mesh(mesh):
     val = [put(_batch(100))]
-    before = dit_loop.evaluate_dit(eval_step, state, val)["eval_loss"]
+    before = dit_task.evaluate_dit(eval_step, state, val)["eval_loss"]
     for i in range(30):
       state, metrics = step(state, put(_batch(i)))
-    after = dit_loop.evaluate_dit(eval_step, state, val)
+    after = dit_task.evaluate_dit(eval_step, state, val)
   assert after["eval_loss"] < 0.8 * before, (before, after["eval_loss"])
   assert before == pytest.approx(1.0, abs=0.15)  # zero prediction: E[eps^2]
   chex.assert_shape(metrics["loss_by_t"], (4,))
@@ -312,7 +313,7 @@ def test_resume_is_exact_with_controller_state_and_writes_outputs(tmp_path):
   cfg = tiny_train_config(samples_per_class=2, quality_samples_per_class=2,
                           sample_classes=(0, 1), keep_checkpoints=3)
   workdir = tmp_path / "run"
-  full = dit_loop.train_dit(cfg, str(workdir))
+  full = loop.train(cfg, str(workdir))
   assert sorted(int(d) for d in os.listdir(workdir / "checkpoints")
                 if d.isdigit()) == [2, 4]
   if name == "dtop_p":
@@ -320,7 +321,7 @@ def test_resume_is_exact_with_controller_state_and_writes_outputs(tmp_path):
   # A crash after step 2's checkpoint: drop step 4 and run again.
   import shutil
   shutil.rmtree(workdir / "checkpoints" / "4")
-  resumed = dit_loop.train_dit(cfg, str(workdir))
+  resumed = loop.train(cfg, str(workdir))
   assert resumed["resumed_from"] == 2
   for part in ("params", "opt_state", "router_state", "step", "data_index"):
     chex.assert_trees_all_equal(getattr(full["state"], part),
@@ -336,6 +337,30 @@ def test_resume_is_exact_with_controller_state_and_writes_outputs(tmp_path):
   assert os.path.exists(workdir / "samples.png")
   summary = json.load(open(workdir / "summary.json"))
   assert summary["num_samples"] == 4 and summary["router"] == name
+
+
+def test_dit_runs_through_the_shared_loop(tmp_path, monkeypatch):
+  # The same loop as the LM: the DiT task names it, batches take the
+  # per-process placement of `sharding.put_batch` under `jax.set_mesh`, and
+  # the run writes the loop's outputs.
+  cfg = tiny_train_config(steps=2)
+  assert isinstance(loop.as_task(cfg), dit_task.DiTTask)
+  placed = []
+
+  def put_batch(batch, batch_sharding, local=False):
+    placed.append(sharding.current_mesh() is not None)
+    return put(batch, batch_sharding, local)
+
+  put = sharding.put_batch
+  monkeypatch.setattr(sharding, "put_batch", put_batch)
+  out = loop.train(cfg, str(tmp_path))
+  assert placed and all(placed)
+  assert len(placed) == 2 + 1  # two train batches, one eval batch
+  records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert [r["step"] for r in records if "loss" in r] == [1, 2]
+  assert "images_per_s" in records[0] and records[-1]["final"]
+  assert os.path.exists(tmp_path / "summary.json")
+  assert os.path.exists(out["plot"]) and out["resumed_from"] is None
 
 
 # ---------------------------------------------------------------- quality
@@ -377,11 +402,12 @@ def test_every_registered_router_builds_a_dit_config():
   finally:  # leave the process-wide flag defaults as they were
     for name, default in before.items():
       flags.FLAGS.set_default(name, default)
-  assert base["dataset"] == "digits" and "patch_size" in base
+  assert base["dataset"] is None and "patch_size" in base  # the config's
   # Routers registered by any module work through the registry unchanged.
   for router in methods.available() + ("dense",):
     values = dict(base, router=router, k=2)
     cfg = dit_flags.build_dit_train_config(values)
+    assert cfg.dataset == "digits"
     assert cfg.model.image_size == 8 and cfg.model.num_classes == 10
     if router == "dense":
       assert cfg.model.moe is None and cfg.model.d_ff == 2 * 64

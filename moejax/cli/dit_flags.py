@@ -3,26 +3,27 @@
 The flags are those of `experiments/train_lm.py` (`lm_flags.define_flags()`:
 `--router`, `--num_experts`, `--k`, `--p`, every router option, the MoE layer
 options, `--steps`, `--seed`, `--workdir`, ...; routers registered later appear
-there and work here unchanged) with DiT defaults (`--dataset=digits`, DiT
-presets for `--config`) and the DiT's own flags below. The MoE layer config is
+there and work here unchanged) with the DiT's presets for `--config` and the
+DiT's own flags below. A flag left unset takes the preset's value or the
+default of `DiTTrainConfig` (e.g. `dataset="digits"`) and the model configs. The MoE layer config is
 built by `lm_flags` exactly as for the LM. LM-only flags (`--seq_len`,
 `--sample_tokens`, `--temperature`, `--mod_*`) are ignored, except that
 `--mod_capacity > 0` is refused (no Mixture-of-Depths in the DiT yet).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from typing import Any, Mapping
 
 from absl import flags
 
-from moejax.cli import lm_flags
+from moejax.cli import defaults, lm_flags
 from moejax.data import DataError
 from moejax.diffusion import DiffusionConfig
 from moejax.models.dit import DiTConfig
-from moejax.train.dit_loop import DiTTrainConfig
-from moejax.train.state import OptimConfig
+from moejax.tasks.dit import DiTTrainConfig
 
 # Presets on 8x8 digits. `tiny`: minutes on a CPU; `small`: the comparison of
 # experiments/reports/dit.md (a GPU, or tens of minutes on a CPU). d_ff (the dense model's MLP) = k * expert_width
@@ -40,58 +41,70 @@ DIT_PRESETS: dict[str, dict[str, Any]] = {
                   samples_per_class=16, quality_samples_per_class=100),
 }
 
-# name: (kind, default, help); defined unless `lm_flags` already defines it.
-_DIT_FLAGS = {
-    "num_layers": ("integer", None, "DiT blocks (default: preset)."),
-    "d_model": ("integer", None, "DiT width D (default: preset)."),
-    "num_heads": ("integer", None, "Attention heads (default: preset)."),
-    "d_ff": ("integer", None, "Dense MLP width (default: k * expert_width, "
-             "the active FLOPs of top-k)."),
-    "patch_size": ("integer", None, "Patch size P (default: preset)."),
-    "image_size": ("integer", None, "Image side (default: the data's)."),
-    "upsample": ("integer", 1, "Nearest-neighbour upsampling of the images."),
-    "max_examples": ("integer", None, "tfds: examples per split (None = all)."),
-    "class_dropout": ("float", 0.1, "Label dropout for classifier-free "
+# The DiT's own flags: name -> (kind, config class, help), defaulting to None
+# (the class's default); defined unless `lm_flags` already defines them.
+DIT_FLAGS = {
+    "upsample": ("integer", DiTTrainConfig, "Nearest-neighbour upsampling of "
+                 "the images."),
+    "max_examples": ("integer", DiTTrainConfig, "tfds: examples per split "
+                     "(None = all)."),
+    "class_dropout": ("float", DiTConfig, "Label dropout for classifier-free "
                       "guidance, in [0, 1)."),
-    "num_timesteps": ("integer", None, "Diffusion timesteps T (default: "
-                      "preset)."),
-    "schedule": ("string", "cosine", "Noise schedule: cosine or linear."),
-    "prediction": ("string", "epsilon", "Model target: epsilon or v."),
-    "timestep_buckets": ("integer", 4, "Timestep buckets of the per-t loss "
-                         "and fanout metrics (must divide batch_size)."),
-    "eval_repeats": ("integer", 2, "Passes over the validation batches."),
-    "sample_steps": ("integer", None, "DDIM steps (default: preset)."),
-    "samples_per_class": ("integer", None, "Images per class grid (default: "
-                          "preset; 0 = none)."),
-    "quality_samples_per_class": ("integer", None, "Samples per class scored "
-                                  "by the classifier (default: preset)."),
-    "guidance_scale": ("float", 1.0, "Classifier-free guidance w of the "
-                       "samples (1 = off)."),
-    "eta": ("float", 0.0, "DDIM eta (0 = deterministic)."),
-    "num_devices": ("integer", None, "Use the first n devices (default all)."),
+    "schedule": ("string", DiffusionConfig, "Noise schedule: cosine or "
+                 "linear."),
+    "prediction": ("string", DiffusionConfig, "Model target: epsilon or v."),
+    "timestep_buckets": ("integer", DiTTrainConfig, "Timestep buckets of the "
+                         "per-t loss and fanout metrics (must divide "
+                         "batch_size)."),
+    "eval_repeats": ("integer", DiTTrainConfig, "Passes over the validation "
+                     "batches."),
+    "guidance_scale": ("float", DiTTrainConfig, "Classifier-free guidance w of "
+                       "the samples (1 = off)."),
+    "eta": ("float", DiTTrainConfig, "DDIM eta (0 = deterministic)."),
+    "num_devices": ("integer", DiTTrainConfig, "Use the first n devices (None "
+                    "= all)."),
 }
-
-# Defaults of lm_flags that differ for the DiT.
-_DIT_DEFAULTS = {"dataset": "digits", "log_every": 25, "eval_every": 250,
-                 "eval_batches": 4, "checkpoint_every": 250,
-                 "keep_checkpoints": 2, "workdir": "runs/dit"}
+# Preset-driven flags (None = the preset's value).
+_PRESET_FLAGS = {
+    "num_layers": "DiT blocks (default: preset).",
+    "d_model": "DiT width D (default: preset).",
+    "num_heads": "Attention heads (default: preset).",
+    "patch_size": "Patch size P (default: preset).",
+    "num_timesteps": "Diffusion timesteps T (default: preset).",
+    "sample_steps": "DDIM steps (default: preset).",
+    "samples_per_class": "Images per class grid (default: preset; 0 = none).",
+    "quality_samples_per_class": "Samples per class scored by the classifier "
+                                 "(default: preset).",
+}
+_OTHER_FLAGS = {
+    "d_ff": "Dense MLP width (default: k * expert_width, the active FLOPs of "
+            "top-k).",
+    "image_size": "Image side (default: the data's).",
+}
+# Fields of the run config set by the flags of `lm_flags.RUN_FLAGS`.
+_RUN_FIELDS = tuple(name for name in lm_flags.RUN_FLAGS
+                    if name in {f.name for f in
+                                dataclasses.fields(DiTTrainConfig)})
 
 
 def define_flags() -> None:
-  """Defines the LM flags (if not yet defined) plus the DiT's."""
+  """Defines the LM flags (if not yet defined) plus the DiT's; the help of
+  the shared run flags shows the DiT's defaults."""
   if "router" not in flags.FLAGS:
     lm_flags.define_flags()
-  define = {"integer": flags.DEFINE_integer, "float": flags.DEFINE_float,
-            "string": flags.DEFINE_string}
-  for name, (kind, default, text) in _DIT_FLAGS.items():
+  defaults.define({k: v for k, v in DIT_FLAGS.items() if k not in flags.FLAGS})
+  for name, text in {**_PRESET_FLAGS, **_OTHER_FLAGS}.items():
     if name not in flags.FLAGS:
-      define[kind](name, default, text)
-  for name, default in _DIT_DEFAULTS.items():
-    flags.FLAGS.set_default(name, default)
+      flags.DEFINE_integer(name, None, text)
+  for name in _RUN_FIELDS:
+    flags.FLAGS[name].help = defaults.with_default(
+        lm_flags.RUN_FLAGS[name][2], DiTTrainConfig, name)
+  flags.FLAGS.set_default("workdir", "runs/dit")
   flags.FLAGS["config"].help = ("Preset: " + ", ".join(sorted(DIT_PRESETS))
                                 + " (DiT presets)")
-  flags.FLAGS["dataset"].help = ("Images: digits (scikit-learn's 8x8), or "
-                                 "tfds:mnist / tfds:cifar10 prepared on disk.")
+  flags.FLAGS["dataset"].help = defaults.with_default(
+      "Images: digits (scikit-learn's 8x8), or tfds:mnist / tfds:cifar10 "
+      "prepared on disk.", DiTTrainConfig, "dataset")
 
 
 def preset(name: str) -> dict[str, Any]:
@@ -101,63 +114,46 @@ def preset(name: str) -> dict[str, Any]:
   return dict(DIT_PRESETS[name])
 
 
-def build_moe_config(values: Mapping[str, Any], pre: Mapping[str, Any]):
-  """The MoE layer config (None for `--router=dense`), built by `lm_flags`."""
-  if values["router"] == "dense":
-    return None
-  lm_values = dict(values)
-  lm_values.update(config="tiny", mod_capacity=0.0)
-  for key in ("num_experts", "expert_width", "k"):
-    lm_values[key] = pre[key] if values.get(key) is None else values[key]
-  return lm_flags.build_train_config(lm_values).model.moe
-
-
 def build_dit_train_config(values: Mapping[str, Any]) -> DiTTrainConfig:
-  """Builds the run's config from flag values (a dict of name -> value)."""
-  pre = preset(values.get("config") or "tiny")
+  """Builds the run's config from flag values (a dict of name -> value; a
+  missing or None value takes the preset's, else the config's default)."""
+  pre = preset(values["config"])
   pick = lambda key: pre[key] if values.get(key) is None else values[key]
   if values.get("mod_capacity"):
     raise ValueError(f"mod_capacity={values['mod_capacity']} is not supported "
                      "by the DiT yet; allowed: 0")
-  moe = build_moe_config(values, pre)
-  dataset = values.get("dataset") or "digits"
+  moe = lm_flags.build_moe_config(values, pick("k"), pick("num_experts"),
+                                  pick("expert_width"))
+  run = defaults.given(values, _RUN_FIELDS + ("upsample", "max_examples",
+                                              "timestep_buckets",
+                                              "eval_repeats", "guidance_scale",
+                                              "eta", "num_devices"))
+  get = lambda name: run.get(name, defaults.field_default(DiTTrainConfig,
+                                                          name))
   image_size, channels, num_classes = data_shape(
-      dataset, values.get("data_dir"), values.get("upsample") or 1,
-      values.get("max_examples"))
-  d_ff = values.get("d_ff") or pick("k") * pick("expert_width")
+      get("dataset"), get("data_dir"), get("upsample"), get("max_examples"))
   model = DiTConfig(
       image_size=values.get("image_size") or image_size, channels=channels,
       patch_size=pick("patch_size"), num_classes=num_classes,
       num_layers=pick("num_layers"), d_model=pick("d_model"),
-      num_heads=pick("num_heads"), d_ff=d_ff, moe=moe,
+      num_heads=pick("num_heads"),
+      d_ff=values.get("d_ff") or pick("k") * pick("expert_width"), moe=moe,
       moe_every=pick("moe_every"),
-      class_dropout=values.get("class_dropout", 0.1),
-      dtype=values.get("dtype") or "float32")
+      **defaults.given(values, ("class_dropout", "dtype")))
   diffusion = DiffusionConfig(num_timesteps=pick("num_timesteps"),
-                              schedule=values.get("schedule") or "cosine",
-                              prediction=values.get("prediction") or "epsilon")
+                              **defaults.given(values, ("schedule",
+                                                        "prediction")))
   steps = pick("steps")
-  optim = OptimConfig(learning_rate=pick("learning_rate"),
-                      warmup_steps=min(pick("warmup_steps"), steps),
-                      total_steps=steps, weight_decay=0.0)
+  optim = dataclasses.replace(
+      defaults.field_default(DiTTrainConfig, "optim"),
+      learning_rate=pick("learning_rate"),
+      warmup_steps=min(pick("warmup_steps"), steps), total_steps=steps)
   return DiTTrainConfig(
-      model=model, diffusion=diffusion, optim=optim, dataset=dataset,
-      data_dir=values.get("data_dir"), upsample=values.get("upsample") or 1,
-      max_examples=values.get("max_examples"), batch_size=pick("batch_size"),
-      steps=steps, seed=values.get("seed", 0),
-      log_every=values.get("log_every") or 25,
-      eval_every=values.get("eval_every") or 250,
-      eval_batches=values.get("eval_batches") or 4,
-      eval_repeats=values.get("eval_repeats") or 2,
-      checkpoint_every=values.get("checkpoint_every") or 250,
-      keep_checkpoints=values.get("keep_checkpoints") or 2,
-      mesh=values.get("mesh"), num_devices=values.get("num_devices"),
-      timestep_buckets=values.get("timestep_buckets") or 4,
+      model=model, diffusion=diffusion, optim=optim,
+      batch_size=pick("batch_size"), steps=steps,
       sample_steps=pick("sample_steps"),
       samples_per_class=pick("samples_per_class"),
-      quality_samples_per_class=pick("quality_samples_per_class"),
-      guidance_scale=values.get("guidance_scale", 1.0),
-      eta=values.get("eta", 0.0), progress=values.get("progress", True))
+      quality_samples_per_class=pick("quality_samples_per_class"), **run)
 
 
 def data_shape(dataset: str, data_dir: str | None, upsample: int,
@@ -178,8 +174,8 @@ def run(flag_values) -> int:
   values = flag_values.flag_values_dict()
   try:
     cfg = build_dit_train_config(values)
-    from moejax.train.dit_loop import train_dit  # pylint: disable=g-import-not-at-top
-    summary = train_dit(cfg, values["workdir"])
+    from moejax.train.loop import train  # pylint: disable=g-import-not-at-top
+    summary = train(cfg, values["workdir"])
   except (ValueError, DataError, FileNotFoundError) as e:
     sys.stderr.write(f"error: {e}\n")
     return 2

@@ -2,11 +2,12 @@
 
 Every router option is a flag; `build_train_config(flag_values)` turns them
 into frozen configs, whose constructors validate values and name the field,
-the value and the allowed range in their errors.
+the value and the allowed range in their errors. A flag left unset (None)
+takes the preset's value (`moejax.configs`) or the config dataclass's default
+(`moejax.cli.defaults`): defaults are declared once, in the dataclasses.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from typing import Any, Mapping
@@ -14,98 +15,136 @@ from typing import Any, Mapping
 from absl import flags
 
 from moejax import configs, methods
+from moejax.cli import defaults
 from moejax.data import DataError
 from moejax.models.lm import LMConfig
 from moejax.nn.moe import MoEConfig
-from moejax.train.loop import TrainConfig
+from moejax.tasks.lm import TrainConfig
 from moejax.train.state import OptimConfig
 
 # Routers of the public API; those not registered yet are refused clearly.
 API_ROUTERS = ("top_k", "expert_choice", "top_p", "dtop_p", "expert_threshold",
                "exact_k", "dynamic_k", "dense")
 
+# Flags that set a config field: name -> (kind, config class, help). Each
+# defaults to None and falls through to the class's default.
+MOE_FLAGS = {
+    "capacity_factor": ("float", MoEConfig, "Training capacity factor (> 0)."),
+    "eval_capacity_factor": ("float", MoEConfig, "Evaluation capacity factor "
+                             "(> 0)."),
+    "strategy": ("string", MoEConfig, "Dispatch strategy: gather, index, "
+                 "einsum, dropless, sorted or ragged."),
+    "group_size": ("integer", MoEConfig, "Tokens per routing group (None: a "
+                   "sequence)."),
+    "load_balance_weight": ("float", MoEConfig, "Aux load-balance weight "
+                            "(None: the router's)."),
+    "z_loss_weight": ("float", MoEConfig, "Router z-loss weight (None: the "
+                      "router's)."),
+    "entropy_weight": ("float", MoEConfig, "Routing-entropy weight (None: the "
+                       "router's)."),
+    "num_noop_experts": ("integer", MoEConfig, "No-op experts added to the MoE "
+                         "router (integrated MoDE)."),
+    "expert_parallel": ("string", MoEConfig, "Expert parallelism: gspmd "
+                        "(sharding constraints) or shard_map (explicit "
+                        "all-to-all)."),
+}
+LM_MODEL_FLAGS = {
+    "dtype": ("string", LMConfig, "Activation dtype: float32 or bfloat16."),
+    "mod_capacity": ("float", LMConfig, "Mixture-of-Depths capacity fraction "
+                     "in [0, 1] (0 = off; the paper's setting is 0.125 with "
+                     "--mod_every=2)."),
+    "mod_every": ("integer", LMConfig, "MoD: every n-th block is routed."),
+    "mod_score": ("string", LMConfig, "MoD: update multiplier raw (r) or "
+                  "sigmoid."),
+    "mod_aux_weight": ("float", LMConfig, "MoD: weight of the router's causal "
+                       "BCE."),
+    "mod_predictor_weight": ("float", LMConfig, "MoD: weight of the causal "
+                             "predictor's BCE (trains the predictor only)."),
+    "mod_causal": ("string", LMConfig, "MoD: causal routing used for "
+                   "sampling: predictor or router."),
+}
+RUN_FLAGS = {
+    "dataset": ("string", TrainConfig, "stdlib, text:GLOB or tfds:NAME."),
+    "data_dir": ("string", TrainConfig, "tensorflow-datasets data directory."),
+    "seed": ("integer", TrainConfig, "Random seed (params, data order, "
+             "routing)."),
+    "mesh": ("string", TrainConfig, "Mesh, e.g. data:2,expert:4 (None: all "
+             "devices on data)."),
+    "log_every": ("integer", TrainConfig, "Log every n steps."),
+    "eval_every": ("integer", TrainConfig, "Evaluate every n steps."),
+    "eval_batches": ("integer", TrainConfig, "Validation batches per "
+                     "evaluation."),
+    "checkpoint_every": ("integer", TrainConfig, "Checkpoint every n steps."),
+    "keep_checkpoints": ("integer", TrainConfig, "Checkpoints kept."),
+    "sample_tokens": ("integer", TrainConfig, "Tokens sampled at the end "
+                      "(0 = none)."),
+    "temperature": ("float", TrainConfig, "Sampling temperature (0 = "
+                    "greedy)."),
+    "progress": ("bool", TrainConfig, "Show a progress bar."),
+}
+# Router options: name -> (kind, router, help); None = the router's default.
+ROUTER_FLAGS = {
+    "p": ("float", "top_p", "Fixed top-p threshold in (0, 1]."),
+    "dtop_p_scope": ("string", "dtop_p", "dtop_p: global (one p from the mean "
+                     "fanout of all MoE layers) or layer (one controller per "
+                     "layer)."),
+    "pi_kp": ("float", "dtop_p", "dtop_p: PI proportional gain."),
+    "pi_ki": ("float", "dtop_p", "dtop_p: PI integral gain."),
+    "p_init": ("float", "dtop_p", "dtop_p: initial threshold p_0."),
+    "p_min": ("float", "dtop_p", "dtop_p: lower bound of p."),
+    "p_max": ("float", "dtop_p", "dtop_p: upper bound of p."),
+    "balance": ("string", "top_k", "top_k balancing: aux (load-balance loss), "
+                "loss_free (selection bias, no loss) or none."),
+    "bias_update_rate": ("float", "top_k", "top_k --balance=loss_free: bias "
+                         "speed u."),
+    "score_fn": ("string", "top_k", "top_k scores: softmax or sigmoid."),
+    "et_warmup_steps": ("integer", "expert_threshold", "expert_threshold: "
+                        "expert-choice warm-up steps."),
+    "et_beta": ("float", "expert_threshold", "expert_threshold: threshold EMA "
+                "decay in [0, 1)."),
+    "et_capacity_bound": ("float", "expert_threshold", "expert_threshold: C of "
+                          "the training load bounds (1 +- C) k, in [0, 1]."),
+}
+
 
 def define_flags() -> None:
-  d = flags.DEFINE_string, flags.DEFINE_integer, flags.DEFINE_float
-  string, integer, float_ = d
+  string, integer, float_ = (flags.DEFINE_string, flags.DEFINE_integer,
+                             flags.DEFINE_float)
   string("config", "tiny", "Preset: " + ", ".join(sorted(configs.PRESETS)))
   string("router", "top_k", "Router: " + ", ".join(API_ROUTERS))
   integer("num_experts", None, "Routed experts (default: preset).")
   integer("k", None, "top-k's k and the target mean fanout (default: preset).")
-  float_("p", None, "Fixed top-p threshold in (0, 1].")
   integer("k_min", None, "dynamic_k: smallest subset size (default max(1, "
           "k_max - 2)).")
   integer("k_max", None, "dynamic_k: largest subset size, <= num_experts "
           "(default k).")
   integer("max_k", None, "top_p/dtop_p: static fanout cap, k <= max_k <= "
           "num_experts (default: num_experts).")
-  string("dtop_p_scope", None, "dtop_p: global (one p from the mean fanout of "
-         "all MoE layers) or layer (one controller per layer); default global.")
-  float_("pi_kp", None, "dtop_p: PI proportional gain (default 0.1).")
-  float_("pi_ki", None, "dtop_p: PI integral gain (default 0.1).")
-  float_("p_init", None, "dtop_p: initial threshold p_0 (default 0.5).")
-  float_("p_min", None, "dtop_p: lower bound of p (default 0.01).")
-  float_("p_max", None, "dtop_p: upper bound of p (default 1.0).")
+  make = {"integer": integer, "float": float_, "string": string}
+  for name, (kind, router, text) in ROUTER_FLAGS.items():
+    if router in methods.available():
+      text = defaults.with_default(text, methods.get(router), name)
+    make[kind](name, None, text)
   integer("expert_width", None, "Hidden width of each expert (default: preset).")
   integer("num_shared", None, "Always-on shared experts (default: the router's; "
           "1 for expert_threshold, else 0).")
-  string("balance", None, "top_k balancing: aux (load-balance loss), loss_free "
-         "(selection bias, no loss) or none; default aux.")
-  float_("bias_update_rate", None, "top_k --balance=loss_free: bias speed u "
-         "(default 1e-3).")
-  string("score_fn", None, "top_k scores: softmax or sigmoid (default softmax).")
-  integer("et_warmup_steps", None, "expert_threshold: expert-choice warm-up "
-          "steps (default 100).")
-  float_("et_beta", None, "expert_threshold: threshold EMA decay in [0, 1) "
-         "(default 0.999).")
-  float_("et_capacity_bound", None, "expert_threshold: C of the training load "
-         "bounds (1 +- C) k, in [0, 1] (default 0.5).")
-  integer("moe_every", None, "Every n-th block is an MoE block.")
-  float_("capacity_factor", 1.25, "Training capacity factor (> 0).")
-  float_("eval_capacity_factor", 2.0, "Evaluation capacity factor (> 0).")
-  string("strategy", "index", "Dispatch: einsum, index or dropless.")
-  integer("group_size", None, "Tokens per routing group (default: a sequence).")
-  float_("load_balance_weight", None, "Aux load-balance weight (default: router's).")
-  float_("z_loss_weight", None, "Router z-loss weight (default: router's).")
-  float_("entropy_weight", None, "Routing-entropy weight (default: router's).")
-  float_("mod_capacity", 0.0, "Mixture-of-Depths capacity fraction in [0, 1] "
-         "(0 = off; the paper's setting is 0.125 with --mod_every=2).")
-  integer("mod_every", 2, "MoD: every n-th block is routed (2 = every other).")
-  string("mod_score", "raw", "MoD: update multiplier raw (r) or sigmoid.")
-  float_("mod_aux_weight", 0.01, "MoD: weight of the router's causal BCE.")
-  float_("mod_predictor_weight", 1.0, "MoD: weight of the causal predictor's "
-         "BCE (trains the predictor only).")
-  string("mod_causal", "predictor", "MoD: causal routing used for sampling: "
-         "predictor or router.")
-  integer("num_noop_experts", 0, "No-op experts added to the MoE router "
-          "(integrated MoDE).")
-  string("dataset", "stdlib", "stdlib, text:GLOB or tfds:NAME.")
-  string("data_dir", None, "tensorflow-datasets data directory.")
+  integer("moe_every", None, "Every n-th block is an MoE block (default: "
+          "preset).")
+  defaults.define(MOE_FLAGS)
+  defaults.define(LM_MODEL_FLAGS)
   integer("steps", None, "Training steps (default: preset).")
   integer("batch_size", None, "Global batch size (default: preset).")
   integer("seq_len", None, "Sequence length (default: preset).")
   float_("learning_rate", None, "Peak learning rate (default: preset).")
   integer("warmup_steps", None, "Warmup steps (default: preset).")
-  integer("seed", 0, "Random seed (params, data order, routing).")
+  defaults.define(RUN_FLAGS)
   string("workdir", "runs/default", "Output directory; reused to resume.")
-  string("mesh", None, "Mesh, e.g. data:2,expert:4 (default: all on data).")
-  string("expert_parallel", "gspmd", "Expert parallelism: gspmd (sharding "
-         "constraints) or shard_map (explicit all-to-all).")
   string("coordinator_address", None, "Multi-host: host:port of process 0 "
          "(or env JAX_COORDINATOR_ADDRESS; cluster launches auto-detect).")
   integer("num_processes", None, "Multi-host: number of processes (or env "
           "JAX_NUM_PROCESSES).")
   integer("process_id", None, "Multi-host: this process's id in "
           "[0, num_processes) (or env JAX_PROCESS_ID).")
-  string("dtype", "float32", "Activation dtype: float32 or bfloat16.")
-  integer("log_every", 10, "Log every n steps.")
-  integer("eval_every", 200, "Evaluate every n steps.")
-  integer("eval_batches", 8, "Validation batches per evaluation.")
-  integer("checkpoint_every", 100, "Checkpoint every n steps.")
-  integer("keep_checkpoints", 3, "Checkpoints kept.")
-  integer("sample_tokens", 160, "Tokens sampled at the end (0 = none).")
-  float_("temperature", 0.0, "Sampling temperature (0 = greedy).")
-  flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
 
 def build_router(name: str, options: Mapping[str, Any]) -> methods.RouterMethod:
@@ -119,62 +158,43 @@ def build_router(name: str, options: Mapping[str, Any]) -> methods.RouterMethod:
   return methods.build(name, options)
 
 
-def build_train_config(values: Mapping[str, Any]) -> TrainConfig:
-  """Builds the run's config from flag values (a dict of name -> value)."""
-  pre = configs.preset(values["config"])
-  pick = lambda key: pre[key] if values.get(key) is None else values[key]
+def build_moe_config(values: Mapping[str, Any], k: int, num_experts: int,
+                     expert_width: int) -> MoEConfig | None:
+  """The MoE layer config of the flags (None for `--router=dense`)."""
+  router = values["router"]
   p = values.get("p")
   if p is not None and not 0 < p <= 1:
     raise ValueError(f"p={p} is out of range; allowed: (0, 1]")
-  mod = values.get("mod_capacity") or 0.0
-  if not 0 <= mod <= 1:
-    raise ValueError(f"mod_capacity={mod} is out of range; allowed: [0, 1]")
-  router = values["router"]
-  moe = None
-  if router != "dense":
-    options = dict(values)
-    options["k"] = pick("k")
-    method = build_router(router, options)
-    moe = MoEConfig(
-        num_experts=pick("num_experts"), expert_width=pick("expert_width"),
-        router=method, num_shared=(
-            getattr(method, "default_num_shared", 0)
-            if values.get("num_shared") is None else values["num_shared"]),
-        capacity_factor=values.get("capacity_factor", 1.25),
-        eval_capacity_factor=values.get("eval_capacity_factor", 2.0),
-        strategy=values.get("strategy", "index"),
-        group_size=values.get("group_size"),
-        load_balance_weight=values.get("load_balance_weight"),
-        z_loss_weight=values.get("z_loss_weight"),
-        entropy_weight=values.get("entropy_weight"),
-        num_noop_experts=values.get("num_noop_experts") or 0,
-        expert_parallel=values.get("expert_parallel") or "gspmd")
+  if router == "dense":
+    return None
+  method = build_router(router, dict(values, k=k))
+  num_shared = values.get("num_shared")
+  if num_shared is None:
+    num_shared = getattr(method, "default_num_shared", 0)
+  return MoEConfig(num_experts=num_experts, expert_width=expert_width,
+                   router=method, num_shared=num_shared,
+                   **defaults.given(values, MOE_FLAGS))
+
+
+def build_train_config(values: Mapping[str, Any]) -> TrainConfig:
+  """Builds the run's config from flag values (a dict of name -> value; a
+  missing or None value takes the preset's, else the config's default)."""
+  pre = configs.preset(values["config"])
+  pick = lambda key: pre[key] if values.get(key) is None else values[key]
+  moe = build_moe_config(values, pick("k"), pick("num_experts"),
+                         pick("expert_width"))
   seq_len = pick("seq_len")
   model = LMConfig(num_layers=pre["num_layers"], d_model=pre["d_model"],
                    num_heads=pre["num_heads"], d_ff=pre["d_ff"],
                    max_len=seq_len, moe=moe, moe_every=pick("moe_every"),
-                   dtype=values.get("dtype", "float32"), mod_capacity=mod,
-                   mod_every=values.get("mod_every") or 2,
-                   mod_score=values.get("mod_score") or "raw",
-                   mod_aux_weight=values.get("mod_aux_weight", 0.01),
-                   mod_predictor_weight=values.get("mod_predictor_weight", 1.0),
-                   mod_causal=values.get("mod_causal") or "predictor")
+                   **defaults.given(values, LM_MODEL_FLAGS))
   steps = pick("steps")
   optim = OptimConfig(learning_rate=pick("learning_rate"),
                       warmup_steps=min(pick("warmup_steps"), steps),
                       total_steps=steps)
-  return TrainConfig(
-      model=model, optim=optim, dataset=values.get("dataset", "stdlib"),
-      data_dir=values.get("data_dir"), batch_size=pick("batch_size"),
-      seq_len=seq_len, steps=steps, seed=values.get("seed", 0),
-      log_every=values.get("log_every", 10),
-      eval_every=values.get("eval_every", 200),
-      eval_batches=values.get("eval_batches", 8),
-      checkpoint_every=values.get("checkpoint_every", 100),
-      keep_checkpoints=values.get("keep_checkpoints", 3),
-      mesh=values.get("mesh"), sample_tokens=values.get("sample_tokens", 160),
-      temperature=values.get("temperature", 0.0),
-      progress=values.get("progress", True))
+  return TrainConfig(model=model, optim=optim, batch_size=pick("batch_size"),
+                     seq_len=seq_len, steps=steps,
+                     **defaults.given(values, RUN_FLAGS))
 
 
 def run(flag_values) -> int:
@@ -186,7 +206,7 @@ def run(flag_values) -> int:
                                           values.get("num_processes"),
                                           values.get("process_id"))
     cfg = build_train_config(values)
-    from moejax.train.loop import train
+    from moejax.train.loop import train  # pylint: disable=g-import-not-at-top
     summary = train(cfg, values["workdir"])
   except (ValueError, DataError, FileNotFoundError) as e:
     sys.stderr.write(f"error: {e}\n")

@@ -1,129 +1,153 @@
-"""The training loop: data, sharded init, jit steps, eval, checkpoints, logs.
+"""The one training loop: mesh, sharded init, batch placement, jitted steps,
+eval cadence, checkpoints and resume, logs, summary; for any task.
 
 Axis legend:
-  B  batch
-  L  sequence length
+  B  global batch (each process feeds its rows of it)
+
+`train(run, workdir)` trains a `Task` (`moejax.train.task`) or a run config
+that names its task (`TrainConfig` -> the LM, `DiTTrainConfig` -> the DiT).
+The task owns the model, data, loss, evaluation, samples and plots; this
+module owns what every run shares.
 """
 from __future__ import annotations
 
-import dataclasses
+import collections
+import json
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from moejax import sharding
-from moejax.data import get_lm_data
-from moejax.models.lm import LMConfig, TransformerLM
-from moejax.sample import sample
 from moejax.train import checkpoint as ckpt_lib
 from moejax.train import metrics as metrics_lib
-from moejax.train.state import OptimConfig, TrainState
-from moejax.train.step import evaluate, make_eval_step, make_train_step
+from moejax.train.state import TrainState
+from moejax.train.step import make_train_step
+from moejax.train.task import Task
+
+_CACHE: collections.OrderedDict = collections.OrderedDict()
+_CACHE_SIZE = 8
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  """One LM training run. Every count must be >= 1 (except those noted)."""
-  model: LMConfig = dataclasses.field(default_factory=LMConfig)
-  optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-  dataset: str = "stdlib"
-  data_dir: str | None = None
-  batch_size: int = 16
-  seq_len: int = 128
-  steps: int = 500
-  seed: int = 0
-  log_every: int = 10
-  eval_every: int = 100
-  eval_batches: int = 8
-  checkpoint_every: int = 100
-  keep_checkpoints: int = 3
-  mesh: str | None = None
-  num_devices: int | None = None  # use the first n devices (None = all)
-  sample_tokens: int = 160
-  sample_prompt: str = "def "
-  temperature: float = 0.0
-  progress: bool = True
-
-  def __post_init__(self):
-    for name in ("batch_size", "seq_len", "steps", "log_every", "eval_every",
-                 "eval_batches", "checkpoint_every", "keep_checkpoints"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} is out of range; allowed: "
-                         "integer >= 1")
-    if self.seq_len > self.model.max_len:
-      raise ValueError(f"seq_len={self.seq_len} exceeds model max_len="
-                       f"{self.model.max_len}")
-    if self.sample_tokens < 0:
-      raise ValueError(f"sample_tokens={self.sample_tokens} is out of range; "
-                       "allowed: >= 0")
+def _cached(key: tuple[Any, ...], build: Callable[[], Any]) -> Any:
+  """One jitted function per key among the last few used: a resumed or
+  repeated run (same model and settings) reuses the compiled program."""
+  if key in _CACHE:
+    _CACHE.move_to_end(key)
+    return _CACHE[key]
+  value = _CACHE[key] = build()
+  if len(_CACHE) > _CACHE_SIZE:
+    _CACHE.popitem(last=False)
+  return value
 
 
-def _state_init_fn(cfg: TrainConfig, model: nn.Module):
-  """rng -> the initial (boxed) TrainState."""
-  optimizer = cfg.optim.optimizer()
-  tokens = jnp.zeros((cfg.batch_size, cfg.seq_len), jnp.int32)
-
-  def init(rng):
-    params_rng, state_rng = jax.random.split(rng)
-    variables = model.init({"params": params_rng, "router": params_rng},
-                           tokens, train=False)
-    params = variables["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=optimizer.init(params),
-                      router_state=variables.get("router_state", {}),
-                      rng=state_rng, data_index=jnp.zeros((), jnp.int32))
-  return init
+def as_task(run: Any) -> Task:
+  """A task, or the task a run config names (`config.task()`)."""
+  return run if isinstance(run, Task) else run.task()
 
 
-def state_shardings(cfg: TrainConfig, model: nn.Module, mesh) -> Any:
+def init_state(run: Any, model: nn.Module, rng: jax.Array) -> TrainState:
+  """The initial (boxed) TrainState of a run: `model.init` on the task's
+  example inputs, the optimizer state of `run.optim`, step and data index 0.
+
+  Pure in `rng` (jit, `jax.eval_shape` and sharded `out_shardings` apply).
+  """
+  task = as_task(run)
+  params_rng, state_rng = jax.random.split(rng)
+  variables = model.init({"params": params_rng, "router": params_rng},
+                         *task.example_inputs(), train=False)
+  params = variables["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=task.config.optim.optimizer().init(params),
+                    router_state=variables.get("router_state", {}),
+                    rng=state_rng, data_index=jnp.zeros((), jnp.int32))
+
+
+def state_shardings(run: Any, model: nn.Module, mesh) -> Any:
   """NamedShardings of every TrainState leaf on `mesh` (logical rules of
   `moejax.sharding`; optimizer moments follow their params), from shapes only."""
-  abstract = jax.eval_shape(_state_init_fn(cfg, model),
-                            jax.random.PRNGKey(cfg.seed))
+  abstract = jax.eval_shape(lambda rng: init_state(run, model, rng),
+                            jax.random.PRNGKey(0))
   return sharding.param_shardings(abstract, mesh)
 
 
-def build_state(cfg: TrainConfig, model: nn.Module, mesh) -> TrainState:
+def build_state(run: Any, model: nn.Module, mesh) -> TrainState:
   """Initialises the state directly with its shardings (no single-device copy):
   one jit whose outputs are created sharded on `mesh`."""
-  init = _state_init_fn(cfg, model)
-  state = jax.jit(init, out_shardings=state_shardings(cfg, model, mesh))(
-      jax.random.PRNGKey(cfg.seed))
-  return nn.meta.unbox(state)
+  task = as_task(run)
+  cfg = task.config
+  inputs = tuple((x.shape, x.dtype) for x in
+                 jax.eval_shape(task.example_inputs))
+  jitted = _cached(
+      ("init", model, cfg.optim, inputs, mesh),
+      lambda: jax.jit(lambda rng: init_state(task, model, rng),
+                      out_shardings=state_shardings(task, model, mesh)))
+  return nn.meta.unbox(jitted(jax.random.PRNGKey(cfg.seed)))
 
 
-def train(cfg: TrainConfig, workdir: str) -> dict[str, Any]:
-  """Trains (or resumes) and returns a summary dict.
+def make_step(run: Any, model: nn.Module, mesh=None, donate: bool = True
+              ) -> Callable:
+  """Jitted `train_step(state, batch) -> (state, metrics)` of a run (the
+  generic step with the task's loss); with `mesh`, the new state keeps the
+  shardings of `build_state`."""
+  task = as_task(run)
+  cfg = task.config
+  return _cached(
+      ("train", model, cfg.optim, task.step_key(), donate, mesh),
+      lambda: make_train_step(
+          model, cfg.optim.optimizer(), task.method, cfg.optim.schedule(),
+          donate=donate, loss_fn=task.loss_fn(model),
+          state_sharding=(None if mesh is None else
+                          state_shardings(task, model, mesh))))
 
-  Writes `workdir/metrics.jsonl`, `workdir/checkpoints/`, `workdir/run.png`.
-  """
-  os.makedirs(workdir, exist_ok=True)
+
+def make_eval(run: Any, model: nn.Module) -> Callable:
+  """The task's jitted eval step (cached like `make_step`)."""
+  task = as_task(run)
+  return _cached(("eval", model, task.step_key()),
+                 lambda: task.make_eval_step(model))
+
+
+def select_devices(num_devices: int | None) -> list[Any]:
+  """The first `num_devices` devices (all when None)."""
   devices = jax.devices()
-  if cfg.num_devices is not None:
-    if not 1 <= cfg.num_devices <= len(devices):
-      raise ValueError(f"num_devices={cfg.num_devices} is out of range; "
-                       f"allowed: [1, {len(devices)}]")
-    devices = devices[:cfg.num_devices]
-  mesh = sharding.make_mesh(cfg.mesh, devices)
-  sharding.check_batch(cfg.batch_size, mesh)
-  sharding.check_model(cfg.model, mesh)
+  if num_devices is None:
+    return devices
+  if not 1 <= num_devices <= len(devices):
+    raise ValueError(f"num_devices={num_devices} is out of range; "
+                     f"allowed: [1, {len(devices)}]")
+  return devices[:num_devices]
+
+
+def train(run: Any, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) a run and returns a summary dict.
+
+  Writes `workdir/metrics.jsonl` (records `step`, `loss`, the routing metrics,
+  the throughput; eval records `eval_loss`, ...; a final record with
+  `final: true`; other processes of a multi-host run write
+  `metrics.process<i>.jsonl`), `workdir/checkpoints/` (orbax; a second call
+  with the same workdir resumes from the latest), `workdir/run.png`,
+  `workdir/summary.json` and the task's samples. The summary also holds the
+  final `state`.
+  """
+  task = as_task(run)
+  cfg = task.config
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.make_mesh(cfg.mesh, select_devices(cfg.num_devices))
+  task.check(mesh)
   main = sharding.is_main_process()  # multi-host: process 0 logs and plots
-  data = get_lm_data(cfg.dataset, seq_len=cfg.seq_len,
-                     batch_size=cfg.batch_size, seed=cfg.seed,
-                     data_dir=cfg.data_dir)
-  model = TransformerLM(cfg.model)
-  method = cfg.model.moe.router if cfg.model.moe is not None else None
-  optimizer = cfg.optim.optimizer()
+  data = task.data()
+  model = task.build_model()
   batch_sharding = sharding.batch_sharding(mesh)
 
+  def put(batch):  # each process feeds its rows of the global batch
+    return sharding.put_batch(batch, batch_sharding)
+
   with jax.set_mesh(mesh):
-    state = build_state(cfg, model, mesh)
+    state = build_state(task, model, mesh)
     checkpointer = ckpt_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), cfg.checkpoint_every,
         cfg.keep_checkpoints)
@@ -137,37 +161,33 @@ def train(cfg: TrainConfig, workdir: str) -> dict[str, Any]:
     elif os.path.exists(metrics_path):
       os.remove(metrics_path)
     writer = metrics_lib.MetricsWriter(metrics_path)
-    train_step = make_train_step(
-        model, optimizer, method, cfg.optim.schedule(),
-        state_sharding=state_shardings(cfg, model, mesh))
-    eval_step = make_eval_step(model)
-
-    def put(batch):  # each process feeds its rows of the global batch
-      return sharding.put_batch(batch, batch_sharding)
+    train_step = make_step(task, model, mesh)
+    eval_step = make_eval(task, model)
 
     def run_eval():
-      return evaluate(eval_step, state,
-                      (put(b) for b in data.eval_batches(cfg.eval_batches)))
+      return task.evaluate(eval_step, state, (
+          put(b) for b in data.eval_batches(cfg.eval_batches)))
 
     start = int(jax.device_get(state.step))
     data_index = int(jax.device_get(state.data_index))
     progress = None
     if cfg.progress and main:
-      from tqdm.auto import tqdm
-      progress = tqdm(total=cfg.steps, initial=start, desc="train",
+      from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+      progress = tqdm(total=cfg.steps, initial=start, desc=task.name,
                       dynamic_ncols=True)
-    t0, tokens_seen = time.perf_counter(), 0
+    t0, items_seen = time.perf_counter(), 0
     for step in range(start, cfg.steps):
       state, metrics = train_step(state, put(data.batch(data_index)))
       data_index += 1
-      tokens_seen += cfg.batch_size * cfg.seq_len
+      items_seen += task.items_per_step()
       done = step + 1
       if done % cfg.log_every == 0 or done == cfg.steps:
         record = {"step": done, **jax.device_get(metrics)}
-        record["tokens_per_s"] = tokens_seen / (time.perf_counter() - t0)
+        record[task.rate_key] = items_seen / (time.perf_counter() - t0)
         writer.write(record)
         if progress is not None:
-          progress.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+          progress.set_postfix(loss=format(record["loss"], task.loss_format),
+                               refresh=False)
       if done % cfg.eval_every == 0 and done != cfg.steps:
         writer.write({"step": done, **run_eval()})
       checkpointer.save(state)
@@ -177,25 +197,37 @@ def train(cfg: TrainConfig, workdir: str) -> dict[str, Any]:
       progress.close()
     elapsed = time.perf_counter() - t0
     final = run_eval()
-    writer.write({"step": cfg.steps, **final, "final": True})
     checkpointer.save(state, force=True)
     checkpointer.close()
 
-  summary = {"eval_loss": final["eval_loss"], "steps": cfg.steps,
-             "resumed_from": resumed_from, "train_seconds": elapsed,
-             "tokens_per_s": tokens_seen / elapsed if tokens_seen else None,
-             "metrics": metrics_path,
-             "checkpoints": os.path.join(workdir, "checkpoints"),
-             "state": state}
+  final_extra, outputs = {}, {}
+  if jax.process_count() == 1:
+    final_extra, outputs = task.outputs(model, state, workdir)
+  writer.write({"step": cfg.steps, **final, **final_extra, "final": True})
+  method = task.method
   target = method.target_fanout if method is not None else None
-  summary["plot"] = metrics_lib.plot_run(
-      metrics_lib.read_jsonl(metrics_path), os.path.join(workdir, "run.png"),
-      target) if main else None
-  if cfg.sample_tokens and jax.process_count() == 1:
-    prompt = np.frombuffer(cfg.sample_prompt.encode(), np.uint8).astype(np.int32)
-    out = sample(model, state.params, state.router_state, prompt[None],
-                 cfg.sample_tokens, temperature=cfg.temperature,
-                 rng=jax.random.PRNGKey(cfg.seed))
-    summary["sample"] = cfg.sample_prompt + bytes(
-        out[0].astype(np.uint8).tolist()).decode("utf-8", errors="replace")
+  summary = {
+      "eval_loss": final["eval_loss"], "steps": cfg.steps,
+      "resumed_from": resumed_from, "train_seconds": elapsed,
+      task.rate_key: items_seen / elapsed if items_seen else None,
+      "metrics": metrics_path,
+      "checkpoints": os.path.join(workdir, "checkpoints"),
+      "plot": task.plot(metrics_lib.read_jsonl(metrics_path),
+                        os.path.join(workdir, "run.png"), target)
+              if main else None,
+      "router": method.name if method is not None else "dense",
+      "target_fanout": target, **final, **final_extra, **outputs}
+  if main:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(metrics_lib.to_python(summary), f, indent=1)
+  summary["state"] = state
   return summary
+
+
+def __getattr__(name: str) -> Any:
+  # The LM's run config, importable from here as it always was (lazily: the
+  # tasks import this package).
+  if name == "TrainConfig":
+    from moejax.tasks.lm import TrainConfig  # pylint: disable=g-import-not-at-top
+    return TrainConfig
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

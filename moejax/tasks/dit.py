@@ -1,4 +1,5 @@
-"""Training a class-conditional DiT: denoising loss, eval by timestep, samples.
+"""The DiT task: a class-conditional DiT, its denoising loss, eval by
+timestep, samples, quality scores and plots.
 
 Axis legend:
   B  batch
@@ -8,9 +9,11 @@ Axis legend:
   NL routed (MoE) layers
   G, S  routing groups and tokens per group of an MoE layer (G * S = B * L)
 
-The train step is `moejax.train.step.make_train_step` with the diffusion loss
-(`loss_fn=`): the same `TrainState`, optimizer, controller updates (router state
-from the step's globally reduced metrics) and checkpoints as the LM. Timesteps
+`DiTTrainConfig` is one DiT run; `DiTTask` gives the loop (`moejax.train.loop`,
+the same loop as the LM's) the model, data, loss, eval, samples and plots. The
+train step is `moejax.train.step.make_train_step` with the diffusion loss
+(`loss_fn=`): the same `TrainState`, optimizer, controller updates (router
+state from the step's globally reduced metrics) and checkpoints as the LM. Timesteps
 are drawn stratified over the batch, so every bucket has B / NB examples and
 the step logs the loss and the mean fanout (experts per token, from the MoE
 layers' sown per-token `fanout`) per timestep bucket. Validation uses fixed
@@ -20,24 +23,20 @@ the same draws.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from moejax import diffusion as diffusion_lib
-from moejax import sharding
 from moejax.data import get_image_data
 from moejax.models.dit import DiT, DiTConfig, batch_multiple, sample
-from moejax.train import checkpoint as ckpt_lib
-from moejax.train import metrics as metrics_lib
 from moejax.train.state import OptimConfig, TrainState
-from moejax.train.step import make_train_step, router_outputs, summarize
+from moejax.train.step import router_outputs, summarize
+from moejax.train.task import Task
 
 EVAL_SEED = 20240917  # validation noise/timesteps: the same for every run
 
@@ -49,7 +48,7 @@ class DiTTrainConfig:
   Attributes:
     model: the `DiTConfig` (its image shape must match the data's).
     diffusion: the noise schedule and prediction target.
-    optim: optimizer and learning-rate schedule.
+    optim: optimizer and learning-rate schedule (no weight decay by default).
     dataset: `digits` or `tfds:mnist` / `tfds:cifar10` (prepared on disk).
     data_dir: tensorflow-datasets directory.
     upsample: nearest-neighbour factor on the images.
@@ -72,7 +71,8 @@ class DiTTrainConfig:
   model: DiTConfig = dataclasses.field(default_factory=DiTConfig)
   diffusion: diffusion_lib.DiffusionConfig = dataclasses.field(
       default_factory=diffusion_lib.DiffusionConfig)
-  optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+  optim: OptimConfig = dataclasses.field(
+      default_factory=lambda: OptimConfig(weight_decay=0.0))
   dataset: str = "digits"
   data_dir: str | None = None
   upsample: int = 1
@@ -96,6 +96,9 @@ class DiTTrainConfig:
   guidance_scale: float = 1.0
   eta: float = 0.0
   progress: bool = True
+
+  def task(self) -> DiTTask:
+    return DiTTask(self)
 
   def __post_init__(self):
     for name in ("batch_size", "steps", "log_every", "eval_every",
@@ -228,31 +231,13 @@ def make_dit_loss_fn(model: DiT, diffusion: diffusion_lib.DiffusionConfig,
   return loss_fn
 
 
-_JITTED: dict[tuple[Any, ...], Any] = {}
-
-
-def _cached(key: tuple[Any, ...], build):
-  """One jitted function per key in the process: a resumed or repeated run
-  (same model and settings) reuses the compiled step instead of recompiling."""
-  if key not in _JITTED:
-    _JITTED[key] = build()
-  return _JITTED[key]
-
-
 def make_dit_train_step(model: DiT, cfg: DiTTrainConfig, donate: bool = True,
                         mesh=None):
-  """Jitted `train_step(state, batch) -> (state, metrics)` (the generic step);
-  with `mesh`, the new state keeps the shardings of `build_dit_state`."""
-  method = cfg.model.moe.router if cfg.model.moe is not None else None
-  return _cached(
-      ("train", model, cfg.optim, cfg.diffusion, cfg.timestep_buckets, donate,
-       mesh),
-      lambda: make_train_step(
-          model, cfg.optim.optimizer(), method, cfg.optim.schedule(),
-          donate=donate, loss_fn=make_dit_loss_fn(model, cfg.diffusion,
-                                                  cfg.timestep_buckets),
-          state_sharding=(None if mesh is None else
-                          dit_state_shardings(cfg, model, mesh))))
+  """Jitted `train_step(state, batch) -> (state, metrics)`: the loop's step of
+  the DiT task (`moejax.train.loop.make_step`); with `mesh`, the new state
+  keeps the shardings of `moejax.train.loop.build_state`."""
+  from moejax.train import loop  # pylint: disable=g-import-not-at-top
+  return loop.make_step(DiTTask(cfg), model, mesh, donate)
 
 
 def make_dit_eval_step(model: DiT, diffusion: diffusion_lib.DiffusionConfig,
@@ -266,8 +251,7 @@ def make_dit_eval_step(model: DiT, diffusion: diffusion_lib.DiffusionConfig,
     out.update({k: v for k, v in summarize(layers).items() if jnp.ndim(v) == 0})
     return out
 
-  return _cached(("eval", model, diffusion, num_buckets),
-                 lambda: jax.jit(eval_step))
+  return jax.jit(eval_step)
 
 
 def evaluate_dit(eval_step, state: TrainState, batches, repeats: int = 1
@@ -305,44 +289,6 @@ def evaluate_dit(eval_step, state: TrainState, batches, repeats: int = 1
     result["eval_layer_fanout_by_t"] = (sums["layer_fanout_sum"]
                                         / count[None]).tolist()
   return result
-
-
-def _dit_state_init_fn(cfg: DiTTrainConfig, model: DiT):
-  """rng -> the initial (boxed) TrainState."""
-  optimizer = cfg.optim.optimizer()
-  shape = (cfg.batch_size,) + cfg.model.image_shape
-
-  def init(rng):
-    params_rng, state_rng = jax.random.split(rng)
-    variables = model.init(
-        {"params": params_rng, "router": params_rng},
-        jnp.zeros(shape, jnp.float32), jnp.zeros(shape[:1], jnp.int32),
-        jnp.zeros(shape[:1], jnp.int32), train=False)
-    params = variables["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=optimizer.init(params),
-                      router_state=variables.get("router_state", {}),
-                      rng=state_rng, data_index=jnp.zeros((), jnp.int32))
-  return init
-
-
-def dit_state_shardings(cfg: DiTTrainConfig, model: DiT, mesh) -> Any:
-  """NamedShardings of every TrainState leaf on `mesh`, from shapes only."""
-  abstract = jax.eval_shape(_dit_state_init_fn(cfg, model),
-                            jax.random.PRNGKey(0))
-  return sharding.param_shardings(abstract, mesh)
-
-
-def build_dit_state(cfg: DiTTrainConfig, model: DiT, mesh) -> TrainState:
-  """Initialises the state directly with its shardings."""
-  shape = (cfg.batch_size,) + cfg.model.image_shape
-
-  def build():
-    return jax.jit(_dit_state_init_fn(cfg, model),
-                   out_shardings=dit_state_shardings(cfg, model, mesh))
-
-  jitted = _cached(("init", model, cfg.optim, shape, mesh), build)
-  return nn.meta.unbox(jitted(jax.random.PRNGKey(cfg.seed)))
 
 
 def image_grid(images: np.ndarray, cols: int, pad: int = 1) -> np.ndarray:
@@ -427,127 +373,6 @@ def generate(model: DiT, state: TrainState, cfg: DiTTrainConfig,
   return np.asarray(jax.device_get(images)), labels
 
 
-def train_dit(cfg: DiTTrainConfig, workdir: str) -> dict[str, Any]:
-  """Trains (or resumes) a DiT and returns a summary dict.
-
-  Writes `workdir/metrics.jsonl` (train records: `step`, `loss`, `loss_by_t`,
-  `experts_per_token`, `fanout_by_t`, ...; eval records `eval_loss`,
-  `eval_loss_by_t`, `eval_fanout_by_t`; a final record with `final: true` and
-  the sample-quality scores), `workdir/checkpoints/`, `workdir/run.png`,
-  `workdir/samples/class_<c>.png` (one grid per class), `workdir/samples.png`
-  (a row per class) and `workdir/summary.json`.
-  """
-  os.makedirs(workdir, exist_ok=True)
-  devices = jax.devices()
-  if cfg.num_devices is not None:
-    if not 1 <= cfg.num_devices <= len(devices):
-      raise ValueError(f"num_devices={cfg.num_devices} is out of range; "
-                       f"allowed: [1, {len(devices)}]")
-    devices = devices[:cfg.num_devices]
-  mesh = sharding.make_mesh(cfg.mesh, devices)
-  sharding.check_batch(cfg.batch_size, mesh)
-  data = get_image_data(cfg.dataset, batch_size=cfg.batch_size, seed=cfg.seed,
-                        data_dir=cfg.data_dir, upsample=cfg.upsample,
-                        max_examples=cfg.max_examples)
-  if data.image_shape != cfg.model.image_shape:
-    raise ValueError(f"data set {cfg.dataset!r} has images of shape "
-                     f"{list(data.image_shape)} but the model wants "
-                     f"{list(cfg.model.image_shape)}; set image_size/channels "
-                     "(or upsample) to match")
-  if data.num_classes != cfg.model.num_classes:
-    raise ValueError(f"data set {cfg.dataset!r} has {data.num_classes} classes "
-                     f"but the model has num_classes={cfg.model.num_classes}")
-  model = DiT(cfg.model)
-  method = cfg.model.moe.router if cfg.model.moe is not None else None
-  batch_sharding = sharding.batch_sharding(mesh)
-
-  with mesh:
-    state = build_dit_state(cfg, model, mesh)
-    checkpointer = ckpt_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), cfg.checkpoint_every,
-        cfg.keep_checkpoints)
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    resumed_from = checkpointer.latest_step()
-    if resumed_from is not None:
-      state = checkpointer.restore(state, resumed_from)
-      metrics_lib.truncate_after(metrics_path, resumed_from)
-    elif os.path.exists(metrics_path):
-      os.remove(metrics_path)
-    writer = metrics_lib.MetricsWriter(metrics_path)
-    train_step = make_dit_train_step(model, cfg, mesh=mesh)
-    eval_step = make_dit_eval_step(model, cfg.diffusion, cfg.timestep_buckets)
-
-    def put(batch):
-      return jax.device_put({k: np.asarray(v) for k, v in batch.items()},
-                            batch_sharding)
-
-    def run_eval():
-      return evaluate_dit(eval_step, state,
-                          [put(b) for b in data.eval_batches(cfg.eval_batches)],
-                          cfg.eval_repeats)
-
-    start = int(jax.device_get(state.step))
-    data_index = int(jax.device_get(state.data_index))
-    progress = None
-    if cfg.progress:
-      from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-      progress = tqdm(total=cfg.steps, initial=start, desc="train dit",
-                      dynamic_ncols=True)
-    t0, images_seen = time.perf_counter(), 0
-    for step in range(start, cfg.steps):
-      state, metrics = train_step(state, put(data.batch(data_index)))
-      data_index += 1
-      images_seen += cfg.batch_size
-      done = step + 1
-      if done % cfg.log_every == 0 or done == cfg.steps:
-        record = {"step": done, **jax.device_get(metrics)}
-        record["images_per_s"] = images_seen / (time.perf_counter() - t0)
-        writer.write(record)
-        if progress is not None:
-          progress.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
-      if done % cfg.eval_every == 0 and done != cfg.steps:
-        writer.write({"step": done, **run_eval()})
-      checkpointer.save(state)
-      if progress is not None:
-        progress.update(1)
-    if progress is not None:
-      progress.close()
-    elapsed = time.perf_counter() - t0
-    final = run_eval()
-    checkpointer.save(state, force=True)
-    checkpointer.close()
-
-    sample_rng = jax.random.PRNGKey(cfg.seed + 1)
-    per_class = max(cfg.samples_per_class, cfg.quality_samples_per_class)
-    quality, grids = {}, {}
-    if per_class:
-      t1 = time.perf_counter()
-      images, labels = generate(model, state, cfg, per_class, sample_rng)
-      sample_seconds = time.perf_counter() - t1
-      if cfg.samples_per_class:
-        grids = write_sample_grids(images, labels, cfg, workdir)
-      if cfg.quality_samples_per_class:
-        quality = score_samples(cfg, images, labels)
-      quality["sample_seconds"] = sample_seconds
-  writer.write({"step": cfg.steps, **final, **quality, "final": True})
-
-  records = metrics_lib.read_jsonl(metrics_path)
-  target = method.target_fanout if method is not None else None
-  summary = {
-      "eval_loss": final["eval_loss"], "steps": cfg.steps,
-      "resumed_from": resumed_from, "train_seconds": elapsed,
-      "images_per_s": images_seen / elapsed if images_seen else None,
-      "metrics": metrics_path,
-      "checkpoints": os.path.join(workdir, "checkpoints"),
-      "plot": plot_dit_run(records, os.path.join(workdir, "run.png"), target),
-      "router": method.name if method is not None else "dense",
-      "target_fanout": target, **final, **quality, **grids}
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(metrics_lib.to_python(summary), f, indent=1)
-  summary["state"] = state
-  return summary
-
-
 def write_sample_grids(images: np.ndarray, labels: np.ndarray,
                        cfg: DiTTrainConfig, workdir: str) -> dict[str, Any]:
   """One PNG grid per class plus an overview (a row per class)."""
@@ -603,3 +428,78 @@ def real_images(cfg: DiTTrainConfig, split: str, limit: int = 10000
   batches = [source.batch(i) for i in range(-(-n // source.batch_size))]
   return (np.concatenate([b["images"] for b in batches])[:n],
           np.concatenate([b["labels"] for b in batches])[:n])
+
+
+class DiTTask(Task):
+  """Denoising: the mean diffusion loss (MSE), overall and per timestep bucket,
+  with the fanout per bucket; DDIM samples per class and their quality."""
+  name = "train dit"
+  rate_key = "images_per_s"
+  loss_format = ".4f"
+  config: DiTTrainConfig
+
+  def build_model(self) -> DiT:
+    return DiT(self.config.model)
+
+  def example_inputs(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """images float32[B, H, W, C], timesteps int32[B], labels int32[B]."""
+    shape = (self.config.batch_size,) + self.config.model.image_shape
+    return (jnp.zeros(shape, jnp.float32), jnp.zeros(shape[:1], jnp.int32),
+            jnp.zeros(shape[:1], jnp.int32))
+
+  def step_key(self) -> tuple[Any, ...]:
+    return (self.config.diffusion, self.config.timestep_buckets)
+
+  def data(self):
+    cfg = self.config
+    data = get_image_data(cfg.dataset, batch_size=cfg.batch_size,
+                          seed=cfg.seed, data_dir=cfg.data_dir,
+                          upsample=cfg.upsample, max_examples=cfg.max_examples)
+    if data.image_shape != cfg.model.image_shape:
+      raise ValueError(f"data set {cfg.dataset!r} has images of shape "
+                       f"{list(data.image_shape)} but the model wants "
+                       f"{list(cfg.model.image_shape)}; set image_size/"
+                       "channels (or upsample) to match")
+    if data.num_classes != cfg.model.num_classes:
+      raise ValueError(f"data set {cfg.dataset!r} has {data.num_classes} "
+                       f"classes but the model has num_classes="
+                       f"{cfg.model.num_classes}")
+    return data
+
+  def items_per_step(self) -> int:
+    return self.config.batch_size
+
+  def loss_fn(self, model: DiT):
+    return make_dit_loss_fn(model, self.config.diffusion,
+                            self.config.timestep_buckets)
+
+  def make_eval_step(self, model: DiT):
+    return make_dit_eval_step(model, self.config.diffusion,
+                              self.config.timestep_buckets)
+
+  def evaluate(self, eval_step, state: TrainState, batches) -> dict[str, Any]:
+    return evaluate_dit(eval_step, state, batches, self.config.eval_repeats)
+
+  def outputs(self, model: DiT, state: TrainState, workdir: str
+              ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Samples of every class in `cfg.classes`: `workdir/samples/class_<c>.png`
+    (a grid per class), `workdir/samples.png` (a row per class), and the
+    classifier's quality scores (in the final log record too)."""
+    cfg = self.config
+    per_class = max(cfg.samples_per_class, cfg.quality_samples_per_class)
+    if not per_class:
+      return {}, {}
+    t0 = time.perf_counter()
+    images, labels = generate(model, state, cfg, per_class,
+                              jax.random.PRNGKey(cfg.seed + 1))
+    sample_seconds = time.perf_counter() - t0
+    quality, grids = {}, {}
+    if cfg.samples_per_class:
+      grids = write_sample_grids(images, labels, cfg, workdir)
+    if cfg.quality_samples_per_class:
+      quality = score_samples(cfg, images, labels)
+    quality["sample_seconds"] = sample_seconds
+    return quality, grids
+
+  def plot(self, records, path: str, target_fanout: float | None) -> str:
+    return plot_dit_run(records, path, target_fanout)

@@ -1,0 +1,42 @@
+"""Flag defaults that fall through to the frozen config dataclasses.
+
+Every flag that sets a config field defaults to None: a flag left unset takes
+the dataclass's default (the one place defaults are declared), and its help
+text shows that default, read from the dataclass.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable, Mapping
+
+
+def field_default(cls: type, name: str) -> Any:
+  """The default of dataclass field `name` of `cls`."""
+  for field in dataclasses.fields(cls):
+    if field.name == name:
+      if field.default is not dataclasses.MISSING:
+        return field.default
+      if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+      raise ValueError(f"{cls.__name__}.{name} has no default")
+  raise ValueError(f"{cls.__name__} has no field {name!r}")
+
+
+def with_default(text: str, cls: type, name: str) -> str:
+  """Help text ending with the default of field `name` of `cls`."""
+  return f"{text} (default: {field_default(cls, name)})"
+
+
+def define(table: Mapping[str, tuple[str, type, str]]) -> None:
+  """Defines a flag per entry `name: (kind, config class, help)`: kind is
+  integer, float, string or bool; the default is None (the class's)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  make = {"integer": flags.DEFINE_integer, "float": flags.DEFINE_float,
+          "string": flags.DEFINE_string, "bool": flags.DEFINE_bool}
+  for name, (kind, cls, text) in table.items():
+    make[kind](name, None, with_default(text, cls, name))
+
+
+def given(values: Mapping[str, Any], names: Iterable[str]) -> dict[str, Any]:
+  """{name: value} of the flags among `names` that were set (not None)."""
+  return {n: values[n] for n in names if values.get(n) is not None}
