@@ -34,6 +34,7 @@ import numpy as np
 from moejax import diffusion as diffusion_lib
 from moejax.data import get_image_data
 from moejax.models.dit import DiT, DiTConfig, batch_multiple, sample
+from moejax.train import metrics as metrics_lib
 from moejax.train.state import OptimConfig, TrainState
 from moejax.train.step import router_outputs, summarize
 from moejax.train.task import Task
@@ -324,29 +325,14 @@ def plot_dit_run(records: list[dict[str, Any]], path: str,
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  train = [r for r in records if "loss" in r]
   evals = [r for r in records if "eval_loss" in r]
-  fan = [r for r in train if "experts_per_token" in r]
-  panels = 1 + bool(fan) + bool(evals and "eval_fanout_by_t" in evals[-1])
+  fan = any("loss" in r and "experts_per_token" in r for r in records)
+  panels = 1 + fan + bool(evals and "eval_fanout_by_t" in evals[-1])
   fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.3),
                            squeeze=False)
-  ax = axes[0, 0]
-  ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
-  if evals:
-    ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-",
-            label="validation")
-  ax.set_xlabel("step")
-  ax.set_ylabel("denoising loss (MSE)")
-  ax.legend()
+  metrics_lib.plot_loss(axes[0, 0], records, "denoising loss (MSE)")
   if fan:
-    ax = axes[0, 1]
-    ax.plot([r["step"] for r in fan], [r["experts_per_token"] for r in fan],
-            label="mean fanout")
-    if target_fanout is not None:
-      ax.axhline(target_fanout, color="k", ls="--", lw=1, label="target")
-    ax.set_xlabel("step")
-    ax.set_ylabel("experts per token")
-    ax.legend()
+    metrics_lib.plot_fanout(axes[0, 1], records, target_fanout)
   if panels == 3:
     ax = axes[0, 2]
     by_t = evals[-1]["eval_fanout_by_t"]

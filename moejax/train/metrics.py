@@ -45,37 +45,46 @@ def truncate_after(path: str, step: int) -> None:
       f.write(json.dumps(r) + "\n")
 
 
-def plot_run(records: Iterable[dict[str, Any]], path: str,
-             target_fanout: float | None = None) -> str:
-  """Writes a PNG with training/eval loss and mean fanout over steps."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  records = list(records)
+def plot_loss(ax, records: list[dict[str, Any]], ylabel: str) -> None:
+  """Train loss over steps and, where logged, validation loss (`eval_loss`)."""
   train = [r for r in records if "loss" in r]
   evals = [r for r in records if "eval_loss" in r]
-  has_fanout = any("experts_per_token" in r for r in train)
-  fig, axes = plt.subplots(1, 2 if has_fanout else 1,
-                           figsize=(10 if has_fanout else 5, 3.5), squeeze=False)
-  ax = axes[0, 0]
   ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
   if evals:
     ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-",
             label="validation")
   ax.set_xlabel("step")
-  ax.set_ylabel("loss (nats/byte)")
+  ax.set_ylabel(ylabel)
   ax.legend()
+
+
+def plot_fanout(ax, records: list[dict[str, Any]],
+                target_fanout: float | None = None) -> None:
+  """Mean experts per token over steps, with the target as a dashed line."""
+  fan = [r for r in records if "loss" in r and "experts_per_token" in r]
+  ax.plot([r["step"] for r in fan], [r["experts_per_token"] for r in fan],
+          label="mean fanout")
+  if target_fanout is not None:
+    ax.axhline(target_fanout, color="k", ls="--", lw=1, label="target")
+  ax.set_xlabel("step")
+  ax.set_ylabel("experts per token")
+  ax.legend()
+
+
+def plot_run(records: Iterable[dict[str, Any]], path: str,
+             target_fanout: float | None = None) -> str:
+  """Writes a PNG with training/eval loss and mean fanout over steps."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  records = list(records)
+  has_fanout = any("loss" in r and "experts_per_token" in r for r in records)
+  fig, axes = plt.subplots(1, 2 if has_fanout else 1,
+                           figsize=(10 if has_fanout else 5, 3.5), squeeze=False)
+  plot_loss(axes[0, 0], records, "loss (nats/byte)")
   if has_fanout:
-    ax = axes[0, 1]
-    fan = [r for r in train if "experts_per_token" in r]
-    ax.plot([r["step"] for r in fan], [r["experts_per_token"] for r in fan],
-            label="mean fanout")
-    if target_fanout is not None:
-      ax.axhline(target_fanout, color="k", ls="--", lw=1, label="target")
-    ax.set_xlabel("step")
-    ax.set_ylabel("experts per token")
-    ax.legend()
+    plot_fanout(axes[0, 1], records, target_fanout)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
