@@ -11,7 +11,9 @@ import pytest
 from moejax import decode, flops, sample as sample_lib
 from moejax.cli import lm_flags
 from moejax.methods import ExpertChoice, TopK
-from moejax.models.lm import LMConfig, TransformerLM, init_variables
+from moejax.models.lm import (LMConfig, TransformerLM, init_cache,
+                              init_variables)
+from moejax.nn.attention import Attention, init_kv
 from moejax.nn.blocks import Block
 from moejax.nn.mod import (PAD_POSITION, MoDBlock, MoDConfig, gather_plan,
                            mod_routing, top_c_mask)
@@ -206,10 +208,13 @@ def test_flops_ratio_and_counts():
 # ----------------------------------------------------------- cached decoding
 MOE = MoEConfig(num_experts=4, expert_width=32, router=TopK(k=2),
                 eval_capacity_factor=4.0)
-# Layer 0 is a full block in every case (dense MLP, or top-k MoE with no-op
+# Without MoD: a dense model and a top-k MoE model (both layers full blocks).
+# With MoD, layer 0 is a full block (dense MLP, or top-k MoE with no-op
 # experts); layer 1 is routed: MoD with the router's causal rule, or staged
 # MoDE (predictor rule, MoE MLP inside the routed block).
 DECODE_CASES = {
+    "dense": dict(),
+    "moe_top_k": dict(moe=MOE),
     "mod_router": dict(mod_capacity=0.25, mod_causal="router"),
     "staged_mode": dict(mod_capacity=0.25, mod_causal="predictor",
                         moe=dataclasses.replace(MOE, num_noop_experts=2)),
@@ -277,16 +282,69 @@ def test_decode_skip_modes_agree_and_batch_one():
   assert outs["cond"].shape == (1, 10)
 
 
-def test_sample_uses_cache_and_matches_full_recompute():
-  cfg, model, params, rs, tokens = _lm(mod_capacity=0.25, moe=MOE)
+@pytest.mark.parametrize("case", sorted(DECODE_CASES))
+def test_model_decode_in_chunks_equals_full_forward(case):
+  """`TransformerLM.decode` called directly, several tokens per call at
+  positions > 0, gives the logits of one causal full forward pass."""
+  cfg, model, params, rs, tokens = _lm(**DECODE_CASES[case])
+  variables = {"params": params, "router_state": rs}
+  full = model.apply(variables, tokens, mod_routing="causal")
+  kv = init_cache(cfg, B, tokens.shape[1])
+  chunks, decisions = [], []
+  for start, stop in ((0, 7), (7, 8), (8, 15), (15, 20)):
+    logits, kv, dec = model.apply(variables, tokens[:, start:stop],
+                                  jnp.int32(start), kv,
+                                  method=TransformerLM.decode)
+    chunks.append(logits)
+    decisions.append(dec)
+  np.testing.assert_allclose(np.asarray(jnp.concatenate(chunks, axis=1)),
+                             np.asarray(full), atol=2e-5, rtol=1e-5)
+  num_mod = sum(cfg.is_mod_layer(i) for i in range(cfg.num_layers))
+  assert jnp.concatenate(decisions, axis=-1).shape == (B, num_mod, 20)
+
+
+def test_attention_cache_matches_attention_without_cache():
+  attn = Attention(num_heads=HEADS)
+  x, pos = _inputs(3)
+  variables = attn.init(jax.random.PRNGKey(0), x, pos)
+  want, none = attn.apply(variables, x, pos)
+  assert none is None
+  kv = init_kv(B, L + 3, HEADS, D // HEADS)
+  got = []
+  for start, stop in ((0, 5), (5, 6), (6, L)):
+    out, kv = attn.apply(variables, x[:, start:stop], pos[:, start:stop], kv)
+    got.append(out)
+  np.testing.assert_allclose(np.asarray(jnp.concatenate(got, axis=1)),
+                             np.asarray(want), atol=1e-5, rtol=1e-5)
+  assert (np.asarray(kv["pos"][:, L:]) == PAD_POSITION).all()  # unused slots
+  with pytest.raises(ValueError, match="causal=False"):
+    Attention(num_heads=HEADS, causal=False).apply(variables, x, pos, kv)
+
+
+def _full_recompute(model, params, rs, prompt, num_new):
+  """Greedy reference: the causal full forward pass over a zero-padded buffer
+  each step, reading the logits at the last filled position."""
+  extra = {"mod_routing": "causal"} if model.config.mod_capacity else {}
+  plen = prompt.shape[1]
+  buf = np.concatenate([prompt, np.zeros((B, num_new), np.int32)], axis=1)
+  for t in range(plen, plen + num_new):
+    logits = model.apply({"params": params, "router_state": rs},
+                         jnp.asarray(buf), **extra)
+    buf[:, t] = np.asarray(jnp.argmax(logits[:, t - 1], axis=-1))
+  return buf[:, plen:]
+
+
+@pytest.mark.parametrize("moe", [MOE, MoEConfig(num_experts=4, expert_width=32,
+                                                router=ExpertChoice())],
+                         ids=["top_k", "expert_choice"])
+def test_sample_matches_full_recompute(moe):
+  cfg, model, params, rs, tokens = _lm(mod_capacity=0.25, moe=moe)
   prompt = np.asarray(tokens[:, :5])
   got = sample_lib.sample(model, params, rs, prompt, 8)
-  buf = jnp.concatenate([prompt, jnp.zeros((B, 8), jnp.int32)], axis=1)
-  want = sample_lib._sample(model, params, rs, buf, jnp.int32(5),
-                            jax.random.PRNGKey(0), 8, 0.0)
-  np.testing.assert_array_equal(got, np.asarray(want)[:, 5:])
+  np.testing.assert_array_equal(got, _full_recompute(model, params, rs,
+                                                     prompt, 8))
   # Expert choice is not causal per token: the full-recompute path is used.
-  assert not decode.supports(LMConfig(moe=MoEConfig(router=ExpertChoice())))
+  assert decode.supports(cfg) == (moe.router.name != "expert_choice")
 
 
 # ----------------------------------------------------------------- MoDE

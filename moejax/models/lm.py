@@ -2,9 +2,20 @@
 
 Axis legend:
   B  batch
-  L  sequence length
+  L  sequence length (new tokens in one cached decoding call)
+  T  cache length (prompt + new tokens)
+  M  routed (MoD) blocks
   D  model width
   V  vocabulary
+
+Cached decoding: `init_cache` gives one key/value cache per layer (see
+`moejax.nn.attention`); `TransformerLM.decode` runs L new tokens at positions
+start..start+L-1 given the cache of positions 0..start-1 and returns their
+logits, the updated cache and the routed blocks' decisions. Its logits equal
+the full forward pass's with causal MoD routing (`mod_routing="causal"`) and,
+for token-local MoE routers, capacity for every token (see
+`moejax.nn.blocks.decode_moe`). Routers whose evaluation routing of a token
+depends on other tokens (expert choice) have no cached equivalent.
 """
 from __future__ import annotations
 
@@ -16,8 +27,9 @@ import jax
 import jax.numpy as jnp
 
 from moejax import sharding
+from moejax.nn.attention import init_kv
 from moejax.nn.blocks import Block
-from moejax.nn.mod import MoDBlock, MoDConfig
+from moejax.nn.mod import SKIPS, MoDBlock, MoDConfig
 from moejax.nn.moe import MoEConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -110,14 +122,20 @@ class TransformerLM(nn.Module):
   @nn.compact
   def __call__(self, tokens: jax.Array, *, train: bool = False,
                positions: jax.Array | None = None,
-               mod_routing: str = "top_c") -> jax.Array:
+               mod_routing: str = "top_c", kv=None, skip: str = "cond"):
     """`mod_routing` picks the routed blocks' selection: "top_c" (training),
     "causal" (the config's `mod_causal` decisions, as in sampling),
-    "predictor" or "router"; see `moejax.nn.mod.MoDBlock`."""
+    "predictor" or "router"; see `moejax.nn.mod.MoDBlock`.
+
+    With `kv` (from `init_cache`) it decodes (see `decode`, which sets
+    `positions` and a causal `mod_routing`; `skip` as in `MoDBlock`) and
+    returns (logits, kv, decisions bool[B, M, L]).
+    """
     cfg = self.config
     dtype = DTYPES[cfg.dtype]
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    new_kv, decisions = [], []
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype,
                      embedding_init=nn.with_logical_partitioning(
                          nn.initializers.normal(1.0), ("vocab", "embed")),
@@ -126,20 +144,60 @@ class TransformerLM(nn.Module):
     for i in range(cfg.num_layers):
       x = sharding.constrain(x, sharding.ACT_BLD)  # block boundary [B, L, D]
       moe = cfg.moe if cfg.is_moe_layer(i) else None
+      layer_kv = None if kv is None else kv[i]
       if cfg.is_mod_layer(i):
-        x, _ = MoDBlock(cfg.mod_config, cfg.num_heads, cfg.d_ff, moe,
-                        dtype=dtype, name=f"layers_{i}")(
-                            x, positions, train=train, routing=mod_routing)
-        continue
-      x, _ = Block(cfg.num_heads, cfg.d_ff, moe, dtype=dtype,
-                   name=f"layers_{i}")(x, positions, train=train)
+        out = MoDBlock(cfg.mod_config, cfg.num_heads, cfg.d_ff, moe,
+                       dtype=dtype, name=f"layers_{i}")(
+                           x, positions, train=train, routing=mod_routing,
+                           kv=layer_kv, skip=skip)
+        x, chosen, layer_kv = out if kv is not None else (*out, None)
+        decisions.append(chosen)
+      else:
+        x, layer_kv = Block(cfg.num_heads, cfg.d_ff, moe, dtype=dtype,
+                            name=f"layers_{i}")(x, positions, train=train,
+                                                kv=layer_kv)
+      new_kv.append(layer_kv)
     x = sharding.constrain(x, sharding.ACT_BLD)
     x = nn.RMSNorm(dtype=dtype, name="final_norm")(x)
     logits = nn.DenseGeneral(
         cfg.vocab_size, use_bias=False, dtype=jnp.float32, name="head",
         kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
                                                  ("embed", "vocab")))(x)
-    return logits.astype(jnp.float32)
+    logits = logits.astype(jnp.float32)
+    if kv is None:
+      return logits
+    decisions = (jnp.stack(decisions, axis=1) if decisions
+                 else jnp.zeros((tokens.shape[0], 0, tokens.shape[1]), bool))
+    return logits, tuple(new_kv), decisions
+
+  def decode(self, tokens: jax.Array, start: jax.Array, kv, *,
+             skip: str = "cond"):
+    """Cached decoding of L new tokens (evaluation routing, causal MoD).
+
+    Args:
+      tokens: int32[B, L] at positions start..start+L-1.
+      start: int32[] position of the first token (`kv` holds 0..start-1).
+      kv: from `init_cache` (length T >= start + L).
+      skip: "cond" or "mask" (see `moejax.nn.mod`).
+    Returns:
+      (logits float32[B, L, V], updated kv, decisions bool[B, M, L] of the
+      routed blocks: which tokens entered each).
+    """
+    if skip not in SKIPS:
+      raise ValueError(f"skip={skip!r} is not supported; allowed: "
+                       f"{', '.join(SKIPS)}")
+    batch, length = tokens.shape
+    positions = jnp.broadcast_to(
+        start + jnp.arange(length, dtype=jnp.int32), (batch, length))
+    return self(tokens, positions=positions, mod_routing="causal", kv=kv,
+                skip=skip)
+
+
+def init_cache(cfg: LMConfig, batch: int, length: int) -> tuple[dict, ...]:
+  """An empty key/value cache of `length` slots per layer (`init_kv`)."""
+  head = cfg.d_model // cfg.num_heads
+  return tuple(init_kv(batch, length, cfg.num_heads, head, DTYPES[cfg.dtype])
+               for _ in range(cfg.num_layers))
 
 
 def init_variables(model: nn.Module, rng: jax.Array, tokens: jax.Array):

@@ -11,6 +11,13 @@ Axis legend:
 Positions are explicit (`int32[B, L]`): RoPE and the causal mask use each token's
 true position, so a routed block that runs on a gathered subset of tokens (MoD)
 attends exactly as the full sequence would among those tokens.
+
+Cached decoding passes a key/value cache `kv` (`init_kv`):
+`{"k": float[B, H, T, K], "v": float[B, H, T, K], "pos": int32[B, T]}` (heads
+major, so that the per-step attention products need no transposed copy of the
+cache). Slot t holds the token at position t; a slot that holds nothing has
+position `PAD_POSITION`, larger than every real position, so the causal mask
+hides it.
 """
 from __future__ import annotations
 
@@ -19,6 +26,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+# Position given to empty slots: larger than any real position, so the causal
+# mask hides them from every real query (their own outputs are discarded).
+PAD_POSITION = 2 ** 30
 
 
 def rope(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array:
@@ -32,32 +43,70 @@ def rope(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array
   return out.astype(x.dtype)
 
 
-def causal_mask(q_positions: jax.Array, k_positions: jax.Array,
-                k_valid: jax.Array | None = None) -> jax.Array:
+def causal_mask(q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
   """bool[B, 1, L, T]: query at position p sees keys at positions <= p."""
-  mask = k_positions[:, None, :] <= q_positions[:, :, None]
-  if k_valid is not None:
-    mask = mask & k_valid[:, None, :]
-  return mask[:, None]
+  return (k_positions[:, None, :] <= q_positions[:, :, None])[:, None]
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array,
-           mask: jax.Array) -> jax.Array:
-  """q float[B, L, H, K], k/v float[B, T, H, K], mask bool[B, 1, L, T] -> [B, L, H, K]."""
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
+           heads_major: bool = False) -> jax.Array:
+  """q float[B, L, H, K], k/v float[B, T, H, K], mask bool[B, 1, L, T] -> [B, L, H, K].
+
+  `heads_major`: k/v are float[B, H, T, K] (the cache layout).
+  """
+  kv = "bhtk" if heads_major else "bthk"
   scale = q.shape[-1] ** -0.5
-  scores = jnp.einsum("blhk,bthk->bhlt", q, k).astype(jnp.float32) * scale
+  scores = jnp.einsum(f"blhk,{kv}->bhlt", q, k).astype(jnp.float32) * scale
   scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  return jnp.einsum("bhlt,bthk->blhk", probs, v)
+  return jnp.einsum(f"bhlt,{kv}->blhk", probs, v)
+
+
+def init_kv(batch: int, length: int, num_heads: int, head_width: int,
+            dtype: Any = jnp.float32) -> dict[str, jax.Array]:
+  """An empty cache of T = `length` slots: k/v float[B, H, T, K] zeros,
+  pos int32[B, T] = PAD_POSITION."""
+  shape = (batch, num_heads, length, head_width)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+          "pos": jnp.full((batch, length), PAD_POSITION, jnp.int32)}
+
+
+def write_kv(kv: dict[str, jax.Array], k: jax.Array, v: jax.Array,
+             positions: jax.Array,
+             kv_mask: jax.Array | None = None) -> dict[str, jax.Array]:
+  """Stores this call's keys/values in the cache at their positions.
+
+  Args:
+    kv: the cache (`init_kv`).
+    k, v: float[B, L, H, K].
+    positions: int32[B, L], one run start..start+L-1 shared by every row.
+    kv_mask: bool[B, L] tokens to store; the others' slots get PAD_POSITION
+      (hidden from every later query). None = all.
+  Returns:
+    the updated cache.
+  """
+  start = positions[0, 0]
+  write = lambda buf, new, axis: jax.lax.dynamic_update_slice_in_dim(
+      buf, new.astype(buf.dtype), start, axis=axis)
+  heads_major = lambda a: jnp.swapaxes(a, 1, 2)  # [B, L, H, K] -> [B, H, L, K]
+  pos = positions if kv_mask is None else jnp.where(kv_mask, positions,
+                                                    PAD_POSITION)
+  return {"k": write(kv["k"], heads_major(k), 2),
+          "v": write(kv["v"], heads_major(v), 2),
+          "pos": write(kv["pos"], pos, 1)}
 
 
 class Attention(nn.Module):
   """Multi-head causal self-attention.
 
-  `__call__(x, positions)` returns (out float[B, L, D], (k, v)) so that a decoder
-  can cache keys/values; `kv` passes cached keys/values (with their positions and
-  a validity mask) to attend to in addition to nothing else (decode mode).
-  `causal=False` lets every query see every key (encoders, DiT).
+  `__call__(x, positions, kv=None, kv_mask=None)` returns (out float[B, L, D],
+  kv). Without a cache (`kv=None`) the L tokens attend among themselves and
+  the second value is None. With one (cached decoding), the tokens' keys/values
+  are written into it first (`write_kv`; `positions` must be one run
+  start..start+L-1 in every row, `kv_mask` bool[B, L] the tokens to store), the
+  queries attend to every stored key at a position <= theirs, and the second
+  value is the updated cache.
+  `causal=False` lets every query see every key (encoders, DiT; no cache).
   """
   num_heads: int
   dtype: Any = jnp.float32
@@ -65,7 +114,8 @@ class Attention(nn.Module):
   causal: bool = True
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array, kv=None):
+  def __call__(self, x: jax.Array, positions: jax.Array, kv=None,
+               kv_mask: jax.Array | None = None):
     width = x.shape[-1]
     head = width // self.num_heads
 
@@ -80,16 +130,17 @@ class Attention(nn.Module):
     k = proj("key", (self.num_heads, head), -1, qkv_names)(x)
     v = proj("value", (self.num_heads, head), -1, qkv_names)(x)
     q, k = rope(q, positions), rope(k, positions)
-    if kv is None:
-      mask = causal_mask(positions, positions)
-      keys, values = k, v
+    if kv is not None:
+      if not self.causal:
+        raise ValueError("causal=False attention has no cached decoding; "
+                         "allowed: kv=None")
+      kv = write_kv(kv, k, v, positions, kv_mask)
+      out = attend(q, kv["k"], kv["v"], causal_mask(positions, kv["pos"]),
+                   heads_major=True)
     else:
-      keys, values, k_positions, k_valid = kv
-      mask = causal_mask(positions, k_positions, k_valid)
-    if not self.causal:  # every query sees every (valid) key
-      mask = jnp.ones_like(mask)
-      if kv is not None and k_valid is not None:
-        mask = mask & k_valid[:, None, None, :]
-    out = attend(q, keys, values, mask)
+      mask = causal_mask(positions, positions)
+      if not self.causal:  # every query sees every key
+        mask = jnp.ones_like(mask)
+      out = attend(q, k, v, mask)
     out = proj("out", width, (-2, -1), ("heads", "kv", "embed"))(out)
-    return out, (k, v)
+    return out, kv

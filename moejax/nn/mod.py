@@ -25,10 +25,20 @@ Causal routing (sampling cannot see the future, top-C needs it):
      BCE against the top-C mask (weight `predictor_weight`; it cannot change the
      LM through its gradients); a token enters iff its logit > 0.
 `MoDBlock(..., routing="predictor" | "router" | "causal")` runs a full forward
-pass with those per-token decisions (a reference for the cached decoder in
-`moejax.decode`; it runs the block at capacity L with the unchosen slots
-masked, so it does not save compute). Outputs go to the `"router"` collection
-like the MoE layer's: `aux_loss`, `aux` and `metrics`, with `mod_`-prefixed keys.
+pass with those per-token decisions (a reference for cached decoding; it runs
+the block at capacity L with the unchosen slots masked, so it does not save
+compute). Outputs go to the `"router"` collection like the MoE layer's:
+`aux_loss`, `aux` and `metrics`, with `mod_`-prefixed keys.
+
+Cached decoding (`kv`, a key/value cache of the wrapped block, see
+`moejax.nn.attention`): each new token decides by the causal rule; the block
+writes keys/values only for the tokens that enter it (the slots of skipped
+tokens keep `PAD_POSITION`), so later tokens attend only to processed ones,
+exactly as the full forward pass with causal routing. Skipping is real: with
+`skip="cond"` (default) the block runs under `lax.cond` only when at least one
+row of the batch enters it (at batch 1: only for processed tokens); inside,
+rows that do not enter are computed and masked. `skip="mask"` always computes
+and masks (for measuring).
 """
 from __future__ import annotations
 
@@ -41,6 +51,7 @@ import jax.numpy as jnp
 import optax
 
 from moejax import dispatch
+from moejax.nn.attention import PAD_POSITION
 from moejax.nn.blocks import Block
 from moejax.nn.moe import MoEConfig
 from moejax.routing.base import Routing
@@ -49,9 +60,7 @@ from moejax.routing.expert_choice import select_top_tokens
 SCORES = ("raw", "sigmoid")
 CAUSAL = ("predictor", "router")
 ROUTINGS = ("top_c", "causal") + CAUSAL
-# Position given to empty slots: larger than any real position, so the causal
-# mask hides them from every real query (their own outputs are discarded).
-PAD_POSITION = 2 ** 30
+SKIPS = ("cond", "mask")
 _TINY = float(jnp.finfo(jnp.float32).tiny)
 
 
@@ -106,6 +115,12 @@ def router_score(logits: jax.Array, score: str) -> jax.Array:
   return logits if score == "raw" else jax.nn.sigmoid(logits)
 
 
+def gate_score(logits: jax.Array, score: str) -> jax.Array:
+  """`router_score`, never exactly 0 (a gate of 0 means "not routed")."""
+  s = router_score(logits, score)
+  return jnp.where(s == 0, _TINY, s)
+
+
 def top_c_mask(logits: jax.Array, capacity: int) -> jax.Array:
   """bool[B, L]: per sequence the `capacity` highest logits (ties: lower index).
 
@@ -127,9 +142,7 @@ def mod_routing(logits: jax.Array, chosen: jax.Array, score: str) -> Routing:
     tokens (never exactly 0 there), priority = -index, so that the dispatcher
     keeps the chosen tokens in their original order.
   """
-  s = router_score(logits, score)
-  s = jnp.where(s == 0, _TINY, s)
-  gates = jnp.where(chosen, s, 0.0)[..., None]
+  gates = jnp.where(chosen, gate_score(logits, score), 0.0)[..., None]
   order = -jnp.arange(logits.shape[-1], dtype=jnp.float32)
   priority = jnp.broadcast_to(order, logits.shape)[..., None]
   return Routing(gates=gates, priority=priority)
@@ -174,6 +187,10 @@ class MoDBlock(nn.Module):
   "top_c" (training and the default evaluation; C = config.num_selected(L)
   tokens enter), "predictor" / "router" (causal decisions of method B / A) or
   "causal" (the config's `causal` method).
+
+  With `kv` (the wrapped block's cache; evaluation with a causal `routing`
+  only) it decodes and returns (x', chosen, updated kv); `skip` is "cond" or
+  "mask" (see the module docstring). Nothing is sown then.
   """
   config: MoDConfig
   num_heads: int
@@ -185,13 +202,19 @@ class MoDBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, *, train: bool,
-               routing: str = "top_c"):
+               routing: str = "top_c", kv=None, skip: str = "cond"):
     cfg = self.config
     if routing not in ROUTINGS:
       raise ValueError(f"routing={routing!r} is not supported; allowed: "
                        f"{', '.join(ROUTINGS)}")
     if routing == "causal":
       routing = cfg.causal
+    if kv is not None and routing == "top_c":
+      raise ValueError("routing='top_c' needs the whole sequence; with a kv "
+                       f"cache allowed: {', '.join(ROUTINGS[1:])}")
+    if skip not in SKIPS:
+      raise ValueError(f"skip={skip!r} is not supported; allowed: "
+                       f"{', '.join(SKIPS)}")
     length = x.shape[1]
     w = self.param(
         "router", nn.with_logical_partitioning(
@@ -203,6 +226,10 @@ class MoDBlock(nn.Module):
                         w.astype(jnp.float32))
     pred_logits = Predictor(self.param_dtype, name="predictor")(
         jax.lax.stop_gradient(x))
+    if kv is not None:
+      chosen = (pred_logits if routing == "predictor" else logits) > 0
+      return self._decode(x, positions, gate_score(logits, cfg.score), chosen,
+                          kv, skip, train)
 
     capacity = cfg.num_selected(length)
     target = top_c_mask(jax.lax.stop_gradient(logits), capacity)
@@ -242,3 +269,21 @@ class MoDBlock(nn.Module):
     self.sow("router", "aux", aux)
     self.sow("router", "metrics", metrics)
     return x + update.astype(x.dtype), chosen
+
+  def _decode(self, x, positions, score, chosen, kv, skip, train):
+    """Cached decoding: x' = x + score * Δ at the chosen tokens, which alone
+    are stored in `kv`. Returns (x', chosen, kv)."""
+    def run(mdl, x, kv):
+      delta, kv = Block(mdl.num_heads, mdl.d_ff, mdl.moe, mdl.activation,
+                        mdl.dtype, mdl.param_dtype, residual=False,
+                        name="block")(x, positions, train=train, kv=kv,
+                                      kv_mask=chosen)
+      update = (delta * score[..., None].astype(delta.dtype)).astype(x.dtype)
+      return jnp.where(chosen[..., None], x + update, x), kv
+
+    if skip == "cond":
+      x, kv = nn.cond(jnp.any(chosen), run, lambda mdl, x, kv: (x, kv), self,
+                      x, kv)
+    else:
+      x, kv = run(self, x, kv)
+    return x, chosen, kv
