@@ -4,14 +4,14 @@
       --out=experiments/reports/mod/bench_decode.json
 
 Both models use the cached decoder of `moejax.decode` (prefill, then one
-jit-compiled `lax.fori_loop` of decode steps). The MoD model routes every
-`--mod_every`-th block at `--mod_capacity`; at decode time a routed block runs
-(under `lax.cond`) only when a token enters it by the causal rule. Its weights
-come from `--params` (an .npz written by `experiments/mod_report.py` from a
-trained run; several files are merged) or, without one, are random with the
-predictor's output bias calibrated on validation text so that the causal rule
-lets about `--mod_capacity` of the tokens in (the dense model's weights do not
-change its speed). Timings are the best of `--repeats` interleaved runs
+jit-compiled `lax.fori_loop` of `TransformerLM.decode` steps). The MoD model
+routes every `--mod_every`-th block at `--mod_capacity`; at decode time a
+routed block runs (under `lax.cond`) only when a token enters it by the causal
+rule. Its weights come from `--params` (an .npz written by
+`experiments/mod_report.py` from a trained run; several files are merged) or,
+without one, are random with the predictor's output bias calibrated on
+validation text so that the causal rule lets about `--mod_capacity` of the
+tokens in (the dense model's weights do not change its speed). Timings are the best of `--repeats` interleaved runs
 (dense, MoD, ... in turn), on whatever device JAX uses; `speedup` = MoD
 tokens/s / dense tokens/s measured in the same run. `--skip=mask` rows show
 the MoD model computing every routed block and masking (no skipping).
@@ -27,12 +27,9 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags  # noqa: E402
+from absl import app, flags
 
 flags.DEFINE_string("config", "tiny", "Model preset (tiny or small).")
 flags.DEFINE_string("batch_sizes", "1,8", "Comma-separated batch sizes.")
