@@ -11,10 +11,11 @@ rule. Its weights come from `--params` (an .npz written by
 `experiments/mod_report.py` from a trained run; several files are merged) or,
 without one, are random with the predictor's output bias calibrated on
 validation text so that the causal rule lets about `--mod_capacity` of the
-tokens in (the dense model's weights do not change its speed). Timings are the best of `--repeats` interleaved runs
-(dense, MoD, ... in turn), on whatever device JAX uses; `speedup` = MoD
-tokens/s / dense tokens/s measured in the same run. `--skip=mask` rows show
-the MoD model computing every routed block and masking (no skipping).
+tokens in (the dense model's weights do not change its speed). Timings are
+the best of `--repeats` interleaved runs (dense, MoD, ... in turn), on
+whatever device JAX uses; `speedup` = MoD tokens/s / dense tokens/s measured
+in the same run. `--skip=mask` rows show the MoD model computing every routed
+block and masking (no skipping).
 
 Writes a table to stdout and JSON (`rows` and per batch size `speedup`).
 

@@ -130,7 +130,7 @@ def _loop(step, logits, state, start, rng, num_steps, temperature,
 def decode_loop(cfg: LMConfig, params, router_state, logits, cache, start, rng,
                 *, num_steps: int, temperature: float = 0.0,
                 skip: str = "cond"):
-  """Picks a token from `logits` float32[B, V], then `num_steps` more cached steps.
+  """Picks a token from `logits` float32[B, V], then `num_steps` cached steps.
 
   Returns (tokens int32[B, num_steps + 1], cache, decisions bool[B, M, steps]).
   """

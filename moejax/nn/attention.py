@@ -50,9 +50,10 @@ def causal_mask(q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
            heads_major: bool = False) -> jax.Array:
-  """q float[B, L, H, K], k/v float[B, T, H, K], mask bool[B, 1, L, T] -> [B, L, H, K].
+  """Attention output float[B, L, H, K].
 
-  `heads_major`: k/v are float[B, H, T, K] (the cache layout).
+  q float[B, L, H, K], k/v float[B, T, H, K] (`heads_major`: float[B, H, T, K],
+  the cache layout), mask bool[B, 1, L, T].
   """
   kv = "bhtk" if heads_major else "bthk"
   scale = q.shape[-1] ** -0.5
