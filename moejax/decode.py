@@ -53,18 +53,14 @@ from moejax.nn.moe import MoE, MoEConfig
 
 SKIPS = ("cond", "mask")
 _TINY = float(jnp.finfo(jnp.float32).tiny)
-# Routers whose evaluation routing of a token depends on other tokens of the
-# group; a method can also declare `token_local = False` itself.
-NON_LOCAL_ROUTERS = ("expert_choice",)
 
 
 def token_local(moe: MoEConfig | None) -> bool:
-  """Whether an MoE layer routes each token on its own in evaluation."""
+  """Whether an MoE layer routes each token on its own in evaluation (the
+  method's declared `token_local`)."""
   if moe is None:
     return True
-  method = moe.router
-  return bool(getattr(method, "token_local",
-                      method.name not in NON_LOCAL_ROUTERS))
+  return moe.router.token_local
 
 
 def supports(cfg: LMConfig) -> bool:

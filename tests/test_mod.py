@@ -10,7 +10,7 @@ import pytest
 
 from moejax import decode, flops, sample as sample_lib
 from moejax.cli import lm_flags
-from moejax.methods import ExpertChoice, TopK
+from moejax.routing import ExpertChoice, TopK
 from moejax.models.lm import LMConfig, TransformerLM, init_variables
 from moejax.nn.blocks import Block
 from moejax.nn.mod import (PAD_POSITION, MoDBlock, MoDConfig, gather_plan,
