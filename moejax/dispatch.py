@@ -56,7 +56,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from moejax.routing.base import Routing, capacity, check_int  # noqa: F401
+from moejax.routing.base import Routing, check_int
+# Re-exported: the capacity formula belongs to routing (methods size by it).
+from moejax.routing.base import capacity  # noqa: F401
 
 STRATEGIES = ("einsum", "index", "gather", "dropless", "sorted", "ragged")
 # Strategies that ignore capacity and keep every assignment within max_fanout.
