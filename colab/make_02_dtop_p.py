@@ -30,7 +30,7 @@ import matplotlib.pyplot as plt
 from moejax import configs
 from moejax.control import PIController
 from moejax.data import get_lm_data
-from moejax.methods import DTopP
+from moejax.routing import DTopP
 from moejax.models.lm import LMConfig, TransformerLM
 from moejax.nn.moe import MoEConfig
 from moejax.routing import dtop_p, top_p

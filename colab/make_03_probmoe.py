@@ -22,12 +22,12 @@ marginals). Dynamic-k draws the size from `Z_k / sum Z` over a range.
 This notebook runs on a CPU in about a minute: the distribution against brute
 force, samples against marginals, and a tiny training run. The comparison with
 top-k and the fine-tuning experiment: `experiments/reports/probmoe.md`."""),
-    ("code", """import importlib, itertools, os, sys
+    ("code", """import itertools, os, sys
 sys.path.insert(0, os.path.abspath('..') if os.path.basename(os.getcwd()) == 'colab' else os.getcwd())
 import jax, jax.numpy as jnp, numpy as np
 import matplotlib.pyplot as plt
 from moejax import routing
-ek = importlib.import_module('moejax.routing.exact_k')  # helpers beside the public API
+from moejax.routing import probmoe as ek  # helpers beside the public API
 print(jax.__version__, jax.devices()[0].platform)"""),
     ("md", """## 1. The distribution, against enumeration
 One token, six experts, k = 2: the 15 subsets' probabilities by brute force, and
@@ -93,7 +93,7 @@ print('d(m . c)/dr  custom VJP', np.round(grad, 5)); print('             Cov(z) 
 A two-block LM on Python standard-library bytes, exact-k (k = 2 of 8 experts)
 against top-k with the same k and dynamic-k over [1, 2], 30 steps each (a CPU smoke test, not a
 comparison: see the report for that). Inference uses top-k for both."""),
-    ("code", """from moejax.methods import ExactK, TopK, DynamicK
+    ("code", """from moejax.routing import ExactK, TopK, DynamicK
 from moejax.models import LMConfig
 from moejax.nn import MoEConfig
 from moejax.train import OptimConfig, TrainConfig, train

@@ -21,13 +21,12 @@ Runs on a CPU in about a minute. The full comparison is
 `experiments/compare_balance.py` (report: `experiments/reports/balance.md`)."""),
     ("code", """import os, sys
 sys.path.insert(0, os.path.abspath('..') if os.path.basename(os.getcwd()) == 'colab' else os.getcwd())
-import importlib
 import jax, jax.numpy as jnp, numpy as np
 import matplotlib.pyplot as plt
 from moejax import control, routing
-from moejax.methods import TopK, ExpertThreshold
+from moejax.routing import TopK, ExpertThreshold
 from moejax.routing import losses
-et = importlib.import_module('moejax.routing.expert_threshold')
+from moejax.routing import threshold as et
 print(jax.__version__, jax.devices()[0].platform)"""),
     ("md", """## 1. Loss-free bias on a skewed router
 A synthetic router whose logits favour expert 0 and starve expert 7. Each step routes a

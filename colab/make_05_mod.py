@@ -22,7 +22,7 @@ per sequence only the top-C tokens (C = 12.5% of the sequence) go through
 attention + MLP, **in their original order with their true positions**; their
 update is multiplied by `r` (the router's only gradient path) and the other
 tokens pass unchanged. In moejax this is expert choice with one expert: the
-selection is `routing.expert_choice.select_top_tokens`, the gather/scatter is
+selection is `routing.choice.select_top_tokens`, the gather/scatter is
 `dispatch.plan`. Sampling cannot see the future, so a small predictor (or an
 auxiliary BCE on the router) makes the decision causal."""),
     new_code_cell("""import os, sys, time

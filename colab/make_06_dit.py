@@ -22,11 +22,11 @@ on a CPU in about a minute; `experiments/train_dit.py` is the real job and
 sys.path.insert(0, os.getcwd())
 import jax, jax.numpy as jnp, numpy as np
 import matplotlib.pyplot as plt
-from moejax import diffusion, methods
+from moejax import diffusion, routing
 from moejax.models.dit import DiT, DiTConfig, init_variables, sample
 from moejax.nn.moe import MoEConfig
 from moejax.data import get_image_data
-print(jax.devices()[0], "routers:", methods.available())"""),
+print(jax.devices()[0], "routers:", routing.available())"""),
     new_markdown_cell("""## The noise schedule
 `x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps`. The cosine schedule keeps more
 signal in the middle timesteps than the linear one."""),
@@ -47,9 +47,9 @@ plt.show()"""),
 adaLN-Zero makes every block the identity at initialisation (the gates start
 at zero), so the untrained model predicts eps = 0. The router here is DTop-p
 when it is registered (its PI controller holds the mean fanout at `k`), else
-top-k; any name from `methods.available()` works the same way."""),
-    new_code_cell("""router = "dtop_p" if "dtop_p" in methods.available() else "top_k"
-moe = MoEConfig(num_experts=4, expert_width=32, router=methods.build(router, {"k": 2}),
+top-k; any name from `routing.available()` works the same way."""),
+    new_code_cell("""router = "dtop_p" if "dtop_p" in routing.available() else "top_k"
+moe = MoEConfig(num_experts=4, expert_width=32, router=routing.build(router, {"k": 2}),
                 group_size=64)
 cfg = DiTConfig(image_size=8, channels=1, patch_size=2, num_classes=10, num_layers=2,
                 d_model=32, num_heads=2, d_ff=64, moe=moe, frequency_dim=32)

@@ -9,13 +9,12 @@ Axis legend:
 
 Times (ms, median of --repeats calls of the jitted function on float32[E, N])
 and ratios to `lax.top_k` (values and indices, the whole top-k) in the same
-run. `moejax` is `routing.expert_threshold.expert_cutoffs` (32-step bisection
+run. `moejax` is `routing.threshold.expert_cutoffs` (32-step bisection
 on sortable integer keys, exact); `select` rows time the training selection
 (`top_per_expert`, a per-expert m) against `lax.top_k` + scatter.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
@@ -28,7 +27,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-et = importlib.import_module("moejax.routing.expert_threshold")
+from moejax.routing import threshold  # noqa: E402
 
 flags.DEFINE_string("out", "experiments/reports/bench_cutoff.json", "JSON path.")
 flags.DEFINE_integer("repeats", 20, "Timed calls per form.")
@@ -57,9 +56,9 @@ def forms(k):
       "top_k(x, k)[0][:, -1]": lambda x: jax.lax.top_k(x, k)[0][:, -1],
       "min(top_k(x, k)[0])": lambda x: jnp.min(jax.lax.top_k(x, k)[0], -1),
       "sort(x)[:, N-k]": lambda x: jnp.sort(x, -1)[:, x.shape[1] - k],
-      "moejax bisection": lambda x: et.expert_cutoffs(x.T, k),
+      "moejax bisection": lambda x: threshold.expert_cutoffs(x.T, k),
       "select: top_k + scatter": scatter_select,
-      "select: moejax top_per_expert": lambda x: et.top_per_expert(x.T, k),
+      "select: moejax top_per_expert": lambda x: threshold.top_per_expert(x.T, k),
   }
 
 
@@ -70,7 +69,7 @@ def main(argv):
     k = n * f // e
     x = jax.random.normal(jax.random.PRNGKey(0), (e, n))
     ref = np.sort(np.asarray(x), -1)[:, n - k]
-    assert np.array_equal(np.asarray(et.expert_cutoffs(x.T, k)), ref)
+    assert np.array_equal(np.asarray(threshold.expert_cutoffs(x.T, k)), ref)
     base = None
     for name, fn in forms(k).items():
       ms = timeit(jax.jit(fn), x, repeats=FLAGS.repeats)

@@ -29,7 +29,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from moejax import flops, methods  # noqa: E402
+from moejax import flops, routing  # noqa: E402
 from moejax.models import LMConfig, TransformerLM  # noqa: E402
 from moejax.nn import MoEConfig  # noqa: E402
 from moejax.train import OptimConfig, create_train_state, make_train_step  # noqa: E402
@@ -106,7 +106,7 @@ def main(argv):
   runs = [("dense", base)] if FLAGS.dense else []
   for strategy in FLAGS.strategies:
     moe = MoEConfig(num_experts=p["num_experts"], expert_width=p["expert_width"],
-                    router=methods.build(FLAGS.router, {"k": p["k"]}),
+                    router=routing.build(FLAGS.router, {"k": p["k"]}),
                     strategy=strategy)
     runs.append((f"moe/{FLAGS.router}/{strategy}",
                  dataclasses.replace(base, moe=moe)))

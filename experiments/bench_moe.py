@@ -57,7 +57,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from moejax import dispatch, methods, routing  # noqa: E402
+from moejax import dispatch, routing  # noqa: E402
 from moejax.nn.experts import expert_ffn  # noqa: E402
 from moejax.routing.base import Routing  # noqa: E402
 
@@ -71,7 +71,7 @@ flags.DEFINE_list("strategies", ["index", "gather", "sorted"],
                   "moejax.dispatch.STRATEGIES; add einsum for the one-hot "
                   "reference, ragged for lax.ragged_dot)")
 flags.DEFINE_list("routers", list(ROUTERS),
-                  "routers (those not registered in moejax.methods are "
+                  "routers (those not registered in moejax.routing are "
                   "skipped with a note)")
 flags.DEFINE_list("router_strategies", ["gather"],
                   "strategies run for the routers other than top_k")
@@ -154,7 +154,7 @@ def build_method(name: str, size: Size):
   options = {"k": size.k}
   if name in ("top_p", "dtop_p"):
     options["max_k"] = min(size.experts, int(FLAGS.max_k_factor * size.k))
-  return methods.build(name, options)
+  return routing.build(name, options)
 
 
 def method_state(method, size: Size, logits: jax.Array) -> dict:
@@ -277,7 +277,7 @@ def skip_reason(strategy: str, size: Size) -> str | None:
 
 def run(sizes, routers, dtypes):
   rows, notes = [], []
-  available = set(methods.available())
+  available = set(routing.available())
   for name in routers:
     if name not in available:
       notes.append(f"router {name} not registered: skipped")

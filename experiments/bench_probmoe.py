@@ -12,7 +12,7 @@ Axis legend:
 Times (jit, value + gradient of a random linear function of the gates, with
 sampling) in the same process, interleaved, min and median over repetitions:
 
-  fast        moejax.routing.exact_k: one scan building prefix and suffix
+  fast        moejax.routing.probmoe: one scan building prefix and suffix
               tables, closed-form marginals, exact covariance VJP
               (multiply-add scan), tables shared with the sampler.
   scan        the plain formulation: scan over experts, carry [K, S],
@@ -28,7 +28,6 @@ Prints a table and writes JSON (--out).
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
@@ -42,10 +41,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from moejax import routing  # noqa: E402
-from moejax.methods import ExactK, TopK  # noqa: E402
+from moejax.routing import ExactK, TopK, probmoe  # noqa: E402
 from moejax.nn.moe import MoE, MoEConfig  # noqa: E402
 
-ek = importlib.import_module("moejax.routing.exact_k")
 
 flags.DEFINE_integer("tokens", 4096, "Tokens S (one group).")
 flags.DEFINE_integer("d_model", 512, "Model width D.")
@@ -65,11 +63,11 @@ def plain_prefix(logits: jax.Array, k: int) -> jax.Array:
   rt = logits.T
   lp, lq = jax.nn.log_sigmoid(rt), jax.nn.log_sigmoid(-rt)
   # A finite log 0 (-inf gives NaN gradients through logaddexp).
-  init = jnp.full((k + 1, rt.shape[1]), ek.NEG).at[0].set(0.0)
+  init = jnp.full((k + 1, rt.shape[1]), probmoe.NEG).at[0].set(0.0)
 
   def step(a, x):
     p, q = x
-    shifted = jnp.concatenate([jnp.full_like(a[:1], ek.NEG), a[:-1]])
+    shifted = jnp.concatenate([jnp.full_like(a[:1], probmoe.NEG), a[:-1]])
     new = jnp.logaddexp(shifted + p, a + q)
     return new, a
 
@@ -79,7 +77,7 @@ def plain_prefix(logits: jax.Array, k: int) -> jax.Array:
 
 def walk(prefix, lp, k, rng):
   """Backward-walk sample from a prefix table [E+1, K, S]. bool[E, S]."""
-  rho = jnp.exp(jnp.concatenate([jnp.full_like(prefix[:-1, :1], ek.NEG),
+  rho = jnp.exp(jnp.concatenate([jnp.full_like(prefix[:-1, :1], probmoe.NEG),
                                  prefix[:-1, :-1]], axis=1)
                 + lp[:, None, :] - prefix[1:])
   u = jax.random.uniform(jax.random.split(rng)[1], lp.shape)  # as the library

@@ -47,7 +47,7 @@ flags.DEFINE_string("out", "experiments/reports/bench_sharding.json",
 
 
 def build_config(preset_name, batch_size, num_layers, mode):
-  from moejax import configs, methods
+  from moejax import configs, routing
   from moejax.models.lm import LMConfig
   from moejax.nn.moe import MoEConfig
   from moejax.train.loop import TrainConfig
@@ -55,7 +55,7 @@ def build_config(preset_name, batch_size, num_layers, mode):
   pre = configs.preset(preset_name)
   moe = MoEConfig(num_experts=pre["num_experts"],
                   expert_width=pre["expert_width"],
-                  router=methods.build("top_k", {"k": pre["k"]}),
+                  router=routing.build("top_k", {"k": pre["k"]}),
                   strategy=FLAGS.strategy, expert_parallel=mode)
   model = LMConfig(num_layers=num_layers or pre["num_layers"],
                    d_model=pre["d_model"], num_heads=pre["num_heads"],

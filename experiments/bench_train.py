@@ -42,7 +42,7 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from moejax import flops, methods  # noqa: E402
+from moejax import flops, routing  # noqa: E402
 from moejax.cli import lm_flags  # noqa: E402
 from moejax.models.lm import TransformerLM  # noqa: E402
 from moejax.train.state import TrainState  # noqa: E402
@@ -137,7 +137,7 @@ def main(argv):
   backend = jax.default_backend()
   notes, entries = [], []
   for router in FLAGS.routers:
-    if router != "dense" and router not in methods.available():
+    if router != "dense" and router not in routing.available():
       notes.append(f"router {router} not registered: skipped")
       continue
     try:

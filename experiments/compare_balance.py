@@ -77,7 +77,7 @@ def _probe_classes():
   """Evaluation-only router methods (not registered)."""
   import jax
   import jax.numpy as jnp
-  from moejax.methods import ExpertChoice, ExpertThreshold
+  from moejax.routing import ExpertChoice, ExpertThreshold
   from moejax.routing import losses
   from moejax.routing.base import Routing, RouterOutput
 

@@ -81,7 +81,7 @@ def main(argv):
         jax.config.update(key, value)
       except (AttributeError, KeyError, ValueError):  # older/newer jax
         pass
-  from moejax import methods  # pylint: disable=g-import-not-at-top
+  from moejax import routing  # pylint: disable=g-import-not-at-top
   from moejax.train.loop import train as train_dit  # pylint: disable=g-import-not-at-top
 
   os.makedirs(values["out"], exist_ok=True)
@@ -98,7 +98,7 @@ def main(argv):
   for seed in seeds:
     for spec in specs:
       name, extra = parse_router(spec)
-      if name != "dense" and name not in methods.available():
+      if name != "dense" and name not in routing.available():
         not_run.append(f"{spec} (router not registered)")
         continue
       if (spec, seed) in done:

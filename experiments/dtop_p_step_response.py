@@ -43,7 +43,7 @@ def step_response(gains, gamma, *, steps, switch, k, k2, batch_size, seed=0):
   import numpy as np
   from moejax import configs
   from moejax.data import get_lm_data
-  from moejax.methods import DTopP
+  from moejax.routing import DTopP
   from moejax.models.lm import LMConfig, TransformerLM
   from moejax.nn.moe import MoEConfig
   from moejax.train.step import router_outputs, router_states, update_router_state

@@ -36,18 +36,14 @@ from moejax.models.lm import LMConfig, TransformerLM, init_cache
 from moejax.nn.mod import SKIPS
 from moejax.nn.moe import MoEConfig
 
-# Routers whose evaluation routing of a token depends on other tokens of the
-# group; a method can also declare `token_local = False` itself.
-NON_LOCAL_ROUTERS = ("expert_choice",)
 
 
 def token_local(moe: MoEConfig | None) -> bool:
-  """Whether an MoE layer routes each token on its own in evaluation."""
+  """Whether an MoE layer routes each token on its own in evaluation (the
+  method's declared `token_local`)."""
   if moe is None:
     return True
-  method = moe.router
-  return bool(getattr(method, "token_local",
-                      method.name not in NON_LOCAL_ROUTERS))
+  return moe.router.token_local
 
 
 def supports(cfg: LMConfig) -> bool:

@@ -57,31 +57,13 @@ import jax
 import jax.numpy as jnp
 
 from moejax.routing.base import Routing, check_int
+# Re-exported: the capacity formula belongs to routing (methods size by it).
+from moejax.routing.base import capacity  # noqa: F401
 
 STRATEGIES = ("einsum", "index", "gather", "dropless", "sorted", "ragged")
 # Strategies that ignore capacity and keep every assignment within max_fanout.
 DROPLESS = ("dropless", "sorted", "ragged")
 _HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def capacity(num_tokens: int, k: float, num_experts: int,
-             capacity_factor: float, multiple: int = 4) -> int:
-  """Slots per expert: `ceil(capacity_factor * S * k / E)` rounded up to `multiple`.
-
-  Args:
-    num_tokens: S, tokens in the group.
-    k: target mean fanout (experts per token).
-    num_experts: E.
-    capacity_factor: > 0.
-    multiple: round up to a multiple of this (4 by default).
-  """
-  if not capacity_factor > 0:
-    raise ValueError(
-        f"capacity_factor={capacity_factor} is out of range; allowed: > 0")
-  if not k > 0:
-    raise ValueError(f"k={k} is out of range; allowed: > 0")
-  c = math.ceil(capacity_factor * num_tokens * k / num_experts)
-  return max(multiple, multiple * math.ceil(c / multiple))
 
 
 def ratio_capacity(num_tokens: int, ratio: float) -> int:

@@ -20,13 +20,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def tiny_config(data: str, steps: int, mesh: str | None,
                 expert_parallel: str = "gspmd", total_steps: int = 4):
   """A 1-block routed LM; `total_steps` fixes the LR schedule across resumes."""
-  from moejax import methods
+  from moejax import routing
   from moejax.models.lm import LMConfig
   from moejax.nn.moe import MoEConfig
   from moejax.train.loop import TrainConfig
   from moejax.train.state import OptimConfig
   moe = MoEConfig(num_experts=8, expert_width=16,
-                  router=methods.build("top_k", {"k": 2}),
+                  router=routing.build("top_k", {"k": 2}),
                   capacity_factor=2.0, expert_parallel=expert_parallel)
   model = LMConfig(num_layers=1, d_model=32, num_heads=2, d_ff=64, max_len=16,
                    moe=moe)

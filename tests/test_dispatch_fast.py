@@ -402,7 +402,7 @@ def test_moe_layer_gather_default_matches_index():
   # The MoE layer's default strategy ("gather": one plan over all groups and
   # the fused block loop on CPU, here with remat) against "index" (per-group
   # vmap), with drops.
-  from moejax.methods import TopK
+  from moejax.routing import TopK
   from moejax.nn.moe import MoE, MoEConfig
   assert MoEConfig().strategy == "gather"
   x = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 8))

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from moejax import diffusion
-from moejax import methods
+from moejax import routing
 from moejax import sharding
 from moejax.data.images import digits_arrays
 from moejax.eval import image_quality
-from moejax.methods import TopK
+from moejax.routing import TopK
 from moejax.models import dit as dit_lib
 from moejax.models.dit import DiT, DiTBlock, DiTConfig
 from moejax.nn.attention import Attention
@@ -26,9 +26,9 @@ from moejax.train.state import OptimConfig
 # One routed model shared by the heavy tests, so that they share compiled
 # steps: DTop-p when registered (variable fanout, a controller, a learned
 # gamma), else top-k; routing groups of 2 images (32 patches).
-ROUTER = "dtop_p" if "dtop_p" in methods.available() else "top_k"
+ROUTER = "dtop_p" if "dtop_p" in routing.available() else "top_k"
 MOE = MoEConfig(num_experts=4, expert_width=16,
-                router=methods.build(ROUTER, {"k": 2}), group_size=32)
+                router=routing.build(ROUTER, {"k": 2}), group_size=32)
 
 
 def tiny_config(moe=MOE, **kw):
@@ -404,7 +404,7 @@ def test_every_registered_router_builds_a_dit_config():
       flags.FLAGS.set_default(name, default)
   assert base["dataset"] is None and "patch_size" in base  # the config's
   # Routers registered by any module work through the registry unchanged.
-  for router in methods.available() + ("dense",):
+  for router in routing.available() + ("dense",):
     values = dict(base, router=router, k=2)
     cfg = dit_flags.build_dit_train_config(values)
     assert cfg.dataset == "digits"

@@ -10,7 +10,7 @@ import pytest
 
 from moejax import decode, flops, sample as sample_lib
 from moejax.cli import lm_flags
-from moejax.methods import ExpertChoice, TopK
+from moejax.routing import ExpertChoice, TopK
 from moejax.models.lm import (LMConfig, TransformerLM, init_cache,
                               init_variables)
 from moejax.nn.attention import Attention, init_kv

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax.methods import ExpertChoice, TopK
+from moejax.routing import ExpertChoice, TopK
 from moejax.models import LMConfig, TransformerLM
 from moejax.models.lm import init_variables
 from moejax.nn import MoE, MoEConfig

@@ -1,6 +1,5 @@
 """ProbMoE exact-k / dynamic-k: tables, marginals, sampling and gradients
 against brute-force enumeration of all subsets (float64 numpy)."""
-import importlib
 import itertools
 
 import chex
@@ -10,21 +9,19 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from moejax import methods, routing
-from moejax.methods import DynamicK, ExactK
+from moejax import routing
+from moejax.routing import DynamicK, ExactK, probmoe
 from moejax.models import LMConfig, TransformerLM
 from moejax.nn import MoEConfig
 from moejax.train import OptimConfig, create_train_state, make_train_step
 
-# The module (the package attribute `routing.exact_k` is the function).
-ek = importlib.import_module("moejax.routing.exact_k")
 
 # Jitted entry points (integer arguments static): one compile per shape.
-marginals = jax.jit(ek.dynamic_k_marginals, static_argnums=(1, 2))
-log_partition = jax.jit(ek.dynamic_k_log_partition, static_argnums=(1, 2))
+marginals = jax.jit(probmoe.dynamic_k_marginals, static_argnums=(1, 2))
+log_partition = jax.jit(probmoe.dynamic_k_log_partition, static_argnums=(1, 2))
 exact_marginals = jax.jit(routing.exact_k_marginals, static_argnums=1)
 exact_log_partition = jax.jit(routing.exact_k_log_partition, static_argnums=1)
-sample = jax.jit(ek.sample_subsets, static_argnums=(1, 2))
+sample = jax.jit(probmoe.sample_subsets, static_argnums=(1, 2))
 
 
 def log_sigmoid(x):
@@ -85,7 +82,7 @@ def test_partition_and_marginals_match_enumeration(num_experts, k_min, k_max):
 
 def test_size_log_partitions_are_elementary_symmetric():
   logits = np.random.default_rng(1).normal(size=(3, 7)) * 2
-  sizes = ek.size_log_partitions(jnp.asarray(logits, jnp.float32), 7)
+  sizes = probmoe.size_log_partitions(jnp.asarray(logits, jnp.float32), 7)
   for s in range(3):
     for j in range(8):
       ref = brute(logits[s], j, j)[0] if j else np.sum(log_sigmoid(-logits[s]))
@@ -106,9 +103,9 @@ def test_marginal_gradient_is_covariance_and_matches_finite_differences(
 
   @jax.jit
   def run(x):
-    f = lambda v: jnp.sum(ek.dynamic_k_marginals(v, k_min, k_max)[:2] *
+    f = lambda v: jnp.sum(probmoe.dynamic_k_marginals(v, k_min, k_max)[:2] *
                           jnp.asarray(c))
-    rows = jnp.sum(ek.dynamic_k_marginals(x, k_min, k_max) *
+    rows = jnp.sum(probmoe.dynamic_k_marginals(x, k_min, k_max) *
                    jnp.asarray(c[0]), axis=-1)
     return jax.grad(f)(x)[:2], rows[2:]
 
@@ -160,7 +157,7 @@ def test_extreme_logits_are_stable():
                         jnp.sum(routing.exact_k_log_partition(u, k)))
       return (routing.exact_k_log_partition(v, k),
               routing.exact_k_marginals(v, k), jax.grad(loss)(v),
-              ek.sample_subsets(v, k, k, jax.random.PRNGKey(k)))
+              probmoe.sample_subsets(v, k, k, jax.random.PRNGKey(k)))
     log_z, m, grad, z = run(x)
     assert np.all(np.isfinite(log_z)) and np.all(np.isfinite(grad))
     assert np.all((m >= 0) & (m <= 1))
@@ -183,7 +180,7 @@ def test_every_sample_has_exactly_k_members():
   for k in (1, 5, 16):
     @jax.jit
     def run(v):
-      one = lambda key: (ek.sample_subsets(v, k, k, key),
+      one = lambda key: (probmoe.sample_subsets(v, k, k, key),
                          routing.exact_k(v, k, rng=key).routing.gates)
       return jax.vmap(one)(keys)
     z, gates = run(x)
@@ -228,7 +225,7 @@ def test_dynamic_k_size_frequencies_match_partition_ratios():
   x = jnp.asarray(np.broadcast_to(logits, (num, 6)), jnp.float32)
   k_min, k_max = 1, 5
   key = jax.random.PRNGKey(9)
-  run = jax.jit(lambda v: (ek.sample_subsets(v, k_min, k_max, key),
+  run = jax.jit(lambda v: (probmoe.sample_subsets(v, k_min, k_max, key),
                            routing.dynamic_k(v, k_min, k_max,
                                              rng=key).routing.gates))
   z, gates = run(x)
@@ -279,7 +276,7 @@ def test_straight_through_gates_value_and_gradient():
   def run(v):
     gates = lambda u: routing.exact_k(u, 3, rng=key).routing.gates
     grad = jax.grad(lambda u: jnp.sum(gates(u) * c))(v)
-    return gates(v), ek.sample_subsets(v, 3, 3, key), grad
+    return gates(v), probmoe.sample_subsets(v, 3, 3, key), grad
 
   gates, z, grad = map(np.asarray, run(x))
   probs = np.asarray(jax.nn.softmax(x))
@@ -313,12 +310,12 @@ def test_validation_errors_name_the_argument():
 
 
 def test_methods_registered_and_built_from_flags():
-  assert {"exact_k", "dynamic_k"} <= set(methods.available())
-  m = methods.build("dynamic_k", {"k": 2, "k_min": 1, "k_max": 3, "p": 0.5})
+  assert {"exact_k", "dynamic_k"} <= set(routing.available())
+  m = routing.build("dynamic_k", {"k": 2, "k_min": 1, "k_max": 3, "p": 0.5})
   assert m == DynamicK(k=2, k_min=1, k_max=3)
   assert m.uses_rng and m.max_fanout(8) == 3 and m.target_fanout == 2.0
   assert DynamicK(k=8) == DynamicK(k=8, k_min=6, k_max=8)
-  e = methods.build("exact_k", {"k": 4})
+  e = routing.build("exact_k", {"k": 4})
   assert e == ExactK(k=4) and e.uses_rng and e.max_fanout(16) == 4
 
 

@@ -1,4 +1,6 @@
 """Baseline routers and losses against numpy references and hand-checked cases."""
+import types
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -129,8 +131,51 @@ def test_public_names():
     assert hasattr(routing, name)
 
 
+API_FUNCTIONS = ("top_k", "expert_choice", "top_p", "dtop_p",
+                 "expert_threshold", "exact_k", "exact_k_log_partition",
+                 "exact_k_marginals", "dynamic_k", "biased_top_k",
+                 "load_balance_loss", "z_loss", "entropy", "routing_metrics")
+
+
+@pytest.mark.parametrize("name", API_FUNCTIONS)
+def test_router_functions_are_functions_not_modules(name):
+  fn = getattr(routing, name)
+  assert callable(fn) and not isinstance(fn, types.ModuleType), name
+
+
+def test_methods_declare_their_capabilities():
+  from moejax import control, dispatch
+  assert set(routing.available()) == {
+      "top_k", "expert_choice", "top_p", "dtop_p", "expert_threshold",
+      "exact_k", "dynamic_k"}
+  for name in routing.available():
+    cls = routing.get(name)
+    assert issubclass(cls, routing.RouterMethod) and cls.name == name
+    method = routing.build(name, {"k": 2})
+    assert isinstance(method.token_local, bool)
+    assert isinstance(method.uses_rng, bool)  # a property where options decide
+    assert isinstance(method.default_num_shared, int)
+  local = {n: routing.get(n).token_local for n in routing.available()}
+  assert not local.pop("expert_choice") and all(local.values())
+  shared = {n: routing.get(n).default_num_shared for n in routing.available()}
+  assert shared.pop("expert_threshold") == 1 and not any(shared.values())
+  assert routing.ExactK.uses_rng and routing.DynamicK.uses_rng
+  assert routing.build("top_k", {"k": 2, "random_second": True}).uses_rng
+  assert not routing.build("top_k", {"k": 2}).uses_rng
+  # capacity: one formula, C = ceil(cf * S * k / E) up to a multiple of 4
+  assert dispatch.capacity is routing.capacity
+  assert routing.TopK(k=2).capacity(100, 8, 1.0) == routing.capacity(
+      100, 2, 8, 1.0) == 28
+  assert routing.ExpertChoice(k=2).capacity(100, 8, 1.25) == 25
+  assert routing.ExpertThreshold(k=1).capacity(64, 4, 1.0) == 24  # (1 + C) k
+  assert routing.TopK(k=2).max_fanout(8) == 2
+  assert routing.TopP(k=2, max_k=4).max_fanout(8) == 4
+  assert routing.DynamicK(k=2, k_max=3).max_fanout(8) == 3
+  assert control.PIController is routing.PIController
+
+
 def test_scatter_rows_matches_a_loop_and_its_gradient_is_a_gather():
-  from moejax.routing.top_k import scatter_rows
+  from moejax.routing.base import scatter_rows
   rng = np.random.default_rng(3)
   values = rng.normal(size=(6, 3)).astype(np.float32)
   index = rng.integers(0, 5, size=(6, 3)).astype(np.int32)  # repeats add up

@@ -12,7 +12,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from moejax import methods, sharding
+from moejax import routing, sharding
 from moejax.models.lm import LMConfig, TransformerLM
 from moejax.nn.expert_parallel import routed_experts
 from moejax.nn.moe import MoEConfig
@@ -79,7 +79,7 @@ def test_logical_spec_and_constrain_outside_mesh():
 
 def tiny_lm(router="top_k", expert_parallel="gspmd", num_layers=2,
             **router_kw):
-  method = methods.build(router, {"k": 2, **router_kw})
+  method = routing.build(router, {"k": 2, **router_kw})
   moe = MoEConfig(num_experts=8, expert_width=16, router=method,
                   capacity_factor=2.0, expert_parallel=expert_parallel)
   return LMConfig(num_layers=num_layers, d_model=32, num_heads=4, d_ff=64,

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from moejax import dispatch, methods, routing, sharding
+from moejax import dispatch, routing, sharding
 from moejax.models.lm import LMConfig, TransformerLM
 from moejax.nn.experts import expert_ffn
 from moejax.nn.moe import MoEConfig
@@ -23,11 +23,11 @@ OPTIMIZER = optax.sgd(0.3)
 # Controller-bearing methods registered today (others may join the registry).
 CONTROLLED = [("dtop_p", {}), ("expert_threshold", {"et_warmup_steps": 1}),
               ("top_k", {"balance": "loss_free", "bias_update_rate": 0.05})]
-CONTROLLED = [(n, o) for n, o in CONTROLLED if n in methods.available()]
+CONTROLLED = [(n, o) for n, o in CONTROLLED if n in routing.available()]
 
 
 def _config(router, options):
-  method = methods.build(router, {"k": 2, **options})
+  method = routing.build(router, {"k": 2, **options})
   moe = MoEConfig(num_experts=8, expert_width=16, router=method,
                   capacity_factor=2.0)
   model = LMConfig(num_layers=2, d_model=32, num_heads=2, d_ff=64, max_len=16,

@@ -13,10 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax import methods, sharding
+from moejax import routing, sharding
 from moejax.nn.moe import MoE, MoEConfig
 
-ROUTERS = methods.available()
+ROUTERS = routing.available()
 MODES = {name: ("gspmd", "shard_map")[i % 2] for i, name in enumerate(ROUTERS)}
 
 
@@ -53,7 +53,7 @@ def test_every_router_sharded_forward_and_grad_match(router):
   x = jax.random.normal(jax.random.PRNGKey(0), (8, 8, 32))
   rng = jax.random.PRNGKey(3)
   mesh = sharding.make_mesh("data:2,expert:2,model:2")
-  method = methods.build(router, {"k": 2})
+  method = routing.build(router, {"k": 2})
   cfg = MoEConfig(num_experts=8, expert_width=16, router=method,
                   capacity_factor=1.0, expert_parallel=mode)
   layer = MoE(cfg, d_model=32)

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from moejax import methods, sharding
+from moejax import routing, sharding
 from moejax.data import get_lm_data
 from moejax.models.lm import LMConfig, TransformerLM
 from moejax.nn import MoEConfig
@@ -18,7 +18,7 @@ STEPS = 3
 
 
 def config(router: str) -> TrainConfig:
-  method = methods.build(router, {"k": 2, "k_min": 1, "k_max": 3})
+  method = routing.build(router, {"k": 2, "k_min": 1, "k_max": 3})
   model = LMConfig(num_layers=2, d_model=32, num_heads=2, d_ff=64, max_len=32,
                    moe=MoEConfig(num_experts=4, expert_width=32, router=method))
   return TrainConfig(model=model, optim=OptimConfig(learning_rate=3e-3,
@@ -28,7 +28,7 @@ def config(router: str) -> TrainConfig:
                      mesh="data:2,expert:2,model:2", progress=False)
 
 
-@pytest.mark.parametrize("router", methods.available())
+@pytest.mark.parametrize("router", routing.available())
 def test_train_step_compiles_once_without_host_transfers(router):
   cfg = config(router)
   model = TransformerLM(cfg.model)

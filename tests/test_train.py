@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from moejax.methods import TopK
+from moejax.routing import TopK
 from moejax.models import LMConfig
 from moejax.nn import MoEConfig
 from moejax.train import OptimConfig, TrainConfig, train

@@ -6,7 +6,7 @@ POD_MESH is the intended layout on 256 chips (experts over 8, heads/vocab over
 2, the rest data); TEST_MESH has the same axes over 8 devices (forced host
 devices in the tests stand in for the pod when the step is compiled).
 """
-from moejax import methods
+from moejax import routing
 from moejax.models.lm import LMConfig
 from moejax.nn.moe import MoEConfig
 from moejax.train.loop import TrainConfig
@@ -20,7 +20,7 @@ TEST_MESH = "data:2,expert:2,model:2"
 
 def config(batch_size: int = 1024, num_layers: int = 16,
            expert_parallel: str = "gspmd") -> TrainConfig:
-  router = methods.build("dtop_p", {"k": 8})
+  router = routing.build("dtop_p", {"k": 8})
   moe = MoEConfig(num_experts=64, expert_width=1024, router=router,
                   capacity_factor=1.25, strategy="index",
                   expert_parallel=expert_parallel)

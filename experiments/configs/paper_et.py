@@ -7,7 +7,7 @@ paper's totals: 575M / 195M; these widths give 568M / 196M).
 POD_MESH is the intended layout on 128 chips; TEST_MESH has the same axes over
 8 devices (forced host devices in the tests).
 """
-from moejax import methods
+from moejax import routing
 from moejax.models.lm import LMConfig
 from moejax.nn.moe import MoEConfig
 from moejax.train.loop import TrainConfig
@@ -21,7 +21,7 @@ TEST_MESH = "data:2,expert:2,model:2"
 
 def config(batch_size: int = 256, num_layers: int = 12,
            expert_parallel: str = "gspmd") -> TrainConfig:
-  router = methods.build("expert_threshold", {"k": 1})
+  router = routing.build("expert_threshold", {"k": 1})
   moe = MoEConfig(num_experts=16, expert_width=896, router=router,
                   num_shared=1, shared_width=1536, capacity_factor=1.25,
                   strategy="index", expert_parallel=expert_parallel)

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from absl import flags
 
-from moejax import configs, methods
+from moejax import configs, routing
 from moejax.cli import defaults
 from moejax.data import DataError
 from moejax.models.lm import LMConfig
@@ -122,8 +122,8 @@ def define_flags() -> None:
           "num_experts (default: num_experts).")
   make = {"integer": integer, "float": float_, "string": string}
   for name, (kind, router, text) in ROUTER_FLAGS.items():
-    if router in methods.available():
-      text = defaults.with_default(text, methods.get(router), name)
+    if router in routing.available():
+      text = defaults.with_default(text, routing.get(router), name)
     make[kind](name, None, text)
   integer("expert_width", None, "Hidden width of each expert (default: preset).")
   integer("num_shared", None, "Always-on shared experts (default: the router's; "
@@ -147,15 +147,15 @@ def define_flags() -> None:
           "[0, num_processes) (or env JAX_PROCESS_ID).")
 
 
-def build_router(name: str, options: Mapping[str, Any]) -> methods.RouterMethod:
-  if name not in methods.available():
+def build_router(name: str, options: Mapping[str, Any]) -> routing.RouterMethod:
+  if name not in routing.available():
     if name in API_ROUTERS:
       raise ValueError(f"router={name!r} is not implemented in this version of "
                        f"moejax yet; available: "
-                       f"{', '.join(methods.available() + ('dense',))}")
+                       f"{', '.join(routing.available() + ('dense',))}")
     raise ValueError(f"router={name!r} is unknown; allowed: "
                      f"{', '.join(API_ROUTERS)}")
-  return methods.build(name, options)
+  return routing.build(name, options)
 
 
 def build_moe_config(values: Mapping[str, Any], k: int, num_experts: int,
@@ -170,7 +170,7 @@ def build_moe_config(values: Mapping[str, Any], k: int, num_experts: int,
   method = build_router(router, dict(values, k=k))
   num_shared = values.get("num_shared")
   if num_shared is None:
-    num_shared = getattr(method, "default_num_shared", 0)
+    num_shared = method.default_num_shared
   return MoEConfig(num_experts=num_experts, expert_width=expert_width,
                    router=method, num_shared=num_shared,
                    **defaults.given(values, MOE_FLAGS))

@@ -9,7 +9,7 @@ Axis legend:
 
 A routed block has a scalar router `r = x · w` (float32[B, L]). Per sequence the
 top-C tokens by r are chosen with the expert-choice selector
-(`routing.expert_choice.select_top_tokens`, one expert), turned into a
+(`routing.choice.select_top_tokens`, one expert), turned into a
 `Routing` whose priority is the token order (so the dispatcher lays the chosen
 tokens out in their ORIGINAL order) and whose gate is the router score; the
 dispatcher (`dispatch.plan`, "index") gathers them with their true positions,
@@ -55,7 +55,7 @@ from moejax.nn.attention import PAD_POSITION
 from moejax.nn.blocks import Block
 from moejax.nn.moe import MoEConfig
 from moejax.routing.base import Routing
-from moejax.routing.expert_choice import select_top_tokens
+from moejax.routing.choice import select_top_tokens
 
 SCORES = ("raw", "sigmoid")
 CAUSAL = ("predictor", "router")

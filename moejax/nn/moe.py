@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax import dispatch, sharding
-from moejax.methods import RouterMethod, TopK
+from moejax.routing import RouterMethod, TopK
 from moejax.nn import expert_parallel
 from moejax.nn.experts import ACTIVATIONS, DenseFFN, Experts, expert_ffn
 from moejax.routing import losses
@@ -46,7 +46,7 @@ class MoEConfig:
     router: the routing method (e.g. `TopK(k=2)`), with its own options.
     num_shared: always-on shared experts (DeepSeekMoE), each of `shared_width`.
     shared_width: width of each shared expert (default `expert_width`).
-    capacity_factor: training capacity factor (C formula in `dispatch.capacity`).
+    capacity_factor: training capacity factor (C formula in `routing.capacity`).
     eval_capacity_factor: capacity factor in evaluation and sampling.
     strategy: dispatch strategy (`moejax.dispatch.STRATEGIES`): "gather"
       (default; the capacity semantics of "index" with gather-only dispatch

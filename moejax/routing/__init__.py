@@ -1,21 +1,34 @@
-"""Routers: pure functions of one group's float32 logits `[S, E]`."""
-from moejax.routing.base import Routing, RouterOutput
-from moejax.routing.expert_choice import expert_choice
+"""Routing: pure router functions of one group's float32 logits `[S, E]` and the
+methods (frozen configs with their controllers) that the MoE layer selects by name.
+
+One module per method: `topk` (top-k), `choice` (expert choice), `topp` (top-p),
+`dtopp` (DTop-p), `threshold` (Expert Threshold), `probmoe` (exact-k and
+dynamic-k), `lossfree` (loss-free balancing of top-k); `base` holds the contract,
+the method base class, capacity and the registry, `losses` the aux losses and
+metrics. The package exports the router functions under their own names.
+"""
+from moejax.routing.base import (Routing, RouterMethod, RouterOutput, available,
+                                 build, capacity, get, register)
 from moejax.routing.losses import (entropy, load_balance_loss, routing_metrics,
                                    z_loss)
-from moejax.routing.top_k import top_k
-from moejax.routing.exact_k import (dynamic_k, exact_k, exact_k_log_partition,
-                                    exact_k_marginals)
-from moejax.routing.expert_threshold import (expert_cutoffs, expert_threshold,
-                                             expert_threshold_train)
-from moejax.routing.loss_free import biased_top_k
-from moejax.routing.top_p import top_p
-from moejax.routing.dtop_p import dtop_p
+from moejax.routing.lossfree import SignBias, biased_top_k
+from moejax.routing.topk import TopK, top_k
+from moejax.routing.choice import ExpertChoice, expert_choice
+from moejax.routing.topp import TopP, top_p
+from moejax.routing.dtopp import DTopP, PIController, PIState, dtop_p
+from moejax.routing.threshold import (ExpertThreshold, ThresholdEMA,
+                                      expert_cutoffs, expert_threshold,
+                                      expert_threshold_train)
+from moejax.routing.probmoe import (DynamicK, ExactK, dynamic_k, exact_k,
+                                    exact_k_log_partition, exact_k_marginals)
 
 __all__ = [
-    "Routing", "RouterOutput", "top_k", "expert_choice", "load_balance_loss",
-    "z_loss", "entropy", "routing_metrics",
-    "expert_threshold", "expert_threshold_train", "expert_cutoffs",
-    "biased_top_k", "top_p", "dtop_p",
+    "Routing", "RouterOutput", "RouterMethod", "available", "build", "capacity",
+    "get", "register",
+    "top_k", "expert_choice", "load_balance_loss", "z_loss", "entropy",
+    "routing_metrics", "expert_threshold", "expert_threshold_train",
+    "expert_cutoffs", "biased_top_k", "top_p", "dtop_p",
     "exact_k", "exact_k_log_partition", "exact_k_marginals", "dynamic_k",
+    "TopK", "ExpertChoice", "TopP", "DTopP", "ExpertThreshold", "ExactK",
+    "DynamicK", "PIController", "PIState", "ThresholdEMA", "SignBias",
 ]

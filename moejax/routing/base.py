@@ -1,23 +1,45 @@
-"""Routing contract shared by every router and dispatcher.
+"""Routing contract shared by every router, method and dispatcher.
 
 Axis legend:
+  G  groups in the layer's batch
   S  tokens in one group
   E  experts
+  K  choices per token
+  C  capacity (slots per expert)
 
 A router maps float32 logits `[S, E]` to a `RouterOutput`. Its `Routing` says, for
 each (token, expert) pair, the combine weight (`gates`, exactly 0 = not routed) and
 the priority an expert uses to keep tokens when it is over capacity (higher first,
 ties to the lower token index). Token-choice and expert-choice routers, fixed or
 variable fanout, all speak this one form; dispatchers turn it into indices.
+
+A `RouterMethod` is the one object that names a routing method in a model config.
+It holds the method's hyperparameters (validated at construction), declares its
+capabilities (`token_local`, `uses_rng`, `default_num_shared`, `capacity`,
+`max_fanout`) and answers the layer's questions: how to route one group (calling
+the method's pure function with plain arguments), what controller state a layer
+keeps (`init_state`) and how that state changes after a training step (`update`).
+Controller state is never a param: the layer reads it from the `router_state`
+variable collection, and the train step writes it. Methods register under their
+`name` (`register`, `get`, `available`, `build`); each lives in one module of this
+package with its router function(s) and its controller.
+
+Capacity: `C = ceil(capacity_factor * S * k / E)` rounded up to a multiple of 4
+(`capacity`), with k the method's target mean fanout.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import numbers
-from typing import Any
+from typing import Any, ClassVar, Mapping
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+
+Path = tuple[str, ...]
+_TINY = float(jnp.finfo(jnp.float32).tiny)
 
 
 @flax.struct.dataclass
@@ -82,3 +104,252 @@ def check_logits(logits: jax.Array) -> jax.Array:
         f"logits must have shape [S, E] (one group); got shape {logits.shape}. "
         "Use jax.vmap for several groups.")
   return logits.astype(jnp.float32)
+
+
+def check_number(name: str, value, low: float, high: float | None = None,
+                 low_open: bool = False) -> None:
+  """Validates a real hyperparameter in [low, high] (or (low, ...] if low_open)."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise ValueError(f"{name}={value!r} must be a real number")
+  bad = value <= low if low_open else value < low
+  if high is not None:
+    bad = bad or value > high
+  if bad:
+    lo = "(" if low_open else "["
+    allowed = f"{lo}{low}, {high}]" if high is not None else (
+        f"> {low}" if low_open else f">= {low}")
+    raise ValueError(f"{name}={value} is out of range; allowed: {allowed}")
+
+
+# ---------------------------------------------------------------------------
+# Dense gates from per-token choices.
+# ---------------------------------------------------------------------------
+
+def scatter_rows(values: jax.Array, index: jax.Array, width: int) -> jax.Array:
+  """out[r, index[r, j]] += values[r, j]: [R, K] entries into a dense [R, W].
+
+  A scatter-add (its gradient is a gather) on CPU and GPU; a one-hot einsum
+  on TPU, where it runs on the matrix unit. The one-hot form materialises
+  [R, K, W], which is far slower than the scatter elsewhere.
+
+  Args:
+    values: float[R, K].
+    index: int32[R, K] columns in [0, W).
+    width: W.
+  Returns:
+    float[R, W] in values' dtype.
+  """
+  if jax.default_backend() == "tpu":
+    one_hot = jax.nn.one_hot(index, width, dtype=values.dtype)
+    return jnp.einsum("rk,rkw->rw", values, one_hot,
+                      precision=jax.lax.Precision.HIGHEST)
+  rows = jnp.arange(values.shape[0], dtype=jnp.int32)[:, None]
+  return jnp.zeros((values.shape[0], width), values.dtype).at[
+      rows, index].add(values, indices_are_sorted=False, unique_indices=False)
+
+
+def scatter_choices(weights: jax.Array, index: jax.Array, num_experts: int,
+                    keep: jax.Array | None = None) -> jax.Array:
+  """Scatters per-choice weights into a dense gate matrix.
+
+  Args:
+    weights: float32[S, K] weight of each choice.
+    index: int32[S, K] expert of each choice (distinct within a row).
+    num_experts: E.
+    keep: optional bool[S, K]; dropped choices get gate 0.
+  Returns:
+    float32[S, E], nonzero (at least float32 tiny) exactly at kept choices, so
+    that an underflowing probability still counts as routed.
+  """
+  weights = jnp.maximum(weights, _TINY)
+  if keep is not None:
+    weights = jnp.where(keep, weights, 0.0)
+  return scatter_rows(weights.astype(jnp.float32), index, num_experts)
+
+
+def choice_priority(index: jax.Array, num_experts: int) -> jax.Array:
+  """float32[S, E]: k - rank at chosen experts (first choices highest), else 0."""
+  k = index.shape[-1]
+  rank_value = (k - jnp.arange(k, dtype=jnp.float32))[None, :]  # [1, K]
+  return scatter_rows(jnp.broadcast_to(rank_value, index.shape), index,
+                      num_experts)
+
+
+# ---------------------------------------------------------------------------
+# Capacity.
+# ---------------------------------------------------------------------------
+
+def capacity(num_tokens: int, k: float, num_experts: int,
+             capacity_factor: float, multiple: int = 4) -> int:
+  """Slots per expert: `ceil(capacity_factor * S * k / E)` rounded up to `multiple`.
+
+  Args:
+    num_tokens: S, tokens in the group.
+    k: target mean fanout (experts per token).
+    num_experts: E.
+    capacity_factor: > 0.
+    multiple: round up to a multiple of this (4 by default).
+  """
+  if not capacity_factor > 0:
+    raise ValueError(
+        f"capacity_factor={capacity_factor} is out of range; allowed: > 0")
+  if not k > 0:
+    raise ValueError(f"k={k} is out of range; allowed: > 0")
+  c = math.ceil(capacity_factor * num_tokens * k / num_experts)
+  return max(multiple, multiple * math.ceil(c / multiple))
+
+
+def ceil_div(a: float, b: float) -> int:
+  return int(math.ceil(a / b))
+
+
+def mean_metric(metrics: Mapping[Path, Any], key: str) -> jax.Array:
+  """Mean of a scalar metric over layers."""
+  return jnp.mean(jnp.stack([jnp.asarray(m[key]) for m in metrics.values()]))
+
+
+# ---------------------------------------------------------------------------
+# Methods and their registry.
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class RouterMethod:
+  """Base class. Subclasses set `name` and implement `route`.
+
+  Capabilities (class attributes a method overrides where they differ):
+    token_local: in evaluation and sampling, each token's routing depends on
+      that token's logits (and the frozen controller state) alone, so cached
+      decoding reproduces the full forward pass. False for expert choice and
+      any method whose evaluation routing uses statistics of the group.
+    uses_rng: training routing draws from the layer's "router" rng.
+    default_num_shared: always-on shared experts the method comes with (the
+      CLI's default for `num_shared`).
+  `capacity` and `max_fanout` are methods (they depend on the options).
+
+  Attributes:
+    k: experts per token for top-k, and the target mean fanout of every
+      variable-fanout method.
+  """
+  name: ClassVar[str] = ""
+  token_local: ClassVar[bool] = True
+  uses_rng: ClassVar[bool] = False
+  default_num_shared: ClassVar[int] = 0
+  # Default aux-loss weights (load_balance, z_loss, entropy) of the method.
+  aux_weights: ClassVar[Mapping[str, float]] = {
+      "load_balance": 1e-2, "z_loss": 1e-3, "entropy": 0.0}
+
+  k: int = 2
+
+  def __post_init__(self):
+    if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+      raise ValueError(f"k={self.k!r} is out of range; allowed: integer >= 1")
+
+  def validate(self, num_experts: int) -> None:
+    """Checks the method against the layer's expert count."""
+    if self.k > num_experts:
+      raise ValueError(
+          f"k={self.k} is larger than num_experts={num_experts}; allowed: "
+          f"1 <= k <= num_experts")
+
+  @property
+  def target_fanout(self) -> float:
+    """Mean experts per token the method aims for (sets capacity)."""
+    return float(self.k)
+
+  def max_fanout(self, num_experts: int) -> int:
+    """Static bound on experts per token (the dropless layout's bound)."""
+    return num_experts
+
+  def capacity(self, num_tokens: int, num_experts: int,
+               capacity_factor: float) -> int:
+    """Slots per expert for a group of `num_tokens` (the `capacity` formula)."""
+    return capacity(num_tokens, self.target_fanout, num_experts,
+                    capacity_factor)
+
+  def init_state(self, num_experts: int) -> dict[str, jax.Array]:
+    """Per-layer controller state ({} = none)."""
+    del num_experts
+    return {}
+
+  def router_params(self, num_experts: int) -> dict[str, Any]:
+    """Extra learned router params of each layer: {name: initial value}.
+
+    The MoE layer creates each one as a float32 param of the value's shape under
+    that name (trained by the loss, unlike controller state) and passes it to
+    `route`/`route_groups` inside the `state` mapping under the same name, beside
+    the controller state. Names must differ from the `init_state` keys. {} = none.
+    """
+    del num_experts
+    return {}
+
+  def route(self, logits: jax.Array, state: Mapping[str, jax.Array], *,
+            rng: jax.Array | None, train: bool) -> RouterOutput:
+    """Routes one group: logits float32[S, E] -> RouterOutput."""
+    raise NotImplementedError
+
+  def route_groups(self, logits: jax.Array, state: Mapping[str, jax.Array], *,
+                   rng: jax.Array | None, train: bool) -> RouterOutput:
+    """Routes all groups: logits float32[G, S, E] -> RouterOutput with a G axis.
+
+    The default vmaps `route` over groups with one rng per group; methods whose
+    statistics need the whole batch (e.g. per-expert cutoffs) override this.
+    """
+    num_groups = logits.shape[0]
+    if rng is None:
+      return jax.vmap(lambda l: self.route(l, state, rng=None, train=train))(
+          logits)
+    rngs = jax.random.split(rng, num_groups)
+    return jax.vmap(lambda l, r: self.route(l, state, rng=r, train=train))(
+        logits, rngs)
+
+  def update(self, states: Mapping[Path, Any], metrics: Mapping[Path, Any],
+             step: jax.Array) -> dict[Path, Any]:
+    """New controller states after a training step.
+
+    Args:
+      states: {layer path: that layer's state} for every routed layer.
+      metrics: {layer path: that layer's metrics, reduced over the global batch}.
+      step: int32[] the step just taken (0-based).
+    """
+    del metrics, step
+    return dict(states)
+
+  def state_metrics(self, states: Mapping[Path, Any]) -> dict[str, jax.Array]:
+    """Scalars worth logging from the controller states (e.g. the current p)."""
+    del states
+    return {}
+
+
+_REGISTRY: dict[str, type[RouterMethod]] = {}
+
+
+def register(cls: type[RouterMethod]) -> type[RouterMethod]:
+  """Class decorator adding a method under `cls.name`."""
+  _REGISTRY[cls.name] = cls
+  return cls
+
+
+def available() -> tuple[str, ...]:
+  """Names of the registered methods, sorted."""
+  return tuple(sorted(_REGISTRY))
+
+
+def get(name: str) -> type[RouterMethod]:
+  """The method class registered under `name`."""
+  if name not in _REGISTRY:
+    raise ValueError(f"router={name!r} is not available; allowed: "
+                     f"{', '.join(available())}")
+  return _REGISTRY[name]
+
+
+def build(name: str, options: Mapping[str, Any] | None = None) -> RouterMethod:
+  """Builds a method from a name and a mapping of options (e.g. all CLI flags).
+
+  Only the options that are fields of the method are used; None values are
+  skipped (the method's default applies).
+  """
+  cls = get(name)
+  options = options or {}
+  fields = {f.name for f in dataclasses.fields(cls) if f.init}
+  kwargs = {k: v for k, v in options.items() if k in fields and v is not None}
+  return cls(**kwargs)

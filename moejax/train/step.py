@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
-from moejax.methods.base import RouterMethod
+from moejax.routing import RouterMethod
 from moejax.train.state import TrainState
 
 Batch = dict[str, jax.Array]

@@ -1,6 +1,5 @@
 """Expert Threshold routing: exact cutoffs, load bounds, EMA, causality, resume."""
 import dataclasses
-import importlib
 import os
 import shutil
 
@@ -10,11 +9,9 @@ import numpy as np
 import pytest
 
 from moejax import control, routing
-from moejax.methods import ExpertThreshold, build
+from moejax.routing import ExpertThreshold, build, threshold
 from moejax.models import LMConfig, TransformerLM
 from moejax.nn import MoEConfig
-# (moejax.routing.expert_threshold is also the name of the router function)
-et = importlib.import_module("moejax.routing.expert_threshold")
 from moejax.train.state import OptimConfig
 from moejax.train.step import router_outputs
 
@@ -35,7 +32,7 @@ def ref_top(scores, m):
 
 
 def ref_train(logits, thresholds, k, bound, warm):
-  low, high = et.load_bounds(k, bound)
+  low, high = threshold.load_bounds(k, bound)
   n_pass = (logits > thresholds[None, :]).sum(0)
   m = np.full_like(n_pass, k) if warm else np.clip(n_pass, low, high)
   return ref_top(logits, m)
@@ -70,8 +67,8 @@ def test_cutoffs_and_top_per_expert_are_exact_with_ties(seed):
   rng = np.random.default_rng(seed)
   x = tied_scores(rng, 50, 5)
   x[:, 4] = rng.normal(size=50) * 1e-30  # tiny magnitudes near zero
-  cut = jax.jit(et.expert_cutoffs)
-  top = jax.jit(et.top_per_expert)
+  cut = jax.jit(threshold.expert_cutoffs)
+  top = jax.jit(threshold.top_per_expert)
   for k in [1, 2, 7, 25, 50]:
     want = -np.sort(-x, axis=0)[k - 1]
     np.testing.assert_array_equal(np.asarray(cut(x, k)), want)
@@ -80,17 +77,17 @@ def test_cutoffs_and_top_per_expert_are_exact_with_ties(seed):
   chosen = np.asarray(top(x, jnp.full(5, 17)))
   np.testing.assert_array_equal(chosen.sum(0), 17)
   with pytest.raises(ValueError, match="k=0"):
-    et.expert_cutoffs(jnp.asarray(x), 0)
+    threshold.expert_cutoffs(jnp.asarray(x), 0)
 
 
 def test_load_bounds():
-  assert et.load_bounds(512, 0.5) == (256, 768)
-  assert et.load_bounds(5, 0.5) == (3, 7)
-  assert et.load_bounds(5, 0.0) == (5, 5)
-  assert et.pool_tokens_per_expert(2048, 2, 8) == 512
-  assert et.pool_tokens_per_expert(10, 1, 3) == 4
+  assert threshold.load_bounds(512, 0.5) == (256, 768)
+  assert threshold.load_bounds(5, 0.5) == (3, 7)
+  assert threshold.load_bounds(5, 0.0) == (5, 5)
+  assert threshold.pool_tokens_per_expert(2048, 2, 8) == 512
+  assert threshold.pool_tokens_per_expert(10, 1, 3) == 4
   with pytest.raises(ValueError, match="capacity_bound"):
-    et.load_bounds(5, 1.5)
+    threshold.load_bounds(5, 1.5)
 
 
 @pytest.mark.parametrize("shift", [-10.0, 10.0, 0.0, 0.4])
@@ -101,11 +98,11 @@ def test_training_bounds_hold_exactly(shift):
   logits[:, 0] += 1.5  # a popular expert
   logits[::5, 2] = 0.25  # ties
   thr = np.full(e, shift, np.float32) + rng.normal(size=e).astype(np.float32)
-  fn = jax.jit(et.expert_threshold_train, static_argnums=(2,),
+  fn = jax.jit(threshold.expert_threshold_train, static_argnums=(2,),
                static_argnames=("capacity_bound",))
   out = fn(logits, thr, k, capacity_bound=bound)
   chosen = np.asarray(out.routing.routed)
-  low, high = et.load_bounds(k, bound)
+  low, high = threshold.load_bounds(k, bound)
   counts = chosen.sum(0)
   assert np.all((counts >= low) & (counts <= high)), counts
   np.testing.assert_array_equal(chosen, ref_train(logits, thr, k, bound, False))
@@ -126,7 +123,7 @@ def test_training_bounds_hold_exactly(shift):
 def test_warmup_is_expert_choice_over_the_pool():
   rng = np.random.default_rng(2)
   logits = rng.normal(size=(40, 5)).astype(np.float32)
-  out = et.expert_threshold_train(jnp.asarray(logits), jnp.full(5, 99.0), 8,
+  out = threshold.expert_threshold_train(jnp.asarray(logits), jnp.full(5, 99.0), 8,
                                   expert_choice=True)
   chosen = np.asarray(out.routing.routed)
   np.testing.assert_array_equal(chosen.sum(0), 8)
@@ -190,7 +187,7 @@ def test_method_pools_all_groups_and_updates_the_ema():
   # Step 1: thresholds route; bounds hold over the pool, not per group.
   out = method.route_groups(logits + 0.3, new[("l",)], rng=None, train=True)
   counts = np.asarray(out.routing.routed).sum((0, 1))
-  low, high = et.load_bounds(16, 0.5)
+  low, high = threshold.load_bounds(16, 0.5)
   assert np.all((counts >= low) & (counts <= high))
   np.testing.assert_array_equal(
       np.asarray(out.routing.routed).reshape(-1, e),

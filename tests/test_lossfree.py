@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from moejax import control, routing
-from moejax.methods import TopK, build
+from moejax.routing import TopK, build
 from moejax.models import LMConfig
 from moejax.nn import MoE, MoEConfig
 from moejax.routing import losses

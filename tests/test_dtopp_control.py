@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from moejax.control import PIController, PIState
-from moejax.methods import DTopP
+from moejax.routing import DTopP
 from moejax.models.lm import LMConfig
 from moejax.nn.moe import MoEConfig
 from moejax.routing import dtop_p, top_p

@@ -1,8 +1,13 @@
-"""Token-choice top-k and expert-choice methods (the classic baselines).
+"""Token-choice top-k routing (Switch k=1, GShard k=2, fine-grained k=8).
 
 Axis legend:
   S  tokens in one group
   E  experts
+  K  choices per token (k)
+
+`top_k` is the router; `TopK` the method (`--router=top_k`), balanced by the
+load-balance loss or, with `balance="loss_free"`, by the selection bias of
+`moejax.routing.lossfree`.
 """
 from __future__ import annotations
 
@@ -12,11 +17,55 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from moejax import control, routing
-from moejax.methods.base import RouterMethod, ceil_div, register
-from moejax.routing.loss_free import SCORE_FNS, biased_top_k
+from moejax.routing import losses
+from moejax.routing.base import (Routing, RouterMethod, RouterOutput,
+                                 check_int, check_logits, choice_priority,
+                                 register, scatter_choices)
+from moejax.routing.lossfree import SCORE_FNS, SignBias, biased_top_k
 
 BALANCES = ("aux", "loss_free", "none")
+
+
+def top_k(logits: jax.Array, k: int, *, normalize: bool = True,
+          rng: jax.Array | None = None,
+          random_second: bool = False) -> RouterOutput:
+  """Softmax over experts, keep the k largest per token.
+
+  Args:
+    logits: float32[S, E] router logits.
+    k: static number of experts per token, 1 <= k <= E.
+    normalize: renormalise the kept probabilities to sum to 1 per token.
+    rng: PRNG key, used only with `random_second`.
+    random_second: GShard's random second expert: keep the second choice with
+      probability min(1, 2 * g2), g2 its weight renormalised over the top two.
+  Returns:
+    RouterOutput; `routing.priority` puts every first choice before every second
+    choice (k - rank), ties broken by the dispatcher toward earlier tokens.
+  """
+  logits = check_logits(logits)
+  num_experts = logits.shape[-1]
+  k = check_int("k", k, 1, num_experts)
+  probs = jax.nn.softmax(logits, axis=-1)
+  top_p, index = jax.lax.top_k(probs, k)  # [S, K]
+  weights = top_p
+  if normalize:
+    weights = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
+  keep = None
+  if random_second:
+    if rng is None:
+      raise ValueError("random_second=True needs rng")
+    if k >= 2:
+      g2 = top_p[:, 1] / (top_p[:, 0] + top_p[:, 1])
+      u = jax.random.uniform(rng, g2.shape)
+      keep_second = u < jnp.minimum(1.0, 2.0 * g2)
+      keep = jnp.ones(index.shape, bool).at[:, 1].set(keep_second)
+  gates = scatter_choices(weights, index, num_experts, keep)
+  priority = choice_priority(index, num_experts)
+  routing = Routing(gates=gates, priority=priority)
+  return RouterOutput(
+      routing=routing,
+      aux=losses.standard_aux(logits, probs, routing),
+      metrics=losses.routing_metrics(routing, probs, logits))
 
 
 @register
@@ -26,7 +75,7 @@ class TopK(RouterMethod):
   `random_second` is GShard's random second expert (training only).
 
   Balancing (`balance`): "aux" = the load-balance loss (weight 1e-2 by
-  default); "loss_free" = DeepSeek-V3's selection bias, a `control.SignBias`
+  default); "loss_free" = DeepSeek-V3's selection bias, a `SignBias`
   per layer (state `{"bias": [E]}`, updated after each step from the global
   loads with speed `bias_update_rate`), no balance loss; "none" = neither.
   `score_fn` ("softmax" or "sigmoid") makes the affinity scores.
@@ -66,8 +115,8 @@ class TopK(RouterMethod):
     return weights
 
   @property
-  def controller(self) -> control.SignBias:
-    return control.SignBias(rate=self.bias_update_rate)
+  def controller(self) -> SignBias:
+    return SignBias(rate=self.bias_update_rate)
 
   def max_fanout(self, num_experts: int) -> int:
     return min(self.k, num_experts)
@@ -81,9 +130,9 @@ class TopK(RouterMethod):
     if self.balance == "loss_free" or self.score_fn != "softmax":
       return biased_top_k(logits, self.k, state.get("bias") if state else None,
                           score_fn=self.score_fn, normalize=self.normalize)
-    return routing.top_k(logits, self.k, normalize=self.normalize,
-                         rng=rng if train else None,
-                         random_second=self.random_second and train)
+    return top_k(logits, self.k, normalize=self.normalize,
+                 rng=rng if train else None,
+                 random_second=self.random_second and train)
 
   def update(self, states, metrics, step):
     if self.balance != "loss_free":
@@ -97,22 +146,3 @@ class TopK(RouterMethod):
       return {}
     biases = jnp.stack([s["bias"] for s in states.values()])  # [L, E]
     return {"bias_spread": jnp.mean(biases.max(-1) - biases.min(-1))}
-
-
-@register
-@dataclasses.dataclass(frozen=True)
-class ExpertChoice(RouterMethod):
-  """Expert choice: each expert takes ceil(S * k / E) tokens of the group
-  (`k` = mean fanout); balanced by construction, not causal."""
-  name: ClassVar[str] = "expert_choice"
-  aux_weights: ClassVar = {"load_balance": 0.0, "z_loss": 1e-3, "entropy": 0.0}
-
-  def capacity(self, num_tokens, num_experts, capacity_factor):
-    del capacity_factor  # the routing itself fixes the load
-    return min(num_tokens, ceil_div(num_tokens * self.k, num_experts))
-
-  def route(self, logits, state, *, rng, train):
-    del state, rng, train
-    num_tokens, num_experts = logits.shape
-    return routing.expert_choice(
-        logits, self.capacity(num_tokens, num_experts, 1.0))

@@ -9,8 +9,8 @@ Axis legend:
   L  rows of the size-reversed suffix table (k_max + W - 1)
   G  groups (sampled_groups only)
 
-The distribution (specs/probmoe.md): per token independent inclusions with
-`p_e = sigmoid(r_e)`, conditioned on the subset size,
+The distribution: per token independent inclusions with `p_e = sigmoid(r_e)`,
+conditioned on the subset size,
 `P(S | |S| = k) = prod_{e in S} p_e prod_{e not in S} (1 - p_e) / Z_k`. Dynamic-k
 conditions on `k_min <= |S| <= k_max` instead (normaliser `Z* = sum_k Z_k`).
 
@@ -32,27 +32,35 @@ Computation (all log space, `log_sigmoid` for log p and log q, float32, a finite
   `R[e, j] = E[sum_{f in S} g_f | S within the prefix (suffix), |S| = j]`
   (convex combinations, bounded): the prefix R from the stored prefix table,
   then the suffix table rebuilt with the suffix R and the contraction. Only
-  the prefix table is stored between the passes.
-
-Measured on CPU (experiments/bench_probmoe.py): memory traffic, not flops,
-dominates, hence no stored suffix tables, inclusion probabilities or joint
-weights, no reversed arrays, and no vmap over groups in training
-(`sampled_groups` routes all tokens of all groups in one pass).
+  the prefix table is stored between the passes, and training routes all tokens
+  of all groups in one pass (`sampled_groups`): memory traffic, not flops,
+  bounds these scans.
 
 Straight-through gates (training): `g = where(z, stop_gradient(z - m) + m, 0)`,
 `gates = g * softmax(r)`: exactly 0 off the sampled subset, value = softmax
 there, gradient through m and through the softmax.
+
+The methods `ExactK` and `DynamicK` (`--router=exact_k`, `--router=dynamic_k`)
+sample their subsets in training (the layer draws `make_rng("router")`; the
+train step folds the step into the state's key, so runs are reproducible and
+resume exactly) and are deterministic in evaluation (exact-k: top-k; dynamic-k:
+the MAP subset). No aux loss is part of the method; the layer's usual aux-loss
+options (and defaults) apply.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
 from moejax.routing import losses
-from moejax.routing.base import (Routing, RouterOutput, check_int, check_logits)
-from moejax.routing.top_k import scatter_choices, top_k
+from moejax.routing.base import (Routing, RouterMethod, RouterOutput,
+                                 check_int, check_logits, register,
+                                 scatter_choices)
+from moejax.routing.topk import top_k
 
 NEG = -1e30  # finite log(0): NEG + x == NEG for every |x| < 1e22
 _TINY = float(jnp.finfo(jnp.float32).tiny)
@@ -65,8 +73,8 @@ _TINY = float(jnp.finfo(jnp.float32).tiny)
 def _lae(a: jax.Array, b: jax.Array) -> jax.Array:
   """logaddexp for finite inputs (NEG acts as log 0).
 
-  `log(1 + x)` rather than `log1p`: XLA:CPU vectorises log but not log1p (4x
-  faster here); the absolute error is at most 6e-8 in log space.
+  `log(1 + x)` rather than `log1p`: XLA:CPU vectorises log but not log1p; the
+  absolute error is at most 6e-8 in log space.
   """
   mx = jnp.maximum(a, b)
   return mx + jnp.log(1.0 + jnp.exp(-jnp.abs(a - b)))
@@ -417,7 +425,7 @@ def sampled_groups(logits: jax.Array, k_min: int, k_max: int,
     RouterOutput with a leading G axis, as `jax.vmap` of `exact_k` /
     `dynamic_k` with rng would give (other draws). One pass over the G * S
     tokens: vmapping the scans batches them and transposes their outputs,
-    about 2x slower on CPU.
+    which is slower on CPU.
   """
   if logits.ndim != 3:
     raise ValueError(f"logits must have shape [G, S, E]; got {logits.shape}")
@@ -496,3 +504,89 @@ def dynamic_k(logits: jax.Array, k_min: int, k_max: int, *,
     return _output(logits, probs, gates, {})
   gates, probs, m, _ = _straight_through(logits, k_min, k_max, rng)
   return _output(logits, probs, gates, _extra_metrics(m, k_min, k_max))
+
+
+def _route_groups(method, k_min, k_max, logits, state, rng, train):
+  """Training: all groups' tokens in one pass (tokens are independent; a vmap
+  over groups batches the scans and is slower on CPU). Evaluation: the default
+  per-group vmap of `route`."""
+  if train and rng is not None:
+    return sampled_groups(logits, k_min, k_max, rng)
+  return RouterMethod.route_groups(method, logits, state, rng=rng, train=train)
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class ExactK(RouterMethod):
+  """ProbMoE exact-k: an exact k-subset from the conditional-Bernoulli
+  distribution of sigmoid(logits), straight-through gates with the gradient of
+  the exact marginals (training); top-k of softmax, not renormalised (eval)."""
+  name: ClassVar[str] = "exact_k"
+  uses_rng: ClassVar[bool] = True
+
+  def max_fanout(self, num_experts: int) -> int:
+    return min(self.k, num_experts)
+
+  def route(self, logits, state, *, rng, train):
+    del state
+    return exact_k(logits, self.k, rng=rng if train else None)
+
+  def route_groups(self, logits, state, *, rng, train):
+    return _route_groups(self, self.k, self.k, logits, state, rng, train)
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class DynamicK(RouterMethod):
+  """ProbMoE dynamic-k: size k in [k_min, k_max] drawn with probability
+  Z_k / Z*, then an exact k-subset (training); the MAP subset (eval).
+
+  Attributes:
+    k: target mean fanout (sets the capacity), as for every method;
+      k_min <= k <= k_max.
+    k_min, k_max: the size range, 1 <= k_min <= k_max <= num_experts. Defaults:
+      k_max = k, k_min = max(1, k_max - 2) (the paper's [6, 8] at top-8,
+      [2, 4] at top-4).
+  """
+  name: ClassVar[str] = "dynamic_k"
+  uses_rng: ClassVar[bool] = True
+  k_min: int | None = None
+  k_max: int | None = None
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.k_max is None:
+      object.__setattr__(self, "k_max", self.k)
+    if self.k_min is None:
+      object.__setattr__(self, "k_min", max(1, self.k_max - 2))
+    for name in ("k_min", "k_max"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} is out of range; allowed: "
+                         "integer >= 1")
+    if self.k_min > self.k_max:
+      raise ValueError(f"k_min={self.k_min} is out of range; allowed: "
+                       f"1 <= k_min <= k_max={self.k_max}")
+    if not self.k_min <= self.k <= self.k_max:
+      raise ValueError(f"k={self.k} (the target fanout that sets capacity) is "
+                       f"out of range; allowed: k_min={self.k_min} <= k <= "
+                       f"k_max={self.k_max}")
+
+  def validate(self, num_experts: int) -> None:
+    super().validate(num_experts)
+    if self.k_max > num_experts:
+      raise ValueError(
+          f"k_max={self.k_max} is larger than num_experts={num_experts}; "
+          f"allowed: k_min <= k_max <= num_experts")
+
+  def max_fanout(self, num_experts: int) -> int:
+    return min(self.k_max, num_experts)
+
+  def route(self, logits, state, *, rng, train):
+    del state
+    return dynamic_k(logits, self.k_min, self.k_max,
+                     rng=rng if train else None)
+
+  def route_groups(self, logits, state, *, rng, train):
+    return _route_groups(self, self.k_min, self.k_max, logits, state, rng,
+                         train)

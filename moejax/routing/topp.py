@@ -10,16 +10,29 @@ descending, whose cumulative probability reaches `p`; the expert that crosses `p
 is kept, so every token gets at least one expert. Shapes stay static: the router
 takes the top `max_k` experts, sums them cumulatively and zeroes the gates past
 the threshold. `p` may be a traced scalar (a controller changes it every step).
+
+`top_p` is the router, `TopP` the method (`--router=top_p`); DTop-p
+(`moejax.routing.dtopp`) shares the selection. The fanout varies per token:
+capacity comes from the target fanout `k` (the `capacity` formula) and the
+dropless bound is `max_k`. Over capacity an expert keeps first choices before
+later ones, so high-fanout tokens lose their tail experts first; the layer
+reports `drop_fraction` and `drop_fraction_above_mean` (drops among tokens with
+more experts than the mean), and the routers report `top_p_capped` (tokens
+whose fanout `max_k` cut).
 """
 from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
 
 from moejax.routing import losses
-from moejax.routing.base import (Routing, RouterOutput, check_int, check_logits,
-                                 check_p)
-from moejax.routing.top_k import choice_priority, scatter_choices
+from moejax.routing.base import (Routing, RouterMethod, RouterOutput,
+                                 check_int, check_logits, check_p,
+                                 choice_priority, register, scatter_choices)
 
 
 def resolve_max_k(max_k: int | None, num_experts: int) -> int:
@@ -106,3 +119,54 @@ def top_p(logits: jax.Array, p, *, max_k: int | None = None,
   max_k = resolve_max_k(max_k, logits.shape[-1])
   probs = jax.nn.softmax(logits, axis=-1)
   return select_top_p(logits, probs, p, max_k, normalize)
+
+
+def check_max_k(method: RouterMethod, num_experts: int | None = None) -> None:
+  max_k = method.max_k
+  if max_k is None:
+    return
+  if isinstance(max_k, bool) or not isinstance(max_k, numbers.Integral):
+    raise ValueError(f"max_k={max_k!r} must be an integer or None")
+  high = "num_experts" if num_experts is not None else "E"
+  if max_k < method.k or (num_experts is not None and max_k > num_experts):
+    raise ValueError(f"max_k={max_k} is out of range; allowed: "
+                     f"k={method.k} <= max_k <= {high}"
+                     + (f"={num_experts}" if num_experts is not None else ""))
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class TopP(RouterMethod):
+  """Fixed-threshold top-p (Huang et al. 2024): the naive baseline.
+
+  Attributes:
+    k: target mean fanout; sets capacity only (top-p does not control it).
+    p: threshold in (0, 1] (0.4 in the original method).
+    max_k: static fanout cap (None = E), >= k.
+    normalize: renormalise kept weights (False = raw probabilities, original).
+  Aux losses (original method): load balance 1e-2, entropy 1e-4, no z-loss.
+  """
+  name: ClassVar[str] = "top_p"
+  aux_weights: ClassVar[Mapping[str, float]] = {
+      "load_balance": 1e-2, "z_loss": 0.0, "entropy": 1e-4}
+  p: float = 0.4
+  max_k: int | None = None
+  normalize: bool = False
+
+  def __post_init__(self):
+    super().__post_init__()
+    if (isinstance(self.p, bool) or not isinstance(self.p, numbers.Real)
+        or not 0 < self.p <= 1):
+      raise ValueError(f"p={self.p!r} is out of range; allowed: (0, 1]")
+    check_max_k(self)
+
+  def validate(self, num_experts: int) -> None:
+    super().validate(num_experts)
+    check_max_k(self, num_experts)
+
+  def max_fanout(self, num_experts: int) -> int:
+    return num_experts if self.max_k is None else self.max_k
+
+  def route(self, logits, state, *, rng, train):
+    del state, rng, train
+    return top_p(logits, self.p, max_k=self.max_k, normalize=self.normalize)

@@ -1,23 +1,28 @@
-"""Top-k with a selection-only bias (DeepSeek-V3 auxiliary-loss-free balancing).
+"""Auxiliary-loss-free balancing (DeepSeek-V3): top-k with a selection-only bias.
 
 Axis legend:
   S  tokens in one group
   E  experts
   K  choices per token (k)
 
-The per-expert bias `b` (controller state, `moejax.control.SignBias`) shifts the
-scores only when choosing the top-k; the combine weights are the unbiased
-scores (renormalised over the chosen experts with `normalize`). Scores are the
-softmax over experts or, as in DeepSeek-V3, the elementwise sigmoid.
+The per-expert bias `b` (controller state, `SignBias`) shifts the scores only when
+choosing the top-k; the combine weights are the unbiased scores (renormalised over
+the chosen experts with `normalize`). Scores are the softmax over experts or, as
+in DeepSeek-V3, the elementwise sigmoid. The method is top-k's
+`balance="loss_free"` option (`TopK` in `moejax.routing.topk`), which routes with
+`biased_top_k` and updates each layer's `SignBias` after every training step.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 
 from moejax.routing import losses
-from moejax.routing.base import Routing, RouterOutput, check_int, check_logits
-from moejax.routing.top_k import choice_priority, scatter_choices
+from moejax.routing.base import (Routing, RouterOutput, check_int, check_logits,
+                                 check_number, choice_priority,
+                                 scatter_choices)
 
 SCORE_FNS = ("softmax", "sigmoid")
 
@@ -68,3 +73,32 @@ def biased_top_k(logits: jax.Array, k: int, bias: jax.Array | None = None, *,
       routing=routing,
       aux=losses.standard_aux(logits, probs, routing),
       metrics=losses.routing_metrics(routing, probs, logits))
+
+
+@dataclasses.dataclass(frozen=True)
+class SignBias:
+  """Loss-free balancing's controller: a per-expert bias for top-k selection.
+
+  State `{"bias": float32[E]}`, started at 0. After each step, with loads c
+  (assignments per expert over the whole global batch; any positive scale):
+    b_e' = b_e + rate * sign(mean(c) - c_e)
+  Underloaded experts gain bias (chosen more), overloaded ones lose it.
+
+  Attributes:
+    rate: update speed u > 0 (1e-3 in the paper; 1e-4 too slow, 1e-2
+      oscillates).
+  """
+  rate: float = 1e-3
+
+  def __post_init__(self):
+    check_number("rate", self.rate, 0.0, low_open=True)
+
+  def init(self, num_experts: int) -> dict[str, jax.Array]:
+    """bias = zeros float32[E]."""
+    return {"bias": jnp.zeros((num_experts,), jnp.float32)}
+
+  def update(self, state, load) -> dict[str, jax.Array]:
+    """One sign step from the loads float32[E]; pure and jit-able."""
+    load = jnp.asarray(load, jnp.float32)
+    step = self.rate * jnp.sign(jnp.mean(load) - load)
+    return {"bias": (state["bias"] + step).astype(jnp.float32)}

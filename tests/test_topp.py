@@ -6,11 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax import methods
-from moejax.methods import DTopP, TopP
+from moejax import routing
+from moejax.routing import DTopP, TopP
 from moejax.nn.moe import MoE, MoEConfig, layer_metrics
 from moejax.routing import dtop_p, top_p
-from moejax.routing.dtop_p import standardize
+from moejax.routing.dtopp import standardize
 
 
 def reference_top_p(probs, p, max_k=None, normalize=False):
@@ -195,13 +195,13 @@ def test_router_gradients_reach_scale_and_logits():
 
 
 def test_methods_registered_and_built_from_flags():
-  assert {"top_p", "dtop_p"} <= set(methods.available())
+  assert {"top_p", "dtop_p"} <= set(routing.available())
   flags = {"k": 3, "p": 0.3, "max_k": 6, "dtop_p_scope": "layer", "pi_kp": 0.4,
            "pi_ki": None, "p_init": 0.6, "p_min": 0.05, "p_max": 0.95,
            "num_experts": 8, "seed": 1}
-  tp = methods.build("top_p", flags)
+  tp = routing.build("top_p", flags)
   assert (tp.p, tp.k, tp.max_k, tp.normalize) == (0.3, 3, 6, False)
-  dt = methods.build("dtop_p", flags)
+  dt = routing.build("dtop_p", flags)
   assert (dt.k, dt.max_k, dt.dtop_p_scope, dt.pi_kp, dt.pi_ki, dt.p_init,
           dt.p_min, dt.p_max) == (3, 6, "layer", 0.4, 0.1, 0.6, 0.05, 0.95)
   assert dt.max_fanout(8) == 6 and DTopP(k=2).max_fanout(8) == 8

@@ -4,15 +4,24 @@ Axis legend:
   S  tokens in one group
   E  experts
   C  capacity (tokens per expert)
+
+`expert_choice` is the router, `ExpertChoice` the method (`--router=
+expert_choice`). Balanced by construction, but not token-local: a token's
+routing depends on the other tokens of its group. `select_top_tokens` is also
+Mixture-of-Depths' block selection (one expert).
 """
 from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
 from moejax.routing import losses
-from moejax.routing.base import (Routing, RouterOutput, check_int, check_logits)
-from moejax.routing.top_k import scatter_rows
+from moejax.routing.base import (Routing, RouterMethod, RouterOutput,
+                                 ceil_div, check_int, check_logits, register,
+                                 scatter_rows)
 
 _TINY = float(jnp.finfo(jnp.float32).tiny)
 
@@ -54,3 +63,23 @@ def expert_choice(logits: jax.Array, capacity: int) -> RouterOutput:
       routing=routing,
       aux=losses.standard_aux(logits, probs, routing),
       metrics=losses.routing_metrics(routing, probs, logits))
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class ExpertChoice(RouterMethod):
+  """Expert choice: each expert takes ceil(S * k / E) tokens of the group
+  (`k` = mean fanout); balanced by construction, not causal."""
+  name: ClassVar[str] = "expert_choice"
+  token_local: ClassVar[bool] = False
+  aux_weights: ClassVar = {"load_balance": 0.0, "z_loss": 1e-3, "entropy": 0.0}
+
+  def capacity(self, num_tokens, num_experts, capacity_factor):
+    del capacity_factor  # the routing itself fixes the load
+    return min(num_tokens, ceil_div(num_tokens * self.k, num_experts))
+
+  def route(self, logits, state, *, rng, train):
+    del state, rng, train
+    num_tokens, num_experts = logits.shape
+    return expert_choice(logits,
+                         self.capacity(num_tokens, num_experts, 1.0))
