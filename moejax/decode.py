@@ -45,9 +45,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moejax.experts import DenseFFN
 from moejax.models.lm import DTYPES, LMConfig
 from moejax.nn.attention import causal_mask, rope
-from moejax.nn.experts import DenseFFN
 from moejax.nn.mod import PAD_POSITION, Predictor, router_score
 from moejax.nn.moe import MoE, MoEConfig
 

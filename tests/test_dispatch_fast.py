@@ -10,8 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax import dispatch
-from moejax.nn.experts import expert_ffn
+from moejax import dispatch, experts
 from moejax.routing import Routing, expert_choice, top_k
 from test_dispatch import make_case, reference_kept, reference_moe, run_plan
 
@@ -130,12 +129,12 @@ def test_sorted_block_layout():
   row_token, row_gate = np.asarray(p.row_token), np.asarray(p.row_gate)
   token_row, gates = np.asarray(p.token_row), np.asarray(routing.gates)
   for s in range(40):
-    experts = np.nonzero(gates[s])[0]
+    chosen = np.nonzero(gates[s])[0]
     rows = sorted(r for r in token_row[s] if r < len(row_token))
-    assert len(rows) == len(experts)
+    assert len(rows) == len(chosen)
     for r in rows:
       assert row_token[r] == s
-      assert block_expert[r // size] in experts
+      assert block_expert[r // size] in chosen
       assert row_gate[r] == gates[s, block_expert[r // size]]
   assert (row_gate != 0).sum() == counts.sum()
 
@@ -248,11 +247,11 @@ def test_bfloat16_payload(strategy):
     return jnp.sum(out.astype(jnp.float32) ** 2)
   dg, dx = jax.grad(loss, argnums=(0, 1))(routing.gates, bf(x))
   assert dg.dtype == jnp.float32 and dx.dtype == jnp.bfloat16
-  # The fused CPU path of expert_ffn: bfloat16 in and out (float32 inside).
+  # The fused CPU path of experts.ffn: bfloat16 in and out (float32 inside).
   w = {"w_in": w1, "w_gate": w1, "w_out": w2}
   p = dispatch.plan(routing, 8, strategy=strategy, max_fanout=2)
-  want = expert_ffn(p, x, w)
-  got = expert_ffn(p, bf(x), jax.tree.map(bf, w))
+  want = experts.ffn(p, x, w)
+  got = experts.ffn(p, bf(x), jax.tree.map(bf, w))
   assert got.dtype == jnp.bfloat16
   assert_close(got, want, rtol=5e-2, atol=5e-2)
 
@@ -311,7 +310,7 @@ def test_resolve_and_bad_arguments():
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 def test_fused_expert_ffn_matches_einsum(activation):
-  # expert_ffn takes the plans' fused CPU block loop (`plan.ffn`): values and
+  # experts.ffn takes the plans' fused CPU block loop (`row_blocks`): values and
   # gradients against the one-hot "einsum" plan, with drops (C = 12 < 16
   # assignments per expert on average), blocks not dividing C (padded
   # slots), remat, and the dropless "sorted" path against "ragged".
@@ -327,7 +326,7 @@ def test_fused_expert_ffn_matches_einsum(activation):
     routing = top_k(logits, k).routing
     p = dispatch.plan(routing, capacity, strategy=strategy, max_fanout=k,
                       block_size=block_size)
-    y = expert_ffn(p, x, w, activation, remat=remat)
+    y = experts.ffn(p, x, w, activation, remat=remat)
     return jnp.sum(y * jnp.cos(y))
 
   grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)),
@@ -341,7 +340,7 @@ def test_fused_expert_ffn_matches_einsum(activation):
   for strategy, capacity, reference, kwargs in cases:
     p = dispatch.plan(top_k(logits, k).routing, capacity, strategy=strategy,
                       max_fanout=k, block_size=kwargs.get("block_size"))
-    assert p.ffn(x, w, activation) is not None  # the fused path runs on CPU
+    assert p.block_loop  # the fused path runs on CPU
     got = grad(logits, x, w, strategy, capacity, kwargs.get("remat", False),
                kwargs.get("block_size"))
     want = grad(logits, x, w, reference, capacity, False, None)
@@ -353,10 +352,10 @@ def test_fused_expert_ffn_matches_einsum(activation):
     if strategy == "gather":
       p = dispatch.plan(routing, 6, strategy=strategy, max_fanout=k,
                         num_groups=2, block_size=4)
-      y = expert_ffn(p, x, w, activation)
+      y = experts.ffn(p, x, w, activation)
     else:
       halves = lambda a: a.reshape(2, s // 2, *a.shape[1:])  # noqa: E731
-      y = jax.vmap(lambda r, xg: expert_ffn(
+      y = jax.vmap(lambda r, xg: experts.ffn(
           dispatch.plan(r, 6, strategy=strategy), xg, w, activation))(
               jax.tree.map(halves, routing), halves(x)).reshape(x.shape)
     return jnp.sum(y * jnp.cos(y))
