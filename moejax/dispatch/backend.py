@@ -3,9 +3,8 @@
 Axis legend (of the layouts named here):
   S  tokens, E experts, m static bound on experts per token
 
-Everything that depends on the backend asks `current_backend()` through the two
-choices below (and `routing`'s one-hot scatter on TPU), so that the choice is
-made, and tested, in one place:
+Every backend-dependent choice of dispatch asks `current_backend()` through
+the two choices below, so that the choice is made, and tested, in one place:
   `resolve_strategy`  "dropless" runs "sorted" on CPU (XLA:CPU has no grouped
                       matmul kernel) and "ragged" (`lax.ragged_dot`) elsewhere.
   `use_loop_matmul`   the block plans ("gather", "sorted") run a loop over

@@ -10,7 +10,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from moejax.dispatch.backend import current_backend
 from moejax.routing import losses
 from moejax.routing.base import (Routing, RouterOutput, check_int, check_logits)
 
@@ -32,7 +31,7 @@ def scatter_rows(values: jax.Array, index: jax.Array, width: int) -> jax.Array:
   Returns:
     float[R, W] in values' dtype.
   """
-  if current_backend() == "tpu":
+  if jax.default_backend() == "tpu":
     one_hot = jax.nn.one_hot(index, width, dtype=values.dtype)
     return jnp.einsum("rk,rkw->rw", values, one_hot,
                       precision=jax.lax.Precision.HIGHEST)
