@@ -12,7 +12,7 @@ For each size (T, D, F, E, k), payload dtype, router and dispatch strategy it
 times one jitted value-and-gradient step of a pure MoE function
 
   logits = x @ router (float32) -> method.route_groups -> dispatch.plan
-         -> moejax.nn.experts.expert_ffn (SwiGLU) -> loss (+ weighted aux losses)
+         -> moejax.experts.ffn (SwiGLU) -> loss (+ weighted aux losses)
 
 with gradients for x, the router and the expert weights, and divides it by the
 same step of a dense SwiGLU FFN of width k*F (the same active FLOPs) timed in
@@ -58,7 +58,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from moejax import dispatch, routing  # noqa: E402
-from moejax.nn.experts import expert_ffn  # noqa: E402
+from moejax.experts import ffn as expert_ffn  # noqa: E402
 from moejax.routing.base import Routing  # noqa: E402
 
 SIZES = "4096x512x1024x8x2,4096x512x256x64x8,8192x256x128x128x8"

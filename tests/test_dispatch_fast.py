@@ -10,8 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax import dispatch
-from moejax.nn.experts import expert_ffn
+from moejax import backend, dispatch, experts
 from moejax.routing import Routing, expert_choice, top_k
 from test_dispatch import make_case, reference_kept, reference_moe, run_plan
 
@@ -130,12 +129,12 @@ def test_sorted_block_layout():
   row_token, row_gate = np.asarray(p.row_token), np.asarray(p.row_gate)
   token_row, gates = np.asarray(p.token_row), np.asarray(routing.gates)
   for s in range(40):
-    experts = np.nonzero(gates[s])[0]
+    chosen = np.nonzero(gates[s])[0]
     rows = sorted(r for r in token_row[s] if r < len(row_token))
-    assert len(rows) == len(experts)
+    assert len(rows) == len(chosen)
     for r in rows:
       assert row_token[r] == s
-      assert block_expert[r // size] in experts
+      assert block_expert[r // size] in chosen
       assert row_gate[r] == gates[s, block_expert[r // size]]
   assert (row_gate != 0).sum() == counts.sum()
 
@@ -248,11 +247,11 @@ def test_bfloat16_payload(strategy):
     return jnp.sum(out.astype(jnp.float32) ** 2)
   dg, dx = jax.grad(loss, argnums=(0, 1))(routing.gates, bf(x))
   assert dg.dtype == jnp.float32 and dx.dtype == jnp.bfloat16
-  # The fused CPU path of expert_ffn: bfloat16 in and out (float32 inside).
+  # The fused CPU path of experts.ffn: bfloat16 in and out (float32 inside).
   w = {"w_in": w1, "w_gate": w1, "w_out": w2}
   p = dispatch.plan(routing, 8, strategy=strategy, max_fanout=2)
-  want = expert_ffn(p, x, w)
-  got = expert_ffn(p, bf(x), jax.tree.map(bf, w))
+  want = experts.ffn(p, x, w)
+  got = experts.ffn(p, bf(x), jax.tree.map(bf, w))
   assert got.dtype == jnp.bfloat16
   assert_close(got, want, rtol=5e-2, atol=5e-2)
 
@@ -291,10 +290,29 @@ def run_plan_groups(routing, x, w1, w2, max_fanout):
   return p.combine(p.matmul(h, w2)), p.kept
 
 
-def test_resolve_and_bad_arguments():
+def test_backend_choice():
+  # Every backend-dependent choice of the library is made in
+  # moejax.backend, and tested here only.
+  assert dispatch.current_backend() == jax.default_backend()
   assert dispatch.resolve_strategy("dropless", "cpu") == "sorted"
   assert dispatch.resolve_strategy("dropless", "gpu") == "ragged"
+  assert dispatch.resolve_strategy("dropless", "tpu") == "ragged"
   assert dispatch.resolve_strategy("gather", "gpu") == "gather"
+  assert dispatch.use_loop_matmul("cpu")
+  assert not dispatch.use_loop_matmul("gpu")
+  assert not dispatch.use_loop_matmul("tpu")
+  assert backend.use_one_hot_scatter("tpu")
+  assert not backend.use_one_hot_scatter("cpu")
+  assert not backend.use_one_hot_scatter("gpu")
+  on_cpu = jax.default_backend() == "cpu"
+  routing, *_ = make_case()
+  for strategy in ("gather", "sorted"):  # the fused CPU block loop
+    assert dispatch.plan(routing, 4, strategy=strategy).block_loop == on_cpu
+  assert isinstance(dispatch.plan(routing, 4, strategy="dropless"),
+                    dispatch.BlockPlan if on_cpu else dispatch.DroplessPlan)
+
+
+def test_bad_arguments():
   assert set(dispatch.DROPLESS) < set(dispatch.STRATEGIES)
   assert dispatch.default_block_size(8192, 8) == 256
   assert dispatch.default_block_size(64, 8) == 8
@@ -307,69 +325,6 @@ def test_resolve_and_bad_arguments():
     dispatch.plan(routing, 4, strategy="sorted", block_size=0)
   with pytest.raises(ValueError, match="max_fanout=5"):
     dispatch.plan(routing, 4, strategy="gather", max_fanout=5)
-
-
-@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-def test_fused_expert_ffn_matches_einsum(activation):
-  # expert_ffn takes the plans' fused CPU block loop (`plan.ffn`): values and
-  # gradients against the one-hot "einsum" plan, with drops (C = 12 < 16
-  # assignments per expert on average), blocks not dividing C (padded
-  # slots), remat, and the dropless "sorted" path against "ragged".
-  s, d, f, e, k = 32, 6, 5, 4, 2
-  keys = jax.random.split(jax.random.PRNGKey(8), 5)
-  logits = jax.random.normal(keys[0], (s, e)) * 2
-  x = jax.random.normal(keys[1], (s, d))
-  w = {"w_in": jax.random.normal(keys[2], (e, d, f)) / np.sqrt(d),
-       "w_gate": jax.random.normal(keys[3], (e, d, f)) / np.sqrt(d),
-       "w_out": jax.random.normal(keys[4], (e, f, d)) / np.sqrt(f)}
-
-  def loss(logits, x, w, strategy, capacity, remat=False, block_size=None):
-    routing = top_k(logits, k).routing
-    p = dispatch.plan(routing, capacity, strategy=strategy, max_fanout=k,
-                      block_size=block_size)
-    y = expert_ffn(p, x, w, activation, remat=remat)
-    return jnp.sum(y * jnp.cos(y))
-
-  grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)),
-                 static_argnums=(3, 4, 5, 6))
-  cases = [("gather", 12, "einsum", {"block_size": 8, "remat": True}),
-           ("sorted", 1, "ragged", {"block_size": 3})]
-  if activation == "swiglu":
-    cases += [("gather", 12, "einsum", {}),  # one block of 16 per expert
-              ("gather", 40, "einsum", {"block_size": 16}),
-              ("sorted", 1, "ragged", {"block_size": 8, "remat": True})]
-  for strategy, capacity, reference, kwargs in cases:
-    p = dispatch.plan(top_k(logits, k).routing, capacity, strategy=strategy,
-                      max_fanout=k, block_size=kwargs.get("block_size"))
-    assert p.ffn(x, w, activation) is not None  # the fused path runs on CPU
-    got = grad(logits, x, w, strategy, capacity, kwargs.get("remat", False),
-               kwargs.get("block_size"))
-    want = grad(logits, x, w, reference, capacity, False, None)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-      assert_close(a, b, rtol=2e-4, atol=2e-5)
-  # Two groups of 16 tokens, capacity 6 per group and expert.
-  def grouped(logits, x, w, strategy):
-    routing = top_k(logits, k).routing
-    if strategy == "gather":
-      p = dispatch.plan(routing, 6, strategy=strategy, max_fanout=k,
-                        num_groups=2, block_size=4)
-      y = expert_ffn(p, x, w, activation)
-    else:
-      halves = lambda a: a.reshape(2, s // 2, *a.shape[1:])  # noqa: E731
-      y = jax.vmap(lambda r, xg: expert_ffn(
-          dispatch.plan(r, 6, strategy=strategy), xg, w, activation))(
-              jax.tree.map(halves, routing), halves(x)).reshape(x.shape)
-    return jnp.sum(y * jnp.cos(y))
-  grouped_grad = jax.jit(jax.value_and_grad(grouped, argnums=(0, 1, 2)),
-                         static_argnums=3)
-  got = grouped_grad(logits, x, w, "gather")
-  want = grouped_grad(logits, x, w, "einsum")
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    assert_close(a, b, rtol=2e-4, atol=2e-5)
-  kept = dispatch.plan(top_k(logits, k).routing, 12, strategy="gather",
-                       max_fanout=k).kept
-  assert not np.asarray(kept)[np.asarray(top_k(logits, k).routing.routed)
-                              ].all()
 
 
 def test_grouped_matmul_matches_einsum_and_autodiff():

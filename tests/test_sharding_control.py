@@ -11,8 +11,8 @@ import optax
 import pytest
 
 from moejax import dispatch, routing, sharding
+from moejax.experts import ffn as expert_ffn
 from moejax.models.lm import LMConfig, TransformerLM
-from moejax.nn.experts import expert_ffn
 from moejax.nn.moe import MoEConfig
 from moejax.train.loop import TrainConfig
 from moejax.train.state import TrainState

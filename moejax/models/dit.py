@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moejax.experts import ACTIVATIONS, DenseFFN
 from moejax.nn.attention import Attention
-from moejax.nn.experts import ACTIVATIONS, DenseFFN
 from moejax.nn.moe import MoE, MoEConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

@@ -18,8 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moejax.experts import DenseFFN
 from moejax.nn.attention import Attention
-from moejax.nn.experts import DenseFFN
 from moejax.nn.moe import MoE, MoEConfig
 
 

@@ -43,42 +43,14 @@ import functools
 import math
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from moejax import dispatch, sharding
-from moejax.nn.experts import expert_ffn
+from moejax import dispatch, experts, sharding
 from moejax.routing.base import Routing
 
 MODES = ("gspmd", "shard_map")
-
-
-def expert_mlp(h: jax.Array, weights: dict[str, jax.Array],
-               activation: str = "swiglu",
-               hidden_names=None) -> jax.Array:
-  """Batched experts on the expert-major layout.
-
-  Args:
-    h: float[G, E, C, D] slots.
-    weights: `w_in` float[E, D, F], `w_out` float[E, F, D] (+ `w_gate`).
-    activation: "swiglu" or "gelu".
-    hidden_names: logical names to constrain the float[G, E, C, F] hidden
-      activations with (GSPMD path), or None.
-  Returns:
-    float[G, E, C, D].
-  """
-  up = jnp.einsum("gecd,edf->gecf", h, weights["w_in"])
-  if activation == "swiglu":
-    up = nn.silu(jnp.einsum("gecd,edf->gecf", h, weights["w_gate"])) * up
-  else:
-    up = nn.gelu(up)
-  if hidden_names is not None:
-    up = sharding.constrain(up, hidden_names)
-  return jnp.einsum("gecf,efd->gecd", up, weights["w_out"])
-
-
 # Strategies whose plans use the capacity-bounded [E, C, D] layout.
 SLOT_STRATEGIES = ("einsum", "index", "gather")
 
@@ -87,6 +59,11 @@ def _slot_plans(routing: Routing, capacity: int, strategy: str,
                 max_fanout: int | None):
   return jax.vmap(lambda r: dispatch.plan(r, capacity, strategy=strategy,
                                           max_fanout=max_fanout))(routing)
+
+
+def _one_device() -> bool:
+  mesh = sharding.current_mesh()
+  return mesh is None or math.prod(dict(mesh.shape).values()) == 1
 
 
 def routed_experts(routing: Routing, x: jax.Array, weights: dict[str, jax.Array],
@@ -99,7 +76,7 @@ def routed_experts(routing: Routing, x: jax.Array, weights: dict[str, jax.Array]
   Args:
     routing: `Routing` with gates/priority float32[G, S, E].
     x: float[G, S, D] tokens.
-    weights: expert weights (see `expert_mlp`).
+    weights: expert weights (see `moejax.experts`).
     capacity: static C (slots per expert and group).
     strategy: a `dispatch.STRATEGIES` name; slot strategies ("einsum",
       "index", "gather") use the [G, E, C, D] buffers, the dropless ones
@@ -108,7 +85,7 @@ def routed_experts(routing: Routing, x: jax.Array, weights: dict[str, jax.Array]
     activation: "swiglu" or "gelu".
     mode: "gspmd" or "shard_map" (see the module docstring).
     remat: recompute the expert hidden activations in the backward pass
-      (`expert_ffn(remat=True)`; single-device "gather"/"sorted" path).
+      (`experts.ffn(remat=True)`; single-device "gather"/"sorted" path).
   Returns:
     (y float[G, S, D], kept bool[G, S, E]).
   """
@@ -119,44 +96,35 @@ def routed_experts(routing: Routing, x: jax.Array, weights: dict[str, jax.Array]
     return _shard_map_experts(routing, x, weights, capacity=capacity,
                               strategy=strategy, max_fanout=max_fanout,
                               activation=activation)
-  mesh = sharding.current_mesh()
-  if (dispatch.resolve_strategy(strategy) in ("gather", "sorted") and
-      (mesh is None or math.prod(dict(mesh.shape).values()) == 1)):
-    # One device, nothing to shard: one plan over all G * S tokens ("gather"
-    # keeps capacity per group) and the fused CPU block loop of `expert_ffn`.
+  resolved = dispatch.resolve_strategy(strategy)
+  if resolved == "ragged" or (resolved in ("gather", "sorted") and
+                              _one_device()):
+    # One plan over all G * S tokens: on one device nothing is sharded
+    # ("gather" keeps capacity per group; the fused CPU block loop of
+    # `experts.ffn`); "ragged" has no capacity, so groups do not change what
+    # is kept (and `ragged_dot` has no batching rule for a G axis).
     num_groups, num_tokens, num_experts = routing.gates.shape
     flat = Routing(gates=routing.gates.reshape(-1, num_experts),
                    priority=routing.priority.reshape(-1, num_experts))
     plan = dispatch.plan(
         flat, capacity, strategy=strategy, max_fanout=max_fanout,
         num_groups=num_groups if strategy == "gather" else 1)
-    y = expert_ffn(plan, x.reshape(-1, x.shape[-1]), weights, activation,
-                   remat=remat)
+    y = experts.ffn(plan, x.reshape(-1, x.shape[-1]), weights, activation,
+                    remat=remat and resolved != "ragged")
     return (y.reshape(x.shape),
             plan.kept.reshape(num_groups, num_tokens, num_experts))
-  if strategy not in SLOT_STRATEGIES and (
-      dispatch.resolve_strategy(strategy) != "ragged"):
-    def one_group(r, xg):  # dropless layouts of one group each
+  if strategy not in SLOT_STRATEGIES:
+    def one_group(r, xg):  # "sorted" on a mesh: one layout per group
       plan = dispatch.plan(r, capacity, strategy=strategy,
                            max_fanout=max_fanout)
-      return expert_ffn(plan, xg, weights, activation), plan.kept
+      return experts.ffn(plan, xg, weights, activation), plan.kept
     return jax.vmap(one_group)(routing, x)
-  if strategy not in SLOT_STRATEGIES:
-    # No capacity, so groups do not change what is kept: one sorted layout
-    # over all G * S tokens (`ragged_dot` has no batching rule for a G axis).
-    num_groups, num_tokens, num_experts = routing.gates.shape
-    flat = Routing(gates=routing.gates.reshape(-1, num_experts),
-                   priority=routing.priority.reshape(-1, num_experts))
-    plan = dispatch.plan(flat, capacity, strategy=strategy,
-                         max_fanout=max_fanout)
-    y = expert_ffn(plan, x.reshape(-1, x.shape[-1]), weights, activation)
-    return (y.reshape(x.shape),
-            plan.kept.reshape(num_groups, num_tokens, num_experts))
   plans = _slot_plans(routing, capacity, strategy, max_fanout)
   h = jax.vmap(lambda p, xg: p.dispatch(xg))(plans, x)
   h = sharding.constrain(h, sharding.ACT_TOKENS_GECD)   # dispatched locally
   h = sharding.constrain(h, sharding.ACT_GECD)          # all-to-all to experts
-  y = expert_mlp(h, weights, activation, sharding.ACT_GECF)
+  y = experts.mlp(h, weights, activation, experts.batched_matmul,
+                  hidden_names=sharding.ACT_GECF)
   y = sharding.constrain(y, sharding.ACT_GECD)
   y = sharding.constrain(y, sharding.ACT_TOKENS_GECD)   # all-to-all back
   out = jax.vmap(lambda p, yg: p.combine(yg))(plans, y)
@@ -172,7 +140,7 @@ def _local_experts(routing: Routing, x: jax.Array, weights: dict[str, Any], *,
   h = jax.vmap(lambda p, xg: p.dispatch(xg))(plans, x)     # [Gl, E, C, D]
   if collectives:
     h = jax.lax.all_to_all(h, "expert", 1, 0, tiled=True)  # [X*Gl, El, C, D]
-  y = expert_mlp(h, weights, activation)
+  y = experts.mlp(h, weights, activation, experts.batched_matmul)
   if collectives:
     y = jax.lax.psum(y, "model")  # complete the F-sharded contraction
     y = jax.lax.all_to_all(y, "expert", 0, 1, tiled=True)  # [Gl, E, C, D]

@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 
 from moejax import dispatch, sharding
+from moejax.experts import ACTIVATIONS, DenseFFN, Experts
 from moejax.routing import RouterMethod, TopK
 from moejax.nn import expert_parallel
-from moejax.nn.experts import ACTIVATIONS, DenseFFN, Experts, expert_ffn
 from moejax.routing import losses
 from moejax.routing.base import Routing
 

@@ -38,6 +38,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from moejax import backend
+
 Path = tuple[str, ...]
 _TINY = float(jnp.finfo(jnp.float32).tiny)
 
@@ -139,7 +141,7 @@ def scatter_rows(values: jax.Array, index: jax.Array, width: int) -> jax.Array:
   Returns:
     float[R, W] in values' dtype.
   """
-  if jax.default_backend() == "tpu":
+  if backend.use_one_hot_scatter():
     one_hot = jax.nn.one_hot(index, width, dtype=values.dtype)
     return jnp.einsum("rk,rkw->rw", values, one_hot,
                       precision=jax.lax.Precision.HIGHEST)
