@@ -20,9 +20,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags  # noqa: E402
+from absl import app, flags
 
 flags.DEFINE_string("out", "experiments/out/dtop_p", "Output directory.")
 flags.DEFINE_integer("steps", 160, "Controller steps per run.")
