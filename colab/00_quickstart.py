@@ -24,17 +24,11 @@
 # locally: `pip install -e .` from the repo root.
 
 # %%
-# Colab: installs moejax when it is not importable, from MOEJAX_SOURCE (this
-# repository's pip source, e.g. `git+https://...`); a no-op where it imports.
-try:
+try:  # Colab: installs moejax from MOEJAX_SOURCE (this repository's pip source)
   import moejax  # noqa: F401
 except ImportError:
-  import os, subprocess, sys
-  if not os.environ.get("MOEJAX_SOURCE"):
-    raise ImportError("moejax is not installed; set MOEJAX_SOURCE to this "
-                      "repository's pip source, or `pip install -e .` it")
-  subprocess.check_call([sys.executable, "-m", "pip", "install", "-q",
-                         os.environ["MOEJAX_SOURCE"]])
+  import os
+  # %pip install -q {os.environ["MOEJAX_SOURCE"]}
 
 # %%
 import jax, jax.numpy as jnp, numpy as np

@@ -35,7 +35,7 @@ import os
 import time
 from typing import Any
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from moejax import experiment
 from moejax.cli import lm_flags
@@ -43,8 +43,8 @@ from moejax.experiment import format_ms, mean_std
 from moejax.experiment.tables import markdown_table
 
 lm_flags.define_flags()
-experiment.define_flags(out="experiments/reports/balance",
-                        workroot="runs/balance")
+SHARED_FLAGS = experiment.define_flags(out="experiments/reports/balance",
+                                       workroot="runs/balance")
 DEFAULT_RUNS = ";".join([
     "tc_aux=top_k",
     "tc_loss_free=top_k,balance=loss_free,score_fn=sigmoid",
@@ -60,6 +60,7 @@ flags.DEFINE_integer("calib_batches", 4, "Training batches that calibrate "
                      "expert choice's causal thresholds.")
 flags.DEFINE_enum("mode", "all", ["all", "train", "report"], "What to do.")
 FLAGS = flags.FLAGS
+OWN = SHARED_FLAGS + ("runs", "only", "calib_batches", "mode")
 HISTORY_KEYS = ("step", "loss", "max_vio", "max_vio_max", "drop_fraction",
                 "experts_per_token", "zero_expert_fraction", "et_bound_low",
                 "et_bound_high", "et_pass_fraction", "et_threshold", "et_warmup",
@@ -428,14 +429,10 @@ def _plot_max_vio(ax, results) -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
+  base = experiment.start(argv, OWN)
   from moejax import configs
-  experiment.use_compile_cache(FLAGS.compile_cache)
   out_dir = FLAGS.out
   if FLAGS.mode in ("all", "train"):
-    base = FLAGS.flag_values_dict()
     pre = configs.preset(base["config"])
     pick = lambda key: pre[key] if base.get(key) is None else base[key]
     steps = pick("steps")

@@ -27,7 +27,7 @@ import sys
 import time
 from typing import Any
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from moejax import experiment
 from moejax.cli import lm_flags
@@ -269,7 +269,7 @@ def plot_all(results, specs, out: str) -> list[str]:
   """Writes the comparison PNGs; returns their paths."""
   import numpy as np
 
-  from moejax.experiment.plots import pyplot
+  from moejax.experiment.plots import pyplot, save
   plt = pyplot()
   ok = [r for r in results if "error" not in r]
   labels = [s.label for s in specs if any(r["label"] == s.label for r in ok)]
@@ -303,10 +303,7 @@ def plot_all(results, specs, out: str) -> list[str]:
   axes[1].set_ylim(lo, hi)
   axes[1].set_xticks(range(len(labels)), labels, rotation=20, fontsize=8)
   axes[1].set_ylabel("validation loss (mean ± std, dots = seeds)")
-  fig.tight_layout()
-  paths.append(os.path.join(out, "loss.png"))
-  fig.savefig(paths[-1], dpi=110)
-  plt.close(fig)
+  paths.append(save(fig, os.path.join(out, "loss.png")))
 
   routed = [lab for lab in labels
             if seeds_of(lab)[0]["config"]["target_fanout"] is not None]
@@ -351,10 +348,7 @@ def plot_all(results, specs, out: str) -> list[str]:
     ax.set_xlabel("step")
     ax.set_ylabel("controller threshold p (thin: per layer)")
     ax.legend(fontsize=8)
-  fig.tight_layout()
-  paths.append(os.path.join(out, "fanout.png"))
-  fig.savefig(paths[-1], dpi=110)
-  plt.close(fig)
+  paths.append(save(fig, os.path.join(out, "fanout.png")))
 
   # Per-layer fanout and per-token fanout std (last quarter of training).
   fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
@@ -379,10 +373,7 @@ def plot_all(results, specs, out: str) -> list[str]:
   axes[1].set_xlabel("step")
   axes[1].set_ylabel("per-token fanout std (mean over layers)")
   axes[1].legend(fontsize=8)
-  fig.tight_layout()
-  paths.append(os.path.join(out, "layer_fanout.png"))
-  fig.savefig(paths[-1], dpi=110)
-  plt.close(fig)
+  paths.append(save(fig, os.path.join(out, "layer_fanout.png")))
 
   fig, ax = plt.subplots(figsize=(6, 3.6))
   stds = [mean_std([r["tail"].get("fanout_std") for r in seeds_of(lab)])
@@ -396,10 +387,7 @@ def plot_all(results, specs, out: str) -> list[str]:
             fontsize=8)
   ax.set_xticks(range(len(routed)), routed, rotation=20, fontsize=8)
   ax.set_ylabel("per-token fanout std (last 25%)")
-  fig.tight_layout()
-  paths.append(os.path.join(out, "fanout_std.png"))
-  fig.savefig(paths[-1], dpi=110)
-  plt.close(fig)
+  paths.append(save(fig, os.path.join(out, "fanout_std.png")))
 
   with_params = [lab for lab in routed if seeds_of(lab)[0]["router_params"]]
   if with_params:
@@ -418,23 +406,14 @@ def plot_all(results, specs, out: str) -> list[str]:
       ax.set_xlabel("MoE layer")
       ax.set_ylabel(f"learned {name} (end of training)")
       ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(os.path.join(out, "router_params.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(save(fig, os.path.join(out, "router_params.png")))
   return paths
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
-  experiment.use_compile_cache(FLAGS.compile_cache)
+  base = experiment.start(argv, OWN_FLAGS)
   specs = parse_runs(FLAGS.runs)
   by_label = {s.label: s for s in specs}
-  base = experiment.base_values(OWN_FLAGS)
-  if FLAGS["progress"].using_default_value:
-    base["progress"] = False
 
   def run(label, seed):
     result = run_one(by_label[label], seed, base, FLAGS.workroot, FLAGS.band)

@@ -170,7 +170,7 @@ def make_table(results, specs) -> str:
 def plot_fanout(results, specs, path) -> None:
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from moejax.experiment.plots import pyplot
+  from moejax.experiment.plots import pyplot, save
   plt = pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
   for spec in specs:
@@ -191,9 +191,7 @@ def plot_fanout(results, specs, path) -> None:
   axes[1].set_ylabel("validation denoising loss")
   axes[1].set_yscale("log")
   axes[1].legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  save(fig, path, dpi=100)
 
 
 if __name__ == "__main__":

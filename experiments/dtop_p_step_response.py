@@ -113,9 +113,8 @@ def summarize(run, switch, band=0.02):
 
 def main(argv):
   del argv
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from moejax.experiment.plots import pyplot, save
+  plt = pyplot()
 
   os.makedirs(FLAGS.out, exist_ok=True)
   gains = [tuple(float(x) for x in g.split("/")) for g in FLAGS.gains.split(",")]
@@ -142,9 +141,7 @@ def main(argv):
     axes[0, col].legend(fontsize=8)
   fig.suptitle("DTop-p step response, tiny LM (frozen init weights), "
                f"{FLAGS.batch_size}x128 stdlib bytes per step, CPU")
-  fig.tight_layout()
-  path = os.path.join(FLAGS.out, "step_response_cpu.png")
-  fig.savefig(path, dpi=110)
+  path = save(fig, os.path.join(FLAGS.out, "step_response_cpu.png"))
   with open(os.path.join(FLAGS.out, "step_response_cpu.json"), "w") as f:
     json.dump({"argv": sys.argv, "runs": runs}, f)
   print("plot:", path)

@@ -38,7 +38,7 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from moejax import experiment
 from moejax.cli import lm_flags
@@ -247,7 +247,7 @@ def fmt(m, s, digits=4):
 
 
 def report(out: str) -> dict:
-  from moejax.experiment.plots import pyplot
+  from moejax.experiment.plots import pyplot, save
   plt = pyplot()
 
   runs = experiment.load_records(os.path.join(out, "records"))
@@ -319,9 +319,7 @@ def report(out: str) -> dict:
   ax.set_xlabel("forward FLOPs per token (M, from shapes)")
   ax.set_ylabel("validation loss (nats/byte, top-C)")
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, "loss_vs_flops.png"), dpi=110)
-  plt.close(fig)
+  save(fig, os.path.join(out, "loss_vs_flops.png"))
 
   # Validation loss vs training FLOPs.
   fig, ax = plt.subplots(figsize=(6, 4))
@@ -337,9 +335,7 @@ def report(out: str) -> dict:
   ax.set_xlabel("training FLOPs (3 x forward, from shapes)")
   ax.set_ylabel("validation loss (nats/byte)")
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, "eval_loss.png"), dpi=110)
-  plt.close(fig)
+  save(fig, os.path.join(out, "eval_loss.png"))
 
   # Predictor / router accuracy against top-C on validation data vs step.
   mod_labels = [l for l in order if "mod_capacity" in by_label[l][0]["modes"]
@@ -360,18 +356,12 @@ def report(out: str) -> dict:
     ax.set_xlabel("step")
     ax.set_ylabel("accuracy vs top-C (validation)")
     ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "predictor.png"), dpi=110)
-    plt.close(fig)
+    save(fig, os.path.join(out, "predictor.png"))
   return {"rows": rows}
 
 
 def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
-  experiment.use_compile_cache(FLAGS.compile_cache)
-  base = experiment.base_values(OWN)
-  base["progress"] = False
+  base = experiment.start(argv, OWN)
   labels = [l for l in FLAGS.runs.split(",") if l]
   for label in labels:
     if label not in LABELS:

@@ -48,7 +48,7 @@ import os
 import shutil
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -296,11 +296,7 @@ def table(records, labels, columns):
 
 
 def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
-  experiment.use_compile_cache(FLAGS.compile_cache)
-  base = experiment.base_values(OWN)
-  base["progress"] = False
+  base = experiment.start(argv, OWN)
   k = lm_flags.build_train_config({**base, "router": "top_k"}).model.moe.router.k
   k_max = FLAGS.dyn_k_max or k
   k_min = FLAGS.dyn_k_min or max(1, k_max - 1)
@@ -369,7 +365,7 @@ def main(argv):
 
 
 def plot(records, path):
-  from moejax.experiment.plots import pyplot
+  from moejax.experiment.plots import pyplot, save
   plt = pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   colors = {"top_k": "C0", "exact_k": "C1", "dynamic_k": "C2",
@@ -387,9 +383,7 @@ def plot(records, path):
     ax.set_xlabel("step")
     ax.set_ylabel("CE (nats/byte)")
     ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  save(fig, path, dpi=100)
 
 
 if __name__ == "__main__":

@@ -108,3 +108,17 @@ def test_run_grid_is_seed_major_and_skips_recorded_runs(tmp_path):
 def test_load_module(tmp_path):
   (tmp_path / "cfg.py").write_text("X = 3\n")
   assert experiment.load_module(str(tmp_path / "cfg.py")).X == 3
+
+
+def test_plots_write_pngs(tmp_path):
+  from moejax.experiment import plots
+  history = [{"step": 0, "loss": 2.0, "p": 0.5}, {"step": 1, "eval_loss": 1.9},
+             {"step": 2, "loss": 1.5, "p": None}, {"step": 3, "loss": 1.0}]
+  assert plots.series(history, "loss") == ([0, 2, 3], [2.0, 1.5, 1.0])
+  assert plots.series(history, "p") == ([0], [0.5])
+  path = str(tmp_path / "sub" / "a.png")
+  with plots.figure(path) as (_, ax):
+    ax.plot(*plots.series(history, "loss"))
+  fig, _ = plots.pyplot().subplots()
+  assert os.path.getsize(path) > 0
+  assert os.path.getsize(plots.save(fig, str(tmp_path / "b.png"))) > 0

@@ -12,10 +12,11 @@ it:
 
 Axis legend: none (configuration, records and per-seed scalars).
 """
+from moejax.experiment import plots
 from moejax.experiment.runner import (base_values, define_flags, load_json,
                                       load_module, load_records,
                                       run_grid, run_name,
-                                      save_json, seeds_flag,
+                                      save_json, seeds_flag, start,
                                       use_compile_cache, workdir)
 from moejax.experiment.specs import (RunSpec, parse_runs, parse_seeds,
                                      parse_value)
@@ -27,6 +28,6 @@ __all__ = [
     "RunSpec", "base_values", "by_seed", "define_flags", "format_ms",
     "format_values", "load_json", "load_module", "load_records", "markdown_table",
     "mean_std", "paired_delta", "parse_runs", "parse_seeds", "parse_value",
-    "run_grid", "run_name", "save_json", "seeds_flag", "use_compile_cache",
-    "workdir",
+    "run_grid", "run_name", "save_json", "seeds_flag", "start", "use_compile_cache",
+    "plots", "workdir",
 ]

@@ -17,6 +17,15 @@ def pyplot():
   return plt
 
 
+def save(fig, path: str, dpi: int = 110) -> str:
+  """Lays out `fig`, writes it to `path` (PNG), closes it; returns `path`."""
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, dpi=dpi)
+  pyplot().close(fig)
+  return path
+
+
 @contextlib.contextmanager
 def figure(path: str, ncols: int = 1, figsize=(7, 4), dpi: int = 110,
            **kwargs) -> Iterator[Any]:
@@ -25,13 +34,9 @@ def figure(path: str, ncols: int = 1, figsize=(7, 4), dpi: int = 110,
   Yields `(fig, axes)`; axes is one Axes for ncols=1 and no extra kwargs
   (matplotlib's `subplots` squeezing), else as `plt.subplots` returns it.
   """
-  plt = pyplot()
-  fig, axes = plt.subplots(1, ncols, figsize=figsize, **kwargs)
+  fig, axes = pyplot().subplots(1, ncols, figsize=figsize, **kwargs)
   yield fig, axes
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.savefig(path, dpi=dpi)
-  plt.close(fig)
+  save(fig, path, dpi)
 
 
 def series(history: Sequence[dict[str, Any]], key: str,

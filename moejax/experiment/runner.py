@@ -56,6 +56,27 @@ def base_values(own: Sequence[str]) -> dict[str, Any]:
           if k not in own}
 
 
+def start(argv: Sequence[str], own: Sequence[str]) -> dict[str, Any]:
+  """The common opening of a driver's `main`.
+
+  Rejects positional arguments, logs warnings only, turns on the compilation
+  cache named by the driver's compile-cache flag, and returns the base flag
+  values of every training run (`base_values(own)`) with the progress bar off
+  unless `--progress` was given.
+  """
+  from absl import app, logging  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
+  logging.set_verbosity(logging.WARNING)
+  for name in ("compile_cache", "compilation_cache"):
+    if name in own:
+      use_compile_cache(flags.FLAGS[name].value)
+  base = base_values(own)
+  if "progress" in flags.FLAGS and not flags.FLAGS["progress"].present:
+    base["progress"] = False
+  return base
+
+
 def seeds_flag() -> list[int]:
   """The parsed `--seeds`."""
   return parse_seeds(flags.FLAGS.seeds)
