@@ -75,8 +75,8 @@ plt.xlabel('experts per token'); plt.legend(); plt.show()
 # batch of Python standard-library source, and the method's own `update` (the code
 # the train step runs, global scope) moves p from the mean fanout over all layers.
 # The target steps from 2 to 3 experts at step 30. At gamma = 3 on every layer p
-# must go near 0.9, where the fanout is very sensitive to p: the spec's
-# kp 0.5 / ki 0.2 ring there (period 2), the defaults (0.1 / 0.1) settle.
+# must go near 0.9, where the fanout is very sensitive to p: the former
+# defaults kp 0.5 / ki 0.2 ring there (period 2), the defaults (0.1 / 0.1) settle.
 
 # %%
 pre = configs.preset('tiny')
