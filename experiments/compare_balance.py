@@ -461,10 +461,10 @@ def main(argv):
                         if k != "eval"), flush=True)
       return result
 
+    runs_dir = os.path.join(out_dir, "runs")
     experiment.run_grid(list(specs), experiment.seeds_flag(),
-                        lambda label, seed: os.path.join(
-                            out_dir, "runs",
-                            experiment.run_name(label, seed) + ".json"), run)
+                        lambda label, seed: experiment.record_path(
+                            runs_dir, label, seed), run)
   if FLAGS.mode in ("all", "report"):
     report(out_dir)
 

@@ -426,8 +426,8 @@ def main(argv):
 
   results = experiment.run_grid(
       [s.label for s in specs], experiment.seeds_flag(),
-      lambda label, seed: os.path.join(
-          FLAGS.out, "runs", experiment.run_name(label, seed) + ".json"),
+      lambda label, seed: experiment.record_path(
+          os.path.join(FLAGS.out, "runs"), label, seed),
       run, train=not FLAGS.aggregate_only, keep_going=FLAGS.keep_going,
       error_record=lambda label, seed, message: {
           "label": label, "router": by_label[label].router, "seed": seed,

@@ -203,8 +203,8 @@ def train_one(label: str, seed: int, base: dict) -> dict:
 
 def record_path(label: str, seed: int) -> str:
   """OUT/records/LABEL_sSEED.json."""
-  return os.path.join(FLAGS.out, "records",
-                      experiment.run_name(label, seed) + ".json")
+  return experiment.record_path(os.path.join(FLAGS.out, "records"), label,
+                                seed)
 
 
 def train_parallel(labels, seeds, argv_flags) -> None:

@@ -102,6 +102,7 @@ def test_run_grid_is_seed_major_and_skips_recorded_runs(tmp_path):
                               train=False, log=lambda s: None)
   assert calls == [] and [r["label"] for r in again] == ["a", "a"]
   assert experiment.workdir("w", "a", 1) == os.path.join("w", "a_s1")
+  assert experiment.record_path("o", "a", 1) == os.path.join("o", "a_s1.json")
   assert len(experiment.load_records(str(tmp_path))) == 4
 
 

@@ -14,10 +14,10 @@ Axis legend: none (configuration, records and per-seed scalars).
 """
 from moejax.experiment import plots
 from moejax.experiment.runner import (base_values, define_flags, load_json,
-                                      load_module, load_records,
-                                      run_grid, run_name,
-                                      save_json, seeds_flag, start,
-                                      use_compile_cache, workdir)
+                                      load_module, load_records, record_path,
+                                      run_grid, run_name, save_json,
+                                      seeds_flag, start, use_compile_cache,
+                                      workdir)
 from moejax.experiment.specs import (RunSpec, parse_runs, parse_seeds,
                                      parse_value)
 from moejax.experiment.stats import (by_seed, format_ms, format_values,
@@ -27,7 +27,7 @@ from moejax.experiment.tables import markdown_table
 __all__ = [
     "RunSpec", "base_values", "by_seed", "define_flags", "format_ms",
     "format_values", "load_json", "load_module", "load_records", "markdown_table",
-    "mean_std", "paired_delta", "parse_runs", "parse_seeds", "parse_value",
+    "mean_std", "paired_delta", "parse_runs", "parse_seeds", "parse_value", "record_path",
     "run_grid", "run_name", "save_json", "seeds_flag", "start", "use_compile_cache",
     "plots", "workdir",
 ]

@@ -119,6 +119,11 @@ def workdir(workroot: str, label: str, seed: int) -> str:
   return os.path.join(workroot, run_name(label, seed))
 
 
+def record_path(directory: str, label: str, seed: int) -> str:
+  """`DIRECTORY/LABEL_sSEED.json`: the JSON record of one (run, seed)."""
+  return os.path.join(directory, run_name(label, seed) + ".json")
+
+
 def save_json(path: str, record: Any, indent: Optional[int] = None) -> None:
   """Writes `record` as JSON, creating the directory."""
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
