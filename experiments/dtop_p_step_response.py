@@ -16,6 +16,7 @@ Axis legend:
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -70,16 +71,13 @@ def step_response(gains, gamma, *, steps, switch, k, k2, batch_size, seed=0):
   def forward(router_state, tokens):
     _, coll = model.apply({"params": params, "router_state": router_state},
                           tokens, train=False, mutable=["router"])
-    layers = router_outputs(coll["router"])
-    return {path: v["metrics"] for path, v in layers.items()}
+    return {path: layer["metrics"]
+            for path, layer in router_outputs(coll["router"]).items()}
 
-  def make_control(method):
-    @jax.jit
-    def control(router_state, metrics):
-      layers = {path: {"metrics": m} for path, m in metrics.items()}
-      return update_router_state(method, router_state, layers, jnp.int32(0))
-    return control
-  controls = [make_control(m) for m in methods]
+  def control(method, router_state, metrics):
+    layers = {path: {"metrics": m} for path, m in metrics.items()}
+    return update_router_state(method, router_state, layers, jnp.int32(0))
+  controls = [jax.jit(functools.partial(control, m)) for m in methods]
 
   fanout, p, layer_fanout = [], [], []
   for t in range(steps):
