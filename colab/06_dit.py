@@ -87,7 +87,7 @@ print("router:", router, " output shape:", out.shape, " max |output| at init:", 
 # loss and the mean fanout per timestep bucket.
 
 # %%
-from moejax.train import dit_loop
+from moejax.tasks import dit as dit_loop
 from moejax.train.state import OptimConfig, create_train_state
 steps = 80
 tcfg = dit_loop.DiTTrainConfig(
