@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 from moejax.routing import threshold  # noqa: E402
 

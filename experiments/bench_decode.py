@@ -30,7 +30,7 @@ import json
 import os
 import time
 
-from absl import app, flags
+from absl import app, flags  # noqa: E402
 
 flags.DEFINE_string("config", "tiny", "Model preset (tiny or small).")
 flags.DEFINE_string("batch_sizes", "1,8", "Comma-separated batch sizes.")

@@ -30,19 +30,16 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from absl import app, flags  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from moejax import routing  # noqa: E402
-from moejax.routing import ExactK, TopK, probmoe  # noqa: E402
-from moejax.nn.moe import MoE, MoEConfig  # noqa: E402
+from moejax import routing
+from moejax.routing import ExactK, TopK
+from moejax.nn.moe import MoE, MoEConfig
 
 
 flags.DEFINE_integer("tokens", 4096, "Tokens S (one group).")

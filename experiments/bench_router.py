@@ -20,11 +20,9 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags, logging
 
-from absl import app, flags, logging  # noqa: E402
-
-from moejax.cli import lm_flags  # noqa: E402
+from moejax.cli import lm_flags
 
 lm_flags.define_flags()
 flags.DEFINE_string("routers", "top_k;dtop_p;top_p",
@@ -120,7 +118,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   import jax
-  from moejax.cli.run_specs import parse_runs  # compare_routers' spec syntax
+  from moejax.experiment import parse_runs  # compare_routers' spec syntax
 
   specs = parse_runs(FLAGS.routers)
   base = {k: v for k, v in FLAGS.flag_values_dict().items()

@@ -16,14 +16,12 @@ speed-up.
 from __future__ import annotations
 
 import os
-import sys
 
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS",
                                                                   ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import json  # noqa: E402
 import statistics  # noqa: E402

@@ -35,18 +35,16 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
-from absl import app, flags  # noqa: E402
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from moejax import flops, routing  # noqa: E402
-from moejax.cli import lm_flags  # noqa: E402
-from moejax.models.lm import TransformerLM  # noqa: E402
-from moejax.train.state import TrainState  # noqa: E402
-from moejax.train.step import make_train_step  # noqa: E402
+from moejax import flops, routing
+from moejax.cli import lm_flags
+from moejax.models.lm import TransformerLM
+from moejax.train.state import TrainState
+from moejax.train.step import make_train_step
 
 flags.DEFINE_string("config", "small", "model preset (moejax.configs)")
 flags.DEFINE_list("routers", ["dense", "top_k", "expert_choice", "dtop_p",

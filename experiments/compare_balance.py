@@ -31,21 +31,20 @@ Axis legend:
 from __future__ import annotations
 
 import dataclasses
-import glob
-import json
-import math
 import os
-import sys
 import time
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
 
-from absl import app, flags, logging  # noqa: E402
-
-from moejax.cli import lm_flags  # noqa: E402
+from moejax import experiment
+from moejax.cli import lm_flags
+from moejax.experiment import format_ms, mean_std
+from moejax.experiment.tables import markdown_table
 
 lm_flags.define_flags()
+SHARED_FLAGS = experiment.define_flags(out="experiments/reports/balance",
+                                       workroot="runs/balance")
 DEFAULT_RUNS = ";".join([
     "tc_aux=top_k",
     "tc_loss_free=top_k,balance=loss_free,score_fn=sigmoid",
@@ -57,15 +56,11 @@ DEFAULT_RUNS = ";".join([
 flags.DEFINE_string("runs", DEFAULT_RUNS, "LABEL=ROUTER[,FLAG=VALUE...];...")
 flags.DEFINE_string("only", None, "Comma-separated labels of --runs to run "
                     "(default: all).")
-flags.DEFINE_string("seeds", "0,1", "Comma-separated seeds.")
-flags.DEFINE_string("out", "experiments/reports/balance", "Results directory.")
-flags.DEFINE_string("workroot", "runs/balance", "Root of the run workdirs.")
 flags.DEFINE_integer("calib_batches", 4, "Training batches that calibrate "
                      "expert choice's causal thresholds.")
-flags.DEFINE_string("compile_cache", None, "Persistent JAX compilation cache "
-                    "directory (the seeds of one run share compiled programs).")
 flags.DEFINE_enum("mode", "all", ["all", "train", "report"], "What to do.")
 FLAGS = flags.FLAGS
+OWN = SHARED_FLAGS + ("runs", "only", "calib_batches", "mode")
 HISTORY_KEYS = ("step", "loss", "max_vio", "max_vio_max", "drop_fraction",
                 "experts_per_token", "zero_expert_fraction", "et_bound_low",
                 "et_bound_high", "et_pass_fraction", "et_threshold", "et_warmup",
@@ -209,20 +204,16 @@ def with_router(cfg, method):
 
 
 # ------------------------------------------------------------------ runs
-def parse_runs(text: str, batch_tokens: int) -> list[tuple[str, str, dict]]:
-  runs = []
-  for spec in filter(None, (s.strip() for s in text.split(";"))):
-    label, _, rest = spec.partition("=")
-    router, *opts = rest.split(",")
-    options = {}
-    for opt in opts:
-      key, _, value = opt.partition("=")
-      if key not in FLAGS:
-        raise ValueError(f"run {label!r}: unknown flag {key!r}")
-      value = str(batch_tokens) if value == "BATCH" else value
-      options[key] = FLAGS[key].parser.parse(value)
-    runs.append((label, router, options))
-  return runs
+def parse_runs(text: str, batch_tokens: int) -> list[experiment.RunSpec]:
+  """`--runs`; values parsed by their flags' parsers, `BATCH` = batch tokens."""
+
+  def value(key, text):
+    if key not in FLAGS:
+      raise ValueError(f"unknown flag {key!r}")
+    return FLAGS[key].parser.parse(str(batch_tokens) if text == "BATCH"
+                                   else text)
+
+  return experiment.parse_runs(text, value_parser=value)
 
 
 def run_one(label: str, router: str, options: dict, seed: int,
@@ -235,7 +226,7 @@ def run_one(label: str, router: str, options: dict, seed: int,
   from moejax.train.loop import train
 
   values = dict(base, **options, router=router, seed=seed)
-  values["workdir"] = os.path.join(FLAGS.workroot, f"{label}_s{seed}")
+  values["workdir"] = experiment.workdir(FLAGS.workroot, label, seed)
   cfg = lm_flags.build_train_config(values)
   t0 = time.perf_counter()
   summary = train(cfg, values["workdir"])
@@ -289,13 +280,9 @@ def run_one(label: str, router: str, options: dict, seed: int,
 
 # ---------------------------------------------------------------- report
 def _ms(values):
-  values = [v for v in values if v is not None]
-  if not values:
-    return None
-  mean = sum(values) / len(values)
-  std = (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-         if len(values) > 1 else 0.0)
-  return [mean, std]
+  """[mean, std] over seeds, None without a value (the JSON layout)."""
+  mean, std = mean_std(values)
+  return None if mean is None else [mean, std]
 
 
 def summarize_run(r: dict[str, Any]) -> dict[str, Any]:
@@ -342,8 +329,7 @@ def summarize_run(r: dict[str, Any]) -> dict[str, Any]:
 
 def report(out_dir: str) -> None:
   import numpy as np
-  results = [json.load(open(p)) for p in
-             sorted(glob.glob(os.path.join(out_dir, "runs", "*.json")))]
+  results = experiment.load_records(os.path.join(out_dir, "runs"))
   if not results:
     raise FileNotFoundError(f"no run results under {out_dir}/runs")
   found = list(dict.fromkeys(r["label"] for r in results))
@@ -366,42 +352,32 @@ def report(out_dir: str) -> None:
           [r["evals"]["eval_causal"]["fanout_by_position"] for r in rs],
           0).tolist()
     rows.append(row)
-  with open(os.path.join(out_dir, "results.json"), "w") as fh:
-    json.dump({"config": results[0]["config"], "rows": rows}, fh, indent=1)
+  experiment.save_json(os.path.join(out_dir, "results.json"),
+                       {"config": results[0]["config"], "rows": rows}, indent=1)
 
   def fmt(v, digits=3, pct=False):
-    if v is None:
-      return "—"
-    mean, std = v
-    if pct:
-      return f"{100 * mean:.2f}% ± {100 * std:.2f}"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    return format_ms(v, ".2f" if pct else f".{digits}f", pct=pct, missing="—")
 
-  lines = ["| run | eval loss (own routing) | causal / training-routing eval "
-           "loss | gap | val MaxVio per batch / pooled | train MaxVio (last "
-           "25%) | train MaxVio (all) | train drop | val fanout | val "
-           "zero-expert |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-  for row in rows:
-    other = row.get("eval_loss_train_routing") or row.get("eval_loss_causal")
-    lines.append(
-        f"| {row['label']} | {fmt(row['eval_loss'], 4)} | {fmt(other, 4)} | "
-        f"{fmt(row.get('causal_gap'), pct=True)} | {fmt(row['eval_max_vio'])} "
-        f"/ {fmt(row['eval_max_vio_pooled'])} | "
-        f"{fmt(row['train_max_vio_last25'])} | {fmt(row['train_max_vio_all'])} "
-        f"| {fmt(row['train_drop_last25'], pct=True)} | "
-        f"{fmt(row['eval_fanout'])} | {fmt(row['eval_zero_expert'], pct=True)} |")
+  lines = [markdown_table(
+      ["run", "eval loss (own routing)", "causal / training-routing eval loss",
+       "gap", "val MaxVio per batch / pooled", "train MaxVio (last 25%)",
+       "train MaxVio (all)", "train drop", "val fanout", "val zero-expert"],
+      [[row["label"], fmt(row["eval_loss"], 4),
+        fmt(row.get("eval_loss_train_routing") or row.get("eval_loss_causal"),
+            4), fmt(row.get("causal_gap"), pct=True),
+        f"{fmt(row['eval_max_vio'])} / {fmt(row['eval_max_vio_pooled'])}",
+        fmt(row["train_max_vio_last25"]), fmt(row["train_max_vio_all"]),
+        fmt(row["train_drop_last25"], pct=True), fmt(row["eval_fanout"]),
+        fmt(row["eval_zero_expert"], pct=True)] for row in rows])]
   et_rows = [r for r in rows if r.get("et_bound_low_post_warmup")]
   if et_rows:
-    lines += ["", "| ET run | lower bound binds (train, after warm-up) | upper "
-              "bound binds | would bind on validation (low / high) |",
-              "| --- | --- | --- | --- |"]
-    for row in et_rows:
-      lines.append(
-          f"| {row['label']} | {fmt(row['et_bound_low_post_warmup'], pct=True)}"
-          f" | {fmt(row['et_bound_high_post_warmup'], pct=True)} | "
+    lines += ["", markdown_table(
+        ["ET run", "lower bound binds (train, after warm-up)",
+         "upper bound binds", "would bind on validation (low / high)"],
+        [[row["label"], fmt(row["et_bound_low_post_warmup"], pct=True),
+          fmt(row["et_bound_high_post_warmup"], pct=True),
           f"{fmt(row['eval_et_bound_low'], pct=True)} / "
-          f"{fmt(row['eval_et_bound_high'], pct=True)} |")
+          f"{fmt(row['eval_et_bound_high'], pct=True)}"] for row in et_rows])]
   with open(os.path.join(out_dir, "results.md"), "w") as fh:
     fh.write("\n".join(lines) + "\n")
   print("\n".join(lines))
@@ -409,12 +385,36 @@ def report(out_dir: str) -> None:
 
 
 def plot(results, rows, out_dir: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
   import numpy as np
 
-  fig, ax = plt.subplots(figsize=(7, 4))
+  from moejax.experiment.plots import figure
+
+  with figure(os.path.join(out_dir, "max_vio.png")) as (_, ax):
+    _plot_max_vio(ax, results)
+  with figure(os.path.join(out_dir, "fanout_by_position.png")) as (_, ax):
+    for i, row in enumerate(rows):
+      pos = np.asarray(row["fanout_by_position"])
+      ax.plot(np.arange(len(pos)), pos, color=f"C{i}", label=row["label"])
+      if "fanout_by_position_causal" in row:
+        ax.plot(np.arange(len(pos)), row["fanout_by_position_causal"],
+                color=f"C{i}", ls="--", label=row["label"] + " (causal thr.)")
+    ax.set_xlabel("token position")
+    ax.set_ylabel("routed experts per token (validation)")
+    ax.legend(fontsize=8)
+  with figure(os.path.join(out_dir, "loss.png")) as (_, ax):
+    for i, label in enumerate(dict.fromkeys(r["label"] for r in results)):
+      for r in (r for r in results if r["label"] == label):
+        h = [x for x in r["history"] if "loss" in x]
+        ax.plot([x["step"] for x in h], [x["loss"] for x in h], color=f"C{i}",
+                alpha=0.7, lw=1)
+      ax.plot([], [], color=f"C{i}", label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (nats/byte)")
+    ax.set_ylim(top=3.0)
+    ax.legend(fontsize=8)
+
+
+def _plot_max_vio(ax, results) -> None:
   for i, label in enumerate(dict.fromkeys(r["label"] for r in results)):
     for r in (r for r in results if r["label"] == label):
       h = [x for x in r["history"] if "max_vio" in x and "loss" in x]
@@ -426,53 +426,13 @@ def plot(results, rows, out_dir: str) -> None:
   ax.set_xlabel("step")
   ax.set_ylabel("training MaxVio (mean over layers)")
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out_dir, "max_vio.png"), dpi=110)
-  plt.close(fig)
-
-  fig, ax = plt.subplots(figsize=(7, 4))
-  for i, row in enumerate(rows):
-    pos = np.asarray(row["fanout_by_position"])
-    ax.plot(np.arange(len(pos)), pos, color=f"C{i}", label=row["label"])
-    if "fanout_by_position_causal" in row:
-      ax.plot(np.arange(len(pos)), row["fanout_by_position_causal"],
-              color=f"C{i}", ls="--", label=row["label"] + " (causal thr.)")
-  ax.set_xlabel("token position")
-  ax.set_ylabel("routed experts per token (validation)")
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out_dir, "fanout_by_position.png"), dpi=110)
-  plt.close(fig)
-
-  fig, ax = plt.subplots(figsize=(7, 4))
-  for i, label in enumerate(dict.fromkeys(r["label"] for r in results)):
-    for r in (r for r in results if r["label"] == label):
-      h = [x for x in r["history"] if "loss" in x]
-      ax.plot([x["step"] for x in h], [x["loss"] for x in h], color=f"C{i}",
-              alpha=0.7, lw=1)
-    ax.plot([], [], color=f"C{i}", label=label)
-  ax.set_xlabel("step")
-  ax.set_ylabel("training loss (nats/byte)")
-  ax.set_ylim(top=3.0)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out_dir, "loss.png"), dpi=110)
-  plt.close(fig)
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
+  base = experiment.start(argv, OWN)
   from moejax import configs
-  if FLAGS.compile_cache:
-    import jax
-    jax.config.update("jax_compilation_cache_dir", FLAGS.compile_cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   out_dir = FLAGS.out
-  os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
   if FLAGS.mode in ("all", "train"):
-    base = FLAGS.flag_values_dict()
     pre = configs.preset(base["config"])
     pick = lambda key: pre[key] if base.get(key) is None else base[key]
     steps = pick("steps")
@@ -486,22 +446,25 @@ def main(argv):
     base["sample_tokens"] = 0
     batch_tokens = pick("batch_size") * pick("seq_len")
     only = set(FLAGS.only.split(",")) if FLAGS.only else None
-    for label, router, options in parse_runs(FLAGS.runs, batch_tokens):
-      if only is not None and label not in only:
-        continue
-      options.setdefault("et_warmup_steps", base["et_warmup_steps"])
-      for seed in [int(s) for s in FLAGS.seeds.split(",") if s]:
-        print(f"== {label} seed {seed}", flush=True)
-        result = run_one(label, router, options, seed, base)
-        path = os.path.join(out_dir, "runs", f"{label}_s{seed}.json")
-        with open(path, "w") as fh:
-          json.dump(result, fh)
-        ev = result["evals"]
-        print(f"   eval loss {ev['eval']['loss']:.4f}  val MaxVio "
-              f"{ev['eval']['max_vio']:.3f}  "
-              + "  ".join(f"{k} {v['loss']:.4f}" for k, v in ev.items()
-                          if k != "eval")
-              + f"  ({result['wall_seconds']:.0f} s)", flush=True)
+    specs = {s.label: s for s in parse_runs(FLAGS.runs, batch_tokens)
+             if only is None or s.label in only}
+    for spec in specs.values():
+      spec.options.setdefault("et_warmup_steps", base["et_warmup_steps"])
+
+    def run(label, seed):
+      spec = specs[label]
+      result = run_one(label, spec.router, spec.options, seed, base)
+      ev = result["evals"]
+      print(f"   eval loss {ev['eval']['loss']:.4f}  val MaxVio "
+            f"{ev['eval']['max_vio']:.3f}  "
+            + "  ".join(f"{k} {v['loss']:.4f}" for k, v in ev.items()
+                        if k != "eval"), flush=True)
+      return result
+
+    runs_dir = os.path.join(out_dir, "runs")
+    experiment.run_grid(list(specs), experiment.seeds_flag(),
+                        lambda label, seed: experiment.record_path(
+                            runs_dir, label, seed), run)
   if FLAGS.mode in ("all", "report"):
     report(out_dir)
 

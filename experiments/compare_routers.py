@@ -21,41 +21,36 @@ Axis legend (of the logged arrays):
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
 import time
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
 
-from absl import app, flags, logging  # noqa: E402
-
-from moejax.cli import lm_flags  # noqa: E402
-from moejax.cli.run_specs import RunSpec, parse_runs  # noqa: E402
+from moejax import experiment
+from moejax.cli import lm_flags
+from moejax.experiment import RunSpec, format_ms, mean_std, parse_runs
 
 lm_flags.define_flags()
+SHARED_FLAGS = experiment.define_flags(out="experiments/out/compare",
+                                       workroot="runs/compare")
 flags.DEFINE_string("runs", "dense;top_k;top_p;dtop_p",
                     "Run specs separated by ';': [LABEL=]ROUTER[,FLAG=VALUE...]")
-flags.DEFINE_string("seeds", "0,1", "Comma-separated seeds; each run per seed.")
-flags.DEFINE_string("out", "experiments/out/compare", "Results directory.")
-flags.DEFINE_string("workroot", "runs/compare", "Root of the run workdirs.")
 flags.DEFINE_bool("plots", True, "Write PNG plots.")
 flags.DEFINE_float("band", 0.02, "Fanout band (fraction of the target) for "
                    "the settling step.")
 flags.DEFINE_integer("smooth_steps", 50, "Window (steps) of the moving "
                      "average of the fanout for the smoothed settling step.")
-flags.DEFINE_string("compile_cache", None, "Persistent JAX compilation cache "
-                    "directory (seeds of one run share compiled programs).")
 flags.DEFINE_bool("keep_going", True, "Record a failed run and go on.")
 flags.DEFINE_bool("aggregate_only", False, "Train nothing: tabulate and plot "
                   "the run JSONs already in OUT/runs (missing runs skipped).")
 
 FLAGS = flags.FLAGS
 # Flags of this script, not of the training runs.
-OWN_FLAGS = ("runs", "seeds", "out", "workroot", "plots", "band",
-             "compile_cache", "keep_going", "aggregate_only", "smooth_steps")
+OWN_FLAGS = SHARED_FLAGS + ("runs", "plots", "band", "keep_going",
+                            "aggregate_only", "smooth_steps")
 HISTORY_KEYS = ("step", "loss", "eval_loss", "experts_per_token", "fanout_std",
                 "layer_fanout", "drop_fraction", "drop_fraction_above_mean",
                 "kept_per_token", "max_fanout", "p", "p_layer", "pi_integral",
@@ -129,7 +124,7 @@ def run_one(spec: RunSpec, seed: int, base: dict[str, Any], workroot: str,
   values.update(spec.options)
   values["router"] = spec.router
   values["seed"] = seed
-  workdir = os.path.join(workroot, f"{spec.label}_s{seed}")
+  workdir = experiment.workdir(workroot, spec.label, seed)
   values["workdir"] = workdir
   cfg = lm_flags.build_train_config(values)
   t0 = time.perf_counter()
@@ -178,16 +173,6 @@ def run_one(spec: RunSpec, seed: int, base: dict[str, Any], workroot: str,
   return result
 
 
-def _mean_std(values):
-  values = [v for v in values if v is not None]
-  if not values:
-    return None, None
-  mean = sum(values) / len(values)
-  std = (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-         if len(values) > 1 else 0.0)
-  return mean, std
-
-
 def fanout_control(history, target: float, band: float,
                    smooth_steps: int) -> dict[str, Any]:
   """Settling of the logged per-step mean fanout and of its moving average
@@ -220,10 +205,10 @@ def aggregate(results: list[dict[str, Any]], specs: list[RunSpec],
     row = {"label": spec.label, "router": spec.router,
            "seeds": [r["seed"] for r in rs],
            "target": rs[0]["config"]["target_fanout"]}
-    row["eval_loss"] = _mean_std([r["eval_loss"] for r in rs])
+    row["eval_loss"] = mean_std([r["eval_loss"] for r in rs])
     for key in ("experts_per_token", "fanout_std", "drop_fraction",
                 "drop_fraction_above_mean", "max_vio"):
-      row[key] = _mean_std([r["tail"].get(key) for r in rs])
+      row[key] = mean_std([r["tail"].get(key) for r in rs])
     control = [fanout_control(r["history"], row["target"], band, smooth_steps)
                for r in rs] if "history" in rs[0] else []
     row["settle_step"] = [c.get("raw", {}).get("settle_step") for c in control]
@@ -231,20 +216,22 @@ def aggregate(results: list[dict[str, Any]], specs: list[RunSpec],
                                    for c in control]
     row["max_dev_smoothed"] = [c.get("smoothed", {}).get(
         "max_dev_after_settle") for c in control]
-    row["fanout_sd_steps"] = _mean_std([c.get("sd_second_half")
+    row["fanout_sd_steps"] = mean_std([c.get("sd_second_half")
                                         for c in control])
-    row["tokens_per_s"] = _mean_std([r["tokens_per_s"] for r in rs])
+    row["tokens_per_s"] = mean_std([r["tokens_per_s"] for r in rs])
+    first = [r for r in results if r["label"] == specs[0].label
+             and "error" not in r]
+    if spec is not specs[0] and first:
+      # Same-seed differences: seeds share data order and initialisation.
+      row["eval_loss_vs_" + specs[0].label] = experiment.paired_delta(
+          experiment.by_seed(first, "eval_loss"),
+          experiment.by_seed(rs, "eval_loss"))
     rows.append(row)
   return rows
 
 
 def _fmt(ms, digits=3, pct=False):
-  if ms is None or ms[0] is None:
-    return "–"
-  mean, std = ms
-  if pct:
-    return f"{100 * mean:.1f}% ± {100 * std:.1f}"
-  return f"{mean:.{digits}f} ± {std:.{digits}f}"
+  return format_ms(ms, ".1f" if pct else f".{digits}f", pct=pct)
 
 
 def markdown_table(rows, band: float = 0.02, smooth_steps: int = 50) -> str:
@@ -280,11 +267,10 @@ def markdown_table(rows, band: float = 0.02, smooth_steps: int = 50) -> str:
 
 def plot_all(results, specs, out: str) -> list[str]:
   """Writes the comparison PNGs; returns their paths."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
   import numpy as np
 
+  from moejax.experiment.plots import pyplot, save
+  plt = pyplot()
   ok = [r for r in results if "error" not in r]
   labels = [s.label for s in specs if any(r["label"] == s.label for r in ok)]
   colors = {lab: plt.cm.tab10(i % 10) for i, lab in enumerate(labels)}
@@ -305,7 +291,7 @@ def plot_all(results, specs, out: str) -> list[str]:
   axes[0].set_xlabel("step")
   axes[0].set_ylabel("train loss (nats/byte, smoothed)")
   axes[0].legend(fontsize=8)
-  means = [_mean_std([r["eval_loss"] for r in seeds_of(lab)]) for lab in labels]
+  means = [mean_std([r["eval_loss"] for r in seeds_of(lab)]) for lab in labels]
   axes[1].bar(range(len(labels)), [m[0] for m in means],
               yerr=[m[1] for m in means], capsize=4,
               color=[colors[lab] for lab in labels])
@@ -317,10 +303,7 @@ def plot_all(results, specs, out: str) -> list[str]:
   axes[1].set_ylim(lo, hi)
   axes[1].set_xticks(range(len(labels)), labels, rotation=20, fontsize=8)
   axes[1].set_ylabel("validation loss (mean ± std, dots = seeds)")
-  fig.tight_layout()
-  paths.append(os.path.join(out, "loss.png"))
-  fig.savefig(paths[-1], dpi=110)
-  plt.close(fig)
+  paths.append(save(fig, os.path.join(out, "loss.png")))
 
   routed = [lab for lab in labels
             if seeds_of(lab)[0]["config"]["target_fanout"] is not None]
@@ -365,10 +348,7 @@ def plot_all(results, specs, out: str) -> list[str]:
     ax.set_xlabel("step")
     ax.set_ylabel("controller threshold p (thin: per layer)")
     ax.legend(fontsize=8)
-  fig.tight_layout()
-  paths.append(os.path.join(out, "fanout.png"))
-  fig.savefig(paths[-1], dpi=110)
-  plt.close(fig)
+  paths.append(save(fig, os.path.join(out, "fanout.png")))
 
   # Per-layer fanout and per-token fanout std (last quarter of training).
   fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
@@ -393,15 +373,12 @@ def plot_all(results, specs, out: str) -> list[str]:
   axes[1].set_xlabel("step")
   axes[1].set_ylabel("per-token fanout std (mean over layers)")
   axes[1].legend(fontsize=8)
-  fig.tight_layout()
-  paths.append(os.path.join(out, "layer_fanout.png"))
-  fig.savefig(paths[-1], dpi=110)
-  plt.close(fig)
+  paths.append(save(fig, os.path.join(out, "layer_fanout.png")))
 
   fig, ax = plt.subplots(figsize=(6, 3.6))
-  stds = [_mean_std([r["tail"].get("fanout_std") for r in seeds_of(lab)])
+  stds = [mean_std([r["tail"].get("fanout_std") for r in seeds_of(lab)])
           for lab in routed]
-  fans = [_mean_std([r["tail"].get("experts_per_token") for r in seeds_of(lab)])
+  fans = [mean_std([r["tail"].get("experts_per_token") for r in seeds_of(lab)])
           for lab in routed]
   ax.bar(range(len(routed)), [s[0] for s in stds], yerr=[s[1] for s in stds],
          color=[colors[lab] for lab in routed], capsize=4)
@@ -410,10 +387,7 @@ def plot_all(results, specs, out: str) -> list[str]:
             fontsize=8)
   ax.set_xticks(range(len(routed)), routed, rotation=20, fontsize=8)
   ax.set_ylabel("per-token fanout std (last 25%)")
-  fig.tight_layout()
-  paths.append(os.path.join(out, "fanout_std.png"))
-  fig.savefig(paths[-1], dpi=110)
-  plt.close(fig)
+  paths.append(save(fig, os.path.join(out, "fanout_std.png")))
 
   with_params = [lab for lab in routed if seeds_of(lab)[0]["router_params"]]
   if with_params:
@@ -432,69 +406,39 @@ def plot_all(results, specs, out: str) -> list[str]:
       ax.set_xlabel("MoE layer")
       ax.set_ylabel(f"learned {name} (end of training)")
       ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(os.path.join(out, "router_params.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(save(fig, os.path.join(out, "router_params.png")))
   return paths
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
-  if FLAGS.compile_cache:
-    import jax
-    jax.config.update("jax_compilation_cache_dir", FLAGS.compile_cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  base = experiment.start(argv, OWN_FLAGS)
   specs = parse_runs(FLAGS.runs)
-  seeds = [int(s) for s in FLAGS.seeds.split(",") if s.strip()]
-  base = {k: v for k, v in FLAGS.flag_values_dict().items()
-          if k not in OWN_FLAGS}
-  if FLAGS["progress"].using_default_value:
-    base["progress"] = False
-  os.makedirs(os.path.join(FLAGS.out, "runs"), exist_ok=True)
-  results = []
-  # Seed-major order: an interrupted comparison still has every run once.
-  for seed in seeds:
-    for spec in specs:
-      path = os.path.join(FLAGS.out, "runs", f"{spec.label}_s{seed}.json")
-      if os.path.exists(path):
-        with open(path) as f:
-          done = json.load(f)
-        if "error" not in done:
-          print(f"{spec.label} seed {seed}: reusing {path}", flush=True)
-          results.append(done)
-          continue
-      if FLAGS.aggregate_only:
-        print(f"{spec.label} seed {seed}: missing, skipped", flush=True)
-        continue
-      print(f"{spec.label} seed {seed}: training ...", flush=True)
-      try:
-        result = run_one(spec, seed, base, FLAGS.workroot, FLAGS.band)
-      except Exception as e:  # pylint: disable=broad-except
-        if not FLAGS.keep_going:
-          raise
-        result = {"label": spec.label, "router": spec.router, "seed": seed,
-                  "error": f"{type(e).__name__}: {e}"}
-        print(f"  failed: {result['error']}", flush=True)
-      with open(path, "w") as f:
-        json.dump(result, f)
-      if "error" not in result:
-        s = result.get("settling", {})
-        print(f"  eval loss {result['eval_loss']:.4f}, fanout "
-              f"{result['tail'].get('experts_per_token', float('nan')):.3f}, "
-              f"settle {s.get('settle_step')}, "
-              f"{result['wall_seconds']:.0f} s", flush=True)
-      results.append(result)
+  by_label = {s.label: s for s in specs}
+
+  def run(label, seed):
+    result = run_one(by_label[label], seed, base, FLAGS.workroot, FLAGS.band)
+    s = result.get("settling", {})
+    print(f"  eval loss {result['eval_loss']:.4f}, fanout "
+          f"{result['tail'].get('experts_per_token', float('nan')):.3f}, "
+          f"settle {s.get('settle_step')}, "
+          f"{result['wall_seconds']:.0f} s", flush=True)
+    return result
+
+  results = experiment.run_grid(
+      [s.label for s in specs], experiment.seeds_flag(),
+      lambda label, seed: experiment.record_path(
+          os.path.join(FLAGS.out, "runs"), label, seed),
+      run, train=not FLAGS.aggregate_only, keep_going=FLAGS.keep_going,
+      error_record=lambda label, seed, message: {
+          "label": label, "router": by_label[label].router, "seed": seed,
+          "error": message})
   results.sort(key=lambda r: ([s.label for s in specs].index(r["label"]),
                               r["seed"]))
   rows = aggregate(results, specs, FLAGS.band, FLAGS.smooth_steps)
   table = markdown_table(rows, FLAGS.band, FLAGS.smooth_steps)
-  with open(os.path.join(FLAGS.out, "results.json"), "w") as f:
-    json.dump({"rows": rows, "runs": [
-        {k: v for k, v in r.items() if k != "history"} for r in results],
-               "argv": sys.argv}, f, indent=1)
+  experiment.save_json(os.path.join(FLAGS.out, "results.json"), {
+      "rows": rows, "runs": [{k: v for k, v in r.items() if k != "history"}
+                             for r in results], "argv": sys.argv}, indent=1)
   with open(os.path.join(FLAGS.out, "results.md"), "w") as f:
     f.write(table)
   print(table)

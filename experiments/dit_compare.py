@@ -18,25 +18,22 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags, logging
 
-from absl import app, flags, logging  # noqa: E402
-
-from moejax.cli import dit_flags  # noqa: E402
+from moejax import experiment
+from moejax.cli import dit_flags
+from moejax.experiment import format_values
 
 dit_flags.define_flags()
+experiment.define_flags(out="experiments/reports/dit",
+                        workroot="runs/dit_compare",
+                        compile_cache_name="compilation_cache")
 flags.DEFINE_string("routers", "top_k,top_p:0.3,dtop_p,dense",
                     "Comma-separated routers; top_p:P sets p.")
-flags.DEFINE_string("seeds", "0,1", "Comma-separated seeds.")
-flags.DEFINE_string("out", "experiments/reports/dit", "Results directory.")
-flags.DEFINE_string("workroot", "runs/dit_compare", "Run workdirs go here.")
 flags.DEFINE_float("deadline_s", None, "Skip runs starting after this many "
                    "seconds (None = no limit).")
-flags.DEFINE_string("compilation_cache", None, "JAX persistent compilation "
-                    "cache directory (seeds of one router share compiles).")
 flags.FLAGS.set_default("timestep_buckets", 8)
 
 KEYS = ("eval_loss", "eval_loss_by_t", "eval_fanout_by_t",
@@ -72,27 +69,17 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   values = flags.FLAGS.flag_values_dict()
-  if values["compilation_cache"]:
-    import jax  # pylint: disable=g-import-not-at-top
-    jax.config.update("jax_compilation_cache_dir", values["compilation_cache"])
-    for key, value in (("jax_persistent_cache_min_compile_time_secs", 0.0),
-                       ("jax_persistent_cache_min_entry_size_bytes", -1)):
-      try:
-        jax.config.update(key, value)
-      except (AttributeError, KeyError, ValueError):  # older/newer jax
-        pass
+  experiment.use_compile_cache(values["compilation_cache"])
   from moejax import routing  # pylint: disable=g-import-not-at-top
   from moejax.train.loop import train as train_dit  # pylint: disable=g-import-not-at-top
 
   os.makedirs(values["out"], exist_ok=True)
   results_path = os.path.join(values["out"], "dit_results.json")
-  results = []
-  if os.path.exists(results_path):
-    with open(results_path) as f:
-      results = json.load(f)
+  results = (experiment.load_json(results_path)
+             if os.path.exists(results_path) else [])
   done = {(r["spec"], r["seed"]) for r in results}
   specs = [s.strip() for s in values["routers"].split(",") if s.strip()]
-  seeds = [int(s) for s in values["seeds"].split(",") if s.strip()]
+  seeds = experiment.seeds_flag()
   not_run = []
   t_start = time.perf_counter()
   for seed in seeds:
@@ -108,8 +95,8 @@ def main(argv):
         not_run.append(f"{spec} seed {seed} (deadline)")
         continue
       run_values = dict(values, router=name, seed=seed, **extra)
-      run_values["workdir"] = os.path.join(values["workroot"],
-                                           f"{run_label(spec)}_s{seed}")
+      run_values["workdir"] = experiment.workdir(values["workroot"],
+                                                 run_label(spec), seed)
       cfg = dit_flags.build_dit_train_config(run_values)
       t0 = time.perf_counter()
       summary = train_dit(cfg, run_values["workdir"])
@@ -121,8 +108,7 @@ def main(argv):
         if key in last:
           record[f"train_{key}"] = last[key]
       results.append(record)
-      with open(results_path, "w") as f:
-        json.dump(results, f, indent=1)
+      experiment.save_json(results_path, results, indent=1)
       if seed == seeds[0] and summary.get("samples_overview"):
         shutil.copy(summary["samples_overview"], os.path.join(
             values["out"], f"dit_samples_{run_label(spec)}.png"))
@@ -145,34 +131,21 @@ def main(argv):
     print("not run:", "; ".join(sorted(set(not_run))))
 
 
-def _mean_std(xs):
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  xs = [x for x in xs if x is not None]
-  if not xs:
-    return "n/a"
-  if len(xs) == 1:
-    return f"{xs[0]:.4g}"
-  return f"{np.mean(xs):.4g} ± {np.std(xs, ddof=1):.2g}"
-
-
 def make_table(results, specs) -> str:
   """Markdown: mean ± std over seeds per router."""
-  rows = ["| router | seeds | val. denoising loss | experts/token | "
-          "fanout std (tokens) | class acc. of samples | Fréchet (feat.) | "
-          "drop frac. | images/s |",
-          "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+  cells = []
   for spec in specs:
     rs = [r for r in results if r["spec"] == spec]
-    if not rs:
-      continue
-    col = lambda k: _mean_std([r.get(k) for r in rs])
-    rows.append(
-        f"| {spec} | {','.join(str(r['seed']) for r in rs)} | "
-        f"{col('eval_loss')} | {col('eval_experts_per_token')} | "
-        f"{col('eval_fanout_std')} | {col('class_accuracy')} | "
-        f"{col('frechet')} | {col('eval_drop_fraction')} | "
-        f"{col('images_per_s')} |")
-  rows.append("")
+    if rs:
+      cells.append([spec, ",".join(str(r["seed"]) for r in rs)] + [
+          format_values([r.get(k) for r in rs], ".4g", ".2g", missing="n/a")
+          for k in ("eval_loss", "eval_experts_per_token", "eval_fanout_std",
+                    "class_accuracy", "frechet", "eval_drop_fraction",
+                    "images_per_s")])
+  rows = [experiment.markdown_table(
+      ["router", "seeds", "val. denoising loss", "experts/token",
+       "fanout std (tokens)", "class acc. of samples", "Fréchet (feat.)",
+       "drop frac.", "images/s"], cells), ""]
   rows.append("Fanout (experts per token, validation) by timestep bucket, "
               "low t (clean) -> high t (noise), mean over seeds:")
   rows.append("")
@@ -195,10 +168,10 @@ def make_table(results, specs) -> str:
 
 
 def plot_fanout(results, specs, path) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from moejax.experiment.plots import pyplot, save
+  plt = pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
   for spec in specs:
     rs = [r for r in results if r["spec"] == spec]
@@ -218,9 +191,7 @@ def plot_fanout(results, specs, path) -> None:
   axes[1].set_ylabel("validation denoising loss")
   axes[1].set_yscale("log")
   axes[1].legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  save(fig, path, dpi=100)
 
 
 if __name__ == "__main__":

@@ -14,29 +14,25 @@ Axis legend:
 """
 from __future__ import annotations
 
-import glob
-import json
 import os
 
 from absl import app, flags
+
+from moejax import experiment
+from moejax.experiment.plots import pyplot, save
 
 flags.DEFINE_string("report", "experiments/reports/dtop_p", "Report directory.")
 FLAGS = flags.FLAGS
 
 
-def load(pattern):
-  out = {}
-  for path in sorted(glob.glob(pattern)):
-    with open(path) as f:
-      r = json.load(f)
-    if "error" not in r:
-      out[(r["label"], r["seed"])] = r
-  return out
+def load(directory):
+  """{(label, seed): record} of the finished runs recorded in `directory`."""
+  return {(r["label"], r["seed"]): r for r in experiment.load_records(directory)
+          if "error" not in r}
 
 
 def series(run, key):
-  rows = [h for h in run["history"] if "loss" in h and key in h]
-  return [h["step"] for h in rows], [h[key] for h in rows]
+  return experiment.plots.series(run["history"], key)
 
 
 def moving(values, w):
@@ -45,15 +41,13 @@ def moving(values, w):
 
 def main(argv):
   del argv
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
   import numpy as np
+  plt = pyplot()
 
   rep = FLAGS.report
   runs = {}
   for sub in ("main", "variants", "long"):
-    runs.update(load(os.path.join(rep, sub, "runs", "*.json")))
+    runs.update(load(os.path.join(rep, sub, "runs")))
   target = 4.0
   fig, axes = plt.subplots(1, 3, figsize=(16, 4))
   ax = axes[0]
@@ -119,10 +113,7 @@ def main(argv):
   ax.set_ylabel("p of each layer")
   ax.set_title("(c) layer scope: deep layers reach p ~ 0.9 and ring")
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  path = os.path.join(rep, "controller_small.png")
-  fig.savefig(path, dpi=110)
-  print("plot:", path)
+  print("plot:", save(fig, os.path.join(rep, "controller_small.png")))
 
 
 if __name__ == "__main__":

@@ -16,13 +16,12 @@ Axis legend:
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags  # noqa: E402
+from absl import app, flags
 
 flags.DEFINE_string("out", "experiments/out/dtop_p", "Output directory.")
 flags.DEFINE_integer("steps", 160, "Controller steps per run.")
@@ -72,16 +71,13 @@ def step_response(gains, gamma, *, steps, switch, k, k2, batch_size, seed=0):
   def forward(router_state, tokens):
     _, coll = model.apply({"params": params, "router_state": router_state},
                           tokens, train=False, mutable=["router"])
-    layers = router_outputs(coll["router"])
-    return {path: v["metrics"] for path, v in layers.items()}
+    return {path: layer["metrics"]
+            for path, layer in router_outputs(coll["router"]).items()}
 
-  def make_control(method):
-    @jax.jit
-    def control(router_state, metrics):
-      layers = {path: {"metrics": m} for path, m in metrics.items()}
-      return update_router_state(method, router_state, layers, jnp.int32(0))
-    return control
-  controls = [make_control(m) for m in methods]
+  def control(method, router_state, metrics):
+    layers = {path: {"metrics": m} for path, m in metrics.items()}
+    return update_router_state(method, router_state, layers, jnp.int32(0))
+  controls = [jax.jit(functools.partial(control, m)) for m in methods]
 
   fanout, p, layer_fanout = [], [], []
   for t in range(steps):
@@ -115,9 +111,8 @@ def summarize(run, switch, band=0.02):
 
 def main(argv):
   del argv
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from moejax.experiment.plots import pyplot, save
+  plt = pyplot()
 
   os.makedirs(FLAGS.out, exist_ok=True)
   gains = [tuple(float(x) for x in g.split("/")) for g in FLAGS.gains.split(",")]
@@ -144,9 +139,7 @@ def main(argv):
     axes[0, col].legend(fontsize=8)
   fig.suptitle("DTop-p step response, tiny LM (frozen init weights), "
                f"{FLAGS.batch_size}x128 stdlib bytes per step, CPU")
-  fig.tight_layout()
-  path = os.path.join(FLAGS.out, "step_response_cpu.png")
-  fig.savefig(path, dpi=110)
+  path = save(fig, os.path.join(FLAGS.out, "step_response_cpu.png"))
   with open(os.path.join(FLAGS.out, "step_response_cpu.json"), "w") as f:
     json.dump({"argv": sys.argv, "runs": runs}, f)
   print("plot:", path)

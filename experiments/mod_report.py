@@ -33,24 +33,22 @@ Axis legend (of the logged arrays): none beyond scalars per step.
 """
 from __future__ import annotations
 
-import glob
-import json
-import math
 import os
 import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
 
-from absl import app, flags, logging  # noqa: E402
-
-from moejax.cli import lm_flags  # noqa: E402
+from moejax import experiment
+from moejax.cli import lm_flags
+from moejax.experiment import format_ms, mean_std
 
 lm_flags.define_flags()
+SHARED_FLAGS = experiment.define_flags(out="experiments/out/mod",
+                                       workroot="runs/mod")
 flags.DEFINE_string("runs", "dense,mod,mod_iso,moe,mode_staged,mode_integrated",
                     "Comma-separated run labels (see the module docstring).")
-flags.DEFINE_string("seeds", "0,1", "Comma-separated seeds.")
 flags.DEFINE_string("phase", "all", "all (train + report), train, or report.")
 flags.DEFINE_string("only", None, "Train only this label (with --seed).")
 flags.DEFINE_integer("parallel", 1, "Runs trained at a time (subprocesses).")
@@ -60,12 +58,9 @@ flags.DEFINE_integer("noop_experts", None, "mode_integrated: no-op experts "
                      "(default: the preset's number of experts).")
 flags.DEFINE_string("save_params", "mod", "Label whose seed-0 params are saved "
                     "as .npz ('' = none).")
-flags.DEFINE_string("out", "experiments/out/mod", "Results directory.")
-flags.DEFINE_string("workroot", "runs/mod", "Root of the run workdirs.")
-flags.DEFINE_string("compile_cache", None, "Persistent JAX compilation cache.")
 FLAGS = flags.FLAGS
-OWN = ("runs", "seeds", "phase", "only", "parallel", "deadline_s",
-       "noop_experts", "save_params", "out", "workroot", "compile_cache")
+OWN = SHARED_FLAGS + ("runs", "phase", "only", "parallel", "deadline_s",
+                      "noop_experts", "save_params")
 LABELS = ("dense", "mod", "mod_iso", "moe", "mode_staged", "mode_integrated")
 MOD_MODES = ("top_c", "predictor", "router")
 
@@ -163,7 +158,7 @@ def train_one(label: str, seed: int, base: dict) -> dict:
   values = run_values(label, base)
   values["seed"] = seed
   cfg = lm_flags.build_train_config(values)
-  workdir = os.path.join(FLAGS.workroot, f"{label}_s{seed}")
+  workdir = experiment.workdir(FLAGS.workroot, label, seed)
   t0 = time.time()
   summary = train(cfg, workdir)
   wall = time.time() - t0
@@ -196,9 +191,7 @@ def train_one(label: str, seed: int, base: dict) -> dict:
           "router": cfg.model.moe.router.name, "k": cfg.model.moe.router.k,
           "num_noop_experts": cfg.model.moe.num_noop_experts},
   }
-  os.makedirs(os.path.join(FLAGS.out, "records"), exist_ok=True)
-  with open(os.path.join(FLAGS.out, "records", f"{label}_s{seed}.json"), "w") as f:
-    json.dump(result, f, indent=1)
+  experiment.save_json(record_path(label, seed), result, indent=1)
   if FLAGS.save_params and label == FLAGS.save_params and seed == 0:
     result["params_files"] = save_params_npz(
         jax.device_get(summary["state"].params),
@@ -208,11 +201,16 @@ def train_one(label: str, seed: int, base: dict) -> dict:
   return result
 
 
+def record_path(label: str, seed: int) -> str:
+  """OUT/records/LABEL_sSEED.json."""
+  return experiment.record_path(os.path.join(FLAGS.out, "records"), label,
+                                seed)
+
+
 def train_parallel(labels, seeds, argv_flags) -> None:
   """Trains every (label, seed) in subprocesses, seeds in waves."""
   jobs = [(label, seed) for seed in seeds for label in labels
-          if not os.path.exists(os.path.join(FLAGS.out, "records",
-                                             f"{label}_s{seed}.json"))]
+          if not os.path.exists(record_path(label, seed))]
   env = dict(os.environ)
   env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   t0, running = time.time(), []
@@ -244,29 +242,15 @@ def train_parallel(labels, seeds, argv_flags) -> None:
               f"{proc.returncode}", flush=True)
 
 
-def mean_std(values):
-  values = [v for v in values if v is not None]
-  if not values:
-    return None, None
-  m = sum(values) / len(values)
-  s = (math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
-       if len(values) > 1 else 0.0)
-  return m, s
-
-
 def fmt(m, s, digits=4):
-  if m is None:
-    return "—"
-  return f"{m:.{digits}f} ± {s:.{digits}f}"
+  return format_ms((m, s), f".{digits}f", missing="—")
 
 
 def report(out: str) -> dict:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from moejax.experiment.plots import pyplot, save
+  plt = pyplot()
 
-  runs = [json.load(open(p)) for p in sorted(
-      glob.glob(os.path.join(out, "records", "*.json")))]
+  runs = experiment.load_records(os.path.join(out, "records"))
   if not runs:
     raise ValueError(f"no runs under {out}/records")
   by_label: dict[str, list] = {}
@@ -322,9 +306,8 @@ def report(out: str) -> dict:
   table = "\n".join(lines)
   with open(os.path.join(out, "results.md"), "w") as f:
     f.write(table + "\n")
-  with open(os.path.join(out, "results.json"), "w") as f:
-    json.dump({"rows": rows, "devices": sorted({r["device"] for r in runs})},
-              f, indent=1)
+  experiment.save_json(os.path.join(out, "results.json"), {
+      "rows": rows, "devices": sorted({r["device"] for r in runs})}, indent=1)
   print(table)
 
   # Final validation loss vs forward FLOPs per token.
@@ -336,9 +319,7 @@ def report(out: str) -> dict:
   ax.set_xlabel("forward FLOPs per token (M, from shapes)")
   ax.set_ylabel("validation loss (nats/byte, top-C)")
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, "loss_vs_flops.png"), dpi=110)
-  plt.close(fig)
+  save(fig, os.path.join(out, "loss_vs_flops.png"))
 
   # Validation loss vs training FLOPs.
   fig, ax = plt.subplots(figsize=(6, 4))
@@ -354,9 +335,7 @@ def report(out: str) -> dict:
   ax.set_xlabel("training FLOPs (3 x forward, from shapes)")
   ax.set_ylabel("validation loss (nats/byte)")
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, "eval_loss.png"), dpi=110)
-  plt.close(fig)
+  save(fig, os.path.join(out, "eval_loss.png"))
 
   # Predictor / router accuracy against top-C on validation data vs step.
   mod_labels = [l for l in order if "mod_capacity" in by_label[l][0]["modes"]
@@ -377,28 +356,18 @@ def report(out: str) -> dict:
     ax.set_xlabel("step")
     ax.set_ylabel("accuracy vs top-C (validation)")
     ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "predictor.png"), dpi=110)
-    plt.close(fig)
+    save(fig, os.path.join(out, "predictor.png"))
   return {"rows": rows}
 
 
 def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
-  if FLAGS.compile_cache:
-    import jax
-    jax.config.update("jax_compilation_cache_dir", FLAGS.compile_cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  values = FLAGS.flag_values_dict()
-  base = {k: v for k, v in values.items() if k not in OWN}
-  base["progress"] = False
+  base = experiment.start(argv, OWN)
   labels = [l for l in FLAGS.runs.split(",") if l]
   for label in labels:
     if label not in LABELS:
       raise app.UsageError(f"--runs: label {label!r} is unknown; allowed: "
                            f"{', '.join(LABELS)}")
-  seeds = [int(s) for s in FLAGS.seeds.split(",")]
+  seeds = experiment.seeds_flag()
   if FLAGS.only:
     train_one(FLAGS.only, FLAGS.seed, base)
     return
@@ -408,11 +377,9 @@ def main(argv):
           ("--phase", "--only", "--seed=", "--parallel", "--deadline_s"))]
       train_parallel(labels, seeds, passed)
     else:
-      for seed in seeds:
-        for label in labels:
-          if not os.path.exists(os.path.join(FLAGS.out, "records",
-                                             f"{label}_s{seed}.json")):
-            train_one(label, seed, base)
+      experiment.run_grid(labels, seeds, record_path,
+                          lambda label, seed: train_one(label, seed, base),
+                          indent=1)
   if FLAGS.phase in ("all", "report"):
     report(FLAGS.out)
 

@@ -11,7 +11,6 @@ Writes a table and JSON (default experiments/reports/paper_configs.json).
 from __future__ import annotations
 
 import os
-import sys
 
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS",
                                                                   ""):
@@ -19,14 +18,13 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS",
                              " --xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, os.path.join(HERE, "configs"))
 
-import importlib  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 
 from absl import app, flags  # noqa: E402
+
+from moejax.experiment import load_module  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("configs", ["paper_dtop_p", "paper_et"],
@@ -44,7 +42,7 @@ def main(argv):
   from moejax import aot, sharding
   rows = []
   for name in FLAGS.configs:
-    mod = importlib.import_module(name)
+    mod = load_module(os.path.join(HERE, "configs", f"{name}.py"))
     cfg = mod.config()
     count = aot.count_params(cfg)
     pod = sharding.parse_mesh(mod.POD_MESH, mod.POD_DEVICES)

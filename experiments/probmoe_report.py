@@ -46,27 +46,29 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from absl import app, flags, logging  # noqa: E402
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from moejax.cli import lm_flags  # noqa: E402
-from moejax.data import get_lm_data  # noqa: E402
-from moejax.models.lm import TransformerLM  # noqa: E402
-from moejax.nn.moe import MoE, to_groups  # noqa: E402
-from moejax.train.loop import train  # noqa: E402
-from moejax.train.metrics import read_jsonl  # noqa: E402
-from moejax.train.step import make_loss_fn  # noqa: E402
+from moejax import experiment
+from moejax.cli import lm_flags
+from moejax.data import get_lm_data
+from moejax.experiment import format_values, parse_seeds
+from moejax.models.lm import TransformerLM
+from moejax.nn.moe import MoE, to_groups
+from moejax.train.loop import train
+from moejax.train.metrics import read_jsonl
+from moejax.train.step import make_loss_fn
 
 lm_flags.define_flags()
-flags.DEFINE_string("seeds", "0,1", "Seeds of the from-scratch runs.")
+SHARED_FLAGS = experiment.define_flags(
+    out="experiments/reports/probmoe", workroot="runs/probmoe",
+    compile_cache="/tmp/jax_cache_probmoe",
+    seeds_help="Seeds of the from-scratch runs.")
 flags.DEFINE_string("finetune_seeds", "0,1", "Seeds of the fine-tuning runs "
                     "('' = none).")
 flags.DEFINE_integer("finetune_steps", 60, "Steps after the top-k checkpoint.")
@@ -82,40 +84,22 @@ flags.DEFINE_integer("dyn_k_min", None, "dynamic_k k_min (default max(1, k-1))."
 flags.DEFINE_integer("dyn_k_max", None, "dynamic_k k_max (default k).")
 flags.DEFINE_integer("analysis_batches", 4, "Validation batches of the "
                      "utilisation analysis.")
-flags.DEFINE_string("out", "experiments/reports/probmoe", "Results directory.")
-flags.DEFINE_string("workroot", "runs/probmoe", "Root of the run workdirs.")
 flags.DEFINE_bool("reanalyse", False, "Train nothing: recompute the "
                   "utilisation of every finished run from its last checkpoint.")
-flags.DEFINE_string("compile_cache", "/tmp/jax_cache_probmoe",
-                    "Persistent JAX compilation cache ('' = none).")
 FLAGS = flags.FLAGS
-OWN = ("seeds", "finetune_seeds", "finetune_steps", "runs", "finetune_source",
-       "finetune_runs", "reanalyse", "dyn_k_min",
-       "dyn_k_max", "analysis_batches", "out", "workroot", "compile_cache")
-
-
-def parse_value(text: str):
-  for cast in (int, float):
-    try:
-      return cast(text)
-    except ValueError:
-      pass
-  return {"true": True, "false": False}.get(text.lower(), text)
+OWN = SHARED_FLAGS + ("finetune_seeds", "finetune_steps", "runs",
+                      "finetune_source", "finetune_runs", "reanalyse",
+                      "dyn_k_min", "dyn_k_max", "analysis_batches")
 
 
 def parse_runs(spec: str) -> dict[str, dict]:
   """'[LABEL=]ROUTER[,KEY=VALUE...]' separated by ';' -> {label: values}."""
   runs = {}
-  for item in filter(None, (x.strip() for x in spec.split(";"))):
-    head, *rest = item.split(",")
-    label, _, router = head.rpartition("=")
-    values = {"router": router}
-    for kv in rest:
-      key, _, value = kv.partition("=")
-      values[key] = parse_value(value)
+  for run in experiment.parse_runs(spec, label_from="router"):
+    values = {"router": run.router, **run.options}
     if values.get("normalize") in (0, 1):
       values["normalize"] = bool(values["normalize"])
-    runs[label or router] = values
+    runs[run.label] = values
   return runs
 
 
@@ -289,18 +273,8 @@ def run_one(label, values, workdir, source=None):
   return record
 
 
-def mean_std(values):
-  values = [v for v in values if v is not None]
-  if not values:
-    return "–"
-  if len(values) == 1:
-    return f"{values[0]:.4f}"
-  return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
-
-
 def table(records, labels, columns):
-  lines = ["| run | seeds | " + " | ".join(c[0] for c in columns) + " |",
-           "|---|---|" + "---|" * len(columns)]
+  lines = []
   for label in labels:
     rows = [r for r in records if r["label"] == label]
     if not rows:
@@ -311,31 +285,24 @@ def table(records, labels, columns):
       for key in (keys if isinstance(keys, tuple) else (keys,)):
         vals = [r.get(key) for r in rows]
         if fmt == "loss":
-          parts.append(mean_std(vals))
+          parts.append(format_values(vals, ".4f"))
         else:
           vals = [v for v in vals if v is not None]
           parts.append(f"{np.mean(vals):.2f}" if vals else "–")
       cells.append(" / ".join(parts))
-    seeds = ",".join(str(r["seed"]) for r in rows)
-    lines.append(f"| {label} | {seeds} | " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+    lines.append([label, ",".join(str(r["seed"]) for r in rows), *cells])
+  return experiment.markdown_table(["run", "seeds", *(c[0] for c in columns)],
+                                   lines)
 
 
 def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
-  if FLAGS.compile_cache:
-    jax.config.update("jax_compilation_cache_dir", FLAGS.compile_cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  base = {k: v for k, v in FLAGS.flag_values_dict().items() if k not in OWN}
-  base["progress"] = False
+  base = experiment.start(argv, OWN)
   k = lm_flags.build_train_config({**base, "router": "top_k"}).model.moe.router.k
   k_max = FLAGS.dyn_k_max or k
   k_min = FLAGS.dyn_k_min or max(1, k_max - 1)
   steps = lm_flags.build_train_config({**base, "router": "top_k"}).steps
-  seeds = [int(s) for s in FLAGS.seeds.split(",") if s]
-  ft_seeds = [int(s) for s in FLAGS.finetune_seeds.split(",") if s]
+  seeds = experiment.seeds_flag()
+  ft_seeds = parse_seeds(FLAGS.finetune_seeds)
   runs = parse_runs(FLAGS.runs)
 
   def values_of(label, seed, **over):
@@ -349,22 +316,21 @@ def main(argv):
   records = []
   for seed in seeds:
     for label in runs:
-      records.append(run_one(label, values_of(label, seed), os.path.join(
-          FLAGS.workroot, f"{label}_s{seed}")))
+      records.append(run_one(label, values_of(label, seed), experiment.workdir(
+          FLAGS.workroot, label, seed)))
   src = FLAGS.finetune_source
   for seed in ft_seeds:
-    source = os.path.join(FLAGS.workroot, f"{src}_s{seed}")
+    source = experiment.workdir(FLAGS.workroot, src, seed)
     if not os.path.exists(os.path.join(source, "done.json")):
       records.append(run_one(src, values_of(src, seed), source))
     for label in filter(None, FLAGS.finetune_runs.split(";")):
       values = values_of(label, seed, steps=steps + FLAGS.finetune_steps)
-      records.append(run_one(f"ft_{label}", values, os.path.join(
-          FLAGS.workroot, f"ft_{label}_s{seed}"), source=source))
-  os.makedirs(FLAGS.out, exist_ok=True)
-  with open(os.path.join(FLAGS.out, "results.json"), "w") as fh:
-    json.dump({"k": k, "k_min": k_min, "k_max": k_max, "steps": steps,
-               "finetune_steps": FLAGS.finetune_steps,
-               "config": FLAGS.config, "records": records}, fh, indent=1)
+      records.append(run_one(f"ft_{label}", values, experiment.workdir(
+          FLAGS.workroot, f"ft_{label}", seed), source=source))
+  experiment.save_json(os.path.join(FLAGS.out, "results.json"), {
+      "k": k, "k_min": k_min, "k_max": k_max, "steps": steps,
+      "finetune_steps": FLAGS.finetune_steps, "config": FLAGS.config,
+      "records": records}, indent=1)
   loss_cols = [
       ("val. loss", "eval_loss", "loss"),
       ("val. loss, first batches: eval / train routing",
@@ -399,9 +365,8 @@ def main(argv):
 
 
 def plot(records, path):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from moejax.experiment.plots import pyplot, save
+  plt = pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   colors = {"top_k": "C0", "exact_k": "C1", "dynamic_k": "C2",
             "top_k_unnorm": "C3", "ft_top_k_unnorm": "C3", "ft_exact_k": "C1"}
@@ -418,9 +383,7 @@ def plot(records, path):
     ax.set_xlabel("step")
     ax.set_ylabel("CE (nats/byte)")
     ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  save(fig, path, dpi=100)
 
 
 if __name__ == "__main__":

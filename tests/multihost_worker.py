@@ -11,10 +11,7 @@ Writes a JSON summary to `--out` (process 0 also has WORKDIR/metrics.jsonl).
 """
 import argparse
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def tiny_config(data: str, steps: int, mesh: str | None,

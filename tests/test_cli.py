@@ -10,8 +10,10 @@ SCRIPT = os.path.join(ROOT, "experiments", "train_lm.py")
 
 
 def run(*args, timeout=600):
+  # The checkout's moejax, as `python -m pytest` imports it here.
+  env = dict(os.environ, PYTHONPATH=ROOT)
   return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True,
-                        text=True, timeout=timeout, cwd=ROOT)
+                        text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -16,7 +16,6 @@ from moejax import sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "multihost_worker.py")
-sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 
 def _free_port() -> int:

@@ -1,17 +1,42 @@
-"""Every notebook in colab/ executes top to bottom on a CPU."""
+"""Notebooks in colab/: each `.ipynb` agrees with its jupytext percent-format
+`.py` source (the one that is edited: `jupytext --sync colab/NAME.py`), starts
+by installing moejax where it is missing, and executes top to bottom on a CPU."""
 import glob
 import os
 
+import jupytext
 import nbformat
 import pytest
 from nbclient import NotebookClient
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "colab", "*.ipynb")))
+SOURCES = sorted(glob.glob(os.path.join(ROOT, "colab", "*.py")))
 
 
 def test_notebooks_exist():
   assert any(n.endswith("00_quickstart.ipynb") for n in NOTEBOOKS)
+  stem = lambda paths: [os.path.splitext(p)[0] for p in paths]
+  assert stem(NOTEBOOKS) == stem(SOURCES), "every notebook has one .py source"
+
+
+def _cells(nb, kind):
+  return [c.source.strip() for c in nb.cells if c.cell_type == kind]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_notebook_matches_its_source(path):
+  source = os.path.splitext(path)[0] + ".py"
+  assert os.path.exists(source), f"{source} is missing"
+  from_py = jupytext.read(source)
+  nb = nbformat.read(path, as_version=4)
+  hint = (f"{os.path.basename(path)} differs from its source; run "
+          f"`jupytext --sync {os.path.relpath(source, ROOT)}`")
+  assert _cells(nb, "code") == _cells(from_py, "code"), hint
+  assert _cells(nb, "markdown") == _cells(from_py, "markdown"), hint
+  first = _cells(nb, "code")[0]
+  assert "except ImportError" in first and "pip" in first, (
+      "the first code cell installs moejax where it is not importable")
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)

@@ -2,18 +2,17 @@
 shapes, and one train step lowered at full depth and compiled (one block deep,
 same widths/experts) on abstract sharded inputs over 8 forced host devices
 standing in for the pod mesh."""
-import importlib
 import os
-import sys
 
 import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from moejax import aot, sharding
+from moejax.experiment import load_module
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), "experiments", "configs"))
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), "experiments", "configs")
 
 # name: (total, active) parameters the papers report.
 PAPERS = {"paper_dtop_p": (6.9e9, 1.3e9), "paper_et": (575e6, 195e6)}
@@ -21,7 +20,7 @@ PAPERS = {"paper_dtop_p": (6.9e9, 1.3e9), "paper_et": (575e6, 195e6)}
 
 @pytest.mark.parametrize("name", sorted(PAPERS))
 def test_paper_parameter_counts(name):
-  mod = importlib.import_module(name)
+  mod = load_module(os.path.join(CONFIGS, f"{name}.py"))
   count = aot.count_params(mod.config())
   total, active = PAPERS[name]
   assert abs(count.total / total - 1) < 0.03, count
@@ -33,7 +32,7 @@ def test_paper_parameter_counts(name):
 @pytest.mark.parametrize("name, expert_parallel",
                          [("paper_dtop_p", "gspmd"), ("paper_et", "shard_map")])
 def test_paper_train_step_lowers_and_compiles_abstractly(name, expert_parallel):
-  mod = importlib.import_module(name)
+  mod = load_module(os.path.join(CONFIGS, f"{name}.py"))
   mesh = sharding.make_mesh(mod.TEST_MESH)
   full = mod.config(batch_size=8, expert_parallel=expert_parallel)
   lowered = aot.lower_train_step(full, mesh)  # every layer, nothing allocated

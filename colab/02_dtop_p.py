@@ -1,29 +1,45 @@
-"""Builds colab/02_dtop_p.ipynb (unexecuted): python colab/make_02_dtop_p.py"""
-import os
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+# %% [markdown]
+# # DTop-p: sparsity-controlled dynamic top-p routing
+#
+# Fixed top-p keeps, per token, the shortest prefix of experts whose probability
+# reaches p; its compute is not controlled. **DTop-p** (Jin et al. 2025) fixes that
+# with three pieces:
+#
+# 1. *dynamic routing normalisation*: each token's logits are standardised over
+#    the experts and scaled by a learned per-layer **gamma** (a param), so one p
+#    gives different fanouts per layer;
+# 2. top-p with renormalised weights (`moejax.routing.dtop_p`);
+# 3. a **PI controller** on p (`moejax.control.PIController`, controller state,
+#    not a param) that holds the mean fanout at the target k.
+#
+# This notebook runs on a CPU in about a minute: the controller's step response on
+# a real tiny LM (weights frozen at initialisation; a new batch of text each step),
+# and how gamma moves each layer's fanout. Training runs and the comparison with
+# top-k and fixed top-p: `experiments/reports/dtop_p.md`.
 
-CELLS = [
-    ("md", """# DTop-p: sparsity-controlled dynamic top-p routing
+# %%
+try:  # Colab: installs moejax from MOEJAX_SOURCE (this repository's pip source)
+  import moejax  # noqa: F401
+except ImportError:
+  import os
+  # %pip install -q {os.environ["MOEJAX_SOURCE"]}
 
-Fixed top-p keeps, per token, the shortest prefix of experts whose probability
-reaches p; its compute is not controlled. **DTop-p** (Jin et al. 2025) fixes that
-with three pieces:
-
-1. *dynamic routing normalisation*: each token's logits are standardised over
-   the experts and scaled by a learned per-layer **gamma** (a param), so one p
-   gives different fanouts per layer;
-2. top-p with renormalised weights (`moejax.routing.dtop_p`);
-3. a **PI controller** on p (`moejax.control.PIController`, controller state,
-   not a param) that holds the mean fanout at the target k.
-
-This notebook runs on a CPU in about a minute: the controller's step response on
-a real tiny LM (weights frozen at initialisation; a new batch of text each step),
-and how gamma moves each layer's fanout. Training runs and the comparison with
-top-k and fixed top-p: `experiments/reports/dtop_p.md`."""),
-    ("code", """import os, sys
-sys.path.insert(0, os.path.abspath('..') if os.path.basename(os.getcwd()) == 'colab' else os.getcwd())
+# %%
 import flax.linen as nn
 import jax, jax.numpy as jnp, numpy as np
 import matplotlib.pyplot as plt
@@ -35,27 +51,35 @@ from moejax.models.lm import LMConfig, TransformerLM
 from moejax.nn.moe import MoEConfig
 from moejax.routing import dtop_p, top_p
 from moejax.train.step import router_outputs, router_states, update_router_state
-print(jax.__version__, jax.devices()[0].platform)"""),
-    ("md", """## 1. One group: fixed top-p vs DTop-p
-Random logits whose scale varies from token to token (some tokens confident,
-some not). Fixed top-p gives confident tokens one expert and unsure ones many;
-DTop-p standardises each token first, so only the *shape* of its logits matters."""),
-    ("code", """k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+print(jax.__version__, jax.devices()[0].platform)
+
+# %% [markdown]
+# ## 1. One group: fixed top-p vs DTop-p
+# Random logits whose scale varies from token to token (some tokens confident,
+# some not). Fixed top-p gives confident tokens one expert and unsure ones many;
+# DTop-p standardises each token first, so only the *shape* of its logits matters.
+
+# %%
+k1, k2 = jax.random.split(jax.random.PRNGKey(0))
 logits = jax.random.normal(k1, (4096, 16)) * jnp.exp(jax.random.normal(k2, (4096, 1)))
 for name, out in [('top_p  p=0.5', top_p(logits, 0.5)),
                   ('dtop_p p=0.6 gamma=1', dtop_p(logits, 0.6, scale=1.0))]:
   fan = np.asarray(out.routing.routed.sum(-1))
   print(f'{name:22s} mean fanout {fan.mean():.2f}  per-token std {fan.std():.2f}')
   plt.hist(fan, bins=np.arange(0.5, 17.5), alpha=0.5, label=name)
-plt.xlabel('experts per token'); plt.legend(); plt.show()"""),
-    ("md", """## 2. Controller step response on a real tiny LM
-The `tiny` preset's LM with DTop-p routing in every block. Each step routes a new
-batch of Python standard-library source, and the method's own `update` (the code
-the train step runs, global scope) moves p from the mean fanout over all layers.
-The target steps from 2 to 3 experts at step 30. At gamma = 3 on every layer p
-must go near 0.9, where the fanout is very sensitive to p: the spec's
-kp 0.5 / ki 0.2 ring there (period 2), the defaults (0.1 / 0.1) settle."""),
-    ("code", """pre = configs.preset('tiny')
+plt.xlabel('experts per token'); plt.legend(); plt.show()
+
+# %% [markdown]
+# ## 2. Controller step response on a real tiny LM
+# The `tiny` preset's LM with DTop-p routing in every block. Each step routes a new
+# batch of Python standard-library source, and the method's own `update` (the code
+# the train step runs, global scope) moves p from the mean fanout over all layers.
+# The target steps from 2 to 3 experts at step 30. At gamma = 3 on every layer p
+# must go near 0.9, where the fanout is very sensitive to p: the former
+# defaults kp 0.5 / ki 0.2 ring there (period 2), the defaults (0.1 / 0.1) settle.
+
+# %%
+pre = configs.preset('tiny')
 B, L = 4, pre['seq_len']
 def build(method):
   moe = MoEConfig(num_experts=pre['num_experts'], expert_width=pre['expert_width'], router=method)
@@ -112,14 +136,18 @@ for (g, kp, ki), (fan, ps) in runs.items():
 axes[0].plot(target, 'k--', lw=1, label='target')
 axes[0].set_ylabel('mean experts per token'); axes[1].set_ylabel('p')
 for ax in axes: ax.set_xlabel('step'); ax.legend(fontsize=7)
-plt.tight_layout(); plt.show()"""),
-    ("md", """## 3. gamma sets each layer's fanout
-At one fixed p, a larger gamma sharpens a layer's probabilities, so it needs
-fewer experts to reach p. Here every layer gets the same gamma (swept) and p is
-held at 0.6; then layer 0 alone gets a large gamma. In training the loss learns
-gamma per layer, which is how a single global p ends up with different fanouts
-per layer."""),
-    ("code", """import flax.traverse_util as tu
+plt.tight_layout(); plt.show()
+
+# %% [markdown]
+# ## 3. gamma sets each layer's fanout
+# At one fixed p, a larger gamma sharpens a layer's probabilities, so it needs
+# fewer experts to reach p. Here every layer gets the same gamma (swept) and p is
+# held at 0.6; then layer 0 alone gets a large gamma. In training the loss learns
+# gamma per layer, which is how a single global p ends up with different fanouts
+# per layer.
+
+# %%
+import flax.traverse_util as tu
 def set_p(router_state, p):
   flat = tu.flatten_dict(router_state)
   return tu.unflatten_dict({k: (jnp.float32(p) if k[-1] == 'p' else v) for k, v in flat.items()})
@@ -139,20 +167,4 @@ axes[0].legend(fontsize=8)
 axes[1].bar(range(len(one)), one); axes[1].set_xlabel('layer'); axes[1].set_ylabel('experts per token')
 axes[1].set_title('gamma 4 on layer 0, 1 elsewhere (p = 0.6)')
 plt.tight_layout(); plt.show()
-print('fanout per layer by gamma:'); print(np.round(per_layer, 2))"""),
-]
-
-
-def build(path):
-  nb = new_notebook()
-  nb.cells = [new_markdown_cell(src) if kind == "md" else new_code_cell(src)
-              for kind, src in CELLS]
-  nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
-                               "language": "python"}
-  nbformat.write(nb, path)
-  return path
-
-
-if __name__ == "__main__":
-  print(build(os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                           "02_dtop_p.ipynb")))
+print('fanout per layer by gamma:'); print(np.round(per_layer, 2))

@@ -1,38 +1,58 @@
-"""Builds colab/04_balance.ipynb (unexecuted): python colab/make_04_balance.py"""
-import os
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+# %% [markdown]
+# # Balance without aux losses: loss-free bias and Expert Threshold
+#
+# Two controllers keep experts evenly loaded without an auxiliary loss:
+#
+# * **Loss-free balancing** (DeepSeek-V3): top-k chooses on `score + b`, combines with
+#   the unbiased score; after each step `b_e += u * sign(mean(load) - load_e)`
+#   (`moejax.control.SignBias`, `--router=top_k --balance=loss_free`).
+# * **Expert Threshold** (ET): each expert keeps an EMA of the cutoff expert choice would
+#   use on the global batch (`moejax.control.ThresholdEMA`); tokens pass by
+#   `logit > threshold`, one token at a time, so inference is causal
+#   (`--router=expert_threshold`).
+#
+# Runs on a CPU in about a minute. The full comparison is
+# `experiments/compare_balance.py` (report: `experiments/reports/balance.md`).
 
-CELLS = [
-    ("md", """# Balance without aux losses: loss-free bias and Expert Threshold
+# %%
+try:  # Colab: installs moejax from MOEJAX_SOURCE (this repository's pip source)
+  import moejax  # noqa: F401
+except ImportError:
+  import os
+  # %pip install -q {os.environ["MOEJAX_SOURCE"]}
 
-Two controllers keep experts evenly loaded without an auxiliary loss:
-
-* **Loss-free balancing** (DeepSeek-V3): top-k chooses on `score + b`, combines with
-  the unbiased score; after each step `b_e += u * sign(mean(load) - load_e)`
-  (`moejax.control.SignBias`, `--router=top_k --balance=loss_free`).
-* **Expert Threshold** (ET): each expert keeps an EMA of the cutoff expert choice would
-  use on the global batch (`moejax.control.ThresholdEMA`); tokens pass by
-  `logit > threshold`, one token at a time, so inference is causal
-  (`--router=expert_threshold`).
-
-Runs on a CPU in about a minute. The full comparison is
-`experiments/compare_balance.py` (report: `experiments/reports/balance.md`)."""),
-    ("code", """import os, sys
-sys.path.insert(0, os.path.abspath('..') if os.path.basename(os.getcwd()) == 'colab' else os.getcwd())
+# %%
 import jax, jax.numpy as jnp, numpy as np
 import matplotlib.pyplot as plt
 from moejax import control, routing
 from moejax.routing import TopK, ExpertThreshold
 from moejax.routing import losses
 from moejax.routing import threshold as et
-print(jax.__version__, jax.devices()[0].platform)"""),
-    ("md", """## 1. Loss-free bias on a skewed router
-A synthetic router whose logits favour expert 0 and starve expert 7. Each step routes a
-fresh batch with top-2 on `sigmoid(logits) + b`, measures the loads and applies the sign
-update (u = 1e-3). Without the bias the imbalance stays."""),
-    ("code", """E, D, N, STEPS = 8, 16, 2048, 500
+print(jax.__version__, jax.devices()[0].platform)
+
+# %% [markdown]
+# ## 1. Loss-free bias on a skewed router
+# A synthetic router whose logits favour expert 0 and starve expert 7. Each step routes a
+# fresh batch with top-2 on `sigmoid(logits) + b`, measures the loads and applies the sign
+# update (u = 1e-3). Without the bias the imbalance stays.
+
+# %%
+E, D, N, STEPS = 8, 16, 2048, 500
 w = jax.random.normal(jax.random.PRNGKey(1), (D, E)) * 0.5
 skew = jnp.linspace(1.5, -1.5, E)
 
@@ -55,13 +75,17 @@ print('MaxVio, last 100 steps: loss-free %.3f   no balancing %.3f' % (
 print('bias:', np.round(np.asarray(state_lf['bias']), 3))
 plt.figure(figsize=(6, 3))
 plt.semilogy(vio_none, label='no balancing'); plt.semilogy(vio_lf, label='loss-free bias')
-plt.axhline(0.15, color='k', ls=':'); plt.xlabel('step'); plt.ylabel('MaxVio'); plt.legend();"""),
-    ("md", """## 2. Expert Threshold: cutoffs, the EMA, causal routing
-Training: each expert's cutoff is its k-th largest logit over the pool (k = N·f/E),
-computed exactly by a 32-step bisection on the float bits. The bias-corrected EMA of the
-cutoffs becomes the threshold; training routing keeps each expert's load within
-(1 ± C)·k; inference routes each token alone by `logit > threshold`."""),
-    ("code", """f, C = 1, 0.5
+plt.axhline(0.15, color='k', ls=':'); plt.xlabel('step'); plt.ylabel('MaxVio'); plt.legend();
+
+# %% [markdown]
+# ## 2. Expert Threshold: cutoffs, the EMA, causal routing
+# Training: each expert's cutoff is its k-th largest logit over the pool (k = N·f/E),
+# computed exactly by a 32-step bisection on the float bits. The bias-corrected EMA of the
+# cutoffs becomes the threshold; training routing keeps each expert's load within
+# (1 ± C)·k; inference routes each token alone by `logit > threshold`.
+
+# %%
+f, C = 1, 0.5
 k = et.pool_tokens_per_expert(N, f, E)
 low, high = et.load_bounds(k, C)
 ema = control.ThresholdEMA(beta=0.99)
@@ -91,17 +115,25 @@ fig, ax = plt.subplots(1, 2, figsize=(10, 3))
 ax[0].plot(np.asarray(cut_hist)[:, [0, 7]], alpha=0.4); ax[0].plot(np.asarray(thr_hist)[:, [0, 7]])
 ax[0].set_title('cutoffs (thin) and EMA thresholds, experts 0 and 7'); ax[0].set_xlabel('step')
 ax[1].bar(range(E), load); ax[1].axhline(N * f / E, color='k', ls=':')
-ax[1].set_title('causal load per expert (fresh batch)');"""),
-    ("md", """Causality: change every other token and one token's routing does not move."""),
-    ("code", """thr = ema.value(state)
+ax[1].set_title('causal load per expert (fresh batch)');
+
+# %% [markdown]
+# Causality: change every other token and one token's routing does not move.
+
+# %%
+thr = ema.value(state)
 a = routing.expert_threshold(x @ w_et + bias_et, thr).routing.gates[5]
 x2 = jax.random.normal(jax.random.PRNGKey(4), x.shape).at[5].set(x[5])
 b = routing.expert_threshold(x2 @ w_et + bias_et, thr).routing.gates[5]
-print('token 5 routing unchanged:', bool(jnp.array_equal(a, b)))"""),
-    ("md", """## 3. A tiny LM trained with ET and with loss-free top-k
-A few steps on Python's standard library (byte level), one CPU device. The controller
-states live in `TrainState.router_state` and are saved in the checkpoints."""),
-    ("code", """import tempfile
+print('token 5 routing unchanged:', bool(jnp.array_equal(a, b)))
+
+# %% [markdown]
+# ## 3. A tiny LM trained with ET and with loss-free top-k
+# A few steps on Python's standard library (byte level), one CPU device. The controller
+# states live in `TrainState.router_state` and are saved in the checkpoints.
+
+# %%
+import tempfile
 from moejax.models import LMConfig
 from moejax.nn import MoEConfig
 from moejax.train.loop import TrainConfig, train
@@ -123,21 +155,4 @@ for name, router, shared in [('ET', ExpertThreshold(k=1, et_warmup_steps=3, et_b
   states = router_states(summary['state'].router_state)
   print(f"{name}: eval loss {summary['eval_loss']:.3f};",
         {'/'.join(p): {k: np.round(np.asarray(v), 3).tolist() for k, v in s.items()}
-         for p, s in states.items()})"""),
-]
-
-
-def build() -> nbformat.NotebookNode:
-  nb = new_notebook()
-  nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
-                               "language": "python"}
-  nb.cells = [new_markdown_cell(src) if kind == "md" else new_code_cell(src)
-              for kind, src in CELLS]
-  return nb
-
-
-if __name__ == "__main__":
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                      "04_balance.ipynb")
-  nbformat.write(build(), path)
-  print("wrote", path)
+         for p, s in states.items()})

@@ -1,36 +1,51 @@
-"""Builds colab/06_dit.ipynb (a tiny class-conditional DiT with routed MLPs, CPU).
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
 
-  python colab/make_06_dit.py
-"""
-import os
+# %% [markdown]
+# # 06 · Diffusion Transformer with routed experts
+#
+# A class-conditional **DiT** (Peebles & Xie 2023) on scikit-learn's 8×8 digits:
+# patches → Transformer blocks conditioned on the timestep and the class through
+# **adaLN-Zero**, whose MLPs are `moejax.nn.MoE` layers with any router. Trained
+# with the DDPM epsilon loss, sampled with DDIM. Everything here is tiny and runs
+# on a CPU in about a minute; `experiments/train_dit.py` is the real job and
+# `experiments/reports/dit.md` compares the routers.
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+# %%
+try:  # Colab: installs moejax from MOEJAX_SOURCE (this repository's pip source)
+  import moejax  # noqa: F401
+except ImportError:
+  import os
+  # %pip install -q {os.environ["MOEJAX_SOURCE"]}
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-cells = [
-    new_markdown_cell("""# 06 · Diffusion Transformer with routed experts
-
-A class-conditional **DiT** (Peebles & Xie 2023) on scikit-learn's 8×8 digits:
-patches → Transformer blocks conditioned on the timestep and the class through
-**adaLN-Zero**, whose MLPs are `moejax.nn.MoE` layers with any router. Trained
-with the DDPM epsilon loss, sampled with DDIM. Everything here is tiny and runs
-on a CPU in about a minute; `experiments/train_dit.py` is the real job and
-`experiments/reports/dit.md` compares the routers."""),
-    new_code_cell("""import sys, os
-sys.path.insert(0, os.getcwd())
+# %%
 import jax, jax.numpy as jnp, numpy as np
 import matplotlib.pyplot as plt
 from moejax import diffusion, routing
 from moejax.models.dit import DiT, DiTConfig, init_variables, sample
 from moejax.nn.moe import MoEConfig
 from moejax.data import get_image_data
-print(jax.devices()[0], "routers:", routing.available())"""),
-    new_markdown_cell("""## The noise schedule
-`x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps`. The cosine schedule keeps more
-signal in the middle timesteps than the linear one."""),
-    new_code_cell("""cos = diffusion.DiffusionConfig(num_timesteps=1000, schedule="cosine")
+print(jax.devices()[0], "routers:", routing.available())
+
+# %% [markdown]
+# ## The noise schedule
+# `x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps`. The cosine schedule keeps more
+# signal in the middle timesteps than the linear one.
+
+# %%
+cos = diffusion.DiffusionConfig(num_timesteps=1000, schedule="cosine")
 lin = diffusion.DiffusionConfig(num_timesteps=1000, schedule="linear")
 data = get_image_data("digits", batch_size=64, seed=0)
 x0 = jnp.asarray(data.batch(0)["images"][:1])
@@ -42,13 +57,17 @@ for a, t in zip(ax[1:], ts):
   xt = diffusion.q_sample(x0, jnp.array([t]), jax.random.normal(jax.random.PRNGKey(0), x0.shape),
                           jnp.asarray(cos.alpha_bar()))
   a.imshow(np.asarray(xt[0, ..., 0]), cmap="gray", vmin=-1, vmax=1); a.set_title(f"t={t}"); a.axis("off")
-plt.show()"""),
-    new_markdown_cell("""## A tiny routed DiT
-adaLN-Zero makes every block the identity at initialisation (the gates start
-at zero), so the untrained model predicts eps = 0. The router here is DTop-p
-when it is registered (its PI controller holds the mean fanout at `k`), else
-top-k; any name from `routing.available()` works the same way."""),
-    new_code_cell("""router = "dtop_p" if "dtop_p" in routing.available() else "top_k"
+plt.show()
+
+# %% [markdown]
+# ## A tiny routed DiT
+# adaLN-Zero makes every block the identity at initialisation (the gates start
+# at zero), so the untrained model predicts eps = 0. The router here is DTop-p
+# when it is registered (its PI controller holds the mean fanout at `k`), else
+# top-k; any name from `routing.available()` works the same way.
+
+# %%
+router = "dtop_p" if "dtop_p" in routing.available() else "top_k"
 moe = MoEConfig(num_experts=4, expert_width=32, router=routing.build(router, {"k": 2}),
                 group_size=64)
 cfg = DiTConfig(image_size=8, channels=1, patch_size=2, num_classes=10, num_layers=2,
@@ -58,13 +77,17 @@ params, router_state = init_variables(model, jax.random.PRNGKey(0))
 x4 = jnp.asarray(data.batch(0)["images"][:4])  # routing groups: 64 tokens = 4 images
 out = model.apply({"params": params, "router_state": router_state}, x4,
                   jnp.array([10, 300, 600, 900]), jnp.array([3, 1, 4, 1]))
-print("router:", router, " output shape:", out.shape, " max |output| at init:", float(jnp.abs(out).max()))"""),
-    new_markdown_cell("""## Training with the generic train step
-`make_dit_train_step` is `moejax.train.step.make_train_step` with the diffusion
-loss: the same `TrainState`, optimizer and controller updates as the LM.
-Timesteps are drawn stratified over the batch, so each step also reports the
-loss and the mean fanout per timestep bucket."""),
-    new_code_cell("""from moejax.tasks import dit as dit_loop
+print("router:", router, " output shape:", out.shape, " max |output| at init:", float(jnp.abs(out).max()))
+
+# %% [markdown]
+# ## Training with the generic train step
+# `make_dit_train_step` is `moejax.train.step.make_train_step` with the diffusion
+# loss: the same `TrainState`, optimizer and controller updates as the LM.
+# Timesteps are drawn stratified over the batch, so each step also reports the
+# loss and the mean fanout per timestep bucket.
+
+# %%
+from moejax.tasks import dit as dit_loop
 from moejax.train.state import OptimConfig, create_train_state
 steps = 80
 tcfg = dit_loop.DiTTrainConfig(
@@ -83,13 +106,17 @@ ax[1].plot([h["fanout_by_t"] for h in history]); ax[1].set_xlabel("step"); ax[1]
 ax[1].legend([f"t bucket {b}" for b in range(4)], fontsize=7)
 plt.show()
 print("last loss %.4f, fanout by t bucket (clean -> noisy):" % history[-1]["loss"],
-      np.round(history[-1]["fanout_by_t"], 3))"""),
-    new_markdown_cell("""## DDIM samples and their quality
-`sample` runs DDIM in one jitted `lax.fori_loop`. A small classifier trained on
-the real digits scores the samples (class accuracy, Fréchet distance in its
-feature space); 80 steps of a tiny model give blurry digits and low scores —
-the report's runs train longer."""),
-    new_code_cell("""from moejax.eval import image_quality
+      np.round(history[-1]["fanout_by_t"], 3))
+
+# %% [markdown]
+# ## DDIM samples and their quality
+# `sample` runs DDIM in one jitted `lax.fori_loop`. A small classifier trained on
+# the real digits scores the samples (class accuracy, Fréchet distance in its
+# feature space); 80 steps of a tiny model give blurry digits and low scores —
+# the report's runs train longer.
+
+# %%
+from moejax.eval import image_quality
 labels = jnp.repeat(jnp.arange(10), 8)
 imgs = np.asarray(sample(model, state.params, state.router_state, labels, jax.random.PRNGKey(2),
                          diffusion=tcfg.diffusion, num_steps=20))
@@ -101,20 +128,14 @@ clf = image_quality.fit_classifier(train_x, train_y)
 q = image_quality.sample_quality(clf, imgs, np.asarray(labels), train_x, heldout=val_x, num_classes=10)
 print("classifier accuracy on real validation digits: %.3f" % clf.accuracy(val_x, val_y))
 print("class accuracy of samples: %.3f   Frechet: %.2f (real-vs-real floor %.2f)"
-      % (q["class_accuracy"], q["frechet"], q["real_frechet"]))"""),
-    new_markdown_cell("""## The real job
-```
-python experiments/train_dit.py --router=dtop_p --k=2 --steps=1500 --workdir=runs/dit_dtopp
-python experiments/dit_compare.py --config=tiny --routers=top_k,top_p:0.3,dtop_p,dense --seeds=0,1
-```
-writes metrics.jsonl (denoising loss, per-timestep loss and fanout),
-checkpoints (resumable, controller state included), a sample grid per class
-and the quality scores."""),
-]
+      % (q["class_accuracy"], q["frechet"], q["real_frechet"]))
 
-nb = new_notebook(cells=cells, metadata={
-    "kernelspec": {"name": "python3", "display_name": "Python 3",
-                   "language": "python"},
-    "language_info": {"name": "python"}})
-nbformat.write(nb, os.path.join(HERE, "06_dit.ipynb"))
-print("wrote", os.path.join(HERE, "06_dit.ipynb"))
+# %% [markdown]
+# ## The real job
+# ```
+# python experiments/train_dit.py --router=dtop_p --k=2 --steps=1500 --workdir=runs/dit_dtopp
+# python experiments/dit_compare.py --config=tiny --routers=top_k,top_p:0.3,dtop_p,dense --seeds=0,1
+# ```
+# writes metrics.jsonl (denoising loss, per-timestep loss and fanout),
+# checkpoints (resumable, controller state included), a sample grid per class
+# and the quality scores.

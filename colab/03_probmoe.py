@@ -1,39 +1,60 @@
-"""Builds colab/03_probmoe.ipynb (unexecuted): python colab/make_03_probmoe.py"""
-import os
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+# %% [markdown]
+# # ProbMoE: exact-k and dynamic-k probabilistic routing
+#
+# ProbMoE (Zhao et al., ICML 2026) replaces top-k's hard choice by a
+# **distribution over k-subsets**: each expert gets an independent inclusion
+# probability `p_e = sigmoid(r_e)`, conditioned on the subset having exactly k
+# members (the conditional-Bernoulli distribution)
+#
+# `P(S | |S| = k) = prod_{e in S} p_e prod_{e not in S} (1 - p_e) / Z_k`.
+#
+# `moejax.routing` computes `log Z_k` and the exact marginals `P(e in S)` with an
+# O(E k) log-space table per token, samples exact k-subsets, and trains with
+# straight-through gates (value: the sample times softmax; gradient: the exact
+# marginals). Dynamic-k draws the size from `Z_k / sum Z` over a range.
+#
+# This notebook runs on a CPU in about a minute: the distribution against brute
+# force, samples against marginals, and a tiny training run. The comparison with
+# top-k and the fine-tuning experiment: `experiments/reports/probmoe.md`.
 
-CELLS = [
-    ("md", """# ProbMoE: exact-k and dynamic-k probabilistic routing
+# %%
+try:  # Colab: installs moejax from MOEJAX_SOURCE (this repository's pip source)
+  import moejax  # noqa: F401
+except ImportError:
+  import os
+  # %pip install -q {os.environ["MOEJAX_SOURCE"]}
 
-ProbMoE (Zhao et al., ICML 2026) replaces top-k's hard choice by a
-**distribution over k-subsets**: each expert gets an independent inclusion
-probability `p_e = sigmoid(r_e)`, conditioned on the subset having exactly k
-members (the conditional-Bernoulli distribution)
-
-`P(S | |S| = k) = prod_{e in S} p_e prod_{e not in S} (1 - p_e) / Z_k`.
-
-`moejax.routing` computes `log Z_k` and the exact marginals `P(e in S)` with an
-O(E k) log-space table per token, samples exact k-subsets, and trains with
-straight-through gates (value: the sample times softmax; gradient: the exact
-marginals). Dynamic-k draws the size from `Z_k / sum Z` over a range.
-
-This notebook runs on a CPU in about a minute: the distribution against brute
-force, samples against marginals, and a tiny training run. The comparison with
-top-k and the fine-tuning experiment: `experiments/reports/probmoe.md`."""),
-    ("code", """import itertools, os, sys
-sys.path.insert(0, os.path.abspath('..') if os.path.basename(os.getcwd()) == 'colab' else os.getcwd())
+# %%
+import itertools
 import jax, jax.numpy as jnp, numpy as np
 import matplotlib.pyplot as plt
 from moejax import routing
 from moejax.routing import probmoe as ek  # helpers beside the public API
-print(jax.__version__, jax.devices()[0].platform)"""),
-    ("md", """## 1. The distribution, against enumeration
-One token, six experts, k = 2: the 15 subsets' probabilities by brute force, and
-the table's `log Z_k` and marginals. The marginals are not the `p_e`, and not
-softmax: conditioning on the size couples the experts."""),
-    ("code", """r = np.array([1.5, 0.8, 0.0, -0.4, -1.2, -2.0])
+print(jax.__version__, jax.devices()[0].platform)
+
+# %% [markdown]
+# ## 1. The distribution, against enumeration
+# One token, six experts, k = 2: the 15 subsets' probabilities by brute force, and
+# the table's `log Z_k` and marginals. The marginals are not the `p_e`, and not
+# softmax: conditioning on the size couples the experts.
+
+# %%
+r = np.array([1.5, 0.8, 0.0, -0.4, -1.2, -2.0])
 k = 2
 p = 1 / (1 + np.exp(-r))
 subsets = list(itertools.combinations(range(6), k))
@@ -48,13 +69,17 @@ softmax = np.exp(r) / np.exp(r).sum()
 plt.figure(figsize=(7, 3))
 for i, (name, v) in enumerate([('P(e in S), k=2', m), ('sigmoid(r)', p), ('softmax(r)', softmax)]):
   plt.bar(np.arange(6) + 0.27 * (i - 1), v, width=0.27, label=name)
-plt.xlabel('expert'); plt.legend(); plt.show()"""),
-    ("md", """## 2. Exact samples against the marginals
-The backward walk through the table draws an exact k-subset per token; every
-sample has exactly k members. 20 000 draws of the same token: subset frequencies
-against the enumerated probabilities, and (dynamic-k, sizes 1..4) the size
-frequencies against `Z_k / sum Z`."""),
-    ("code", """n = 20000
+plt.xlabel('expert'); plt.legend(); plt.show()
+
+# %% [markdown]
+# ## 2. Exact samples against the marginals
+# The backward walk through the table draws an exact k-subset per token; every
+# sample has exactly k members. 20 000 draws of the same token: subset frequencies
+# against the enumerated probabilities, and (dynamic-k, sizes 1..4) the size
+# frequencies against `Z_k / sum Z`.
+
+# %%
+n = 20000
 xs = jnp.broadcast_to(x, (n, 6))
 z = np.asarray(ek.sample_subsets(xs, k, k, jax.random.PRNGKey(0)))
 assert (z.sum(-1) == k).all()
@@ -75,25 +100,33 @@ axes[1].set_title('dynamic-k sizes, range [1, 4]'); axes[1].legend()
 plt.tight_layout(); plt.show()
 print('dynamic-k: mean size %.3f, expected %.3f; MAP size %d (logits > 0: %d)'
       % (zd.sum(-1).mean(), (np.arange(1, 5) * size_p).sum(),
-         int(ek.dynamic_k_map(x, 1, 4)[0]), int((r > 0).sum())))"""),
-    ("md", """## 3. Straight-through gates
-In training, `exact_k(logits, k, rng=key)` returns gates that equal
-softmax at the sampled experts and are exactly 0 elsewhere; their gradient
-flows through the exact marginals (`stop_gradient(z - m) + m`) and through the
-softmax. The marginals' derivative is the covariance of the subset indicator,
-which the custom VJP computes exactly (checked here against enumeration)."""),
-    ("code", """out = routing.exact_k(x, k, rng=jax.random.PRNGKey(3))
+         int(ek.dynamic_k_map(x, 1, 4)[0]), int((r > 0).sum())))
+
+# %% [markdown]
+# ## 3. Straight-through gates
+# In training, `exact_k(logits, k, rng=key)` returns gates that equal
+# softmax at the sampled experts and are exactly 0 elsewhere; their gradient
+# flows through the exact marginals (`stop_gradient(z - m) + m`) and through the
+# softmax. The marginals' derivative is the covariance of the subset indicator,
+# which the custom VJP computes exactly (checked here against enumeration).
+
+# %%
+out = routing.exact_k(x, k, rng=jax.random.PRNGKey(3))
 print('gates', np.round(np.asarray(out.routing.gates[0]), 4))
 c = np.arange(6.0)
 grad = np.asarray(jax.grad(lambda v: jnp.sum(routing.exact_k_marginals(v, k) * c))(x))[0]
 zs = np.array([np.isin(np.arange(6), s) for s in subsets], float)
 cov = (zs * (weights / Z)[:, None]).T @ zs - np.outer(brute_m, brute_m)
-print('d(m . c)/dr  custom VJP', np.round(grad, 5)); print('             Cov(z) c  ', np.round(cov @ c, 5))"""),
-    ("md", """## 4. A tiny training run
-A two-block LM on Python standard-library bytes, exact-k (k = 2 of 8 experts)
-against top-k with the same k and dynamic-k over [1, 2], 30 steps each (a CPU smoke test, not a
-comparison: see the report for that). Inference uses top-k for both."""),
-    ("code", """from moejax.routing import ExactK, TopK, DynamicK
+print('d(m . c)/dr  custom VJP', np.round(grad, 5)); print('             Cov(z) c  ', np.round(cov @ c, 5))
+
+# %% [markdown]
+# ## 4. A tiny training run
+# A two-block LM on Python standard-library bytes, exact-k (k = 2 of 8 experts)
+# against top-k with the same k and dynamic-k over [1, 2], 30 steps each (a CPU smoke test, not a
+# comparison: see the report for that). Inference uses top-k for both.
+
+# %%
+from moejax.routing import ExactK, TopK, DynamicK
 from moejax.models import LMConfig
 from moejax.nn import MoEConfig
 from moejax.train import OptimConfig, TrainConfig, train
@@ -117,20 +150,4 @@ for name, hist in results.items():
   axes[1].plot([h['step'] for h in hist], [h['experts_per_token'] for h in hist], label=name)
 axes[0].set_ylabel('training loss'); axes[1].set_ylabel('experts per token (training)')
 for ax in axes: ax.set_xlabel('step'); ax.legend()
-plt.tight_layout(); plt.show()"""),
-]
-
-
-def build(path):
-  nb = new_notebook()
-  nb.cells = [new_markdown_cell(src) if kind == "md" else new_code_cell(src)
-              for kind, src in CELLS]
-  nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
-                               "language": "python"}
-  nbformat.write(nb, path)
-  return path
-
-
-if __name__ == "__main__":
-  print(build(os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                           "03_probmoe.ipynb")))
+plt.tight_layout(); plt.show()
