@@ -14,21 +14,17 @@ WORKDIR/checkpoints; run again with the same workdir to resume.
 """
 from __future__ import annotations
 
-import sys
+from absl import flags, logging
 
-from absl import app, flags, logging
-
-from moejax.cli import dit_flags
+from moejax.cli import app, dit_flags
 
 dit_flags.define_flags()
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main() -> int:
   logging.set_verbosity(logging.WARNING)
-  sys.exit(dit_flags.run(flags.FLAGS))
+  return dit_flags.run(flags.FLAGS)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, __doc__, dit_flags.HELP_GROUPS, hidden=dit_flags.LM_ONLY_FLAGS)

@@ -7,21 +7,17 @@ WORKDIR/checkpoints; run again with the same workdir to resume.
 """
 from __future__ import annotations
 
-import sys
+from absl import flags, logging
 
-from absl import app, flags, logging
-
-from moejax.cli import lm_flags
+from moejax.cli import app, lm_flags
 
 lm_flags.define_flags()
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main() -> int:
   logging.set_verbosity(logging.WARNING)
-  sys.exit(lm_flags.run(flags.FLAGS))
+  return lm_flags.run(flags.FLAGS)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, __doc__, lm_flags.HELP_GROUPS)

@@ -9,10 +9,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "train_lm.py")
 
 
-def run(*args, timeout=600):
+def run(*args, timeout=600, script=SCRIPT):
   # The checkout's moejax, as `python -m pytest` imports it here.
   env = dict(os.environ, PYTHONPATH=ROOT)
-  return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True,
+  return subprocess.run([sys.executable, script, *args], capture_output=True,
                         text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
@@ -29,12 +29,49 @@ def run(*args, timeout=600):
      "no_such_set"),
     (["--dataset=text:/nonexistent/*.txt"], "/nonexistent/*.txt"),
     (["--steps=0"], "steps=0 is out of range"),
+    (["--steps=-5"], "error: steps=-5 is out of range; allowed: integer >= 1"),
+    (["--k=abc"], "error: flag --k=abc: invalid literal for int()"),
+    (["--bogus=1"], "error: Unknown command line flag 'bogus'"),
+    (["stray"], "error: unexpected arguments: stray"),
 ])
 def test_bad_input_fails_fast_with_clear_message(args, needle, tmp_path):
   out = run(*args, "--workdir", str(tmp_path), timeout=120)
   assert out.returncode == 2, out.stderr[-2000:]
   assert needle in out.stderr
   assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("script", ["train_lm.py", "train_dit.py"])
+def test_help_lists_the_project_flags_by_group(script):
+  out = run("--help", timeout=120,
+            script=os.path.join(ROOT, "experiments", script))
+  assert out.returncode == 0, out.stderr[-2000:]
+  text = out.stdout
+  titles = [line for line in text.splitlines() if line.endswith(":")
+            and not line.startswith(" ")]
+  for title in ("model:", "routing:", "data:", "training:", "scale-out:"):
+    assert title in titles
+  assert "other:" not in titles  # every flag has its group
+  for flag in ("--router", "--k", "--p", "--strategy", "--steps",
+               "--max_bad_steps", "--mesh", "--workdir", "--[no]progress"):
+    assert f"  {flag}  " in text, flag
+  assert "--steps  Training steps (default: preset)." in text
+  assert "(default: 'top_k')" in text
+  for absl_flag in ("--flagfile", "--verbosity", "--jax_", "--xla_"):
+    assert absl_flag not in text
+  lm_only = "--seq_len" in text
+  assert lm_only == (script == "train_lm.py")
+
+
+def test_effective_routing_is_printed_first(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  out = run("--router=top_p", f"--workdir={blocker}", timeout=120)
+  assert out.returncode == 2
+  assert out.stdout.startswith(
+      "routing: top_p k=2 p=0.4 max_k=None normalize=False\n"), out.stdout
+  assert out.stderr.strip().splitlines()[-1] == (
+      f"error: workdir='{blocker}' is not a directory ('{blocker}' is a file)")
 
 
 def test_train_and_resume(tmp_path):

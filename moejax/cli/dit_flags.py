@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from typing import Any, Mapping
 
 from absl import flags
 
-from moejax.cli import defaults, lm_flags
+from moejax.cli import app, defaults, lm_flags
 from moejax.data import DataError
 from moejax.diffusion import DiffusionConfig
 from moejax.models.dit import DiTConfig
@@ -87,6 +86,25 @@ _RUN_FIELDS = tuple(name for name in lm_flags.RUN_FLAGS
                                 dataclasses.fields(DiTTrainConfig)})
 
 
+# LM-only flags, which the DiT ignores: left out of its `--help`.
+LM_ONLY_FLAGS = ("seq_len", "sample_tokens", "temperature",
+                 *(n for n in lm_flags.LM_MODEL_FLAGS if n.startswith("mod_")))
+# `--help`'s groups: the LM's plus the DiT's own flags.
+HELP_GROUPS = {
+    "model": ("config", "num_layers", "d_model", "num_heads", "patch_size",
+              "d_ff", "image_size", "class_dropout",
+              *lm_flags.HELP_GROUPS["model"][1:]),
+    "routing": lm_flags.HELP_GROUPS["routing"],
+    "data": (*lm_flags.HELP_GROUPS["data"], "upsample", "max_examples"),
+    "diffusion and samples": ("num_timesteps", "schedule", "prediction",
+                              "timestep_buckets", "sample_steps",
+                              "samples_per_class", "quality_samples_per_class",
+                              "guidance_scale", "eta"),
+    "training": (*lm_flags.HELP_GROUPS["training"], "eval_repeats"),
+    "scale-out": lm_flags.HELP_GROUPS["scale-out"],
+}
+
+
 def define_flags() -> None:
   """Defines the LM flags (if not yet defined) plus the DiT's; the help of
   the shared run flags shows the DiT's defaults."""
@@ -143,14 +161,11 @@ def build_dit_train_config(values: Mapping[str, Any]) -> DiTTrainConfig:
   diffusion = DiffusionConfig(num_timesteps=pick("num_timesteps"),
                               **defaults.given(values, ("schedule",
                                                         "prediction")))
-  steps = pick("steps")
-  optim = dataclasses.replace(
-      defaults.field_default(DiTTrainConfig, "optim"),
-      learning_rate=pick("learning_rate"),
-      warmup_steps=min(pick("warmup_steps"), steps), total_steps=steps)
+  optim = lm_flags.build_optim(
+      defaults.field_default(DiTTrainConfig, "optim"), pick)
   return DiTTrainConfig(
       model=model, diffusion=diffusion, optim=optim,
-      batch_size=pick("batch_size"), steps=steps,
+      batch_size=pick("batch_size"), steps=optim.total_steps,
       sample_steps=pick("sample_steps"),
       samples_per_class=pick("samples_per_class"),
       quality_samples_per_class=pick("quality_samples_per_class"), **run)
@@ -172,13 +187,10 @@ def data_shape(dataset: str, data_dir: str | None, upsample: int,
 def run(flag_values) -> int:
   """Runs the job; returns the process exit code (2 on bad input)."""
   values = flag_values.flag_values_dict()
-  try:
-    cfg = build_dit_train_config(values)
-    from moejax.train.loop import train  # pylint: disable=g-import-not-at-top
-    summary = train(cfg, values["workdir"])
-  except (ValueError, DataError, FileNotFoundError) as e:
-    sys.stderr.write(f"error: {e}\n")
-    return 2
+  code, summary = app.train(lambda: build_dit_train_config(values),
+                            values["workdir"])
+  if code:
+    return code
   print(format_summary(summary, os.path.abspath(values["workdir"])))
   return 0
 

@@ -8,6 +8,7 @@ takes the preset's value (`moejax.configs`) or the config dataclass's default
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from typing import Any, Mapping
@@ -15,8 +16,7 @@ from typing import Any, Mapping
 from absl import flags
 
 from moejax import configs, routing
-from moejax.cli import defaults
-from moejax.data import DataError
+from moejax.cli import app, defaults
 from moejax.models.lm import LMConfig
 from moejax.nn.moe import MoEConfig
 from moejax.tasks.lm import TrainConfig
@@ -76,6 +76,9 @@ RUN_FLAGS = {
                      "evaluation."),
     "checkpoint_every": ("integer", TrainConfig, "Checkpoint every n steps."),
     "keep_checkpoints": ("integer", TrainConfig, "Checkpoints kept."),
+    "max_bad_steps": ("integer", TrainConfig, "Stop after this many "
+                      "consecutive steps with a non-finite loss or gradient "
+                      "(each is skipped)."),
     "sample_tokens": ("integer", TrainConfig, "Tokens sampled at the end "
                       "(0 = none)."),
     "temperature": ("float", TrainConfig, "Sampling temperature (0 = "
@@ -104,6 +107,22 @@ ROUTER_FLAGS = {
                 "decay in [0, 1)."),
     "et_capacity_bound": ("float", "expert_threshold", "expert_threshold: C of "
                           "the training load bounds (1 +- C) k, in [0, 1]."),
+}
+
+
+# `--help`'s groups (flags of no group are listed under "other").
+HELP_GROUPS = {
+    "model": ("config", "num_experts", "expert_width", "num_shared",
+              "moe_every", *LM_MODEL_FLAGS),
+    "routing": ("router", "k", "k_min", "k_max", "max_k", *ROUTER_FLAGS,
+                *(n for n in MOE_FLAGS if n != "expert_parallel")),
+    "data": ("dataset", "data_dir", "seq_len", "batch_size"),
+    "training": ("steps", "learning_rate", "warmup_steps", "seed",
+                 "log_every", "eval_every", "eval_batches", "checkpoint_every",
+                 "keep_checkpoints", "max_bad_steps", "sample_tokens",
+                 "temperature", "progress", "workdir"),
+    "scale-out": ("mesh", "num_devices", "expert_parallel",
+                  "coordinator_address", "num_processes", "process_id"),
 }
 
 
@@ -188,13 +207,23 @@ def build_train_config(values: Mapping[str, Any]) -> TrainConfig:
                    num_heads=pre["num_heads"], d_ff=pre["d_ff"],
                    max_len=seq_len, moe=moe, moe_every=pick("moe_every"),
                    **defaults.given(values, LM_MODEL_FLAGS))
-  steps = pick("steps")
-  optim = OptimConfig(learning_rate=pick("learning_rate"),
-                      warmup_steps=min(pick("warmup_steps"), steps),
-                      total_steps=steps)
+  optim = build_optim(OptimConfig(), pick)
   return TrainConfig(model=model, optim=optim, batch_size=pick("batch_size"),
-                     seq_len=seq_len, steps=steps,
+                     seq_len=seq_len, steps=optim.total_steps,
                      **defaults.given(values, RUN_FLAGS))
+
+
+def build_optim(base: OptimConfig, pick) -> OptimConfig:
+  """`base` with the learning rate, warmup and length of `pick(flag name)`.
+
+  `--steps` is checked here, so that its error names it (not the schedule
+  fields it sets)."""
+  steps = pick("steps")
+  if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    raise ValueError(f"steps={steps!r} is out of range; allowed: integer >= 1")
+  return dataclasses.replace(base, learning_rate=pick("learning_rate"),
+                             warmup_steps=min(pick("warmup_steps"), steps),
+                             total_steps=steps)
 
 
 def run(flag_values) -> int:
@@ -205,12 +234,13 @@ def run(flag_values) -> int:
     sharding.maybe_initialize_distributed(values.get("coordinator_address"),
                                           values.get("num_processes"),
                                           values.get("process_id"))
-    cfg = build_train_config(values)
-    from moejax.train.loop import train  # pylint: disable=g-import-not-at-top
-    summary = train(cfg, values["workdir"])
-  except (ValueError, DataError, FileNotFoundError) as e:
+  except ValueError as e:
     sys.stderr.write(f"error: {e}\n")
     return 2
+  code, summary = app.train(lambda: build_train_config(values),
+                            values["workdir"])
+  if code:
+    return code
   workdir = os.path.abspath(values["workdir"])
   lines = [
       f"validation loss: {summary['eval_loss']:.4f} nats/byte "

@@ -58,7 +58,8 @@ class DiTTrainConfig:
       number of devices).
     steps, seed, log_every, eval_every, eval_batches, eval_repeats (passes over
       the validation batches with fresh noise), checkpoint_every,
-      keep_checkpoints, mesh, num_devices: as in the LM's `TrainConfig`.
+      keep_checkpoints, max_bad_steps, mesh, num_devices: as in the LM's
+      `TrainConfig`.
     timestep_buckets: NB.
     sample_steps: DDIM steps of the final samples.
     samples_per_class: images per class in the sample grids (0 = none).
@@ -87,6 +88,7 @@ class DiTTrainConfig:
   eval_repeats: int = 2
   checkpoint_every: int = 250
   keep_checkpoints: int = 2
+  max_bad_steps: int = 10
   mesh: str | None = None
   num_devices: int | None = None
   timestep_buckets: int = 4
@@ -104,8 +106,8 @@ class DiTTrainConfig:
   def __post_init__(self):
     for name in ("batch_size", "steps", "log_every", "eval_every",
                  "eval_batches", "eval_repeats", "checkpoint_every",
-                 "keep_checkpoints", "timestep_buckets", "sample_steps",
-                 "upsample"):
+                 "keep_checkpoints", "max_bad_steps", "timestep_buckets",
+                 "sample_steps", "upsample"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}={value!r} is out of range; allowed: "

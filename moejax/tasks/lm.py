@@ -44,6 +44,8 @@ class TrainConfig:
     log_every, eval_every: log / evaluate every n steps.
     eval_batches: validation batches per evaluation.
     checkpoint_every, keep_checkpoints: checkpoint cadence, how many to keep.
+    max_bad_steps: stop after this many consecutive steps with a non-finite
+      loss or gradient (each is skipped: no update).
     mesh: e.g. "data:2,expert:4" (None = every device on `data`).
     num_devices: use the first n devices (None = all).
     sample_tokens: tokens sampled after training (>= 0; 0 = none).
@@ -64,6 +66,7 @@ class TrainConfig:
   eval_batches: int = 8
   checkpoint_every: int = 100
   keep_checkpoints: int = 3
+  max_bad_steps: int = 10
   mesh: str | None = None
   num_devices: int | None = None
   sample_tokens: int = 160
@@ -73,7 +76,8 @@ class TrainConfig:
 
   def __post_init__(self):
     for name in ("batch_size", "seq_len", "steps", "log_every", "eval_every",
-                 "eval_batches", "checkpoint_every", "keep_checkpoints"):
+                 "eval_batches", "checkpoint_every", "keep_checkpoints",
+                 "max_bad_steps"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}={value!r} is out of range; allowed: "

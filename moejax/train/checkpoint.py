@@ -1,14 +1,63 @@
 """orbax checkpoints of the whole `TrainState` (params, optimizer, controllers,
-rng, data position): periodic, keep-last-N, resume from the latest."""
+rng, data position): periodic, keep-last-N, resume from the newest readable.
+
+Every restore is verified: orbax must read every array into the template's
+shapes and dtypes, the restored step must be the checkpoint's, every float
+leaf must be finite, and orbax's tree metadata file (`_METADATA`) must be
+there (a checkpoint without it is not as it was written, so it is refused,
+like one with a damaged data file). `restore_latest` falls back from an
+unreadable checkpoint to the next older one, moves the unreadable one aside
+(to `DIRECTORY.unreadable/STEP`, so a new save of that step is possible) and
+reports each in one line; when none is readable it raises and moves nothing.
+"""
 from __future__ import annotations
 
 import os
+import shutil
+import sys
+from typing import Callable
 
 import flax.serialization
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from moejax.train.state import TrainState
+
+
+class CheckpointError(Exception):
+  """Checkpoints exist but none of them can be restored."""
+
+
+def _reason(error: BaseException) -> str:
+  """The first line of an error, prefixed by its type."""
+  lines = str(error).strip().splitlines()
+  text = lines[0] if lines else ""
+  if len(text) > 160:
+    text = text[:160] + "..."
+  return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _quiet_closed_loops() -> None:
+  """Silences the 'Event loop is closed' errors that the reads of a failed
+  orbax restore still raise in their callbacks after it returned (each
+  printed as a traceback); other unraisable errors go to the previous hook."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_moejax_quiet", False):
+    return
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError) and
+            "Event loop is closed" in str(unraisable.exc_value)):
+      previous(unraisable)
+
+  hook._moejax_quiet = True
+  sys.unraisablehook = hook
+
+
+def _stderr(message: str) -> None:
+  sys.stderr.write(message + "\n")
+  sys.stderr.flush()
 
 
 class Checkpointer:
@@ -48,14 +97,66 @@ class Checkpointer:
                               force=True)
 
   def restore(self, template: TrainState, step: int | None = None) -> TrainState:
-    """Restores into the structure, shapes and shardings of `template`."""
+    """Restores into the structure, shapes and shardings of `template` and
+    verifies the result (module docstring); raises on an unreadable one."""
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    metadata = os.path.join(self.directory, str(step), "default", "_METADATA")
+    if not os.path.exists(metadata):
+      raise FileNotFoundError(f"{os.path.relpath(metadata, self.directory)} "
+                              "is missing")
     target = flax.serialization.to_state_dict(template)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     tree = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    return flax.serialization.from_state_dict(template, tree)
+    state = flax.serialization.from_state_dict(template, tree)
+    if int(jax.device_get(state.step)) != step:
+      raise ValueError(f"holds step {int(jax.device_get(state.step))}")
+    floats = [x for x in jax.tree.leaves(state)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    if floats and not bool(jnp.all(jnp.stack(
+        [jnp.all(jnp.isfinite(x)) for x in floats]))):
+      raise ValueError("holds non-finite values")
+    return state
+
+  def restore_latest(self, template: TrainState,
+                     warn: Callable[[str], None] = _stderr
+                     ) -> tuple[TrainState, int | None]:
+    """(state, step) of the newest readable checkpoint, or (`template`, None)
+    when there is none. Each unreadable one newer than it is reported by `warn`
+    in one line and moved aside; raises `CheckpointError` (and moves nothing)
+    when none is readable."""
+    steps = sorted(self.all_steps(), reverse=True)
+    unreadable = []
+    for step in steps:
+      try:
+        state = self.restore(template, step)
+      except Exception as e:  # pylint: disable=broad-except
+        # orbax and tensorstore raise many types for a damaged file.
+        unreadable.append((step, _reason(e)))
+        _quiet_closed_loops()
+        continue
+      for bad, reason in unreadable:
+        warn(f"warning: checkpoint at step {bad} is unreadable ({reason}); "
+             f"moved to {self._move_aside(bad)}; resuming from step {step}")
+      return state, step
+    if steps:
+      raise CheckpointError(
+          f"no readable checkpoint in {self.directory}: " + "; ".join(
+              f"step {s}: {r}" for s, r in unreadable))
+    return template, None
+
+  def _move_aside(self, step: int) -> str:
+    """Moves checkpoint `step` to `DIRECTORY.unreadable/STEP[.n]`."""
+    aside = os.path.join(self.directory + ".unreadable", str(step))
+    n = 0
+    while os.path.exists(aside if not n else f"{aside}.{n}"):
+      n += 1
+    aside = aside if not n else f"{aside}.{n}"
+    os.makedirs(os.path.dirname(aside), exist_ok=True)
+    shutil.move(os.path.join(self.directory, str(step)), aside)
+    self._manager.reload()
+    return aside
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

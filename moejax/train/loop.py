@@ -8,10 +8,17 @@ Axis legend:
 that names its task (`TrainConfig` -> the LM, `DiTTrainConfig` -> the DiT).
 The task owns the model, data, loss, evaluation, samples and plots; this
 module owns what every run shares.
+
+Bad steps: a step whose loss or gradient is not finite changes nothing but
+the step counter and the data position (`moejax.train.step`); the loop counts
+them (`skipped_steps` in the log records), saves no periodic checkpoint right
+after one, and after `max_bad_steps` consecutive ones stops with
+`TrainingStopped`, leaving the last checkpoint (of a good step) as it was.
 """
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import time
@@ -27,6 +34,57 @@ from moejax.train import metrics as metrics_lib
 from moejax.train.state import TrainState
 from moejax.train.step import make_train_step
 from moejax.train.task import Task
+
+class TrainingStopped(RuntimeError):
+  """The run stopped early: too many consecutive non-finite steps."""
+
+
+class _BadSteps:
+  """Counts skipped (non-finite) steps from each step's `skipped` metric, read
+  one step late (`add`) so that the host never waits for the step it has just
+  dispatched; `resolve` reads the newest at once."""
+
+  def __init__(self, limit: int):
+    self.limit, self.total, self.streak = limit, 0, 0
+    self._pending = None
+
+  def add(self, skipped: jax.Array, step: int) -> None:
+    self.resolve()
+    self._pending = (skipped, step)
+
+  def resolve(self) -> bool:
+    """Reads the newest step's flag; True when that step was skipped."""
+    if self._pending is None:
+      return self.streak > 0
+    skipped, step = self._pending
+    self._pending = None
+    if float(jax.device_get(skipped)):
+      self.total += 1
+      self.streak += 1
+      if self.streak >= self.limit:
+        raise TrainingStopped(
+            f"stopped at step {step}: {self.streak} consecutive steps had a "
+            f"non-finite loss or gradient (max_bad_steps={self.limit})")
+    else:
+      self.streak = 0
+    return self.streak > 0
+
+
+def routing_settings(method: Any) -> dict[str, Any]:
+  """{"router": name, field: value, ...} of a routing method (dense: None)."""
+  if method is None:
+    return {"router": "dense"}
+  return {"router": method.name, **{f.name: getattr(method, f.name)
+                                    for f in dataclasses.fields(method)}}
+
+
+def _say(progress, message: str) -> None:
+  """One line for the user, above the progress bar when there is one."""
+  if progress is not None:
+    progress.write(message)
+  else:
+    print(message, flush=True)
+
 
 _CACHE: collections.OrderedDict = collections.OrderedDict()
 _CACHE_SIZE = 8
@@ -135,7 +193,14 @@ def train(run: Any, workdir: str) -> dict[str, Any]:
   """
   task = as_task(run)
   cfg = task.config
-  os.makedirs(workdir, exist_ok=True)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except (FileExistsError, NotADirectoryError):
+    blocker = os.path.abspath(workdir)
+    while not os.path.exists(blocker):
+      blocker = os.path.dirname(blocker)
+    raise ValueError(f"workdir={workdir!r} is not a directory ({blocker!r} "
+                     "is a file)") from None
   mesh = sharding.make_mesh(cfg.mesh, select_devices(cfg.num_devices))
   task.check(mesh)
   main = sharding.is_main_process()  # multi-host: process 0 logs and plots
@@ -154,13 +219,14 @@ def train(run: Any, workdir: str) -> dict[str, Any]:
     metrics_path = os.path.join(
         workdir, "metrics.jsonl" if main else
         f"metrics.process{jax.process_index()}.jsonl")
-    resumed_from = checkpointer.latest_step()
+    state, resumed_from = checkpointer.restore_latest(state)
     if resumed_from is not None:
-      state = checkpointer.restore(state, resumed_from)
       metrics_lib.truncate_after(metrics_path, resumed_from)
     elif os.path.exists(metrics_path):
       os.remove(metrics_path)
     writer = metrics_lib.MetricsWriter(metrics_path)
+    if resumed_from is None:
+      writer.write({"step": 0, "routing": routing_settings(task.method)})
     train_step = make_step(task, model, mesh)
     eval_step = make_eval(task, model)
 
@@ -176,25 +242,49 @@ def train(run: Any, workdir: str) -> dict[str, Any]:
       progress = tqdm(total=cfg.steps, initial=start, desc=task.name,
                       dynamic_ncols=True)
     t0, items_seen = time.perf_counter(), 0
-    for step in range(start, cfg.steps):
-      state, metrics = train_step(state, put(data.batch(data_index)))
-      data_index += 1
-      items_seen += task.items_per_step()
-      done = step + 1
-      if done % cfg.log_every == 0 or done == cfg.steps:
-        record = {"step": done, **jax.device_get(metrics)}
-        record[task.rate_key] = items_seen / (time.perf_counter() - t0)
-        writer.write(record)
+    bad, t_first = _BadSteps(cfg.max_bad_steps), None
+    try:
+      for step in range(start, cfg.steps):
+        state, metrics = train_step(state, put(data.batch(data_index)))
+        data_index += 1
+        items_seen += task.items_per_step()
+        done = step + 1
+        bad.add(metrics["skipped"], done)
+        if done - start in (1, 11):  # the duration, from steps 2..11
+          bad.resolve()  # waits for this step
+          if done - start == 1:
+            t_first = time.perf_counter()
+          elif main:
+            per_step = (time.perf_counter() - t_first) / 10
+            _say(progress, f"about {per_step * (cfg.steps - done) / 60:.1f} "
+                 f"min remaining ({per_step:.2f} s/step)")
+        if done % cfg.log_every == 0 or done == cfg.steps:
+          bad.resolve()
+          record = {"step": done, **jax.device_get(metrics),
+                    "skipped_steps": bad.total}
+          record[task.rate_key] = items_seen / (time.perf_counter() - t0)
+          writer.write(record)
+          if progress is not None:
+            progress.set_postfix(loss=format(record["loss"],
+                                             task.loss_format), refresh=False)
+        if done % cfg.eval_every == 0 and done != cfg.steps:
+          writer.write({"step": done, **run_eval()})
+        if done % checkpointer.every == 0 and not bad.resolve():
+          checkpointer.save(state)
         if progress is not None:
-          progress.set_postfix(loss=format(record["loss"], task.loss_format),
-                               refresh=False)
-      if done % cfg.eval_every == 0 and done != cfg.steps:
-        writer.write({"step": done, **run_eval()})
-      checkpointer.save(state)
+          progress.update(1)
+      bad.resolve()
+    except TrainingStopped as e:
+      checkpointer.close()
+      last = checkpointer.latest_step()
+      message = (f"{e}; the last checkpoint is step {last}" if last is not None
+                 else f"{e}; no checkpoint was saved")
+      writer.write({"step": done, "stopped": message,
+                    "skipped_steps": bad.total})
+      raise TrainingStopped(message) from None
+    finally:
       if progress is not None:
-        progress.update(1)
-    if progress is not None:
-      progress.close()
+        progress.close()
     elapsed = time.perf_counter() - t0
     final = run_eval()
     checkpointer.save(state, force=True)
@@ -209,6 +299,7 @@ def train(run: Any, workdir: str) -> dict[str, Any]:
   summary = {
       "eval_loss": final["eval_loss"], "steps": cfg.steps,
       "resumed_from": resumed_from, "train_seconds": elapsed,
+      "skipped_steps": bad.total,
       task.rate_key: items_seen / elapsed if items_seen else None,
       "metrics": metrics_path,
       "checkpoints": os.path.join(workdir, "checkpoints"),

@@ -10,6 +10,14 @@ routed layers' weighted aux losses (sown in the `"router"` collection), updates
 params with optax, then updates every controller from that step's router metrics,
 which are already reduced over the whole global batch (the step is one SPMD
 program over the mesh).
+
+Non-finite steps: when the objective or the global gradient norm is not
+finite, the step keeps params, optimizer state and controller state as they
+were (one predicate selects old or new for all three, inside the one compiled
+program; `optax.apply_if_finite` would guard the optimizer alone) while the step
+counter and the data position advance, so the run moves past the bad batch.
+The metrics say so: `skipped` (1.0 when the update was dropped) and
+`nonfinite_loss` (1.0 when the objective itself was not finite).
 """
 from __future__ import annotations
 
@@ -125,17 +133,26 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
 
   def train_step(state: TrainState, batch: Batch):
     rng = jax.random.fold_in(state.rng, state.step)
-    grads, out = jax.grad(loss_fn, has_aux=True)(
+    (objective, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, state.router_state, batch, rng)
     ce, aux_loss, layers = out[0], out[1], out[-1]
     extra = out[2] if custom else {}
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     router_state = update_router_state(method, state.router_state, layers,
                                        state.step)
-    metrics = {"loss": ce, "aux_loss": aux_loss,
-               "grad_norm": optax.global_norm(grads), **summarize(layers),
-               **extra}
+    # A non-finite step changes nothing but the step and the data position.
+    params, opt_state, router_state = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old),
+        (params, opt_state, router_state),
+        (state.params, state.opt_state, state.router_state))
+    metrics = {"loss": ce, "aux_loss": aux_loss, "grad_norm": grad_norm,
+               "skipped": 1.0 - finite.astype(jnp.float32),
+               "nonfinite_loss": 1.0 - jnp.isfinite(objective).astype(
+                   jnp.float32),
+               **summarize(layers), **extra}
     if method is not None and router_state:
       metrics.update(method.state_metrics(router_states(router_state)))
     if schedule is not None:

@@ -12,8 +12,9 @@ resume, `metrics.jsonl`, the progress bar and the summary.
 
 A task wraps its run config, which the loop reads for `batch_size`, `steps`,
 `seed`, `log_every`, `eval_every`, `eval_batches`, `checkpoint_every`,
-`keep_checkpoints`, `mesh`, `num_devices`, `progress`, `optim` and `model`
-(with its `moe`); a run config names its task with `config.task()`.
+`keep_checkpoints`, `max_bad_steps`, `mesh`, `num_devices`, `progress`,
+`optim` and `model` (with its `moe`); a run config names its task with
+`config.task()`.
 """
 from __future__ import annotations
 

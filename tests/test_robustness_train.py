@@ -1,0 +1,155 @@
+"""Robust training: non-finite steps are skipped and counted, a run stops
+after too many in a row, an unreadable checkpoint falls back to the newest
+readable one (bit-exactly), and a bad workdir is one line."""
+import dataclasses
+import glob
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from moejax.routing import TopK
+from moejax.tasks.lm import LMTask
+from moejax.train import loop
+from moejax.train.checkpoint import CheckpointError, Checkpointer
+from moejax.train.metrics import read_jsonl
+from test_train import params_equal, tiny_config
+
+
+def loss_free_config(**kw):
+  cfg = tiny_config(**kw)
+  moe = dataclasses.replace(cfg.model.moe,
+                            router=TopK(k=2, balance="loss_free"))
+  return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
+                                                            moe=moe))
+
+
+class PoisonedData:
+  """The task's data with NaN loss masks at the given batch indices."""
+
+  def __init__(self, data, bad):
+    self.data, self.bad = data, bad
+
+  def batch(self, i):
+    batch = dict(self.data.batch(i))
+    if self.bad(i):
+      batch["mask"] = np.full_like(batch["mask"], np.nan)
+    return batch
+
+  def eval_batches(self, n):
+    return self.data.eval_batches(n)
+
+
+class PoisonedTask(LMTask):
+
+  def __init__(self, config, bad):
+    super().__init__(config)
+    self.bad = bad
+
+  def data(self):
+    return PoisonedData(super().data(), self.bad)
+
+
+def test_nonfinite_step_changes_only_step_and_data_index():
+  cfg = loss_free_config()
+  task = cfg.task()
+  model = task.build_model()
+  state = loop.nn.meta.unbox(loop.init_state(cfg, model,
+                                             jax.random.PRNGKey(0)))
+  step = loop.make_step(cfg, model, donate=False)
+  data = PoisonedData(task.data(), lambda i: i == 1)
+  s1, m1 = step(state, data.batch(0))
+  s2, m2 = step(s1, data.batch(1))
+  s3, m3 = step(s2, data.batch(2))
+  assert float(m1["skipped"]) == 0 and float(m3["skipped"]) == 0
+  assert float(m2["skipped"]) == 1 and float(m2["nonfinite_loss"]) == 1
+  assert params_equal(s1.params, s2.params)
+  assert params_equal(s1.opt_state, s2.opt_state)
+  assert jax.tree.leaves(s1.router_state)  # the loss-free bias
+  assert params_equal(s1.router_state, s2.router_state)
+  assert int(s2.step) == 2 and int(s2.data_index) == 2
+  assert not params_equal(s2.params, s3.params)
+  assert not params_equal(s2.router_state, s3.router_state)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(s3.params))
+  assert step._cache_size() == 1
+
+
+def test_loop_counts_skipped_steps_and_logs_routing(tmp_path):
+  cfg = tiny_config(max_bad_steps=2)
+  out = loop.train(PoisonedTask(cfg, lambda i: i in (2, 5)), str(tmp_path))
+  records = read_jsonl(out["metrics"])
+  assert records[0] == {"step": 0, "routing": {
+      "router": "top_k", "k": 2, "normalize": True, "random_second": False,
+      "balance": "aux", "bias_update_rate": 1e-3, "score_fn": "softmax"}}
+  steps = [r for r in records if "loss" in r]
+  assert [r["skipped"] for r in steps] == [0, 0, 1, 0, 0, 1, 0, 0]
+  assert steps[-1]["skipped_steps"] == 2 and out["skipped_steps"] == 2
+  assert np.isfinite(out["eval_loss"])
+
+
+def test_loop_stops_after_max_bad_steps_keeping_last_good_checkpoint(
+    tmp_path):
+  cfg = tiny_config(max_bad_steps=2, checkpoint_every=2)
+  with pytest.raises(loop.TrainingStopped) as e:
+    loop.train(PoisonedTask(cfg, lambda i: i >= 4), str(tmp_path))
+  assert str(e.value) == (
+      "stopped at step 6: 2 consecutive steps had a non-finite loss or "
+      "gradient (max_bad_steps=2); the last checkpoint is step 4")
+  assert Checkpointer(str(tmp_path / "checkpoints")).all_steps() == [2, 4]
+  assert read_jsonl(str(tmp_path / "metrics.jsonl"))[-1]["stopped"]
+
+
+def damage(checkpoint_dir, how):
+  if how == "truncate":
+    for path in glob.glob(os.path.join(checkpoint_dir, "default", "d", "*")):
+      with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+  else:
+    os.remove(os.path.join(checkpoint_dir, "default", "_METADATA"))
+
+
+@pytest.mark.parametrize("how", ["truncate", "metadata"])
+def test_resume_falls_back_to_newest_readable_checkpoint(tmp_path, how,
+                                                         capsys):
+  cfg = tiny_config(checkpoint_every=2, sample_tokens=0)
+  full = loop.train(cfg, str(tmp_path / "full"))
+  work = tmp_path / "resumed"
+  loop.train(dataclasses.replace(cfg, steps=6), str(work))
+  damage(str(work / "checkpoints" / "6"), how)
+  capsys.readouterr()
+  resumed = loop.train(cfg, str(work))
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith(
+      "warning: checkpoint at step 6 is unreadable ("), err
+  assert err[0].endswith("; resuming from step 4")
+  if how == "metadata":
+    assert "default/_METADATA is missing" in err[0]
+  assert resumed["resumed_from"] == 4
+  assert os.path.isdir(work / "checkpoints.unreadable" / "6")
+  assert params_equal(full["state"].params, resumed["state"].params)
+  assert params_equal(full["state"].opt_state, resumed["state"].opt_state)
+  assert resumed["eval_loss"] == full["eval_loss"]
+  a = [r["loss"] for r in read_jsonl(full["metrics"]) if "loss" in r]
+  b = [r["loss"] for r in read_jsonl(resumed["metrics"]) if "loss" in r]
+  np.testing.assert_array_equal(a, b)
+  assert Checkpointer(str(work / "checkpoints")).all_steps() == [4, 6, 8]
+
+
+def test_no_readable_checkpoint_is_an_error(tmp_path):
+  cfg = tiny_config(steps=2, checkpoint_every=2, sample_tokens=0)
+  loop.train(cfg, str(tmp_path))
+  damage(str(tmp_path / "checkpoints" / "2"), "metadata")
+  with pytest.raises(CheckpointError, match="step 2: FileNotFoundError"):
+    loop.train(cfg, str(tmp_path))
+  assert os.path.isdir(tmp_path / "checkpoints" / "2")  # left where it was
+
+
+@pytest.mark.parametrize("below", [False, True])
+def test_workdir_that_is_a_file(tmp_path, below):
+  path = tmp_path / "file"
+  path.write_text("")
+  workdir = str(path / "run" if below else path)
+  with pytest.raises(ValueError, match=f"workdir='{workdir}' is not a "
+                     "directory"):
+    loop.train(tiny_config(), workdir)
