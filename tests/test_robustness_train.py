@@ -4,6 +4,7 @@ readable one (bit-exactly), and a bad workdir is one line."""
 import dataclasses
 import glob
 import os
+import re
 
 import jax
 import numpy as np
@@ -75,15 +76,18 @@ def test_nonfinite_step_changes_only_step_and_data_index():
   assert step._cache_size() == 1
 
 
-def test_loop_counts_skipped_steps_and_logs_routing(tmp_path):
-  cfg = tiny_config(max_bad_steps=2)
+def test_loop_counts_skipped_steps_and_logs_routing(tmp_path, capsys):
+  cfg = tiny_config(max_bad_steps=2, steps=12, sample_tokens=0)
   out = loop.train(PoisonedTask(cfg, lambda i: i in (2, 5)), str(tmp_path))
+  # The expected duration, from steps 2..11, after step 11.
+  assert re.fullmatch(r"about \d+\.\d min remaining \(\d+\.\d\d s/step\)\n",
+                      capsys.readouterr().out)
   records = read_jsonl(out["metrics"])
   assert records[0] == {"step": 0, "routing": {
       "router": "top_k", "k": 2, "normalize": True, "random_second": False,
       "balance": "aux", "bias_update_rate": 1e-3, "score_fn": "softmax"}}
   steps = [r for r in records if "loss" in r]
-  assert [r["skipped"] for r in steps] == [0, 0, 1, 0, 0, 1, 0, 0]
+  assert [r["skipped"] for r in steps] == [0, 0, 1, 0, 0, 1] + [0] * 6
   assert steps[-1]["skipped_steps"] == 2 and out["skipped_steps"] == 2
   assert np.isfinite(out["eval_loss"])
 

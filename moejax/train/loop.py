@@ -186,10 +186,18 @@ def train(run: Any, workdir: str) -> dict[str, Any]:
   Writes `workdir/metrics.jsonl` (records `step`, `loss`, the routing metrics,
   the throughput; eval records `eval_loss`, ...; a final record with
   `final: true`; other processes of a multi-host run write
-  `metrics.process<i>.jsonl`), `workdir/checkpoints/` (orbax; a second call
-  with the same workdir resumes from the latest), `workdir/run.png`,
-  `workdir/summary.json` and the task's samples. The summary also holds the
-  final `state`.
+  `metrics.process<i>.jsonl`; the first record, `step` 0, holds the
+  effective `routing` hyperparameters), `workdir/checkpoints/` (orbax; a
+  second call with the same workdir resumes from the newest readable one, see
+  `moejax.train.checkpoint`), `workdir/run.png`, `workdir/summary.json` and the
+  task's samples. The summary also holds the final `state` and
+  `skipped_steps`.
+
+  Raises:
+    ValueError: `workdir` is not a directory, or the run does not fit the
+      devices.
+    CheckpointError: checkpoints exist but none is readable.
+    TrainingStopped: `max_bad_steps` consecutive non-finite steps.
   """
   task = as_task(run)
   cfg = task.config
