@@ -124,11 +124,12 @@ def main(argv):
           f"{row['step_s'] * 1e3:8.1f} {row['tokens_per_s']:10.0f} "
           f"{row['achieved_tflops']:8.1f} {row.get('mfu', float('nan')):6.3f} "
           f"{row.get('step_vs_dense', float('nan')):8.2f}", flush=True)
-  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-  with open(FLAGS.out, "w") as f:
-    json.dump({"preset": FLAGS.preset, "shape": p, "dtype": FLAGS.dtype,
-               "device": jax.devices()[0].device_kind,
-               "jax": jax.__version__, "rows": rows}, f, indent=1)
+    # Written after every model: a run cut short keeps the rows it has.
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+    with open(FLAGS.out, "w") as f:
+      json.dump({"preset": FLAGS.preset, "shape": p, "dtype": FLAGS.dtype,
+                 "device": jax.devices()[0].device_kind,
+                 "jax": jax.__version__, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

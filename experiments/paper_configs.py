@@ -1,16 +1,28 @@
-"""Parameter counts of the papers' shapes (experiments/configs/paper_*.py), the
-all-to-all bytes of their pod mesh layouts from shapes, and optionally one
-train step compiled abstractly on 8 forced host devices standing in for the
-pod mesh.
+"""The papers' shapes (experiments/configs/paper_*.py): parameter counts, the
+all-to-all bytes of their pod mesh layouts from shapes, and the train step
+compiled either on 8 forced host devices standing in for the pod mesh or, with
+libtpu installed, ahead of time for a real TPU slice.
 
   python experiments/paper_configs.py                 # counts + bytes
   python experiments/paper_configs.py --compile --compile_layers=1
+  python experiments/paper_configs.py --topology=v5p-64,v5e-256 \
+      --out=experiments/reports/tpu_aot.json          # TPU AOT report
 
-Writes a table and JSON (default experiments/reports/paper_configs.json).
+With --topology, each config is compiled for each slice (TPU HLO from
+`jax.experimental.topologies`, no TPU needed) on the mesh of its config module
+(`tpu_mesh(chips)`) with its per-device batch, trying in order: no remat,
+remat of every block, remat at half the per-device batch, until the compiled
+step fits the chip's HBM. Each try compiles the step at two depths (one and
+two repeats of the block pattern) and extrapolates memory, FLOPs and
+collectives linearly to the full depth (the blocks are identical; a plan
+that does not fit at the first depth is not compiled further);
+--full_depth compiles the full depth instead (slow on a small CPU host).
+Writes JSON and a markdown report (--markdown).
 """
 from __future__ import annotations
 
 import os
+import sys
 
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS",
                                                                   ""):
@@ -19,6 +31,8 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS",
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+import copy  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 
@@ -26,61 +40,310 @@ from absl import app, flags  # noqa: E402
 
 from moejax.experiment import load_module  # noqa: E402
 
+# The config modules (experiments/configs/, not a package) by name.
+CONFIGS = {name: load_module(os.path.join(HERE, "configs", f"{name}.py"))
+           for name in ("paper_dtop_p", "paper_et", "paper_mod",
+                        "paper_probmoe")}
+
 FLAGS = flags.FLAGS
-flags.DEFINE_list("configs", ["paper_dtop_p", "paper_et"],
-                  "Modules under experiments/configs/.")
+flags.DEFINE_list("configs", list(CONFIGS), "Config names: " +
+                  ", ".join(CONFIGS))
 flags.DEFINE_bool("compile", False, "Also lower + compile one train step on "
                   "the 8-device stand-in mesh (TEST_MESH).")
 flags.DEFINE_integer("compile_layers", 1, "Depth of the compiled step (the "
                      "block repeats; 0 = the full depth, slow on a CPU).")
+flags.DEFINE_list("topology", [], "TPU slices to compile for ahead of time "
+                  "(e.g. v5p-64,v5e-256,v6e-256; needs libtpu).")
+flags.DEFINE_bool("full_depth", False, "With --topology: compile the full "
+                  "depth instead of extrapolating from two shallow compiles.")
+flags.DEFINE_integer("max_tries", 3, "With --topology: plans tried per config "
+                     "and slice until one fits.")
 flags.DEFINE_string("out", "experiments/reports/paper_configs.json",
                     "JSON output path ('' = none).")
+flags.DEFINE_string("markdown", "", "With --topology: markdown report path.")
+flags.DEFINE_list("tables_from", [], "JSON outputs of earlier --topology runs "
+                  "whose rows join this report (e.g. one run per slice).")
 
 
-def main(argv):
-  del argv
+def count_row(name: str, mod) -> dict:
+  """Shape, parameter counts and pod all-to-all bytes of one config."""
   from moejax import aot, sharding
-  rows = []
-  for name in FLAGS.configs:
-    mod = load_module(os.path.join(HERE, "configs", f"{name}.py"))
-    cfg = mod.config()
-    count = aot.count_params(cfg)
-    pod = sharding.parse_mesh(mod.POD_MESH, mod.POD_DEVICES)
-    a2a = aot.all_to_all_bytes(cfg, pod)
-    m = cfg.model
-    row = {"name": name, "layers": m.num_layers, "d_model": m.d_model,
-           "heads": m.num_heads, "vocab": m.vocab_size,
-           "experts": m.moe.num_experts, "shared": m.moe.num_shared,
-           "expert_width": m.moe.expert_width,
-           "router": m.moe.router.name,
-           "target_fanout": m.moe.router.target_fanout,
-           "batch": cfg.batch_size, "seq_len": cfg.seq_len,
-           "pod_mesh": mod.POD_MESH, **count.as_dict(),
-           "pod_a2a_bytes_per_step_per_device": a2a["per_step_per_device"],
-           "pod_a2a_bytes_per_step_total": a2a["per_step_total"],
-           "capacity": a2a["capacity"]}
-    if FLAGS.compile:
-      import jax
-      mesh = sharding.make_mesh(mod.TEST_MESH)
-      shards = mesh.shape["data"] * mesh.shape["expert"]
-      pod_shards = pod["data"] * pod["expert"]
-      per_shard = max(1, cfg.batch_size // pod_shards)  # the pod's per-device batch
-      small = mod.config(batch_size=per_shard * shards,
-                         num_layers=FLAGS.compile_layers or m.num_layers)
-      t0 = time.perf_counter()
-      lowered = aot.lower_train_step(small, mesh)
-      t1 = time.perf_counter()
-      compiled = lowered.compile()
-      t2 = time.perf_counter()
-      row.update({"compiled_mesh": mod.TEST_MESH,
-                  "compiled_layers": small.model.num_layers,
-                  "compiled_batch": small.batch_size,
-                  "lower_s": t1 - t0, "compile_s": t2 - t1,
-                  **{f"compiled_{k}": v for k, v in
-                     aot.compiled_summary(compiled).items()},
-                  "jax": jax.__version__})
-    rows.append(row)
+  cfg = mod.config()
+  count = aot.count_params(cfg)
+  pod = sharding.parse_mesh(mod.POD_MESH, mod.POD_DEVICES)
+  a2a = aot.all_to_all_bytes(cfg, pod)
+  m = cfg.model
+  moe = m.moe
+  return {"name": name, "layers": m.num_layers, "d_model": m.d_model,
+          "heads": m.num_heads, "vocab": m.vocab_size,
+          "experts": moe.num_experts if moe else 0,
+          "shared": moe.num_shared if moe else 0,
+          "expert_width": moe.expert_width if moe else 0,
+          "router": moe.router.name if moe else
+                    f"mod {m.mod_capacity:g} every {m.mod_every}",
+          "target_fanout": moe.router.target_fanout if moe else 0,
+          "batch": cfg.batch_size, "seq_len": cfg.seq_len,
+          "pod_mesh": mod.POD_MESH, **count.as_dict(),
+          "pod_a2a_bytes_per_step_per_device": a2a["per_step_per_device"],
+          "pod_a2a_bytes_per_step_total": a2a["per_step_total"],
+          "capacity": a2a.get("capacity", 0)}
 
+
+def stand_in_compile(mod, row: dict) -> dict:
+  """One train step compiled on the 8 forced host devices (TEST_MESH)."""
+  import jax
+  from moejax import aot, sharding
+  mesh = sharding.make_mesh(mod.TEST_MESH)
+  shards = mesh.shape["data"] * mesh.shape["expert"]
+  pod = sharding.parse_mesh(mod.POD_MESH, mod.POD_DEVICES)
+  per_shard = max(1, row["batch"] // (pod["data"] * pod["expert"]))
+  small = mod.config(batch_size=per_shard * shards,
+                     num_layers=FLAGS.compile_layers or row["layers"])
+  t0 = time.perf_counter()
+  lowered = aot.lower_train_step(small, mesh)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  return {"compiled_mesh": mod.TEST_MESH,
+          "compiled_layers": small.model.num_layers,
+          "compiled_batch": small.batch_size,
+          "lower_s": t1 - t0, "compile_s": t2 - t1,
+          **{f"compiled_{k}": v for k, v in
+             aot.compiled_summary(compiled).items()},
+          "jax": jax.__version__}
+
+
+# ----------------------------------------------------------------------------
+# Ahead-of-time compilation for TPU slices.
+
+
+def _extrapolate(a: dict, b: dict, da: int, db: int, depth: int) -> dict:
+  """Numbers of `a` (depth da) and `b` (depth db) extended linearly to
+  `depth`; nested dicts recursively, other values from `b`."""
+  out = {}
+  for key, vb in b.items():
+    va = a.get(key)
+    if isinstance(vb, dict):
+      out[key] = _extrapolate(va, vb, da, db, depth)
+    elif isinstance(vb, (int, float)) and not isinstance(vb, bool):
+      out[key] = vb + (vb - va) * (depth - db) / (db - da)
+      if isinstance(vb, int):
+        out[key] = int(round(out[key]))
+    else:
+      out[key] = vb
+  return out
+
+
+def plans(mod, chips: int, hbm_bytes: int) -> list[dict]:
+  """Plans tried in order for one config on a slice of `chips` chips: no
+  remat, remat, remat at half the batch per shard; on chips with less than
+  32 GiB of HBM the first is skipped (block remat is the usual choice there)."""
+  mesh, batch = mod.tpu_mesh(chips), mod.SHARD_BATCH
+  base = {"mesh": mesh, "shard_batch": batch, "remat": False,
+          "expert_parallel": "gspmd"}
+  tries = [base, {**base, "remat": True}]
+  if batch > 1:
+    tries.append({**base, "remat": True, "shard_batch": batch // 2})
+  return tries[1:] if hbm_bytes < 32 * 2**30 else tries
+
+
+def compile_plan(mod, topology: str, plan: dict) -> dict:
+  """Compiles (or extrapolates) one config x slice x plan; returns its row."""
+  from moejax import aot, sharding
+  chip, devices = aot.topology_devices(topology)
+  mesh = aot.topology_mesh(plan["mesh"], devices)
+  sizes = sharding.parse_mesh(plan["mesh"], len(devices))
+  batch = plan["shard_batch"] * sizes["data"] * sizes["expert"]
+  full = mod.config(batch_size=batch, remat=plan["remat"],
+                    expert_parallel=plan["expert_parallel"])
+  depth = full.model.num_layers
+  period = full.model.mod_every if full.model.mod_capacity else 1
+  if FLAGS.full_depth:
+    depths = [depth]
+  else:
+    depths = [period, 2 * period]
+  reports, seconds = [], 0.0
+  for d in depths:
+    cfg = dataclasses.replace(full, model=dataclasses.replace(full.model,
+                                                              num_layers=d))
+    t0 = time.perf_counter()
+    compiled = aot.lower_train_step(cfg, mesh).compile()
+    seconds += time.perf_counter() - t0
+    reports.append(aot.tpu_report(cfg, compiled, mesh, chip))
+    if not reports[-1]["fits"]:
+      break  # memory only grows with depth: the full depth cannot fit
+  depths = depths[:len(reports)]
+  if len(reports) == 1:
+    report = reports[0]
+  else:
+    report = _extrapolate(copy.deepcopy(reports[0]), reports[1], depths[0],
+                          depths[1], depth)
+    # fits / estimate follow from the extrapolated numbers
+    report["fits"] = report["hbm_peak_bytes"] <= chip.hbm_bytes
+    report["model_flops_per_device"] = aot.flops_lib.train_flops(
+        full.model, batch, full.seq_len) / len(devices)
+    traffic = sum(c["traffic"] for c in report["collectives"].values())
+    report["ici_traffic_bytes"] = traffic
+    report["estimate"] = aot.estimate_step(
+        report["flops_per_device"], report["hbm_bytes_accessed"], traffic,
+        report["model_flops_per_device"], chip)
+  return {"config": mod.NAME, "topology": topology, "chip": chip.name,
+          "chips": len(devices), **plan, "global_batch": batch,
+          "seq_len": full.seq_len, "layers": depth,
+          "compiled_depths": depths, "compile_s": seconds, **report}
+
+
+def topology_rows(names: list[str], topologies: list[str],
+                  save=lambda rows: None) -> list[dict]:
+  """Rows of every config x slice x plan tried; `save(rows)` after each."""
+  from moejax import aot
+  rows = []
+  for topology in topologies:
+    chip, devices = aot.topology_devices(topology)
+    for name in names:
+      mod = CONFIGS[name]
+      for plan in plans(mod, len(devices), chip.hbm_bytes)[:FLAGS.max_tries]:
+        try:
+          row = compile_plan(mod, topology, plan)
+        except Exception as e:  # noqa: BLE001 - a plan that does not compile
+          row = {"config": name, "topology": topology, **plan,
+                 "compiles": False, "error": f"{type(e).__name__}: {e}"[:500]}
+        else:
+          row["compiles"] = True
+        rows.append(row)
+        save(rows)
+        print(_row_line(row), flush=True)
+        if row.get("fits"):
+          break
+  return rows
+
+
+def _gib(x: float) -> str:
+  return f"{x / 2**30:.1f}"
+
+
+def _row_line(r: dict) -> str:
+  if not r.get("compiles"):
+    return f"{r['config']} {r['topology']} {r['mesh']}: FAILED {r['error']}"
+  e = r["estimate"]
+  return (f"{r['config']} {r['topology']} {r['mesh']} remat={r['remat']} "
+          f"b/shard={r['shard_batch']}: HBM {_gib(r['hbm_peak_bytes'])}/"
+          f"{_gib(r['hbm_capacity_bytes'])} GiB, "
+          f"{r['flops_per_device'] / 1e12:.1f} TFLOP/dev, step "
+          f"~{e['step_s'] * 1e3:.0f} ms ({e['bound']}), MFU ~{e['mfu']:.2f}, "
+          f"compile {r['compile_s']:.0f} s")
+
+
+COLL_SHORT = {"all-to-all": "a2a", "all-gather": "ag", "reduce-scatter": "rs",
+              "all-reduce": "ar", "collective-permute": "cp"}
+
+
+def topology_markdown(rows: list[dict]) -> str:
+  """The per-(config, slice, plan) table and the largest fit per slice."""
+  lines = [
+      "| config | slice | mesh | batch/shard (global) | remat | compiles | "
+      "params / opt / temp GiB | HBM peak / capacity GiB | fits | "
+      "TFLOP/step/dev (XLA / model) | collectives: count, GiB/dev "
+      "(a2a, ag, rs, ar, cp) | est. step ms (compute / HBM / ICI) | est. MFU |",
+      "| --- " * 13 + "|"]
+  for r in rows:
+    head = (f"| {r['config']} | {r['topology']} | {r['mesh']} | "
+            f"{r['shard_batch']} ({r.get('global_batch', '-')}) | "
+            f"{'yes' if r['remat'] else 'no'} | ")
+    if not r.get("compiles"):
+      lines.append(head + "**no**: " + r["error"].replace("|", "/")[:120] +
+                   " |" + " - |" * 7)
+      continue
+    e = r["estimate"]
+    partial = ""
+    if r["compiled_depths"][-1] < r["layers"] and len(r["compiled_depths"]) < 2:
+      partial = f" (at {r['compiled_depths'][-1]} layers)"
+    coll = ", ".join(
+        f"{COLL_SHORT[k]} {c['count']}: {c['bytes'] / 2**30:.2f}"
+        for k, c in r["collectives"].items() if c["count"])
+    lines.append(
+        head + f"yes | {_gib(r['params_bytes'])} / {_gib(r['optimizer_bytes'])}"
+        f" / {_gib(r['temp_bytes'])} | {_gib(r['hbm_peak_bytes'])}{partial} /"
+        f" {_gib(r['hbm_capacity_bytes'])} | {'yes' if r['fits'] else '**no**'}"
+        f" | {r['flops_per_device'] / 1e12:.1f} / "
+        f"{r['model_flops_per_device'] / 1e12:.1f} | {coll or '-'} | "
+        f"{e['step_s'] * 1e3:.0f} ({e['compute_s'] * 1e3:.0f} / "
+        f"{e['hbm_s'] * 1e3:.0f} / {e['ici_s'] * 1e3:.0f}) | {e['mfu']:.2f} |")
+  lines += ["", "Largest config that fits per slice (total parameters):", ""]
+  from moejax import aot
+  totals = {n: aot.count_params(CONFIGS[n].config()).total
+            for n in {r["config"] for r in rows}}
+  for topology in dict.fromkeys(r["topology"] for r in rows):
+    fit = [r for r in rows if r["topology"] == topology and r.get("fits")]
+    if not fit:
+      lines.append(f"- {topology}: none of the configs fits.")
+      continue
+    best = max(fit, key=lambda r: totals[r["config"]])
+    lines.append(
+        f"- {topology}: {best['config']} ({totals[best['config']] / 1e9:.2f}B "
+        f"parameters) on {best['mesh']}, remat "
+        f"{'on' if best['remat'] else 'off'}, {best['shard_batch']} "
+        f"sequences per data x expert shard; fitting: "
+        + ", ".join(f"{r['config']} (remat {'on' if r['remat'] else 'off'}, "
+                    f"b/shard {r['shard_batch']})" for r in fit) + ".")
+  return "\n".join(lines)
+
+
+def report_markdown(rows: list[dict], command: str) -> str:
+  """The TPU AOT report: method, chip figures, the table, the largest fit."""
+  from moejax import aot
+  chips = "\n".join(
+      f"| {c.name} | {c.peak_flops / 1e12:.0f} | {c.hbm_bytes / 2**30:.0f} | "
+      f"{c.hbm_bandwidth / 1e9:.0f} | {c.ici_bandwidth / 1e9:.0f} |"
+      for c in aot.CHIPS.values())
+  return f"""# The paper configs compiled for TPU slices, ahead of time
+
+`{command}`
+
+Each paper config's full train step (forward, backward, AdamW, controller
+update; `moejax.aot.lower_train_step`) is compiled by XLA:TPU for the devices
+of a TPU slice from `jax.experimental.topologies.get_topology_desc` (libtpu,
+no TPU attached), on the mesh of its config module (`tpu_mesh(chips)`) with
+its sequences per data x expert shard (`SHARD_BATCH`; global batch = shards x
+that), GSPMD expert parallelism. Plans are tried in order until one fits:
+no remat, remat of every block (`LMConfig.remat`), remat at half the batch
+per shard (on chips with < 32 GiB of HBM the no-remat plan is skipped).
+
+How the numbers are obtained:
+- **Depth.** Every try compiles the step at one and two repeats of the block
+  pattern (1 and 2 layers; MoD: 2 and 4) and extrapolates each number
+  linearly to the full depth (the blocks are identical). A try that does not
+  fit at the first depth is not compiled further (its row shows that depth).
+  Checked on a small model (3 layers, v5e:2x2): extrapolated vs full-depth
+  compile: FLOPs and collectives equal, HBM peak within 5%.
+- **HBM per device**: params and optimizer from the state's shard shapes;
+  temp = XLA's temporaries (`memory_analysis().temp_size_in_bytes`: saved
+  activations and every intermediate buffer); peak = arguments + temporaries
+  + outputs not aliased to the donated state, against the chip's capacity.
+- **FLOPs** per device from XLA's `cost_analysis()` (includes remat
+  recomputation), beside the model FLOPs (`moejax.flops`, 3 x forward).
+- **Collectives** parsed from the compiled HLO text (`aot.hlo_collectives`):
+  one per channel id (XLA:TPU clones an async collective into several
+  fusions), count and per-device result bytes, per kind (a2a all-to-all, ag
+  all-gather, rs reduce-scatter, ar all-reduce, cp collective-permute).
+- **Step time, roofline**: max(XLA FLOPs / peak FLOP/s, XLA bytes accessed /
+  HBM bandwidth, ICI traffic / ICI bandwidth), i.e. perfect overlap; ICI
+  traffic per device = (n-1)/n x bytes for all-gather and all-to-all, 2 (n-1)/n
+  x bytes for all-reduce, (n-1) x output for reduce-scatter, the bytes for
+  collective-permute (n = replica group size), over the chip's total ICI
+  bandwidth (all links, both directions: optimistic for a ring on one torus
+  axis). MFU = model FLOPs / (step time x peak). An estimate, not a
+  measurement: it ignores latency, imperfect overlap and kernel efficiency.
+
+| chip | peak bf16 TFLOP/s | HBM GiB | HBM GB/s | ICI GB/s |
+| --- | --- | --- | --- | --- |
+{chips}
+
+{topology_markdown(rows)}
+"""
+
+
+def count_markdown(rows: list[dict]) -> str:
   lines = ["| config | layers | D | E (+shared) | fanout | total params | "
            "active params | pod mesh | a2a GB/step/device (pod) |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -91,20 +354,60 @@ def main(argv):
         f" | {r['active'] / 1e6:,.1f}M | {r['pod_mesh']} | "
         f"{r['pod_a2a_bytes_per_step_per_device'] / 1e9:.2f} |")
   if FLAGS.compile:
-    lines += ["", "| config | compiled on | layers | batch | lower s | compile s "
-              "| args MB/device | temp MB/device |", "| --- " * 8 + "|"]
+    lines += ["", "| config | compiled on | layers | batch | lower s | "
+              "compile s | args MB/device | temp MB/device |",
+              "| --- " * 8 + "|"]
     for r in rows:
       lines.append(
           f"| {r['name']} | {r['compiled_mesh']} | {r['compiled_layers']} | "
           f"{r['compiled_batch']} | {r['lower_s']:.1f} | {r['compile_s']:.1f} |"
           f" {r.get('compiled_argument_size_in_bytes', 0) / 2**20:,.0f} | "
           f"{r.get('compiled_temp_size_in_bytes', 0) / 2**20:,.0f} |")
-  table = "\n".join(lines)
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  unknown = [n for n in FLAGS.configs if n not in CONFIGS]
+  if unknown:
+    raise ValueError(f"configs={unknown} unknown; allowed: "
+                     f"{', '.join(CONFIGS)}")
+  rows = []
+  for name in FLAGS.configs:
+    row = count_row(name, CONFIGS[name])
+    if FLAGS.compile:
+      row.update(stand_in_compile(CONFIGS[name], row))
+    rows.append(row)
+  table = count_markdown(rows)
   print(table)
+  result = {"configs": rows, "table": table}
+
+  def save(result):
+    if FLAGS.out:
+      os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+      with open(FLAGS.out, "w") as f:
+        json.dump(result, f, indent=2)
+
+  tpu = []
+  for path in FLAGS.tables_from:  # earlier runs' rows (e.g. one per slice)
+    with open(path) as f:
+      tpu += json.load(f).get("tpu", [])
+  if FLAGS.topology or tpu:
+    import jax
+    result.update({"jax": jax.__version__, "full_depth": FLAGS.full_depth})
+    tpu += topology_rows(
+        FLAGS.configs, FLAGS.topology,
+        save=lambda new: save({**result, "tpu": tpu + new}))
+    tpu_table = topology_markdown(tpu)
+    print(tpu_table)
+    result.update({"tpu": tpu, "tpu_table": tpu_table})
+    if FLAGS.markdown:
+      os.makedirs(os.path.dirname(FLAGS.markdown) or ".", exist_ok=True)
+      with open(FLAGS.markdown, "w") as f:
+        f.write(report_markdown(tpu, "python " + " ".join(sys.argv)))
+      print(f"wrote {FLAGS.markdown}")
+  save(result)
   if FLAGS.out:
-    os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-      json.dump({"configs": rows, "table": table}, f, indent=2)
     print(f"wrote {FLAGS.out}")
 
 

@@ -13,11 +13,20 @@ inputs (`jax.jit(...).lower(...)`), so `.compile()` checks that a pod-sized
 config partitions, and reports its per-device memory, on any machine that has
 as many devices as the mesh (e.g. 8 forced host devices standing in for a pod
 mesh with the same axis names).
+
+With `libtpu` installed (`pip install -e ".[tpu]"`), `topology_devices(name)`
+gives the devices of a TPU slice (e.g. "v5p-64") on a machine without a TPU
+(`jax.experimental.topologies`), `compile_for_topology` compiles the step for
+them (real TPU HLO), and `tpu_report` reads the compiled step: per-device HBM
+against the chip's capacity, XLA's FLOPs, the collectives of the HLO
+(`hlo_collectives`) and a roofline step-time / MFU estimate (`estimate_step`).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -26,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moejax import flops as flops_lib
 from moejax import sharding
 from moejax.models.lm import TransformerLM
 from moejax.train.loop import TrainConfig, init_state, state_shardings
@@ -59,11 +69,15 @@ def lower_train_step(cfg: TrainConfig, mesh):
   sharding.check_model(cfg.model, mesh)
   model = TransformerLM(cfg.model)
   method = cfg.model.moe.router if cfg.model.moe is not None else None
+  # Shapes first, outside the mesh context: anything evaluated eagerly there
+  # would be placed on the mesh's devices, which this process may be unable
+  # to run on (a TPU topology compiled for from a CPU host).
+  state_sharding = state_shardings(cfg, model, mesh)
+  state, batch = abstract_state(cfg, mesh), abstract_batch(cfg, mesh)
   with jax.set_mesh(mesh):
     step = make_train_step(model, cfg.optim.optimizer(), method,
-                           cfg.optim.schedule(),
-                           state_sharding=state_shardings(cfg, model, mesh))
-    return step.lower(abstract_state(cfg, mesh), abstract_batch(cfg, mesh))
+                           cfg.optim.schedule(), state_sharding=state_sharding)
+    return step.lower(state, batch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,3 +186,256 @@ def all_to_all_bytes(cfg: TrainConfig, mesh_sizes: dict[str, int],
           "per_step_per_device": per_layer * layers,
           "per_step_total": per_layer * layers * devices,
           "capacity": cap, "groups": groups}
+
+
+# ----------------------------------------------------------------------------
+# TPU slices without a TPU: topology devices, compiled-step analysis, roofline.
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """One TPU chip's public peak figures (per chip, bfloat16).
+
+  Attributes:
+    name: e.g. "TPU v5p".
+    peak_flops: dense bfloat16 FLOP/s.
+    hbm_bytes: HBM capacity.
+    hbm_bandwidth: HBM bytes/s.
+    ici_bandwidth: inter-chip interconnect bytes/s of the chip, all links and
+      both directions together (the vendor's per-chip Gbps / 8).
+  """
+  name: str
+  peak_flops: float
+  hbm_bytes: int
+  hbm_bandwidth: float
+  ici_bandwidth: float
+
+
+GIB = 2**30
+CHIPS = {
+    "v5e": Chip("TPU v5e", 197e12, 16 * GIB, 819e9, 1600e9 / 8),
+    "v5p": Chip("TPU v5p", 459e12, 95 * GIB, 2765e9, 4800e9 / 8),
+    "v6e": Chip("TPU v6e", 918e12, 32 * GIB, 1640e9, 3584e9 / 8),
+}
+
+# Slice name -> (chip, topology name for `get_topology_desc`). v5e/v6e slice
+# names count chips, v5p names count TensorCores (two per chip).
+TOPOLOGIES = {
+    "v5e-4": ("v5e", "v5e:2x2"), "v5e-8": ("v5e", "v5e:2x4"),
+    "v5e-16": ("v5e", "v5e:4x4"), "v5e-64": ("v5e", "v5e:8x8"),
+    "v5e-256": ("v5e", "v5e:16x16"),
+    "v5p-8": ("v5p", "v5:2x2x1"), "v5p-64": ("v5p", "v5:2x4x4"),
+    "v5p-128": ("v5p", "v5:4x4x4"), "v5p-256": ("v5p", "v5:4x4x8"),
+    "v6e-4": ("v6e", "v6e:2x2"), "v6e-64": ("v6e", "v6e:8x8"),
+    "v6e-256": ("v6e", "v6e:16x16"),
+}
+
+
+def topology_devices(name: str):
+  """(Chip, devices) of a TPU slice, e.g. "v5p-64" or "v5e:2x2".
+
+  The devices come from `jax.experimental.topologies.get_topology_desc`
+  (needs `libtpu`, no TPU): they can be put in a mesh and compiled for, not
+  run on. Raises ValueError for an unknown name and ImportError without libtpu.
+  """
+  if name in TOPOLOGIES:
+    chip, topology = TOPOLOGIES[name]
+  else:
+    gen = name.split(":", 1)[0]
+    chip = {"v5": "v5p", "v5p": "v5p", "v5e": "v5e", "v6e": "v6e"}.get(gen)
+    if chip is None or ":" not in name:
+      raise ValueError(f"topology={name!r} is unknown; allowed: "
+                       f"{', '.join(TOPOLOGIES)} or GEN:AxB[xC] with GEN in "
+                       "v5e, v5 (v5p), v6e")
+    topology = "v5:" + name.split(":", 1)[1] if chip == "v5p" else name
+  try:
+    import libtpu  # noqa: F401  pylint: disable=unused-import
+  except ImportError as e:
+    raise ImportError("compiling for a TPU topology needs libtpu: "
+                      'pip install -e ".[tpu]"') from e
+  # Compiling needs no TPU: do not wait for the lock libtpu takes for a TPU
+  # (another process that loaded libtpu, e.g. any JAX program on this host
+  # without JAX_PLATFORMS, holds it).
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  desc = topologies.get_topology_desc(topology_name=topology, platform="tpu")
+  return CHIPS[chip], list(desc.devices)
+
+
+def topology_mesh(spec: str, devices):
+  """A (data, expert, model) mesh over TPU topology devices, laid out on the
+  physical torus by `mesh_utils.create_device_mesh` (the model axis innermost,
+  on the nearest chips)."""
+  from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+  sizes = sharding.parse_mesh(spec, len(devices))
+  shape = tuple(sizes[a] for a in sharding.MESH_AXES)
+  try:
+    grid = mesh_utils.create_device_mesh(shape, devices=devices)
+  except (ValueError, NotImplementedError, AssertionError):
+    grid = np.asarray(devices).reshape(shape)
+  return jax.sharding.Mesh(grid, sharding.MESH_AXES)
+
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2,
+                "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8,
+                "f64": 8, "f8e4m3fn": 1, "f8e5m2": 1}
+_SHAPE = re.compile(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\]")
+_OP = re.compile(r"^\s*(?:ROOT\s+)?%\S+\s*=\s*(.*?)\s("
+                 r"all-to-all|all-gather|reduce-scatter|all-reduce|"
+                 r"collective-permute)(-start)?\(")
+COLLECTIVES = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce",
+               "collective-permute")
+
+
+def _array_bytes(text: str) -> list[int]:
+  out = []
+  for dtype, dims in _SHAPE.findall(text):
+    if dtype in _DTYPE_BYTES:
+      out.append(math.prod(int(d) for d in dims.split(",") if d) *
+                 _DTYPE_BYTES[dtype])
+  return out
+
+
+def _group_size(line: str) -> int:
+  """Devices per replica group of one HLO collective line."""
+  m = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
+  if m:
+    return len(m.group(1).split(","))
+  m = re.search(r"replica_groups=\[([\d,]+)\]<=", line)
+  if m:
+    return int(m.group(1).split(",")[-1])
+  m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+  if m:
+    sizes = dict(re.findall(r"'([^']+)'=(\d+)", m.group(1)))
+    return math.prod(int(sizes[a]) for a in re.findall(r"'([^']+)'",
+                                                       m.group(2)))
+  return 2 if "source_target_pairs" in line else 1
+
+
+def hlo_collectives(hlo_text: str) -> dict[str, dict[str, float]]:
+  """Collectives of a compiled HLO module, per kind: count, bytes, traffic.
+
+  One logical collective per channel id (XLA:TPU clones a collective into
+  several async fusions under one channel id); `-done` halves of async pairs
+  are not counted. `bytes` is the per-device result size (for all-gather-start
+  the gathered output, for collective-permute-start the moved buffer);
+  `traffic` the bytes a device sends for it in a ring/pairwise algorithm over
+  a group of n devices: all-gather (n-1)/n x output, reduce-scatter (n-1) x
+  output, all-reduce 2 (n-1)/n x size, all-to-all (n-1)/n x size,
+  collective-permute the size. Collectives inside loop bodies count once.
+  """
+  out = {k: {"count": 0, "bytes": 0.0, "traffic": 0.0} for k in COLLECTIVES}
+  seen = set()
+  for line in hlo_text.splitlines():
+    m = _OP.match(line)
+    if not m:
+      continue
+    result, kind, start = m.group(1), m.group(2), m.group(3)
+    channel = re.search(r"channel_id=(\d+)", line)
+    if channel:
+      key = (kind, channel.group(1))
+      if key in seen:
+        continue
+      seen.add(key)
+    sizes = _array_bytes(result)
+    if not sizes:
+      continue
+    if start and kind == "all-gather":
+      size = sizes[1] if len(sizes) > 1 else sizes[0]
+    elif start and kind == "collective-permute":
+      size = sizes[0]
+    else:
+      size = sum(sizes)
+    n = max(_group_size(line), 1)
+    share = (n - 1) / n
+    traffic = {"all-gather": share * size, "reduce-scatter": (n - 1) * size,
+               "all-reduce": 2 * share * size, "all-to-all": share * size,
+               "collective-permute": size}[kind]
+    out[kind]["count"] += 1
+    out[kind]["bytes"] += size
+    out[kind]["traffic"] += traffic
+  return out
+
+
+def _shard_bytes(tree) -> int:
+  total = 0
+  for x in jax.tree.leaves(tree):
+    shape = x.sharding.shard_shape(x.shape) if x.sharding else x.shape
+    total += math.prod(shape) * np.dtype(x.dtype).itemsize
+  return total
+
+
+def state_bytes(cfg: TrainConfig, mesh) -> dict[str, int]:
+  """Per-device bytes of the params and the optimizer state (shard shapes)."""
+  state = abstract_state(cfg, mesh)
+  return {"params_bytes": _shard_bytes(state.params),
+          "optimizer_bytes": _shard_bytes(state.opt_state)}
+
+
+def estimate_step(flops_per_device: float, hbm_bytes_per_device: float,
+                  ici_traffic_per_device: float, model_flops_per_device: float,
+                  chip: Chip) -> dict[str, float]:
+  """Roofline step time: the largest of compute, HBM and ICI times.
+
+  compute = XLA's FLOPs / peak, hbm = XLA's bytes accessed / HBM bandwidth,
+  ici = collective traffic / the chip's ICI bandwidth; the step takes at least
+  the largest of the three (perfect overlap; the sum is the no-overlap bound).
+  MFU = model FLOPs (`moejax.flops`, 3 x forward) / (step x peak).
+  """
+  compute = flops_per_device / chip.peak_flops
+  hbm = hbm_bytes_per_device / chip.hbm_bandwidth
+  ici = ici_traffic_per_device / chip.ici_bandwidth
+  step = max(compute, hbm, ici)
+  total = compute + hbm + ici
+  return {"compute_s": compute, "hbm_s": hbm, "ici_s": ici, "step_s": step,
+          "step_no_overlap_s": total,
+          "bound": ("compute", "hbm", "ici")[int(np.argmax([compute, hbm,
+                                                            ici]))],
+          "mfu": model_flops_per_device / (step * chip.peak_flops)
+                 if step > 0 else 0.0,
+          "mfu_no_overlap": model_flops_per_device / (total * chip.peak_flops)
+                            if total > 0 else 0.0}
+
+
+def tpu_report(cfg: TrainConfig, compiled, mesh, chip: Chip) -> dict[str, Any]:
+  """Per-device memory, FLOPs, collectives and roofline of a compiled step.
+
+  Memory: params and optimizer from the state's shard shapes; `temp_bytes`
+  (XLA's temporaries: the activations kept for the backward pass and every
+  intermediate buffer) from `memory_analysis()`; `hbm_peak_bytes` = arguments
+  + temporaries + outputs not aliased to (donated) arguments, against the
+  chip's HBM.
+  """
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  coll = hlo_collectives(compiled.as_text())
+  devices = mesh.devices.size
+  model_flops = flops_lib.train_flops(cfg.model, cfg.batch_size,
+                                      cfg.seq_len) / devices
+  peak = (mem.argument_size_in_bytes + mem.temp_size_in_bytes +
+          mem.output_size_in_bytes - mem.alias_size_in_bytes)
+  row = {**state_bytes(cfg, mesh),
+         "argument_bytes": int(mem.argument_size_in_bytes),
+         "temp_bytes": int(mem.temp_size_in_bytes),
+         "hbm_peak_bytes": int(peak), "hbm_capacity_bytes": chip.hbm_bytes,
+         "fits": bool(peak <= chip.hbm_bytes),
+         "flops_per_device": float(cost.get("flops", 0.0)),
+         "model_flops_per_device": float(model_flops),
+         "hbm_bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+         "collectives": coll}
+  traffic = sum(c["traffic"] for c in coll.values())
+  row["ici_traffic_bytes"] = traffic
+  row["estimate"] = estimate_step(row["flops_per_device"],
+                                  row["hbm_bytes_accessed"], traffic,
+                                  model_flops, chip)
+  return row
+
+
+def compile_for_topology(cfg: TrainConfig, topology: str, mesh_spec: str):
+  """(compiled step, mesh, chip) of `cfg` on a TPU slice (see
+  `topology_devices`), ahead of time on this host."""
+  chip, devices = topology_devices(topology)
+  mesh = topology_mesh(mesh_spec, devices)
+  return lower_train_step(cfg, mesh).compile(), mesh, chip

@@ -11,28 +11,34 @@ from jax.sharding import PartitionSpec as P
 from moejax import aot, sharding
 from moejax.experiment import load_module
 
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), "experiments", "configs")
-
-# name: (total, active) parameters the papers report.
-PAPERS = {"paper_dtop_p": (6.9e9, 1.3e9), "paper_et": (575e6, 195e6)}
+CONFIGS = {name: load_module(os.path.join(CONFIG_DIR, f"{name}.py"))
+           for name in ("paper_dtop_p", "paper_et", "paper_mod",
+                        "paper_probmoe")}
+# name: (total, active) parameters the papers report (OLMoE-1B-7B for
+# ProbMoE; MoD: the dense ~1.3B it routes).
+PAPERS = {"paper_dtop_p": (6.9e9, 1.3e9), "paper_et": (575e6, 195e6),
+          "paper_probmoe": (6.9e9, 1.3e9), "paper_mod": (1.3e9, 1.3e9)}
 
 
 @pytest.mark.parametrize("name", sorted(PAPERS))
 def test_paper_parameter_counts(name):
-  mod = load_module(os.path.join(CONFIGS, f"{name}.py"))
+  mod = CONFIGS[name]
   count = aot.count_params(mod.config())
   total, active = PAPERS[name]
   assert abs(count.total / total - 1) < 0.03, count
   assert abs(count.active / active - 1) < 0.03, count
   assert count.routed < count.total and count.embedding < count.total
   assert sharding.parse_mesh(mod.POD_MESH, mod.POD_DEVICES)
+  for chips in (32, 256):  # the TPU slices' meshes divide the model
+    assert sharding.parse_mesh(mod.tpu_mesh(chips), chips)
 
 
 @pytest.mark.parametrize("name, expert_parallel",
                          [("paper_dtop_p", "gspmd"), ("paper_et", "shard_map")])
 def test_paper_train_step_lowers_and_compiles_abstractly(name, expert_parallel):
-  mod = load_module(os.path.join(CONFIGS, f"{name}.py"))
+  mod = CONFIGS[name]
   mesh = sharding.make_mesh(mod.TEST_MESH)
   full = mod.config(batch_size=8, expert_parallel=expert_parallel)
   lowered = aot.lower_train_step(full, mesh)  # every layer, nothing allocated

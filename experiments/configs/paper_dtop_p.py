@@ -17,16 +17,27 @@ POD_MESH = "data:16,expert:8,model:2"
 POD_DEVICES = 256
 TEST_MESH = "data:2,expert:2,model:2"
 
+# Sequences per data x expert shard: the paper's 1024 on POD_MESH.
+SHARD_BATCH = 8
+
+
+def tpu_mesh(chips: int) -> str:
+  """The mesh on a slice of `chips` chips: experts over 8, heads/vocab over 2
+  from 256 chips, the rest data."""
+  expert = min(8, chips)
+  model = 2 if chips >= 256 else 1
+  return f"data:{chips // (expert * model)},expert:{expert},model:{model}"
+
 
 def config(batch_size: int = 1024, num_layers: int = 16,
-           expert_parallel: str = "gspmd") -> TrainConfig:
+           expert_parallel: str = "gspmd", remat: bool = False) -> TrainConfig:
   router = routing.build("dtop_p", {"k": 8})
   moe = MoEConfig(num_experts=64, expert_width=1024, router=router,
                   capacity_factor=1.25, strategy="index",
                   expert_parallel=expert_parallel)
   model = LMConfig(vocab_size=50304, num_layers=num_layers, d_model=2048,
                    num_heads=16, d_ff=8192, max_len=2048, moe=moe,
-                   dtype="bfloat16")
+                   dtype="bfloat16", remat=remat)
   return TrainConfig(model=model, batch_size=batch_size, seq_len=2048,
                      steps=50000, mesh=POD_MESH,
                      optim=OptimConfig(learning_rate=4e-4, warmup_steps=2000,

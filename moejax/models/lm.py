@@ -58,6 +58,9 @@ class LMConfig:
     mod_aux_weight: weight of the MoD router's causal BCE (method A).
     mod_predictor_weight: weight of the causal predictor's BCE (method B).
     mod_causal: causal decision used for sampling: "predictor" or "router".
+    remat: recompute each block's activations in the backward pass
+      (`nn.remat` per block): only the block inputs are kept between the
+      forward and the backward pass, at about one extra forward of compute.
   """
   vocab_size: int = 256
   num_layers: int = 4
@@ -74,6 +77,7 @@ class LMConfig:
   mod_aux_weight: float = 0.01
   mod_predictor_weight: float = 1.0
   mod_causal: str = "predictor"
+  remat: bool = False
 
   def __post_init__(self):
     for name in ("vocab_size", "num_layers", "d_model", "num_heads", "d_ff",
@@ -141,21 +145,30 @@ class TransformerLM(nn.Module):
                          nn.initializers.normal(1.0), ("vocab", "embed")),
                      name="embed")
     x = embed(tokens)
-    for i in range(cfg.num_layers):
-      x = sharding.constrain(x, sharding.ACT_BLD)  # block boundary [B, L, D]
+
+    def layer(module, x, positions, layer_kv, i):
+      """Block i: (x, MoD decisions or None, the block's new kv or None)."""
+      del module  # the blocks are created in this module's scope
       moe = cfg.moe if cfg.is_moe_layer(i) else None
-      layer_kv = None if kv is None else kv[i]
       if cfg.is_mod_layer(i):
         out = MoDBlock(cfg.mod_config, cfg.num_heads, cfg.d_ff, moe,
                        dtype=dtype, name=f"layers_{i}")(
                            x, positions, train=train, routing=mod_routing,
                            kv=layer_kv, skip=skip)
-        x, chosen, layer_kv = out if kv is not None else (*out, None)
+        return out if kv is not None else (*out, None)
+      x, layer_kv = Block(cfg.num_heads, cfg.d_ff, moe, dtype=dtype,
+                          name=f"layers_{i}")(x, positions, train=train,
+                                              kv=layer_kv)
+      return x, None, layer_kv
+
+    if cfg.remat and kv is None:  # decoding has no backward pass
+      layer = nn.remat(layer, static_argnums=(4,))
+    for i in range(cfg.num_layers):
+      x = sharding.constrain(x, sharding.ACT_BLD)  # block boundary [B, L, D]
+      x, chosen, layer_kv = layer(self, x, positions,
+                                  None if kv is None else kv[i], i)
+      if cfg.is_mod_layer(i):
         decisions.append(chosen)
-      else:
-        x, layer_kv = Block(cfg.num_heads, cfg.d_ff, moe, dtype=dtype,
-                            name=f"layers_{i}")(x, positions, train=train,
-                                                kv=layer_kv)
       new_kv.append(layer_kv)
     x = sharding.constrain(x, sharding.ACT_BLD)
     x = nn.RMSNorm(dtype=dtype, name="final_norm")(x)
