@@ -21,7 +21,7 @@ evaluates the final state on `--eval_batches` validation batches:
                  training batches (the mean of expert choice's cutoffs there)
 and records MaxVio, drop fraction, fanout (mean, by token position) and, from
 the training log, MaxVio over training and how often ET's bounds bind.
-`--mode=report` only aggregates `OUT/runs/*.json` into `OUT/results.json`,
+`--mode=report` only aggregates `OUT/records/*.json` into `OUT/results.json`,
 `OUT/results.md` and PNG plots; `--mode=train` only trains and evaluates.
 
 Axis legend:
@@ -60,6 +60,8 @@ flags.DEFINE_integer("calib_batches", 4, "Training batches that calibrate "
                      "expert choice's causal thresholds.")
 flags.DEFINE_enum("mode", "all", ["all", "train", "report"], "What to do.")
 FLAGS = flags.FLAGS
+# Per-run JSONs under OUT (tracked by git, unlike the runs/ workdirs).
+RECORDS = "records"
 OWN = SHARED_FLAGS + ("runs", "only", "calib_batches", "mode")
 HISTORY_KEYS = ("step", "loss", "max_vio", "max_vio_max", "drop_fraction",
                 "experts_per_token", "zero_expert_fraction", "et_bound_low",
@@ -329,9 +331,9 @@ def summarize_run(r: dict[str, Any]) -> dict[str, Any]:
 
 def report(out_dir: str) -> None:
   import numpy as np
-  results = experiment.load_records(os.path.join(out_dir, "runs"))
+  results = experiment.load_records(os.path.join(out_dir, RECORDS))
   if not results:
-    raise FileNotFoundError(f"no run results under {out_dir}/runs")
+    raise FileNotFoundError(f"no run results under {out_dir}/{RECORDS}")
   found = list(dict.fromkeys(r["label"] for r in results))
   order = [spec.partition("=")[0].strip() for spec in FLAGS.runs.split(";")]
   labels = [l for l in order if l in found] + [l for l in found
@@ -461,7 +463,7 @@ def main(argv):
                         if k != "eval"), flush=True)
       return result
 
-    runs_dir = os.path.join(out_dir, "runs")
+    runs_dir = os.path.join(out_dir, RECORDS)
     experiment.run_grid(list(specs), experiment.seeds_flag(),
                         lambda label, seed: experiment.record_path(
                             runs_dir, label, seed), run)

@@ -10,7 +10,7 @@ run. `--runs` lists run specs separated by ';', each
 flags that differ for that run (e.g. `top_p,p=0.3` or
 `dtop_p_layer=dtop_p,dtop_p_scope=layer`); the label defaults to the spec text.
 Each (run, seed) trains in `WORKROOT/LABEL_sSEED` (a finished one is reused, an
-interrupted one resumes) and writes `OUT/runs/LABEL_sSEED.json` (summary, router
+interrupted one resumes) and writes `OUT/records/LABEL_sSEED.json` (summary, router
 params per layer, controller state, the logged history). Then `OUT/results.json`
 and `OUT/results.md` (a table: mean ± std over seeds) and, with `--plots`, PNGs:
 `loss.png`, `fanout.png` (mean fanout over steps vs target, plus p where logged),
@@ -45,10 +45,12 @@ flags.DEFINE_integer("smooth_steps", 50, "Window (steps) of the moving "
                      "average of the fanout for the smoothed settling step.")
 flags.DEFINE_bool("keep_going", True, "Record a failed run and go on.")
 flags.DEFINE_bool("aggregate_only", False, "Train nothing: tabulate and plot "
-                  "the run JSONs already in OUT/runs (missing runs skipped).")
+                  "the run JSONs already in OUT/records (missing runs skipped).")
 
 FLAGS = flags.FLAGS
 # Flags of this script, not of the training runs.
+# Per-run JSONs under OUT (tracked by git, unlike the runs/ workdirs).
+RECORDS = "records"
 OWN_FLAGS = SHARED_FLAGS + ("runs", "plots", "band", "keep_going",
                             "aggregate_only", "smooth_steps")
 HISTORY_KEYS = ("step", "loss", "eval_loss", "experts_per_token", "fanout_std",
@@ -427,7 +429,7 @@ def main(argv):
   results = experiment.run_grid(
       [s.label for s in specs], experiment.seeds_flag(),
       lambda label, seed: experiment.record_path(
-          os.path.join(FLAGS.out, "runs"), label, seed),
+          os.path.join(FLAGS.out, RECORDS), label, seed),
       run, train=not FLAGS.aggregate_only, keep_going=FLAGS.keep_going,
       error_record=lambda label, seed, message: {
           "label": label, "router": by_label[label].router, "seed": seed,

@@ -53,15 +53,21 @@ def run_label(spec: str) -> str:
   return spec.replace(":", "_p")
 
 
-def train_record(metrics_path: str) -> dict:
-  """Last training record (controller state metrics such as p live there)."""
-  last = {}
+def train_records(metrics_path: str) -> list[dict]:
+  """The training records (those with a loss) of a metrics file; the last one
+  holds the controller state metrics such as p."""
   with open(metrics_path) as f:
-    for line in f:
-      r = json.loads(line)
-      if "loss" in r:
-        last = r
-  return last
+    rows = [json.loads(line) for line in f]
+  return [r for r in rows if "loss" in r] or [{}]
+
+
+def tail_mean(records: list[dict], key: str, fraction: float = 0.25):
+  """Mean of a scalar training metric over the last fraction of the records."""
+  values = [r[key] for r in records if isinstance(r.get(key), (int, float))]
+  if not values:
+    return None
+  values = values[-max(1, int(len(values) * fraction)):]
+  return sum(values) / len(values)
 
 
 def main(argv):
@@ -103,10 +109,16 @@ def main(argv):
       record = {"spec": spec, "router": name, "seed": seed,
                 "steps": cfg.steps, "wall_seconds": time.perf_counter() - t0,
                 **{k: summary[k] for k in KEYS if k in summary}}
-      last = train_record(summary["metrics"])
+      history = train_records(summary["metrics"])
+      last = history[-1]
       for key in ("p", "p_mean", "gamma", "experts_per_token", "fanout_std"):
         if key in last:
           record[f"train_{key}"] = last[key]
+      # Training-capacity drops and balance, last 25% of the logged steps.
+      for key in ("drop_fraction", "max_vio"):
+        value = tail_mean(history, key)
+        if value is not None:
+          record[f"train_{key}_last25"] = value
       results.append(record)
       experiment.save_json(results_path, results, indent=1)
       if seed == seeds[0] and summary.get("samples_overview"):
