@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
-import math
 import os
 import sys
 import time
@@ -46,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 
 from moejax.cli import lm_flags  # noqa: E402
+from moejax.experiment.stats import mean_std  # noqa: E402
 
 lm_flags.define_flags()
 flags.DEFINE_string("arms", "dense_tokens,dense_small", "Comma-separated arms.")
@@ -136,13 +136,6 @@ def load(directory: str) -> dict[tuple[str, int], dict]:
     r = json.load(open(path))
     out[(r["label"], r["seed"])] = r
   return out
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-  m = sum(values) / len(values)
-  s = (math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
-       if len(values) > 1 else 0.0)
-  return m, s
 
 
 def aux_cost(runs: dict, aux0: dict) -> list[dict]:
