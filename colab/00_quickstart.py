@@ -20,14 +20,18 @@
 # then train a tiny routed language model on Python's own standard library for a few
 # steps and plot it. Runs on a CPU in about a minute.
 #
-# On Colab the first cell installs moejax (set `MOEJAX_SOURCE` to this repository's pip source);
+# On Colab the first cell installs moejax (set `MOEJAX_SOURCE` in it to a checkout's path or a git URL);
 # locally: `pip install -e .` from the repo root.
 
 # %%
-try:  # Colab: installs moejax from MOEJAX_SOURCE (this repository's pip source)
+# Colab: pip installs moejax from MOEJAX_SOURCE, the path of a moejax checkout or
+# its git URL; set it first, e.g. in a cell above: `%env MOEJAX_SOURCE=/content/moejax`.
+# Locally: `pip install -e .` in the repository.
+try:
   import moejax  # noqa: F401
 except ImportError:
   import os
+  assert os.getenv("MOEJAX_SOURCE"), "moejax is missing: set MOEJAX_SOURCE (see the comment above)"
   # %pip install -q {os.environ["MOEJAX_SOURCE"]}
 
 # %%

@@ -30,10 +30,14 @@
 # `experiments/compare_balance.py` (report: `experiments/reports/balance.md`).
 
 # %%
-try:  # Colab: installs moejax from MOEJAX_SOURCE (this repository's pip source)
+# Colab: pip installs moejax from MOEJAX_SOURCE, the path of a moejax checkout or
+# its git URL; set it first, e.g. in a cell above: `%env MOEJAX_SOURCE=/content/moejax`.
+# Locally: `pip install -e .` in the repository.
+try:
   import moejax  # noqa: F401
 except ImportError:
   import os
+  assert os.getenv("MOEJAX_SOURCE"), "moejax is missing: set MOEJAX_SOURCE (see the comment above)"
   # %pip install -q {os.environ["MOEJAX_SOURCE"]}
 
 # %%

@@ -14,17 +14,10 @@ WORKDIR/checkpoints; run again with the same workdir to resume.
 """
 from __future__ import annotations
 
-from absl import flags, logging
-
 from moejax.cli import app, dit_flags
 
 dit_flags.define_flags()
 
-
-def main() -> int:
-  logging.set_verbosity(logging.WARNING)
-  return dit_flags.run(flags.FLAGS)
-
-
 if __name__ == "__main__":
-  app.run(main, __doc__, dit_flags.HELP_GROUPS, hidden=dit_flags.LM_ONLY_FLAGS)
+  app.run(dit_flags.run, __doc__, dit_flags.HELP_GROUPS,
+          hidden=dit_flags.LM_ONLY_FLAGS)

@@ -7,17 +7,9 @@ WORKDIR/checkpoints; run again with the same workdir to resume.
 """
 from __future__ import annotations
 
-from absl import flags, logging
-
 from moejax.cli import app, lm_flags
 
 lm_flags.define_flags()
 
-
-def main() -> int:
-  logging.set_verbosity(logging.WARNING)
-  return lm_flags.run(flags.FLAGS)
-
-
 if __name__ == "__main__":
-  app.run(main, __doc__, lm_flags.HELP_GROUPS)
+  app.run(lm_flags.run, __doc__, lm_flags.HELP_GROUPS)

@@ -1,4 +1,4 @@
-"""Named model/training presets (the ladder of specs/evaluation.md).
+"""Named model/training presets: a ladder from a CPU smoke run to the report config.
 
 `tiny` trains on one CPU in minutes (tests, notebooks, the README job); `small`
 is the comparison config of the reports (tens of minutes on a CPU).

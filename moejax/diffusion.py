@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moejax.checks import check_choice
+
 SCHEDULES = ("cosine", "linear")
 PREDICTIONS = ("epsilon", "v")
 
@@ -53,12 +55,8 @@ class DiffusionConfig:
     if isinstance(t, bool) or not isinstance(t, int) or t < 2:
       raise ValueError(f"num_timesteps={t!r} is out of range; allowed: "
                        "integer >= 2")
-    if self.schedule not in SCHEDULES:
-      raise ValueError(f"schedule={self.schedule!r} is not supported; allowed: "
-                       f"{', '.join(SCHEDULES)}")
-    if self.prediction not in PREDICTIONS:
-      raise ValueError(f"prediction={self.prediction!r} is not supported; "
-                       f"allowed: {', '.join(PREDICTIONS)}")
+    check_choice("schedule", self.schedule, SCHEDULES)
+    check_choice("prediction", self.prediction, PREDICTIONS)
     if not 0 < self.beta_start < 1:
       raise ValueError(f"beta_start={self.beta_start} is out of range; "
                        "allowed: (0, 1)")

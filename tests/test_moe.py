@@ -30,6 +30,18 @@ def moe_reference(params, x, k, num_shared=0):
   return jnp.einsum("se,esd->sd", gates, y).reshape(x.shape)
 
 
+def _train_outputs(cfg, x=None):
+  """The router outputs of one training forward pass of an `MoE(cfg, 16)` layer."""
+  if x is None:
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16))
+  layer = MoE(cfg, d_model=16)
+  v = layer.init({"params": jax.random.PRNGKey(1)}, x, train=True)
+  _, coll = layer.apply({"params": v["params"]}, x, train=True,
+                        mutable=["router"])
+  (out,) = router_outputs(coll["router"]).values()
+  return out
+
+
 @pytest.mark.parametrize("strategy", ["einsum", "index", "dropless"])
 def test_moe_layer_matches_dense_reference(strategy):
   cfg = MoEConfig(num_experts=4, expert_width=8, router=TopK(k=2),
@@ -54,12 +66,7 @@ def test_moe_aux_loss_uses_configured_weights():
   for lb, z in [(1.0, 0.0), (0.0, 1.0), (0.0, 0.0)]:
     cfg = dataclasses.replace(base, load_balance_weight=lb, z_loss_weight=z,
                               entropy_weight=0.0)
-    layer = MoE(cfg, d_model=16)
-    v = layer.init({"params": jax.random.PRNGKey(1)}, x, train=True)
-    _, coll = layer.apply({"params": v["params"]}, x, train=True,
-                          mutable=["router"])
-    (out,) = router_outputs(coll["router"]).values()
-    outs[(lb, z)] = out
+    outs[(lb, z)] = _train_outputs(cfg, x)
   np.testing.assert_allclose(float(outs[(1.0, 0.0)]["aux_loss"]),
                              float(outs[(1.0, 0.0)]["aux"]["load_balance"]),
                              rtol=1e-6)
@@ -86,12 +93,7 @@ def test_shared_expert_adds_dense_ffn():
 def test_groups_and_capacity_drop_reported():
   cfg = MoEConfig(num_experts=4, expert_width=8, capacity_factor=0.25,
                   group_size=8)
-  layer = MoE(cfg, d_model=16)
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16))
-  v = layer.init({"params": jax.random.PRNGKey(1)}, x, train=True)
-  _, coll = layer.apply({"params": v["params"]}, x, train=True,
-                        mutable=["router"])
-  (out,) = router_outputs(coll["router"]).values()
+  out = _train_outputs(cfg)
   m = out["metrics"]
   assert float(m["capacity"]) == 4.0  # ceil(.25*8*2/4)=1 -> multiple of 4
   assert float(m["drop_fraction"]) > 0.0
@@ -129,12 +131,7 @@ def test_lm_is_causal():
 
 def test_expert_choice_layer_balanced():
   cfg = MoEConfig(num_experts=4, expert_width=8, router=ExpertChoice(k=2))
-  layer = MoE(cfg, d_model=16)
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16))
-  v = layer.init({"params": jax.random.PRNGKey(1)}, x, train=True)
-  _, coll = layer.apply({"params": v["params"]}, x, train=True,
-                        mutable=["router"])
-  (out,) = router_outputs(coll["router"]).values()
+  out = _train_outputs(cfg)
   np.testing.assert_allclose(np.asarray(out["metrics"]["expert_load"]), 0.25)
   assert float(out["metrics"]["drop_fraction"]) == 0.0
 

@@ -1,7 +1,5 @@
 """Expert Threshold routing: exact cutoffs, load bounds, EMA, causality, resume."""
 import dataclasses
-import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +10,6 @@ from moejax import control, routing
 from moejax.routing import ExpertThreshold, build, threshold
 from moejax.models import LMConfig, TransformerLM
 from moejax.nn import MoEConfig
-from moejax.train.state import OptimConfig
 from moejax.train.step import router_outputs
 
 
@@ -264,50 +261,15 @@ def test_model_evaluation_is_causal():
                                 fanouts(coll)[:, 0, :t + 1])
 
 
-@pytest.fixture
-def compilation_cache(tmp_path):
-  """A persistent compilation cache, so the resumed run reuses compiled steps."""
-  try:
-    from jax._src import compilation_cache as cc
-  except ImportError:  # private module moved: the test only runs slower
-    yield
-    return
-  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-          "jax_persistent_cache_min_entry_size_bytes")
-  old = {k: getattr(jax.config, k) for k in keys}
-  for k, v in zip(keys, (str(tmp_path / "jax_cache"), 0, 0)):
-    jax.config.update(k, v)
-  cc.reset_cache()
-  try:
-    yield
-  finally:
-    for k, v in old.items():
-      jax.config.update(k, v)
-    cc.reset_cache()
-
-
-def test_train_resume_keeps_controller_state(tmp_path, compilation_cache):
-  from moejax.train.loop import TrainConfig, train
-  cfg = TrainConfig(
-      model=dataclasses.replace(
-          tiny_lm(ExpertThreshold(k=1, et_warmup_steps=2)), num_layers=1),
-      optim=OptimConfig(learning_rate=3e-3, warmup_steps=1, total_steps=4),
-      batch_size=4, seq_len=16, steps=4, log_every=2, eval_every=100,
-      eval_batches=1, checkpoint_every=2, sample_tokens=0, progress=False,
-      num_devices=1)
-  full = str(tmp_path / "full")
-  ref = train(cfg, full)["state"]
+def test_train_resume_keeps_controller_state(train_and_resume):
+  ref, summary = train_and_resume(dataclasses.replace(
+      tiny_lm(ExpertThreshold(k=1, et_warmup_steps=2)), num_layers=1))
   rs = ref.router_state
   counts = [int(v) for v in jax.tree.leaves(
       jax.tree.map(lambda x: x if x.dtype == jnp.int32 else None, rs))]
   assert counts and all(c == 4 for c in counts)
   assert all(np.any(np.asarray(v) != 0) for v in jax.tree.leaves(rs)
              if v.dtype == jnp.float32)
-  resumed = str(tmp_path / "resumed")
-  shutil.copytree(full, resumed)
-  shutil.rmtree(os.path.join(resumed, "checkpoints", "4"))
-  summary = train(cfg, resumed)
-  assert summary["resumed_from"] == 2
   jax.tree.map(np.testing.assert_array_equal, summary["state"].router_state, rs)
   jax.tree.map(np.testing.assert_array_equal, summary["state"].params,
                ref.params)

@@ -12,7 +12,7 @@ import sys
 import textwrap
 from typing import Any, Callable, Iterable, Mapping
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from moejax.data import DataError
 from moejax.train import loop
@@ -80,12 +80,16 @@ def parser(doc: str, groups: Mapping[str, Iterable[str]],
   return parse
 
 
-def run(main: Callable[[], int], doc: str,
+def run(main: Callable[[Any], int], doc: str,
         groups: Mapping[str, Iterable[str]], hidden: Iterable[str] = ()
         ) -> None:
-  """Runs `main()` (returning the exit code) as an absl app."""
-  app.run(lambda argv: sys.exit(main()),
-          flags_parser=parser(doc, groups, hidden))
+  """Runs `main(flags.FLAGS)` (returning the exit code) as an absl app, with
+  absl's logging at WARNING."""
+  def absl_main(argv):
+    del argv  # a stray positional argument is refused by the parser
+    logging.set_verbosity(logging.WARNING)
+    sys.exit(main(flags.FLAGS))
+  app.run(absl_main, flags_parser=parser(doc, groups, hidden))
 
 
 def train(build_config: Callable[[], Any], workdir: str

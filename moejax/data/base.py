@@ -188,11 +188,60 @@ class EpochSampler:
     return out
 
 
+class BatchedData:
+  """What every data set shares: batch size, seed, train order, eval order.
+
+  A subclass sets ``_batch_size``, ``_seed`` and ``_sampler`` and defines
+  ``_num_val`` (validation examples) and ``_val_batch(rows)`` (the validation
+  batch of the example slice `rows`).
+  """
+
+  _batch_size: int
+  _seed: int
+  _sampler: EpochSampler
+
+  @property
+  def batch_size(self) -> int:
+    return self._batch_size
+
+  @property
+  def seed(self) -> int:
+    return self._seed
+
+  @property
+  def num_val_batches(self) -> int:
+    """Full validation batches (the last partial one is dropped)."""
+    return self._num_val // self._batch_size
+
+  def example_indices(self, index: int) -> np.ndarray:
+    """Train example indices of batch `index`: int64[B]."""
+    return self._sampler.indices(index)
+
+  def eval_batches(self, num_batches: int | None = None
+                   ) -> Iterator[dict[str, np.ndarray]]:
+    """Validation batches in a fixed order (no shuffle, last partial dropped).
+
+    Args:
+      num_batches: at most this many batches; None = all `num_val_batches`.
+
+    Yields:
+      dicts like the subclass's ``batch``.
+    """
+    n = self.num_val_batches
+    if num_batches is not None:
+      if num_batches < 0:
+        raise ValueError(f"num_batches must be >= 0, got {num_batches}")
+      n = min(n, int(num_batches))
+    b = self._batch_size
+    for i in range(n):
+      yield self._val_batch(slice(i * b, (i + 1) * b))
+
+
 # ----------------------------------------------------------------------------
 # Language-model data.
 
 
-class LMData:
+class LMData(BatchedData):
   """Byte-level LM data: fixed-shape, deterministic, resumable numpy batches.
 
   Args:
@@ -262,14 +311,6 @@ class LMData:
     return self._seq_len
 
   @property
-  def batch_size(self) -> int:
-    return self._batch_size
-
-  @property
-  def seed(self) -> int:
-    return self._seed
-
-  @property
   def num_train_tokens(self) -> int:
     """Tokens in the packed train split (separators included)."""
     return int(self._train.size)
@@ -289,9 +330,8 @@ class LMData:
     return len(self._val_windows)
 
   @property
-  def num_val_batches(self) -> int:
-    """Full validation batches (the last partial one is dropped)."""
-    return len(self._val_windows) // self._batch_size
+  def _num_val(self) -> int:
+    return len(self._val_windows)
 
   @property
   def train_tokens(self) -> np.ndarray:
@@ -321,10 +361,6 @@ class LMData:
 
   # -- batches ----------------------------------------------------------------
 
-  def example_indices(self, index: int) -> np.ndarray:
-    """Train window indices of batch `index`: int64[B]."""
-    return self._sampler.indices(index)
-
   def batch(self, index: int) -> dict[str, np.ndarray]:
     """Train batch number `index` (>= 0); a pure function of (data, seed, index).
 
@@ -335,24 +371,9 @@ class LMData:
     """
     return _lm_batch(self._train_windows[self.example_indices(index)])
 
-  def eval_batches(self, num_batches: int | None = None
-                   ) -> Iterator[dict[str, np.ndarray]]:
-    """Validation batches in a fixed order (no shuffle, last partial dropped).
-
-    Args:
-      num_batches: at most this many batches; None = all `num_val_batches`.
-
-    Yields:
-      dicts like `batch`: inputs int32[B, S], targets int32[B, S], mask float32[B, S].
-    """
-    n = self.num_val_batches
-    if num_batches is not None:
-      if num_batches < 0:
-        raise ValueError(f"num_batches must be >= 0, got {num_batches}")
-      n = min(n, int(num_batches))
-    b = self._batch_size
-    for i in range(n):
-      yield _lm_batch(self._val_windows[i * b:(i + 1) * b])
+  def _val_batch(self, rows: slice) -> dict[str, np.ndarray]:
+    """inputs int32[B, S], targets int32[B, S], mask float32[B, S]."""
+    return _lm_batch(self._val_windows[rows])
 
   # Convenience aliases of the module helpers.
   encode = staticmethod(encode)

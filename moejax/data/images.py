@@ -16,18 +16,17 @@ holds examples ``i * B .. i * B + B - 1`` of the run, epoch ``e`` ordered by
 from __future__ import annotations
 
 import functools
-from typing import Iterator
 
 import numpy as np
 
-from moejax.data.base import (DataError, EpochSampler, check_positive_int,
-                              check_seed)
+from moejax.data.base import (BatchedData, DataError, EpochSampler,
+                              check_positive_int, check_seed)
 
 DIGITS_VAL_FRACTION = 0.1
 DIGITS_SPLIT_SEED = 0  # fixed: the split does not move with the run's seed
 
 
-class ImageData:
+class ImageData(BatchedData):
   """Fixed-shape, deterministic, resumable image batches.
 
   Args:
@@ -71,14 +70,6 @@ class ImageData:
                                  self._seed)
 
   @property
-  def batch_size(self) -> int:
-    return self._batch_size
-
-  @property
-  def seed(self) -> int:
-    return self._seed
-
-  @property
   def upsample(self) -> int:
     return self._upsample
 
@@ -101,8 +92,8 @@ class ImageData:
     return len(self._val_x)
 
   @property
-  def num_val_batches(self) -> int:
-    return len(self._val_x) // self._batch_size
+  def _num_val(self) -> int:
+    return len(self._val_x)
 
   def batch_shapes(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """(shape, dtype) of each batch entry."""
@@ -110,27 +101,13 @@ class ImageData:
                        np.dtype(np.float32)),
             "labels": ((self._batch_size,), np.dtype(np.int32))}
 
-  def example_indices(self, index: int) -> np.ndarray:
-    """Train example indices of batch `index`: int64[B]."""
-    return self._sampler.indices(index)
-
   def batch(self, index: int) -> dict[str, np.ndarray]:
     """Train batch `index`: images float32[B, H, W, C], labels int32[B]."""
     idx = self.example_indices(index)
     return self._make(self._train_x[idx], self._train_y[idx])
 
-  def eval_batches(self, num_batches: int | None = None
-                   ) -> Iterator[dict[str, np.ndarray]]:
-    """Validation batches in order (last partial dropped), like `batch`."""
-    n = self.num_val_batches
-    if num_batches is not None:
-      if num_batches < 0:
-        raise ValueError(f"num_batches must be >= 0, got {num_batches}")
-      n = min(n, int(num_batches))
-    b = self._batch_size
-    for i in range(n):
-      yield self._make(self._val_x[i * b:(i + 1) * b],
-                       self._val_y[i * b:(i + 1) * b])
+  def _val_batch(self, rows: slice) -> dict[str, np.ndarray]:
+    return self._make(self._val_x[rows], self._val_y[rows])
 
   def _make(self, images: np.ndarray, labels: np.ndarray
             ) -> dict[str, np.ndarray]:

@@ -52,14 +52,9 @@ def get_lm_data(name: str, *, seq_len: int, batch_size: int, seed: int = 0,
   batch_size = check_positive_int("batch_size", batch_size)
   seed = check_seed(seed)
   check_val_percent(val_percent)
-  if max_bytes is not None:
-    max_bytes = check_positive_int("max_bytes", max_bytes)
-  if max_documents is not None:
-    max_documents = check_positive_int("max_documents", max_documents)
-  if not isinstance(name, str):
-    raise DataError(f"data set name must be a string, got {name!r}; "
-                    f"allowed forms: {', '.join(LM_FORMS)}")
-  name = name.strip()
+  max_bytes = _optional_positive_int("max_bytes", max_bytes)
+  max_documents = _optional_positive_int("max_documents", max_documents)
+  name = _data_set_name(name, LM_FORMS)
   if name == "stdlib":
     from moejax.data.stdlib import stdlib_documents  # pylint: disable=g-import-not-at-top
     docs = stdlib_documents(val_percent, max_bytes)
@@ -95,12 +90,8 @@ def get_image_data(name: str, *, batch_size: int, seed: int = 0,
   batch_size = check_positive_int("batch_size", batch_size)
   upsample = check_positive_int("upsample", upsample)
   seed = check_seed(seed)
-  if max_examples is not None:
-    max_examples = check_positive_int("max_examples", max_examples)
-  if not isinstance(name, str):
-    raise DataError(f"data set name must be a string, got {name!r}; "
-                    f"allowed forms: {', '.join(IMAGE_FORMS)}")
-  name = name.strip()
+  max_examples = _optional_positive_int("max_examples", max_examples)
+  name = _data_set_name(name, IMAGE_FORMS)
   if name == "digits":
     tr_x, tr_y, va_x, va_y = digits_arrays()
     num_classes = 10
@@ -116,3 +107,16 @@ def get_image_data(name: str, *, batch_size: int, seed: int = 0,
   return ImageData(tr_x, tr_y, va_x, va_y, batch_size=batch_size,
                    num_classes=num_classes, seed=seed, upsample=upsample,
                    name=name)
+
+
+def _optional_positive_int(name: str, value) -> int | None:
+  """None, or `value` checked as an integer >= 1."""
+  return None if value is None else check_positive_int(name, value)
+
+
+def _data_set_name(name, forms: tuple[str, ...]) -> str:
+  """The stripped data set name; DataError unless it is a string."""
+  if not isinstance(name, str):
+    raise DataError(f"data set name must be a string, got {name!r}; "
+                    f"allowed forms: {', '.join(forms)}")
+  return name.strip()

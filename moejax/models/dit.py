@@ -30,63 +30,41 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moejax.checks import check_choice, check_positive_ints
 from moejax.experts import ACTIVATIONS, DenseFFN
 from moejax.nn.attention import Attention
+from moejax.nn.blocks import DTYPES, StackConfig
 from moejax.nn.moe import MoE, MoEConfig
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
 @dataclasses.dataclass(frozen=True)
-class DiTConfig:
-  """A class-conditional DiT.
+class DiTConfig(StackConfig):
+  """A class-conditional DiT: the fields of `StackConfig` and these.
 
   Attributes:
     image_size: H = W of the (square) images.
     channels: C.
     patch_size: P, must divide `image_size`.
     num_classes: K (labels 0..K-1; K is the null label).
-    num_layers: Transformer blocks.
-    d_model: D.
-    num_heads: attention heads (must divide D).
-    d_ff: width of the dense MLPs (dense model, or blocks between MoE blocks).
-    moe: the MoE layer config, or None for a dense model.
-    moe_every: every `moe_every`-th block (1-based) has an MoE MLP.
     activation: of the dense MLPs ("swiglu" or "gelu").
     class_dropout: probability of replacing the label by the null label in
       training (classifier-free guidance), in [0, 1).
     frequency_dim: sinusoidal features of the timestep (even, >= 2).
-    dtype: activation dtype name; params and routing math stay float32.
   """
   image_size: int = 8
   channels: int = 1
   patch_size: int = 2
   num_classes: int = 10
-  num_layers: int = 4
-  d_model: int = 128
-  num_heads: int = 4
-  d_ff: int = 512
-  moe: MoEConfig | None = None
-  moe_every: int = 1
   activation: str = "swiglu"
   class_dropout: float = 0.1
   frequency_dim: int = 128
-  dtype: str = "float32"
 
   def __post_init__(self):
-    for name in ("image_size", "channels", "patch_size", "num_classes",
-                 "num_layers", "d_model", "num_heads", "d_ff", "moe_every",
-                 "frequency_dim"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} is out of range; allowed: "
-                         "integer >= 1")
+    super().__post_init__()
+    check_positive_ints(self, ("image_size", "channels", "patch_size",
+                               "num_classes", "frequency_dim"))
     if self.image_size % self.patch_size:
       raise ValueError(f"patch_size={self.patch_size} must divide image_size="
                        f"{self.image_size}")
-    if self.d_model % self.num_heads or (self.d_model // self.num_heads) % 2:
-      raise ValueError(f"num_heads={self.num_heads} must divide d_model="
-                       f"{self.d_model} into even head widths")
     if self.d_model % 4:
       raise ValueError(f"d_model={self.d_model} is out of range; allowed: a "
                        "multiple of 4 (2-D sin-cos position embedding)")
@@ -96,12 +74,7 @@ class DiTConfig:
     if not 0 <= self.class_dropout < 1:
       raise ValueError(f"class_dropout={self.class_dropout} is out of range; "
                        "allowed: [0, 1)")
-    if self.activation not in ACTIVATIONS:
-      raise ValueError(f"activation={self.activation!r} is not supported; "
-                       f"allowed: {', '.join(ACTIVATIONS)}")
-    if self.dtype not in DTYPES:
-      raise ValueError(f"dtype={self.dtype!r} is not supported; allowed: "
-                       f"{', '.join(DTYPES)}")
+    check_choice("activation", self.activation, ACTIVATIONS)
 
   @property
   def grid(self) -> int:

@@ -20,36 +20,24 @@ depends on other tokens (expert choice) have no cached equivalent.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from moejax import sharding
+from moejax.checks import check_choice, check_positive_ints
 from moejax.nn.attention import init_kv
-from moejax.nn.blocks import Block
+from moejax.nn.blocks import DTYPES, Block, StackConfig
 from moejax.nn.mod import SKIPS, MoDBlock, MoDConfig
-from moejax.nn.moe import MoEConfig
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
 
 @dataclasses.dataclass(frozen=True)
-class LMConfig:
-  """A decoder-only LM.
+class LMConfig(StackConfig):
+  """A decoder-only LM: the fields of `StackConfig` and these.
 
   Attributes:
     vocab_size: V (256 for byte-level data).
-    num_layers: Transformer blocks.
-    d_model: D.
-    num_heads: attention heads (must divide D).
-    d_ff: width of the dense MLPs (and of dense layers between MoE layers).
     max_len: longest sequence (for sampling buffers).
-    moe: the MoE layer config, or None for a dense model.
-    moe_every: every `moe_every`-th block (1-based) has an MoE MLP.
-    dtype: activation dtype name ("float32" or "bfloat16"); params stay float32
-      and routing math is float32 whatever this is.
     mod_capacity: Mixture-of-Depths capacity fraction in [0, 1]; 0 = no MoD.
     mod_every: every `mod_every`-th block (1-based) is a routed MoD block
       (default 2: every other block); its MLP is the MoE if that block has one
@@ -63,14 +51,7 @@ class LMConfig:
       forward and the backward pass, at about one extra forward of compute.
   """
   vocab_size: int = 256
-  num_layers: int = 4
-  d_model: int = 128
-  num_heads: int = 4
-  d_ff: int = 512
   max_len: int = 128
-  moe: MoEConfig | None = None
-  moe_every: int = 1
-  dtype: str = "float32"
   mod_capacity: float = 0.0
   mod_every: int = 2
   mod_score: str = "raw"
@@ -80,18 +61,8 @@ class LMConfig:
   remat: bool = False
 
   def __post_init__(self):
-    for name in ("vocab_size", "num_layers", "d_model", "num_heads", "d_ff",
-                 "max_len", "moe_every", "mod_every"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} is out of range; allowed: "
-                         "integer >= 1")
-    if self.d_model % self.num_heads or (self.d_model // self.num_heads) % 2:
-      raise ValueError(f"num_heads={self.num_heads} must divide d_model="
-                       f"{self.d_model} into even head widths")
-    if self.dtype not in DTYPES:
-      raise ValueError(f"dtype={self.dtype!r} is not supported; allowed: "
-                       f"{', '.join(DTYPES)}")
+    super().__post_init__()
+    check_positive_ints(self, ("vocab_size", "max_len", "mod_every"))
     if isinstance(self.mod_capacity, bool) or not 0 <= self.mod_capacity <= 1:
       raise ValueError(f"mod_capacity={self.mod_capacity!r} is out of range; "
                        "allowed: [0, 1] (0 = no MoD)")
@@ -196,9 +167,7 @@ class TransformerLM(nn.Module):
       (logits float32[B, L, V], updated kv, decisions bool[B, M, L] of the
       routed blocks: which tokens entered each).
     """
-    if skip not in SKIPS:
-      raise ValueError(f"skip={skip!r} is not supported; allowed: "
-                       f"{', '.join(SKIPS)}")
+    check_choice("skip", skip, SKIPS)
     batch, length = tokens.shape
     positions = jnp.broadcast_to(
         start + jnp.arange(length, dtype=jnp.int32), (batch, length))

@@ -18,9 +18,41 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moejax.checks import check_choice, check_heads, check_positive_ints
 from moejax.experts import DenseFFN
 from moejax.nn.attention import Attention
 from moejax.nn.moe import MoE, MoEConfig
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class StackConfig:
+  """The stack of blocks that every model config (LM, DiT) holds.
+
+  Attributes:
+    num_layers: Transformer blocks.
+    d_model: D.
+    num_heads: attention heads (must divide D into even head widths).
+    d_ff: width of the dense MLPs (dense model, or blocks between MoE blocks).
+    moe: the MoE layer config, or None for a dense model.
+    moe_every: every `moe_every`-th block (1-based) has an MoE MLP.
+    dtype: activation dtype name ("float32" or "bfloat16"); params stay float32
+      and routing math is float32 whatever this is.
+  """
+  num_layers: int = 4
+  d_model: int = 128
+  num_heads: int = 4
+  d_ff: int = 512
+  moe: MoEConfig | None = None
+  moe_every: int = 1
+  dtype: str = "float32"
+
+  def __post_init__(self):
+    check_positive_ints(self, ("num_layers", "d_model", "num_heads", "d_ff",
+                               "moe_every"))
+    check_heads(self.d_model, self.num_heads)
+    check_choice("dtype", self.dtype, DTYPES)
 
 
 def decode_moe(moe: MoEConfig) -> MoEConfig:

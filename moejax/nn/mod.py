@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import optax
 
 from moejax import dispatch
+from moejax.checks import check_choice
 from moejax.nn.attention import PAD_POSITION
 from moejax.nn.blocks import Block
 from moejax.nn.moe import MoEConfig
@@ -91,12 +92,8 @@ class MoDConfig:
     if isinstance(self.capacity, bool) or not 0 < self.capacity <= 1:
       raise ValueError(f"capacity={self.capacity!r} is out of range; allowed: "
                        "(0, 1]")
-    if self.score not in SCORES:
-      raise ValueError(f"score={self.score!r} is not supported; allowed: "
-                       f"{', '.join(SCORES)}")
-    if self.causal not in CAUSAL:
-      raise ValueError(f"causal={self.causal!r} is not supported; allowed: "
-                       f"{', '.join(CAUSAL)}")
+    check_choice("score", self.score, SCORES)
+    check_choice("causal", self.causal, CAUSAL)
     for name in ("aux_weight", "predictor_weight"):
       if not getattr(self, name) >= 0:
         raise ValueError(f"{name}={getattr(self, name)!r} is out of range; "
@@ -204,17 +201,13 @@ class MoDBlock(nn.Module):
   def __call__(self, x: jax.Array, positions: jax.Array, *, train: bool,
                routing: str = "top_c", kv=None, skip: str = "cond"):
     cfg = self.config
-    if routing not in ROUTINGS:
-      raise ValueError(f"routing={routing!r} is not supported; allowed: "
-                       f"{', '.join(ROUTINGS)}")
+    check_choice("routing", routing, ROUTINGS)
     if routing == "causal":
       routing = cfg.causal
     if kv is not None and routing == "top_c":
       raise ValueError("routing='top_c' needs the whole sequence; with a kv "
                        f"cache allowed: {', '.join(ROUTINGS[1:])}")
-    if skip not in SKIPS:
-      raise ValueError(f"skip={skip!r} is not supported; allowed: "
-                       f"{', '.join(SKIPS)}")
+    check_choice("skip", skip, SKIPS)
     length = x.shape[1]
     w = self.param(
         "router", nn.with_logical_partitioning(

@@ -59,10 +59,7 @@ def expert_choice(logits: jax.Array, capacity: int) -> RouterOutput:
   chosen = select_top_tokens(probs, capacity)
   gates = jnp.where(chosen, jnp.maximum(probs, _TINY), 0.0)
   routing = Routing(gates=gates, priority=probs)
-  return RouterOutput(
-      routing=routing,
-      aux=losses.standard_aux(logits, probs, routing),
-      metrics=losses.routing_metrics(routing, probs, logits))
+  return losses.standard_output(logits, probs, routing)
 
 
 @register

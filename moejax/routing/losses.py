@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from moejax.routing.base import Routing
+from moejax.routing.base import Routing, RouterOutput
 
 
 def load_balance_loss(probs: jax.Array, routed: jax.Array) -> jax.Array:
@@ -91,3 +91,14 @@ def standard_aux(logits: jax.Array, probs: jax.Array,
       "z_loss": z_loss(logits),
       "entropy": entropy(probs),
   }
+
+
+def standard_output(logits: jax.Array, probs: jax.Array,
+                    routing: Routing) -> RouterOutput:
+  """A softmax router's output: `routing`, `standard_aux` and `routing_metrics`.
+
+  logits, probs: float32[S, E].
+  """
+  return RouterOutput(routing=routing,
+                      aux=standard_aux(logits, probs, routing),
+                      metrics=routing_metrics(routing, probs, logits))

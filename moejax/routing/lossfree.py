@@ -69,10 +69,7 @@ def biased_top_k(logits: jax.Array, k: int, bias: jax.Array | None = None, *,
   routing = Routing(gates=gates, priority=choice_priority(index, num_experts))
   probs = scores if score_fn == "softmax" else scores / jnp.sum(
       scores, axis=-1, keepdims=True)
-  return RouterOutput(
-      routing=routing,
-      aux=losses.standard_aux(logits, probs, routing),
-      metrics=losses.routing_metrics(routing, probs, logits))
+  return losses.standard_output(logits, probs, routing)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,6 +17,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
+from moejax.checks import check_choice
 from moejax.routing import losses
 from moejax.routing.base import (Routing, RouterMethod, RouterOutput,
                                  check_int, check_logits, choice_priority,
@@ -62,10 +63,7 @@ def top_k(logits: jax.Array, k: int, *, normalize: bool = True,
   gates = scatter_choices(weights, index, num_experts, keep)
   priority = choice_priority(index, num_experts)
   routing = Routing(gates=gates, priority=priority)
-  return RouterOutput(
-      routing=routing,
-      aux=losses.standard_aux(logits, probs, routing),
-      metrics=losses.routing_metrics(routing, probs, logits))
+  return losses.standard_output(logits, probs, routing)
 
 
 @register
@@ -89,12 +87,8 @@ class TopK(RouterMethod):
 
   def __post_init__(self):
     super().__post_init__()
-    if self.balance not in BALANCES:
-      raise ValueError(f"balance={self.balance!r} is not supported; allowed: "
-                       f"{', '.join(BALANCES)}")
-    if self.score_fn not in SCORE_FNS:
-      raise ValueError(f"score_fn={self.score_fn!r} is not supported; allowed: "
-                       f"{', '.join(SCORE_FNS)}")
+    check_choice("balance", self.balance, BALANCES)
+    check_choice("score_fn", self.score_fn, SCORE_FNS)
     if not self.bias_update_rate > 0:
       raise ValueError(f"bias_update_rate={self.bias_update_rate} is out of "
                        "range; allowed: > 0")
