@@ -14,16 +14,19 @@ Axis legend:
 
 Two ways behind one switch (`MoEConfig.expert_parallel`):
 
-  "gspmd"      plans are built per group (vmap); the `[G, E, C, D]` expert
-               buffers of the slot strategies (einsum, index, gather) get
+  "gspmd"      each device plans its own groups at once (a `jax.shard_map`
+               over the batch axes `data` x `expert`: one "gather" plan with
+               `num_groups` = its Gl groups, capacity per group and expert);
+               the `[G, E, C, D]` expert buffers of the slot strategies get
                sharding constraints (token side: G over data x expert;
                expert side: G over data, E over expert), and GSPMD inserts
-               the all-to-all between them. The dropless strategies keep
-               their own sorted layouts (no E axis to constrain; GSPMD
-               gathers the expert weights they need); "ragged" sorts all
-               G * S tokens at once (`ragged_dot` has no G batching rule).
+               the all-to-all between them. "einsum" and "index" plan per
+               group (vmap). "sorted" runs each device's tokens through one
+               layout with the whole expert weights (GSPMD gathers them);
+               "ragged" sorts all G * S tokens at once (`ragged_dot` has no
+               G batching rule).
   "shard_map"  an explicit `jax.shard_map` over the current mesh: each device
-               builds its groups' plans, `jax.lax.all_to_all` over `expert`
+               plans its groups (as above), `jax.lax.all_to_all` over `expert`
                sends each expert's slots to the device that holds it
                ([Gl, E, C, D] -> [X * Gl, El, C, D]), the local experts run
                (a `psum` over `model` completes the F-sharded matmul), and a
@@ -55,10 +58,80 @@ MODES = ("gspmd", "shard_map")
 SLOT_STRATEGIES = ("einsum", "index", "gather")
 
 
-def _slot_plans(routing: Routing, capacity: int, strategy: str,
+def _flat(routing: Routing) -> Routing:
+  """float32[G, S, E] gates/priority -> float32[G * S, E]."""
+  num_experts = routing.gates.shape[-1]
+  return Routing(gates=routing.gates.reshape(-1, num_experts),
+                 priority=routing.priority.reshape(-1, num_experts))
+
+
+def group_plans(routing: Routing, capacity: int, strategy: str,
                 max_fanout: int | None):
+  """Plans of G groups with capacity C per group and expert: one "gather"
+  plan over all G * S tokens (`num_groups` = G), per-group plans (vmap) for
+  "einsum" and "index". Use with `dispatch_groups` / `combine_groups`."""
+  if strategy == "gather":
+    return dispatch.plan(_flat(routing), capacity, strategy=strategy,
+                         max_fanout=max_fanout,
+                         num_groups=routing.gates.shape[0])
   return jax.vmap(lambda r: dispatch.plan(r, capacity, strategy=strategy,
                                           max_fanout=max_fanout))(routing)
+
+
+def _gathered(plans) -> tuple[int, int, int] | None:
+  """(G, S, E) of a "gather" plan over all groups, None for vmapped plans."""
+  if not isinstance(plans, dispatch.GatherPlan) or plans.gates.ndim != 2:
+    return None
+  num_experts = plans.gates.shape[-1]
+  num_groups = plans.token_index.shape[0] // num_experts
+  return num_groups, plans.gates.shape[0] // num_groups, num_experts
+
+
+def dispatch_groups(plans, x: jax.Array) -> jax.Array:
+  """x float[G, S, D] -> float[G, E, C, D] through `group_plans`."""
+  shape = _gathered(plans)
+  if shape is None:
+    return jax.vmap(lambda p, xg: p.dispatch(xg))(plans, x)
+  num_groups, _, num_experts = shape
+  h = plans.dispatch(x.reshape(-1, x.shape[-1]))
+  return h.reshape(num_groups, num_experts, *h.shape[1:])
+
+
+def combine_groups(plans, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """y float[G, E, C, D] -> (float[G, S, D], kept bool[G, S, E])."""
+  shape = _gathered(plans)
+  if shape is None:
+    return jax.vmap(lambda p, yg: p.combine(yg))(plans, y), plans.kept
+  num_groups, num_tokens, num_experts = shape
+  out = plans.combine(y.reshape(-1, *y.shape[2:]))
+  return (out.reshape(num_groups, num_tokens, -1),
+          plans.kept.reshape(num_groups, num_tokens, num_experts))
+
+
+def _batch_shards(num_groups: int):
+  """(mesh, batch axes) when the groups split evenly over the mesh's batch
+  axes (data x expert) of a mesh of more than one device, else None."""
+  mesh = sharding.current_mesh()
+  if mesh is None:
+    return None
+  sizes = dict(mesh.shape)
+  if math.prod(sizes.values()) == 1:
+    return None
+  axes = tuple(a for a in sharding.BATCH_AXES if a in sizes)
+  shards = math.prod(sizes[a] for a in axes)
+  if not axes or num_groups % shards:
+    return None
+  return mesh, axes
+
+
+def _stacked(tree):
+  """Each leaf with a leading axis of one (per-device leaves of any rank
+  leave a shard_map stacked over devices)."""
+  return jax.tree.map(lambda a: a[None], tree)
+
+
+def _unstacked(tree):
+  return jax.tree.map(lambda a: a[0], tree)
 
 
 def _one_device() -> bool:
@@ -97,38 +170,60 @@ def routed_experts(routing: Routing, x: jax.Array, weights: dict[str, jax.Array]
                               strategy=strategy, max_fanout=max_fanout,
                               activation=activation)
   resolved = dispatch.resolve_strategy(strategy)
+  num_groups, num_tokens, num_experts = routing.gates.shape
+  shards = _batch_shards(num_groups)
   if resolved == "ragged" or (resolved in ("gather", "sorted") and
-                              _one_device()):
+                              _one_device()) or (
+                                  resolved == "sorted" and shards is None):
     # One plan over all G * S tokens: on one device nothing is sharded
     # ("gather" keeps capacity per group; the fused CPU block loop of
-    # `experts.ffn`); "ragged" has no capacity, so groups do not change what
-    # is kept (and `ragged_dot` has no batching rule for a G axis).
-    num_groups, num_tokens, num_experts = routing.gates.shape
-    flat = Routing(gates=routing.gates.reshape(-1, num_experts),
-                   priority=routing.priority.reshape(-1, num_experts))
+    # `experts.ffn`); the dropless layouts have no capacity, so groups do not
+    # change what is kept (and `ragged_dot` has no batching rule for a G
+    # axis).
     plan = dispatch.plan(
-        flat, capacity, strategy=strategy, max_fanout=max_fanout,
+        _flat(routing), capacity, strategy=strategy, max_fanout=max_fanout,
         num_groups=num_groups if strategy == "gather" else 1)
     y = experts.ffn(plan, x.reshape(-1, x.shape[-1]), weights, activation,
                     remat=remat and resolved != "ragged")
     return (y.reshape(x.shape),
             plan.kept.reshape(num_groups, num_tokens, num_experts))
-  if strategy not in SLOT_STRATEGIES:
-    def one_group(r, xg):  # "sorted" on a mesh: one layout per group
-      plan = dispatch.plan(r, capacity, strategy=strategy,
+  if strategy not in SLOT_STRATEGIES:  # "sorted" on a mesh
+    def local_ffn(r, xg, w):  # one layout over a device's groups
+      plan = dispatch.plan(_flat(r), capacity, strategy=strategy,
                            max_fanout=max_fanout)
-      return experts.ffn(plan, xg, weights, activation), plan.kept
-    return jax.vmap(one_group)(routing, x)
-  plans = _slot_plans(routing, capacity, strategy, max_fanout)
-  h = jax.vmap(lambda p, xg: p.dispatch(xg))(plans, x)
+      y = experts.ffn(plan, xg.reshape(-1, xg.shape[-1]), w, activation,
+                      remat=remat)
+      return y.reshape(xg.shape), plan.kept.reshape(r.gates.shape)
+    mesh, axes = shards
+    # check_vma=False: the CPU block loop's carries start replicated.
+    return jax.shard_map(local_ffn, mesh=mesh, in_specs=(P(axes), P(axes), P()),
+                         out_specs=(P(axes), P(axes)),
+                         check_vma=False)(routing, x, weights)
+  if strategy == "gather" and shards is not None:
+    # Each device plans its groups at once; the plan stays on its device
+    # between dispatch and combine.
+    mesh, axes = shards
+    def local_dispatch(r, xg):
+      plans = group_plans(r, capacity, strategy, max_fanout)
+      return dispatch_groups(plans, xg), _stacked(plans)
+    h, stacked = jax.shard_map(local_dispatch, mesh=mesh,
+                               in_specs=(P(axes), P(axes)),
+                               out_specs=(P(axes), P(axes)))(routing, x)
+    combine = jax.shard_map(
+        lambda p, yg: combine_groups(_unstacked(p), yg), mesh=mesh,
+        in_specs=(P(axes), P(axes)), out_specs=(P(axes), P(axes)))
+  else:
+    plans = group_plans(routing, capacity, strategy, max_fanout)
+    h = dispatch_groups(plans, x)
+    stacked = plans
+    combine = combine_groups
   h = sharding.constrain(h, sharding.ACT_TOKENS_GECD)   # dispatched locally
   h = sharding.constrain(h, sharding.ACT_GECD)          # all-to-all to experts
   y = experts.mlp(h, weights, activation, experts.batched_matmul,
                   hidden_names=sharding.ACT_GECF)
   y = sharding.constrain(y, sharding.ACT_GECD)
   y = sharding.constrain(y, sharding.ACT_TOKENS_GECD)   # all-to-all back
-  out = jax.vmap(lambda p, yg: p.combine(yg))(plans, y)
-  return out, plans.kept
+  return combine(stacked, y)
 
 
 def _local_experts(routing: Routing, x: jax.Array, weights: dict[str, Any], *,
@@ -136,16 +231,15 @@ def _local_experts(routing: Routing, x: jax.Array, weights: dict[str, Any], *,
                    activation: str, collectives: bool):
   """One device's part of the shard_map path (see the module docstring);
   `collectives=False` is the same computation without a mesh."""
-  plans = _slot_plans(routing, capacity, strategy, max_fanout)
-  h = jax.vmap(lambda p, xg: p.dispatch(xg))(plans, x)     # [Gl, E, C, D]
+  plans = group_plans(routing, capacity, strategy, max_fanout)
+  h = dispatch_groups(plans, x)                            # [Gl, E, C, D]
   if collectives:
     h = jax.lax.all_to_all(h, "expert", 1, 0, tiled=True)  # [X*Gl, El, C, D]
   y = experts.mlp(h, weights, activation, experts.batched_matmul)
   if collectives:
     y = jax.lax.psum(y, "model")  # complete the F-sharded contraction
     y = jax.lax.all_to_all(y, "expert", 0, 1, tiled=True)  # [Gl, E, C, D]
-  out = jax.vmap(lambda p, yg: p.combine(yg))(plans, y)
-  return out, plans.kept
+  return combine_groups(plans, y)
 
 
 def _shard_map_experts(routing, x, weights, *, capacity, strategy, max_fanout,
