@@ -31,7 +31,14 @@ compiled `memory_analysis()` (temporaries + arguments + outputs).
 
 Default matrix: top_k x {index, gather, sorted} at every size in float32 and
 {gather, sorted} in bfloat16; the other registered routers with "gather" at
-the first size (--router_sizes=all for every size). The one-hot "einsum" and
+the first size (--router_sizes=all for every size); top_k "gather" with one
+routing group per sequence of 2048 and 512 tokens (--seq_groups; capacity
+per group, the layer's grouping); and those per-sequence rows again on 8
+forced host devices, data-parallel (data:8) and expert-parallel
+(data:2,expert:4), in a subprocess (--meshes, --expert_parallel). Every MoE
+row runs the layer's expert path (`nn.expert_parallel.routed_experts`): one
+plan over all groups on one device, each device's groups at once on a mesh.
+Nothing is pinned: run it as a user does (prefix `taskset -c N` to pin). The one-hot "einsum" and
 "ragged" run only when named in --strategies, and are skipped (with a note)
 above --einsum_max_experts / --ragged_max_experts experts.
 
@@ -42,8 +49,10 @@ min(E, --max_k_factor * k).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 import os
 import platform
 import statistics
@@ -56,7 +65,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from moejax import dispatch, routing  # noqa: E402
+from moejax import sharding  # noqa: E402
 from moejax.experts import ffn as expert_ffn  # noqa: E402
+from moejax.nn.expert_parallel import routed_experts  # noqa: E402
 from moejax.routing.base import Routing  # noqa: E402
 
 SIZES = "4096x512x1024x8x2,4096x512x256x64x8,8192x256x128x128x8"
@@ -83,6 +94,22 @@ flags.DEFINE_integer("repeats", 3, "timed rounds (median)")
 flags.DEFINE_integer("warmup", 1, "untimed calls after compilation")
 flags.DEFINE_float("capacity_factor", 1.25, "training capacity factor")
 flags.DEFINE_integer("group_size", None, "tokens per routing group (default T)")
+flags.DEFINE_list("seq_groups", ["2048", "512"],
+                  "extra top_k rows (float32, --seq_strategies) with one "
+                  "routing group per sequence of this many tokens, capacity "
+                  "per group (the layer's grouping); empty = none")
+flags.DEFINE_list("seq_strategies", ["gather"],
+                  "strategies of the --seq_groups rows")
+flags.DEFINE_string("meshes", "data:8;data:2,expert:4",
+                    "';'-separated meshes on which the --seq_groups rows run "
+                    "again, in a subprocess with 8 forced host devices "
+                    "(XLA_FLAGS=--xla_force_host_platform_device_count=8); "
+                    "empty = none")
+flags.DEFINE_string("expert_parallel", "gspmd",
+                    "expert-parallel mode of the mesh rows: gspmd or "
+                    "shard_map")
+flags.DEFINE_string("mesh", None, "internal: run only the --seq_groups rows "
+                    "under this mesh")
 flags.DEFINE_integer("block_size", None, "'sorted' block rows (default auto)")
 flags.DEFINE_integer("einsum_max_experts", 8,
                      "skip the one-hot 'einsum' strategy above this E (its "
@@ -199,29 +226,29 @@ def calibrated_method(name: str, size: Size, logits: jax.Array):
 
 
 def moe_step(method, size: Size, strategy: str, dtype, group: int):
+  """The layer's expert path (`nn.expert_parallel.routed_experts`): one plan
+  over all groups on one device, each device's groups at once on a mesh."""
   e = size.experts
   cap = method.capacity(group, e, FLAGS.capacity_factor)
   max_fanout = min(method.max_fanout(e), e)
   aux_weights = dict(method.aux_weights) if FLAGS.aux else {}
+  mode = FLAGS.expert_parallel if FLAGS.mesh else "gspmd"
 
   def loss(params, x, cot, rng, state):
     groups = x.reshape(-1, group, x.shape[-1])
     logits = jnp.einsum("gsd,de->gse", groups, params["router"])
     out = method.route_groups(logits, state, rng=rng, train=True)
     weights = {n: v.astype(dtype) for n, v in params["experts"].items()}
-    xs = groups.astype(dtype)
-    if strategy in dispatch.DROPLESS or groups.shape[0] == 1:
-      # One plan over all tokens (dropless keeps everything either way).
-      flat = Routing(out.routing.gates.reshape(-1, e),
-                     out.routing.priority.reshape(-1, e))
-      plan = dispatch.plan(flat, cap, strategy=strategy,
-                           max_fanout=max_fanout, block_size=FLAGS.block_size)
-      y = expert_ffn(plan, xs.reshape(-1, xs.shape[-1]), weights)
+    if FLAGS.block_size and groups.shape[0] == 1 and not FLAGS.mesh:
+      plan = dispatch.plan(Routing(out.routing.gates[0],
+                                   out.routing.priority[0]), cap,
+                           strategy=strategy, max_fanout=max_fanout,
+                           block_size=FLAGS.block_size)
+      y = expert_ffn(plan, groups[0].astype(dtype), weights)
     else:
-      def one(r, xg):
-        plan = dispatch.plan(r, cap, strategy=strategy, max_fanout=max_fanout)
-        return expert_ffn(plan, xg, weights)
-      y = jax.vmap(one)(out.routing, xs)
+      y, _ = routed_experts(out.routing, groups.astype(dtype), weights,
+                            capacity=cap, strategy=strategy,
+                            max_fanout=max_fanout, mode=mode)
     value = jnp.vdot(y.reshape(x.shape).astype(jnp.float32), cot)
     for key, w in aux_weights.items():
       if w and key in out.aux:
@@ -245,7 +272,9 @@ def time_block(entries, repeats: int, warmup: int):
   """entries: list of dicts with 'fn' and 'args'; fills 'times' (seconds)."""
   for entry in entries:
     t0 = time.perf_counter()
-    compiled = entry["fn"].lower(*entry["args"]).compile()
+    with (jax.set_mesh(sharding.make_mesh(FLAGS.mesh)) if FLAGS.mesh
+          else contextlib.nullcontext()):
+      compiled = entry["fn"].lower(*entry["args"]).compile()
     entry["compile_s"] = time.perf_counter() - t0
     entry["peak_mib"] = peak_memory(compiled)
     entry["fn"] = compiled
@@ -304,6 +333,8 @@ def run(sizes, routers, dtypes):
       entries = [{"router": "dense", "strategy": "-", "fn": dense_step(dtype),
                   "args": (dense_params, x, cot)}]
       for name in size_routers:
+        if FLAGS.mesh:  # the mesh run times only the --seq_groups rows
+          break
         if name == "top_k":
           strategies = FLAGS.strategies
         else:
@@ -326,8 +357,13 @@ def run(sizes, routers, dtypes):
                   logits, state, rng))
           entries.append({"router": name, "strategy": strategy, "fn": fn,
                           "args": (moe_params, x, cot, rng, state),
-                          "capacity": cap,
+                          "capacity": cap, "group": group,
                           "fanout": fanout})
+      if dtype_name == "float32" and "top_k" in size_routers:
+        entries += seq_entries(size, dtype, calibrated["top_k"], moe_params,
+                               x, cot, rng, notes)
+      if FLAGS.mesh:
+        entries = place_on_mesh(entries, size)
       print(f"[{size} {dtype_name}] timing {len(entries)} functions x "
             f"{FLAGS.repeats} rounds", flush=True)
       time_block(entries, FLAGS.repeats, FLAGS.warmup)
@@ -349,25 +385,102 @@ def run(sizes, routers, dtypes):
                "peak_mib": entry["peak_mib"],
                "compile_s": entry["compile_s"],
                "capacity": entry.get("capacity"),
+               "group": entry.get("group"), "mesh": FLAGS.mesh or "-",
+               "expert_parallel": (FLAGS.expert_parallel if FLAGS.mesh
+                                   else "-"),
                "fanout": entry.get("fanout")}
         rows.append(row)
         print_row(row)
   return rows, notes
 
 
+def seq_entries(size: Size, dtype, calibrated, moe_params, x, cot, rng,
+                notes):
+  """top_k rows with one routing group per sequence (--seq_groups)."""
+  entries = []
+  method, state = calibrated
+  for text in FLAGS.seq_groups:
+    group = int(text)
+    if size.tokens % group or group >= size.tokens:
+      notes.append(f"{size}: seq group {group} skipped (must divide and be "
+                   f"below T={size.tokens})")
+      continue
+    if FLAGS.mesh:
+      shards = math.prod(v for a, v in sharding.parse_mesh(
+          FLAGS.mesh, jax.device_count()).items() if a in sharding.BATCH_AXES)
+      if (size.tokens // group) % shards:
+        notes.append(f"{size} mesh {FLAGS.mesh}: seq group {group} skipped "
+                     f"({size.tokens // group} groups do not split over "
+                     f"{shards} devices, as a layer's batch must)")
+        continue
+    for strategy in FLAGS.seq_strategies:
+      fn, cap = moe_step(method, size, strategy, dtype, group)
+      entries.append({"router": "top_k", "strategy": strategy, "fn": fn,
+                      "args": (moe_params, x, cot, rng, state),
+                      "capacity": cap, "group": group})
+  return entries
+
+
+def place_on_mesh(entries, size: Size):
+  """Tokens split over the batch axes, expert weights over `expert`; each
+  function runs under the mesh."""
+  mesh = sharding.make_mesh(FLAGS.mesh)
+  tokens = sharding.batch_sharding(mesh)
+  experts = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(
+          "expert" if size.experts % mesh.shape["expert"] == 0 else None))
+  placed = []
+  for entry in entries:
+    args = list(entry["args"])
+    args[1:3] = [jax.device_put(a, tokens) for a in args[1:3]]
+    if entry["router"] != "dense":
+      params = dict(args[0])
+      params["experts"] = jax.device_put(params["experts"], experts)
+      args[0] = params
+    placed.append({**entry, "args": tuple(args)})
+  return placed
+
+
+def run_meshes(argv) -> list[dict]:
+  """The --seq_groups rows on each of --meshes, in a subprocess with 8 forced
+  host devices; returns their rows."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import tempfile  # pylint: disable=import-outside-toplevel
+  rows = []
+  env = dict(os.environ,
+             XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
+                        " --xla_force_host_platform_device_count=8").strip())
+  for mesh in [m for m in FLAGS.meshes.split(";") if m]:
+    with tempfile.TemporaryDirectory() as tmp:
+      out = os.path.join(tmp, "mesh.json")
+      args = [a for a in argv[1:] if not a.startswith(
+          ("--out", "--mesh", "--routers", "--dtype"))]
+      cmd = [sys.executable, argv[0], *args, f"--mesh={mesh}", f"--out={out}",
+             "--routers=top_k", "--dtype=float32"]
+      print(f"[mesh {mesh}] {' '.join(cmd[1:])}", flush=True)
+      subprocess.run(cmd, env=env, check=True)
+      with open(out) as fh:
+        rows += json.load(fh)["rows"]
+  return rows
+
+
 HEADER = (f"{'size (T,D,F,E,k)':<22} {'dtype':<8} {'router':<17} "
-          f"{'strategy':<8} {'ms':>8} {'ratio':>6} {'(min-max)':>11} "
-          f"{'cpu':>5} {'tok/s':>8} {'peak MiB':>9} {'fanout':>6}")
+          f"{'strategy':<8} {'group':>6} {'mesh':<16} {'ms':>8} {'ratio':>6} "
+          f"{'(min-max)':>11} {'cpu':>5} {'tok/s':>8} {'peak MiB':>9} "
+          f"{'fanout':>6}")
 
 
 def print_row(row):
   peak = "-" if row["peak_mib"] is None else f"{row['peak_mib']:.0f}"
   fanout = "-" if row["fanout"] is None else f"{row['fanout']:.2f}"
   spread = f"{row['ratio_min']:.2f}-{row['ratio_max']:.2f}"
+  group = "-" if row["group"] is None else str(row["group"])
+  mesh = row["mesh"] if row["mesh"] == "-" else (
+      f"{row['mesh']} {row['expert_parallel'][:5]}")
   print(f"{row['size']:<22} {row['dtype']:<8} {row['router']:<17} "
-        f"{row['strategy']:<8} {row['ms']:>8.1f} {row['ratio']:>6.2f} "
-        f"{spread:>11} {row['cpu_ratio']:>5.2f} {row['tokens_per_s']:>8.0f} "
-        f"{peak:>9} {fanout:>6}",
+        f"{row['strategy']:<8} {group:>6} {mesh:<16} {row['ms']:>8.1f} "
+        f"{row['ratio']:>6.2f} {spread:>11} {row['cpu_ratio']:>5.2f} "
+        f"{row['tokens_per_s']:>8.0f} {peak:>9} {fanout:>6}",
         flush=True)
 
 
@@ -394,12 +507,16 @@ def main(argv):
   print(f"backend={jax.default_backend()} devices={jax.device_count()} "
         f"jax={jax.__version__}", flush=True)
   print(HEADER)
-  rows, notes = run(sizes, FLAGS.routers, FLAGS.dtype)
+  rows, notes = run(sizes, FLAGS.routers,
+                    ["float32"] if FLAGS.mesh else FLAGS.dtype)
+  if not FLAGS.mesh and FLAGS.meshes and FLAGS.seq_groups:
+    rows += run_meshes(sys.argv)
   wall = time.time() - start
   print("\nbest strategy per size and dtype (top_k):")
   best = {}
   for row in rows:
-    if row["router"] != "top_k":
+    if row["router"] != "top_k" or row["mesh"] != "-" or (
+        row["group"] != row["tokens"]):
       continue
     key = (row["size"], row["dtype"])
     if key not in best or row["ratio"] < best[key]["ratio"]:

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moejax import dispatch
 from moejax import flops as flops_lib
 from moejax import sharding
 from moejax.models.lm import TransformerLM
@@ -169,7 +170,7 @@ def all_to_all_bytes(cfg: TrainConfig, mesh_sizes: dict[str, int],
   shards = mesh_sizes.get("data", 1) * x_size
   group = moe.group_size or cfg.seq_len
   groups = cfg.batch_size * cfg.seq_len // group
-  if moe.strategy in ("einsum", "index", "gather"):
+  if dispatch.choose_strategy(moe.strategy) in ("einsum", "index", "gather"):
     cap = moe.router.capacity(group, moe.router_experts,
                               moe.capacity_factor if train
                               else moe.eval_capacity_factor)

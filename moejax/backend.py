@@ -4,9 +4,16 @@ Axis legend (of the layouts named here):
   S  tokens, E experts, m static bound on experts per token
 
 Every backend-dependent choice of dispatch asks `current_backend()` through
-the two choices below, so that the choice is made, and tested, in one place:
-  `resolve_strategy`  "dropless" runs "sorted" on CPU (XLA:CPU has no grouped
-                      matmul kernel) and "ragged" (`lax.ragged_dot`) elsewhere.
+the choices below, so that the choice is made, and tested, in one place:
+  `choose_strategy`   "auto" (the default strategy) is the measured fastest
+                      capacity strategy of the backend (`AUTO_STRATEGY`):
+                      "gather" on every backend: on CPU it runs the fused
+                      block loop, on GPU/TPU gather dispatch/combine around one
+                      batched matmul. "auto" never picks a dropless strategy,
+                      so the kept set (capacity drops) is that of "gather".
+  `resolve_strategy`  the layout a name runs: "auto" as above; "dropless" runs
+                      "sorted" on CPU (XLA:CPU has no grouped matmul kernel)
+                      and "ragged" (`lax.ragged_dot`) elsewhere.
   `use_loop_matmul`   the block plans ("gather", "sorted") run a loop over
                       their used row blocks on CPU, where XLA runs small
                       batched matmuls poorly; accelerators prefer one batched
@@ -34,9 +41,29 @@ def use_one_hot_scatter(backend: str | None = None) -> bool:
   return (backend or current_backend()) == "tpu"
 
 
+# "auto" per backend: the capacity strategy measured fastest there (CPU:
+# "gather" 1.30 / 1.55 / 1.48 vs "index" 1.34 / 1.72 / 2.04 at the three
+# reference sizes of experiments/reports/bench_moe.md; "sorted" is as fast but
+# dropless). GPU/TPU: "gather" (slots by one sort, gather-only dispatch and
+# combine, one batched matmul of static shape [G*E, C, D]) rather than the
+# scatter-add of "index" or the one-hot "einsum" (O(S*E*C*D)); not measured
+# on an accelerator yet.
+AUTO_STRATEGY = {"cpu": "gather", "gpu": "gather", "tpu": "gather"}
+
+
+def choose_strategy(strategy: str, backend: str | None = None) -> str:
+  """The strategy name "auto" stands for on a backend (a capacity strategy,
+  `AUTO_STRATEGY`); other names are themselves."""
+  if strategy != "auto":
+    return strategy
+  return AUTO_STRATEGY.get(backend or current_backend(), "gather")
+
+
 def resolve_strategy(strategy: str, backend: str | None = None) -> str:
-  """The implementation a strategy name runs: "dropless" is "sorted" on CPU
-  and "ragged" elsewhere; other names are themselves."""
+  """The implementation a strategy name runs: "auto" is `choose_strategy`'s,
+  "dropless" is "sorted" on CPU and "ragged" elsewhere; other names are
+  themselves."""
+  strategy = choose_strategy(strategy, backend)
   if strategy != "dropless":
     return strategy
   return "sorted" if use_loop_matmul(backend) else "ragged"

@@ -121,17 +121,17 @@ def test_unset_flags_take_the_dataclass_defaults():
   for name in tables:
     assert values[name] is None, name  # falls through to the dataclass
   # The documented default dispatch strategy is the one a run gets.
-  assert MoEConfig().strategy == "gather"
+  assert MoEConfig().strategy == "auto"
   lm = lm_flags.build_train_config(values)
-  assert lm.model.moe.strategy == "gather"
-  assert "(default: gather)" in flags.FLAGS["strategy"].help
+  assert lm.model.moe.strategy == "auto"
+  assert "(default: auto)" in flags.FLAGS["strategy"].help
   objects = {MoEConfig: lm.model.moe, LMConfig: lm.model, TrainConfig: lm}
   for name, (_, cls, _) in {**lm_flags.MOE_FLAGS, **lm_flags.LM_MODEL_FLAGS,
                             **lm_flags.RUN_FLAGS}.items():
     assert getattr(objects[cls], name) == defaults.field_default(cls, name), (
         name)
   dit = dit_flags.build_dit_train_config(values)
-  assert dit.model.moe.strategy == "gather"
+  assert dit.model.moe.strategy == "auto"
   objects = {DiTConfig: dit.model, DiffusionConfig: dit.diffusion,
              DiTTrainConfig: dit}
   for name, (_, cls, _) in dit_flags.DIT_FLAGS.items():

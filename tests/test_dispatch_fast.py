@@ -298,6 +298,12 @@ def test_backend_choice():
   assert dispatch.resolve_strategy("dropless", "gpu") == "ragged"
   assert dispatch.resolve_strategy("dropless", "tpu") == "ragged"
   assert dispatch.resolve_strategy("gather", "gpu") == "gather"
+  # "auto" is a capacity strategy on every backend (same drops as "gather").
+  for name in ("cpu", "gpu", "tpu"):
+    assert dispatch.choose_strategy("auto", name) == "gather"
+    assert dispatch.resolve_strategy("auto", name) == "gather"
+    assert dispatch.choose_strategy("dropless", name) == "dropless"
+  assert dispatch.choose_strategy("auto") not in dispatch.DROPLESS
   assert dispatch.use_loop_matmul("cpu")
   assert not dispatch.use_loop_matmul("gpu")
   assert not dispatch.use_loop_matmul("tpu")
@@ -308,6 +314,7 @@ def test_backend_choice():
   routing, *_ = make_case()
   for strategy in ("gather", "sorted"):  # the fused CPU block loop
     assert dispatch.plan(routing, 4, strategy=strategy).block_loop == on_cpu
+  assert dispatch.plan(routing, 4, strategy="auto").block_loop == on_cpu
   assert isinstance(dispatch.plan(routing, 4, strategy="dropless"),
                     dispatch.BlockPlan if on_cpu else dispatch.DroplessPlan)
 

@@ -194,11 +194,13 @@ def test_sharded_train_step_of_each_layout_matches_single_device():
     assert losses[1] < losses[0]
 
 
-@pytest.mark.parametrize("strategy", ["gather", "index", "sorted"])
-@pytest.mark.parametrize("mode", ["gspmd", "shard_map"])
-def test_expert_path_on_mesh_matches_one_device(strategy, mode):
+@pytest.mark.parametrize("strategy, mode, spec", [
+    (strategy, mode, "data:2,expert:4") for strategy in
+    ("gather", "index", "sorted") for mode in ("gspmd", "shard_map")] + [
+        ("gather", "gspmd", "data:8")])
+def test_expert_path_on_mesh_matches_one_device(strategy, mode, spec):
   """Each device plans its own groups at once (capacity per group): the
-  expert path on data:2,expert:4 gives the single-device output, kept set and
+  expert path on a mesh gives the single-device output, kept set and
   gradients."""
   g, s, e, d, f = 8, 16, 8, 8, 4
   k0, k1, k2 = jax.random.split(jax.random.PRNGKey(1), 3)
@@ -214,7 +216,7 @@ def test_expert_path_on_mesh_matches_one_device(strategy, mode):
     return jnp.sum(y * jnp.cos(y)), (y, kept)
   fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
   (_, (ref_y, ref_kept)), ref_grads = fn(gates, x, weights)
-  with jax.set_mesh(sharding.make_mesh("data:2,expert:4")):
+  with jax.set_mesh(sharding.make_mesh(spec)):
     (_, (y, kept)), grads = fn(gates, x, weights)
   np.testing.assert_allclose(np.asarray(y), np.asarray(ref_y), rtol=1e-4,
                              atol=1e-5)

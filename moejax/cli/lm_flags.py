@@ -32,7 +32,8 @@ MOE_FLAGS = {
     "capacity_factor": ("float", MoEConfig, "Training capacity factor (> 0)."),
     "eval_capacity_factor": ("float", MoEConfig, "Evaluation capacity factor "
                              "(> 0)."),
-    "strategy": ("string", MoEConfig, "Dispatch strategy: gather, index, "
+    "strategy": ("string", MoEConfig, "Dispatch strategy: auto (the "
+                 "backend's fastest capacity strategy), gather, index, "
                  "einsum, dropless, sorted or ragged."),
     "group_size": ("integer", MoEConfig, "Tokens per routing group (None: a "
                    "sequence)."),

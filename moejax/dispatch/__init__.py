@@ -6,8 +6,8 @@ block loop of the CPU path); every backend-dependent choice is made in
 `moejax.backend`.
 The expert weights and MLP live in `moejax.experts`.
 """
-from moejax.backend import (current_backend, resolve_strategy,
-                                     use_loop_matmul)
+from moejax.backend import (choose_strategy, current_backend,
+                            resolve_strategy, use_loop_matmul)
 from moejax.dispatch.cpu import BLOCK_ROWS, RowBlocks, block_ffn, block_moe
 from moejax.dispatch.dropless import (BlockPlan, DroplessPlan,
                                       default_block_size, num_blocks)
@@ -21,7 +21,7 @@ from moejax.dispatch.slots import (GatherPlan, SlotPlan, slot_block_size,
 __all__ = [
     "plan", "capacity", "ratio_capacity", "drop_fraction", "STRATEGIES",
     "DROPLESS", "Plan", "SlotPlan", "GatherPlan", "BlockPlan", "DroplessPlan",
-    "RowBlocks", "resolve_strategy", "use_loop_matmul", "current_backend",
+    "RowBlocks", "choose_strategy", "resolve_strategy", "use_loop_matmul", "current_backend",
     "default_block_size", "num_blocks", "slot_block_size", "slot_ranks",
     "BLOCK_ROWS", "gather_rows", "gather_combine", "scatter_combine",
     "grouped_matmul", "block_moe", "block_ffn",

@@ -43,6 +43,8 @@ brings the results back:
              matmul with per-block weights elsewhere); gather dispatch/combine.
   "dropless" "sorted" on CPU, "ragged" elsewhere (`resolve_strategy`, in
              `moejax.backend` with every other backend choice).
+  "auto"     the backend's fastest capacity strategy ("gather" on CPU, GPU
+             and TPU; `moejax.backend.choose_strategy`).
 
 On CPU, "gather" and "sorted" plans have `block_loop` set and offer
 `plan.row_blocks()`, their rows in blocks of one expert each, for the fused
@@ -65,7 +67,8 @@ from moejax.dispatch.slots import GatherPlan, SlotPlan, gather_plan, slot_plan
 # The capacity formula is the routing methods' (one definition, re-exported).
 from moejax.routing.base import Routing, capacity, check_int
 
-STRATEGIES = ("einsum", "index", "gather", "dropless", "sorted", "ragged")
+STRATEGIES = ("auto", "einsum", "index", "gather", "dropless", "sorted",
+              "ragged")
 # Strategies that ignore capacity and keep every assignment within max_fanout.
 DROPLESS = ("dropless", "sorted", "ragged")
 

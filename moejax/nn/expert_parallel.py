@@ -21,8 +21,10 @@ Two ways behind one switch (`MoEConfig.expert_parallel`):
                sharding constraints (token side: G over data x expert;
                expert side: G over data, E over expert), and GSPMD inserts
                the all-to-all between them. "einsum" and "index" plan per
-               group (vmap). "sorted" runs each device's tokens through one
-               layout with the whole expert weights (GSPMD gathers them);
+               group (vmap). "sorted", and "gather" on a mesh without
+               `expert` and `model` axes, run each device's groups through
+               the single-device path (the whole expert weights; GSPMD
+               gathers them for "sorted");
                "ragged" sorts all G * S tokens at once (`ragged_dot` has no
                G batching rule).
   "shard_map"  an explicit `jax.shard_map` over the current mesh: each device
@@ -151,8 +153,9 @@ def routed_experts(routing: Routing, x: jax.Array, weights: dict[str, jax.Array]
     x: float[G, S, D] tokens.
     weights: expert weights (see `moejax.experts`).
     capacity: static C (slots per expert and group).
-    strategy: a `dispatch.STRATEGIES` name; slot strategies ("einsum",
-      "index", "gather") use the [G, E, C, D] buffers, the dropless ones
+    strategy: a `dispatch.STRATEGIES` name ("auto": the backend's choice,
+      `dispatch.choose_strategy`); slot strategies ("einsum", "index",
+      "gather") use the [G, E, C, D] buffers, the dropless ones
       ("dropless", "sorted", "ragged") their own layouts (see above).
     max_fanout: the router's static fanout bound (dropless layouts, "gather").
     activation: "swiglu" or "gelu".
@@ -165,6 +168,7 @@ def routed_experts(routing: Routing, x: jax.Array, weights: dict[str, jax.Array]
   if mode not in MODES:
     raise ValueError(f"expert_parallel={mode!r} is not supported; allowed: "
                      f"{', '.join(MODES)}")
+  strategy = dispatch.choose_strategy(strategy)  # "auto" -> the backend's
   if mode == "shard_map":
     return _shard_map_experts(routing, x, weights, capacity=capacity,
                               strategy=strategy, max_fanout=max_fanout,
@@ -187,10 +191,16 @@ def routed_experts(routing: Routing, x: jax.Array, weights: dict[str, jax.Array]
                     remat=remat and resolved != "ragged")
     return (y.reshape(x.shape),
             plan.kept.reshape(num_groups, num_tokens, num_experts))
-  if strategy not in SLOT_STRATEGIES:  # "sorted" on a mesh
+  sizes = dict(sharding.current_mesh().shape) if shards else {}
+  data_only = sizes.get("expert", 1) == 1 and sizes.get("model", 1) == 1
+  if strategy not in SLOT_STRATEGIES or (strategy == "gather" and shards and
+                                         data_only):
+    # "sorted", and "gather" on a data-parallel mesh (experts replicated):
+    # each device runs the single-device path on its groups.
     def local_ffn(r, xg, w):  # one layout over a device's groups
-      plan = dispatch.plan(_flat(r), capacity, strategy=strategy,
-                           max_fanout=max_fanout)
+      plan = dispatch.plan(
+          _flat(r), capacity, strategy=strategy, max_fanout=max_fanout,
+          num_groups=r.gates.shape[0] if strategy == "gather" else 1)
       y = experts.ffn(plan, xg.reshape(-1, xg.shape[-1]), w, activation,
                       remat=remat)
       return y.reshape(xg.shape), plan.kept.reshape(r.gates.shape)

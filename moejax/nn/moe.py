@@ -48,8 +48,10 @@ class MoEConfig:
     shared_width: width of each shared expert (default `expert_width`).
     capacity_factor: training capacity factor (C formula in `routing.capacity`).
     eval_capacity_factor: capacity factor in evaluation and sampling.
-    strategy: dispatch strategy (`moejax.dispatch.STRATEGIES`): "gather"
-      (default; the capacity semantics of "index" with gather-only dispatch
+    strategy: dispatch strategy (`moejax.dispatch.STRATEGIES`): "auto"
+      (default; the backend's fastest capacity strategy, "gather" on CPU, GPU
+      and TPU: `moejax.backend.choose_strategy`), "gather" (the capacity
+      semantics of "index" with gather-only dispatch
       and combine and, on CPU, a fused block loop), "index", "einsum" (the
       one-hot reference), "dropless" ("sorted" on CPU, "ragged" elsewhere),
       "sorted", "ragged".
@@ -74,7 +76,7 @@ class MoEConfig:
   shared_width: int | None = None
   capacity_factor: float = 1.25
   eval_capacity_factor: float = 2.0
-  strategy: str = "gather"
+  strategy: str = "auto"
   group_size: int | None = None
   activation: str = "swiglu"
   load_balance_weight: float | None = None
