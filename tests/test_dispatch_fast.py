@@ -361,12 +361,12 @@ def test_grouped_matmul_matches_einsum_and_autodiff():
 
 
 def test_moe_layer_gather_default_matches_index():
-  # The MoE layer's default strategy ("gather": one plan over all groups and
-  # the fused block loop on CPU, here with remat) against "index" (per-group
-  # vmap), with drops.
+  # The MoE layer's default strategy ("auto" = "gather": one plan over all
+  # groups and the fused block loop on CPU, here with remat) against "index"
+  # (per-group vmap), with drops.
   from moejax.routing import TopK
   from moejax.nn.moe import MoE, MoEConfig
-  assert MoEConfig().strategy == "gather"
+  assert dispatch.choose_strategy(MoEConfig().strategy) == "gather"
   x = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 8))
   outs = {}
   for strategy, remat in (("index", False), ("gather", True),
