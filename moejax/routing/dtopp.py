@@ -158,9 +158,12 @@ class PIController:
       measured: mean activated experts per token of the last step (a Python
         float or float32 array broadcastable to the state).
     Returns:
-      the new `PIState`.
+      the new `PIState`; where `measured` is not finite (NaN or inf) the state
+      is kept unchanged.
     """
-    e = self.error(measured)
+    measured = jnp.asarray(measured, jnp.float32)
+    finite = jnp.isfinite(measured)
+    e = self.error(jnp.where(finite, measured, self.target))
     integral = state.integral + e
     if self.ki > 0:
       # Anti-windup (integrator clamping): in the direction of the error, the
@@ -174,6 +177,8 @@ class PIController:
           jnp.minimum(state.integral, jnp.maximum(integral, lower)))
     p = jnp.clip(self.p_init + self.kp * e + self.ki * integral, self.p_min,
                  self.p_max)
+    p = jnp.where(finite, p, state.p)
+    integral = jnp.where(finite, integral, state.integral)
     return PIState(p=p.astype(jnp.float32),
                    integral=integral.astype(jnp.float32))
 

@@ -79,7 +79,8 @@ class SignBias:
   State `{"bias": float32[E]}`, started at 0. After each step, with loads c
   (assignments per expert over the whole global batch; any positive scale):
     b_e' = b_e + rate * sign(mean(c) - c_e)
-  Underloaded experts gain bias (chosen more), overloaded ones lose it.
+  Underloaded experts gain bias (chosen more), overloaded ones lose it. An
+  expert whose load is not finite keeps its bias; the mean is over finite loads.
 
   Attributes:
     rate: update speed u > 0 (1e-3 in the paper; 1e-4 too slow, 1e-2
@@ -97,5 +98,8 @@ class SignBias:
   def update(self, state, load) -> dict[str, jax.Array]:
     """One sign step from the loads float32[E]; pure and jit-able."""
     load = jnp.asarray(load, jnp.float32)
-    step = self.rate * jnp.sign(jnp.mean(load) - load)
+    finite = jnp.isfinite(load)
+    clean = jnp.where(finite, load, 0.0)
+    mean = clean.sum() / jnp.maximum(finite.sum(), 1)
+    step = jnp.where(finite, self.rate * jnp.sign(mean - clean), 0.0)
     return {"bias": (state["bias"] + step).astype(jnp.float32)}

@@ -219,7 +219,9 @@ class ThresholdEMA:
     ema' = beta * ema + (1 - beta) * x;  count' = count + 1
   and the thresholds used for routing are the bias-corrected
     c = ema / (1 - beta^count)   (0 while count = 0),
-  i.e. the beta-weighted mean of all cutoffs seen so far.
+  i.e. the beta-weighted mean of all cutoffs seen so far. A non-finite cutoff
+  (NaN or +-inf, e.g. from one bad token) is replaced by that expert's current
+  threshold c, which leaves c unchanged: bad statistics never enter the state.
 
   Attributes:
     beta: EMA decay in [0, 1) (0.999 in the paper).
@@ -237,8 +239,12 @@ class ThresholdEMA:
             "count": jnp.zeros((), jnp.int32)}
 
   def update(self, state, cutoffs) -> dict[str, jax.Array]:
-    """One EMA step with this step's cutoffs float32[E]; pure and jit-able."""
+    """One EMA step with this step's cutoffs float32[E]; pure and jit-able.
+
+    An expert whose cutoff is not finite keeps its threshold (see the class).
+    """
     cutoffs = jnp.asarray(cutoffs, jnp.float32)
+    cutoffs = jnp.where(jnp.isfinite(cutoffs), cutoffs, self.value(state))
     ema = self.beta * state["ema"] + (1.0 - self.beta) * cutoffs
     return {"ema": ema.astype(jnp.float32),
             "count": (state["count"] + 1).astype(jnp.int32)}
