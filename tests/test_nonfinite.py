@@ -55,3 +55,59 @@ def test_sign_bias_keeps_bias_of_nonfinite_expert():
   np.testing.assert_allclose(np.asarray(state["bias"]), [0.1, 0.0, -0.1, 0.0])
   clean = ctrl.update(ctrl.init(3), jnp.array([1.0, 2.0, 4.0]))
   np.testing.assert_allclose(np.asarray(clean["bias"]), [0.1, 0.1, -0.1])
+
+
+# Expert choice and ET's warm-up: a non-finite token never takes a slot.
+
+@pytest.mark.parametrize("bad", [NAN, -NAN, INF])
+def test_expert_choice_nonfinite_token_routed_nowhere(bad):
+  from moejax.routing.choice import expert_choice
+  logits = jax.random.normal(jax.random.PRNGKey(0), (6, 3))
+  out_clean = expert_choice(logits.at[2].set(-30.0), 1)
+  out = expert_choice(logits.at[2, 1].set(bad), 1)
+  gates = np.asarray(out.routing.gates)
+  assert np.all(np.isfinite(gates)) and np.all(gates[2] == 0)
+  assert gates.astype(bool).sum() == 3  # every expert still takes a token
+  np.testing.assert_array_equal(gates.astype(bool),
+                                np.asarray(out_clean.routing.gates) > 0)
+  for v in list(out.aux.values()) + list(out.metrics.values()):
+    assert np.all(np.isfinite(np.asarray(v)))
+
+
+@pytest.mark.parametrize("bad", [NAN, -NAN, INF])
+def test_expert_threshold_nonfinite_token(bad):
+  from moejax.routing.threshold import (expert_threshold,
+                                        expert_threshold_train)
+  logits = jax.random.normal(jax.random.PRNGKey(1), (8, 4))
+  bad_logits = logits.at[3, 2].set(bad)
+  for ec in (True, False):
+    out = expert_threshold_train(bad_logits, jnp.zeros(4), 1, expert_choice=ec)
+    gates = np.asarray(out.routing.gates)
+    assert np.all(np.isfinite(gates)) and np.all(gates[3] == 0)
+    assert np.all(np.isfinite(np.asarray(out.metrics["et_cutoff"])))
+    for v in list(out.aux.values()) + list(out.metrics.values()):
+      assert np.all(np.isfinite(np.asarray(v)))
+  out = expert_threshold(bad_logits, jnp.full(4, -10.0))
+  gates = np.asarray(out.routing.gates)
+  assert np.all(gates[3] == 0) and np.all(gates[np.arange(8) != 3] > 0)
+  grad = jax.grad(lambda l: expert_threshold(l, jnp.zeros(4)).routing.gates
+                  .sum())(bad_logits)
+  assert np.all(np.isfinite(np.asarray(grad)))
+
+
+def test_aux_losses_and_metrics_over_finite_tokens():
+  from moejax.routing import losses
+  from moejax.routing.topk import top_k
+  logits = jax.random.normal(jax.random.PRNGKey(2), (8, 4))
+  clean = top_k(logits[1:], 2)
+  out = top_k(logits.at[0, 1].set(NAN), 2)
+  for key in ("load_balance", "z_loss", "entropy"):
+    np.testing.assert_allclose(out.aux[key], clean.aux[key], rtol=1e-6)
+  for key in ("experts_per_token", "expert_load", "router_entropy",
+              "mean_logsumexp"):
+    np.testing.assert_allclose(out.metrics[key], clean.metrics[key], rtol=1e-6)
+  big = jnp.full((2, 4), 1e20)
+  assert np.isfinite(float(losses.z_loss(big)))
+  assert float(jax.grad(lambda l: losses.z_loss(l))(big)[0, 0]) > 0
+  np.testing.assert_allclose(float(losses.z_loss(logits)), float(jnp.mean(
+      jax.nn.logsumexp(logits, axis=-1) ** 2)), rtol=1e-7)

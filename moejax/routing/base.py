@@ -108,6 +108,18 @@ def check_logits(logits: jax.Array) -> jax.Array:
   return logits.astype(jnp.float32)
 
 
+def finite_tokens(logits: jax.Array) -> jax.Array:
+  """bool[...]: tokens whose logits `[..., E]` are usable for routing.
+
+  A token is finite when none of its logits is NaN or +inf and at least one is
+  finite (-inf marks a masked expert). Routers route a non-finite token nowhere
+  (gates 0), never let it take a slot from another token, and leave it out of
+  the batch statistics (aux losses, metrics, controller inputs).
+  """
+  ok = ~jnp.isnan(logits) & (logits < jnp.inf)
+  return jnp.all(ok, axis=-1) & jnp.any(jnp.isfinite(logits), axis=-1)
+
+
 def check_number(name: str, value, low: float, high: float | None = None,
                  low_open: bool = False) -> None:
   """Validates a real hyperparameter in [low, high] (or (low, ...] if low_open)."""

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 
 from moejax.routing import losses
 from moejax.routing.base import (Routing, RouterMethod, RouterOutput,
-                                 ceil_div, check_int, check_logits, register,
+                                 ceil_div, check_int, check_logits, finite_tokens,
+                                 register,
                                  scatter_rows)
 
 _TINY = float(jnp.finfo(jnp.float32).tiny)
@@ -51,14 +52,18 @@ def expert_choice(logits: jax.Array, capacity: int) -> RouterOutput:
     capacity: static integer C >= 1 (C = ceil(ratio * S)); above S means all.
   Returns:
     RouterOutput with gate = the softmax probability at chosen (token, expert)
-    pairs and priority = that probability.
+    pairs and priority = that probability. A token with a NaN or +inf logit
+    (see `finite_tokens`) is routed nowhere and ranks below every other token,
+    so it never takes a slot; its priority is -1 and no gradient reaches it.
   """
   logits = check_logits(logits)
   capacity = check_int("capacity", capacity, 1)
-  probs = jax.nn.softmax(logits, axis=-1)
-  chosen = select_top_tokens(probs, capacity)
+  finite = finite_tokens(logits)[:, None]
+  probs = jax.nn.softmax(jnp.where(finite, logits, 0.0), axis=-1)
+  chosen = select_top_tokens(jnp.where(finite, probs, -1.0), capacity) & finite
+  probs = jnp.where(finite, probs, jnp.nan)  # left out of aux and metrics
   gates = jnp.where(chosen, jnp.maximum(probs, _TINY), 0.0)
-  routing = Routing(gates=gates, priority=probs)
+  routing = Routing(gates=gates, priority=jnp.where(finite, probs, -1.0))
   return losses.standard_output(logits, probs, routing)
 
 

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from moejax.routing import losses
 from moejax.routing.base import (Routing, RouterMethod, RouterOutput, capacity,
                                  check_int, check_logits, check_number,
-                                 register)
+                                 finite_tokens, register)
 
 _TINY = float(jnp.finfo(jnp.float32).tiny)
 
@@ -148,16 +148,19 @@ def expert_threshold(logits: jax.Array, thresholds: jax.Array) -> RouterOutput:
   Returns:
     RouterOutput: gate = sigmoid(logit) where `logits[s, e] > thresholds[e]`,
     else 0; priority = sigmoid(logit). Each token's routing depends on that
-    token alone. aux holds `z_loss` (unweighted; ET's default weight is 0).
+    token alone; a token with a NaN or +inf logit (`finite_tokens`) is routed
+    nowhere. aux holds `z_loss` (unweighted; ET's default weight is 0).
   """
   logits = check_logits(logits)
+  finite = finite_tokens(logits)[:, None]
+  clean = jnp.where(finite, logits, -jnp.inf)
   thresholds = jnp.asarray(thresholds, jnp.float32)
   if thresholds.shape != logits.shape[-1:]:
     raise ValueError(f"thresholds must have shape [E]={logits.shape[-1:]}, got "
                      f"{thresholds.shape}")
-  chosen = logits > thresholds[None, :]
-  routing = Routing(gates=_sigmoid_gates(logits, chosen),
-                    priority=jax.nn.sigmoid(logits))
+  chosen = clean > thresholds[None, :]
+  routing = Routing(gates=_sigmoid_gates(clean, chosen),
+                    priority=jax.nn.sigmoid(clean))
   return RouterOutput(routing=routing, aux={"z_loss": losses.z_loss(logits)},
                       metrics=losses.routing_metrics(routing, None, logits))
 
@@ -182,7 +185,10 @@ def expert_threshold_train(logits: jax.Array, thresholds: jax.Array,
     expert_choice: bool or bool[] (traced ok): route by expert choice.
   Returns:
     RouterOutput over the pool; metrics add `et_cutoff` float32[E] (the k-th
-    largest logit per expert, for the threshold EMA), `et_pass_fraction`
+    largest logit per expert, for the threshold EMA; tokens with a NaN or +inf
+    logit are routed nowhere and count as -inf, so they never take a token's
+    place and the cutoff is -inf, ignored by the EMA, when fewer than k tokens
+    are finite), `et_pass_fraction`
     (passing assignments / (E k)), `et_bound_low` / `et_bound_high` (fraction of
     experts whose lower / upper bound binds) and `et_expert_choice`.
   """
@@ -190,22 +196,24 @@ def expert_threshold_train(logits: jax.Array, thresholds: jax.Array,
   num_tokens, num_experts = logits.shape
   k = check_int("tokens_per_expert", tokens_per_expert, 1, num_tokens)
   low, high = load_bounds(k, capacity_bound)
+  finite = finite_tokens(logits)[:, None]
+  raw, logits = logits, jnp.where(finite, logits, -jnp.inf)
   thresholds = jnp.asarray(thresholds, jnp.float32)
   n_pass = jnp.sum(logits > thresholds[None, :], axis=0)  # [E]
   bounded = jnp.clip(n_pass, low, high)
   expert_choice = jnp.asarray(expert_choice, bool)
   m = jnp.where(expert_choice, k, bounded)
-  chosen = top_per_expert(logits, m)
+  chosen = top_per_expert(logits, m) & finite
   routing = Routing(gates=_sigmoid_gates(logits, chosen),
                     priority=jax.nn.sigmoid(logits))
-  metrics = losses.routing_metrics(routing, None, logits)
+  metrics = losses.routing_metrics(routing, None, raw)
   metrics.update(
       et_cutoff=expert_cutoffs(logits, k),
       et_pass_fraction=jnp.sum(n_pass) / float(num_experts * k),
       et_bound_low=jnp.mean(n_pass < low).astype(jnp.float32),
       et_bound_high=jnp.mean(n_pass > high).astype(jnp.float32),
       et_expert_choice=expert_choice.astype(jnp.float32))
-  return RouterOutput(routing=routing, aux={"z_loss": losses.z_loss(logits)},
+  return RouterOutput(routing=routing, aux={"z_loss": losses.z_loss(raw)},
                       metrics=metrics)
 
 
