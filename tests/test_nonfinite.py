@@ -111,3 +111,37 @@ def test_aux_losses_and_metrics_over_finite_tokens():
   assert float(jax.grad(lambda l: losses.z_loss(l))(big)[0, 0]) > 0
   np.testing.assert_allclose(float(losses.z_loss(logits)), float(jnp.mean(
       jax.nn.logsumexp(logits, axis=-1) ** 2)), rtol=1e-7)
+
+
+def test_loss_free_sigmoid_gates_normalised_for_very_negative_logits():
+  from moejax.routing.lossfree import biased_top_k
+  logits = jnp.array([[-80.0, -90.0, -100.0], [1.0, -2.0, 0.5]])
+  out = biased_top_k(logits, 2, score_fn="sigmoid")
+  np.testing.assert_allclose(np.asarray(out.routing.gates).sum(-1), 1.0,
+                             rtol=1e-6)
+  np.testing.assert_allclose(out.routing.gates[0, :2],
+                             jax.nn.softmax(jnp.array([-80.0, -90.0])),
+                             rtol=1e-5)
+  s = jax.nn.sigmoid(logits[1])
+  np.testing.assert_allclose(np.asarray(out.routing.gates)[1, [0, 2]],
+                             np.asarray(s)[[0, 2]] / float(s[0] + s[2]), rtol=1e-6)
+  grad = jax.grad(lambda l: jnp.sum(biased_top_k(
+      l, 2, score_fn="sigmoid").routing.gates * jnp.arange(3.0)))(logits)
+  assert np.all(np.isfinite(np.asarray(grad)))
+
+
+def test_dtop_p_masked_expert_and_outlier():
+  from moejax.routing.dtopp import dtop_p, standardize
+  logits = jnp.array([[1.0, 0.5, -0.3, 2.0]])
+  out = dtop_p(logits.at[0, 2].set(-INF), 0.9)
+  gates = np.asarray(out.routing.gates)
+  assert np.all(np.isfinite(gates)) and gates[0, 2] == 0
+  np.testing.assert_allclose(gates.sum(), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(
+      np.asarray(standardize(logits.at[0, 2].set(-INF)))[0, [0, 1, 3]],
+      standardize(logits[:, jnp.array([0, 1, 3])])[0], rtol=1e-6)
+  z = np.asarray(standardize(logits.at[0, 2].set(-1e30)))[0]
+  assert z[3] > z[0] > z[1] > z[2]  # ranking of the others kept
+  np.testing.assert_array_equal(  # ordinary logits: unchanged
+      standardize(logits), (logits - logits.mean()) * jax.lax.rsqrt(
+          logits.var() + 1e-6))

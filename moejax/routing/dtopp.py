@@ -37,19 +37,28 @@ SCOPES = ("global", "layer")
 # all of a token's logits are equal (std = 0) and is well below the 1e-4 the
 # method allows.
 STD_EPS = 1e-6
+# Finite logits are clipped to +-LOGIT_CLIP before standardisation: one outlier
+# (say -1e30) would otherwise dominate the mean and std and erase the ranking of
+# the other experts. Ordinary logits are far inside and unchanged.
+LOGIT_CLIP = 1e4
 
 
 def standardize(logits: jax.Array, eps: float = STD_EPS) -> jax.Array:
   """float32[S, E] -> float32[S, E]: (r - mean_E r) / sqrt(var_E r + eps).
 
   Population variance (ddof = 0); invariant to adding a per-token constant and,
-  up to eps, to multiplying by a positive one.
+  up to eps, to multiplying by a positive one. The mean and variance are over
+  the finite logits, clipped to +-`LOGIT_CLIP`; a -inf logit (masked expert)
+  stays -inf. NaN / +inf rows give NaN (a non-finite token).
   """
   logits = logits.astype(jnp.float32)
-  mean = logits.mean(axis=-1, keepdims=True)
-  centred = logits - mean
-  var = jnp.mean(centred * centred, axis=-1, keepdims=True)
-  return centred * jax.lax.rsqrt(var + eps)
+  masked = logits == -jnp.inf
+  clipped = jnp.clip(jnp.where(masked, 0.0, logits), -LOGIT_CLIP, LOGIT_CLIP)
+  count = jnp.maximum(jnp.sum(~masked, axis=-1, keepdims=True), 1)
+  mean = jnp.where(masked, 0.0, clipped).sum(axis=-1, keepdims=True) / count
+  centred = jnp.where(masked, 0.0, clipped - mean)
+  var = jnp.sum(centred * centred, axis=-1, keepdims=True) / count
+  return jnp.where(masked, -jnp.inf, centred * jax.lax.rsqrt(var + eps))
 
 
 def dtop_p(logits: jax.Array, p, *, scale=1.0,

@@ -50,6 +50,11 @@ def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
   return total / jnp.maximum(jnp.sum(mask, axis=0), 1).astype(jnp.float32)
 
 
+def finite_mean(x: jax.Array) -> jax.Array:
+  """Mean of float32[S] over its finite entries (0 if none)."""
+  return _masked_mean(x, jnp.isfinite(x))
+
+
 def z_loss(logits: jax.Array) -> jax.Array:
   """ST-MoE router z-loss: mean over finite tokens of z(logsumexp(logits)).
 

@@ -62,13 +62,18 @@ def biased_top_k(logits: jax.Array, k: int, bias: jax.Array | None = None, *,
   _, index = jax.lax.top_k(biased, k)  # [S, K]
   chosen = jnp.take_along_axis(scores, index, axis=-1)
   weights = chosen
-  if normalize:
+  if normalize and score_fn == "sigmoid":
+    # In log space: sigmoid scores of very negative logits underflow (all
+    # chosen logits below about -69 would sum to ~1e-38), their log does not.
+    weights = jax.nn.softmax(jax.nn.log_sigmoid(
+        jnp.take_along_axis(logits, index, axis=-1)), axis=-1)
+  elif normalize:
     weights = chosen / jnp.maximum(jnp.sum(chosen, axis=-1, keepdims=True),
                                    1e-30)
   gates = scatter_choices(weights, index, num_experts)
   routing = Routing(gates=gates, priority=choice_priority(index, num_experts))
-  probs = scores if score_fn == "softmax" else scores / jnp.sum(
-      scores, axis=-1, keepdims=True)
+  probs = scores if score_fn == "softmax" else jax.nn.softmax(
+      jax.nn.log_sigmoid(logits), axis=-1)
   return losses.standard_output(logits, probs, routing)
 
 

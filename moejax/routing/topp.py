@@ -95,7 +95,7 @@ def select_top_p(logits: jax.Array, probs: jax.Array, p, max_k: int,
   routing = Routing(gates=gates, priority=priority)
   metrics = losses.routing_metrics(routing, probs, logits)
   metrics["top_p_capped"] = capped.mean().astype(jnp.float32)
-  metrics["selected_mass"] = mass.mean()
+  metrics["selected_mass"] = losses.finite_mean(mass[:, 0])
   return RouterOutput(routing=routing,
                       aux=losses.standard_aux(logits, probs, routing),
                       metrics=metrics)
