@@ -145,3 +145,40 @@ def test_dtop_p_masked_expert_and_outlier():
   np.testing.assert_array_equal(  # ordinary logits: unchanged
       standardize(logits), (logits - logits.mean()) * jax.lax.rsqrt(
           logits.var() + 1e-6))
+
+
+# Expert Threshold: causal at evaluation whatever the evaluation capacity.
+
+def test_expert_threshold_eval_never_drops_by_later_tokens():
+  import flax.linen as nn
+  from moejax.nn import MoE, MoEConfig
+  from moejax.routing import ExpertThreshold
+  from moejax.train.step import router_outputs
+  cfg = MoEConfig(num_experts=4, expert_width=8, eval_capacity_factor=1.0,
+                  router=ExpertThreshold(k=1, et_warmup_steps=0), num_shared=0)
+  layer = MoE(cfg, d_model=8)
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 16, 8))
+  variables = layer.init({"params": jax.random.PRNGKey(1)}, x, train=False)
+  state = {"state": {"ema": jnp.full((4,), -10.0),
+                     "count": jnp.asarray(5, jnp.int32)}}
+  apply = jax.jit(lambda x: layer.apply(
+      {"params": nn.meta.unbox(variables["params"]), "router_state": state},
+      x, train=False, mutable=["router"]))
+  y, coll = apply(x)
+  (metrics,) = [v["metrics"] for v in router_outputs(coll["router"]).values()]
+  assert float(metrics["drop_fraction"]) == 0.0  # every token at every expert
+  assert float(metrics["nonfinite_tokens"]) == 0.0
+  t = 5
+  x2 = x.at[:, t + 1:].set(10 * jax.random.normal(jax.random.PRNGKey(2),
+                                                  (1, 16 - t - 1, 8)))
+  y2, _ = apply(x2)
+  np.testing.assert_array_equal(np.asarray(y2[:, :t + 1]),
+                                np.asarray(y[:, :t + 1]))
+  y3, coll3 = apply(x.at[0, t + 2, 0].set(NAN))
+  mask = np.arange(16) != t + 2
+  np.testing.assert_allclose(np.asarray(y3[0, mask]), np.asarray(y[0, mask]),
+                             rtol=1e-6, atol=1e-6)
+  (m3,) = [v["metrics"] for v in router_outputs(coll3["router"]).values()]
+  assert float(m3["nonfinite_tokens"]) == 1.0
+  for v in jax.tree.leaves(m3):
+    assert np.all(np.isfinite(np.asarray(v)))

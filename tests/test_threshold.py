@@ -228,9 +228,12 @@ def tiny_lm(router, num_shared=1, eval_capacity_factor=4.0):
                   moe=moe)
 
 
-def test_model_evaluation_is_causal():
-  """Outputs and fanout at position t ignore later tokens and other rows."""
-  cfg = tiny_lm(ExpertThreshold(k=2, et_warmup_steps=0))
+@pytest.mark.parametrize("eval_capacity_factor", [4.0, 0.25])
+def test_model_evaluation_is_causal(eval_capacity_factor):
+  """Outputs and fanout at position t ignore later tokens and other rows,
+  whatever the evaluation capacity factor (ET evaluates with a slot per token)."""
+  cfg = tiny_lm(ExpertThreshold(k=2, et_warmup_steps=0),
+                eval_capacity_factor=eval_capacity_factor)
   model = TransformerLM(cfg)
   rng = np.random.default_rng(6)
   tokens = rng.integers(0, 256, size=(3, 16)).astype(np.int32)

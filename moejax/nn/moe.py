@@ -31,7 +31,7 @@ from moejax.experts import ACTIVATIONS, DenseFFN, Experts
 from moejax.routing import RouterMethod, TopK
 from moejax.nn import expert_parallel
 from moejax.routing import losses
-from moejax.routing.base import Routing
+from moejax.routing.base import Routing, finite_tokens
 
 AUX_KEYS = ("load_balance", "z_loss", "entropy")
 
@@ -47,7 +47,8 @@ class MoEConfig:
     num_shared: always-on shared experts (DeepSeekMoE), each of `shared_width`.
     shared_width: width of each shared expert (default `expert_width`).
     capacity_factor: training capacity factor (C formula in `routing.capacity`).
-    eval_capacity_factor: capacity factor in evaluation and sampling.
+    eval_capacity_factor: capacity factor in evaluation and sampling (methods
+      with `causal_eval`, e.g. Expert Threshold, get a slot for every token).
     strategy: dispatch strategy (`moejax.dispatch.STRATEGIES`): "auto"
       (default; the backend's fastest capacity strategy, "gather" on CPU, GPU
       and TPU: `moejax.backend.choose_strategy`), "gather" (the capacity
@@ -214,6 +215,9 @@ class MoE(nn.Module):
 
     factor = cfg.capacity_factor if train else cfg.eval_capacity_factor
     cap = method.capacity(num_tokens, cfg.router_experts, factor)
+    if not train and method.causal_eval:
+      # Causal inference: no drops by group-wide priority, a slot per token.
+      cap = max(cap, num_tokens)
     max_fanout = min(method.max_fanout(cfg.router_experts), cfg.num_experts)
     weights = Experts(cfg.num_experts, width, cfg.expert_width, cfg.activation,
                       self.dtype, self.param_dtype, name="experts")()
@@ -242,6 +246,10 @@ class MoE(nn.Module):
       kept = jnp.concatenate([kept, noop], axis=-1)
     metrics = layer_metrics(out.routing.gates, kept, out.metrics)
     metrics["capacity"] = jnp.asarray(cap, jnp.float32)
+    # Tokens with a NaN / +inf router logit: routed nowhere by the routers that
+    # check (`routing.finite_tokens`), left out of aux losses and metrics.
+    metrics["nonfinite_tokens"] = jnp.sum(
+        ~finite_tokens(logits)).astype(jnp.float32)
     if cfg.num_noop_experts:
       routed = out.routing.routed
       metrics["noop_fraction"] = (noop.sum() / jnp.maximum(routed.sum(), 1)

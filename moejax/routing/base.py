@@ -235,6 +235,10 @@ class RouterMethod:
       that token's logits (and the frozen controller state) alone, so cached
       decoding reproduces the full forward pass. False for expert choice and
       any method whose evaluation routing uses statistics of the group.
+    causal_eval: the method promises causal inference (a token's evaluation
+      output never depends on later tokens), so the layer gives evaluation
+      capacity for every token of the group (no drops by group-wide priority).
+      Needs `token_local`. True for Expert Threshold.
     uses_rng: training routing draws from the layer's "router" rng.
     default_num_shared: always-on shared experts the method comes with (the
       CLI's default for `num_shared`).
@@ -246,6 +250,7 @@ class RouterMethod:
   """
   name: ClassVar[str] = ""
   token_local: ClassVar[bool] = True
+  causal_eval: ClassVar[bool] = False
   uses_rng: ClassVar[bool] = False
   default_num_shared: ClassVar[int] = 0
   # Default aux-loss weights (load_balance, z_loss, entropy) of the method.

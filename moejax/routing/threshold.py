@@ -288,6 +288,7 @@ class ExpertThreshold(RouterMethod):
   name: ClassVar[str] = "expert_threshold"
   aux_weights: ClassVar = {"load_balance": 0.0, "z_loss": 0.0, "entropy": 0.0}
   default_num_shared: ClassVar[int] = 1
+  causal_eval: ClassVar[bool] = True
 
   et_warmup_steps: int = 100
   et_beta: float = 0.999
