@@ -182,3 +182,78 @@ def test_expert_threshold_eval_never_drops_by_later_tokens():
   assert float(m3["nonfinite_tokens"]) == 1.0
   for v in jax.tree.leaves(m3):
     assert np.all(np.isfinite(np.asarray(v)))
+
+
+# Dispatch: every strategy keeps a bad value to its own token.
+
+STRATEGIES = ("einsum", "index", "gather", "sorted", "ragged")
+
+
+def _dispatch_case(s=12, e=4, d=6, f=5):
+  from moejax.routing.topk import top_k
+  keys = jax.random.split(jax.random.PRNGKey(3), 5)
+  x = jax.random.normal(keys[0], (s, d))
+  routing = top_k(jax.random.normal(keys[1], (s, e)), 2).routing
+  weights = {"w_in": jax.random.normal(keys[2], (e, d, f)) * 0.3,
+             "w_gate": jax.random.normal(keys[3], (e, d, f)) * 0.3,
+             "w_out": jax.random.normal(keys[4], (e, f, d)) * 0.3}
+  return x, routing, weights
+
+
+def _run(strategy, x, gates, priority, weights, capacity):
+  from moejax import dispatch, experts
+  from moejax.routing import Routing
+  plan = dispatch.plan(Routing(gates=gates, priority=priority), capacity,
+                       strategy=strategy)
+  return experts.ffn(plan, x, weights), plan.kept
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("where", ["x", "gate", "priority"])
+def test_dispatch_bad_value_stays_in_its_token(strategy, where):
+  x, routing, weights = _dispatch_case()
+  bad = 3
+  others = np.arange(x.shape[0]) != bad
+  gates, priority = routing.gates, routing.priority
+  expert = int(np.argmax(np.asarray(gates[bad])))
+  if where == "x":
+    x_bad, g_bad, p_bad = x.at[bad, 1].set(NAN), gates, priority
+  elif where == "gate":
+    x_bad, g_bad, p_bad = x, gates.at[bad, expert].set(NAN), priority
+  else:
+    x_bad, g_bad, p_bad = x, gates, priority.at[bad].set(NAN)
+
+  def loss(x, g, p):
+    y, _ = _run(strategy, x, g, p, weights, 12)
+    return jnp.sum(jnp.where(others[:, None], y, 0.0) ** 2), y
+
+  (_, y0), dx0 = jax.value_and_grad(loss, has_aux=True)(x, gates, priority)
+  (_, y1), dx1 = jax.value_and_grad(loss, has_aux=True)(x_bad, g_bad, p_bad)
+  np.testing.assert_allclose(np.asarray(y1)[others], np.asarray(y0)[others],
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(dx1)[others], np.asarray(dx0)[others],
+                             rtol=1e-5, atol=1e-6)
+  if where == "gate":  # a NaN gate is not routed: the token keeps the other
+    _, kept = _run(strategy, x, g_bad, p_bad, weights, 12)
+    assert not bool(kept[bad, expert]) and int(kept[bad].sum()) == 1
+
+
+def test_dispatch_strategies_agree_on_kept_with_bad_priority():
+  x, routing, weights = _dispatch_case()
+  gates = routing.gates
+  priority = routing.priority.at[0].set(NAN).at[1].set(INF)
+  priority = priority.at[2].set(-NAN)
+  kept = {}
+  for strategy in ("einsum", "index", "gather"):
+    _, kept[strategy] = _run(strategy, x, gates, priority, weights, 4)
+  for strategy in ("index", "gather"):
+    np.testing.assert_array_equal(np.asarray(kept[strategy]),
+                                  np.asarray(kept["einsum"]))
+  routed = np.asarray(gates != 0).sum(0)
+  np.testing.assert_array_equal(np.asarray(kept["gather"]).sum(0),
+                                np.minimum(routed, 4))
+  bad_gates = gates.at[5].set(NAN)
+  masks = [np.asarray(_run(s, x, bad_gates, priority, weights, 12)[1])
+           for s in STRATEGIES]
+  for m in masks[1:]:
+    np.testing.assert_array_equal(m, masks[0])

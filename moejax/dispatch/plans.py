@@ -59,6 +59,7 @@ import math
 from typing import Union
 
 import jax
+import jax.numpy as jnp
 
 from moejax.backend import resolve_strategy
 from moejax.dispatch.dropless import (BlockPlan, DroplessPlan, block_plan,
@@ -120,6 +121,7 @@ def plan(routing: Routing, capacity: int, *, strategy: str = "index",
     raise ValueError(f"num_groups={num_groups} must divide the tokens "
                      f"S={routing.gates.shape[0]}")
   strategy = resolve_strategy(strategy)
+  routing = finite_routing(routing)
   if num_groups > 1 and strategy in ("einsum", "index"):
     raise ValueError(f"num_groups={num_groups} is not supported by "
                      f"strategy={strategy!r}; allowed: 1 (vmap over groups)")
@@ -131,6 +133,21 @@ def plan(routing: Routing, capacity: int, *, strategy: str = "index",
   if strategy == "gather":
     return gather_plan(routing, capacity, max_fanout, block_size, num_groups)
   return slot_plan(routing, capacity, strategy)
+
+
+def finite_routing(routing: Routing) -> Routing:
+  """The `Routing` every strategy plans: non-finite values made harmless.
+
+  An assignment whose gate is NaN or +-inf is not routed (gate 0), and a
+  non-finite priority ranks as the most extreme finite value of its sign (NaN
+  lowest), so every strategy keeps the same assignments and no slot goes to
+  a NaN. Finite routings pass unchanged (elementwise, fused into the plan).
+  """
+  big = float(jnp.finfo(jnp.float32).max)
+  priority = routing.priority.astype(jnp.float32)
+  return Routing(
+      gates=jnp.where(jnp.isfinite(routing.gates), routing.gates, 0.0),
+      priority=jnp.nan_to_num(priority, nan=-big, posinf=big, neginf=-big))
 
 
 def drop_fraction(routing: Routing, kept: jax.Array) -> jax.Array:

@@ -85,8 +85,14 @@ class SlotPlan:
   def dispatch(self, x: jax.Array) -> jax.Array:
     """x float[S, D] -> float[E, C, D]; empty slots are zeros."""
     if self.strategy == "einsum":
+      # 0 * NaN = NaN: contract finite rows only, then mark the slots of
+      # non-finite tokens NaN (a bad token stays in its own slots).
       mask = self._one_hot().astype(x.dtype)
-      return jnp.einsum("sec,sd->ecd", mask, x, precision=_HIGHEST)
+      finite = jnp.all(jnp.isfinite(x), axis=-1)
+      h = jnp.einsum("sec,sd->ecd", mask, jnp.where(finite[:, None], x, 0),
+                     precision=_HIGHEST)
+      bad = jnp.einsum("sec,s->ec", mask, (~finite).astype(x.dtype)) > 0
+      return jnp.where(bad[..., None], jnp.nan, h).astype(x.dtype)
     h = jnp.take(x, self.token_index, axis=0)
     return jnp.where(self.slot_valid[..., None], h, jnp.zeros((), x.dtype))
 
@@ -97,9 +103,13 @@ class SlotPlan:
   def combine(self, y: jax.Array) -> jax.Array:
     """y float[E, C, D] -> float[S, D]: sum over kept (s, e) of gate * y[e, slot]."""
     if self.strategy == "einsum":
-      weights = self._one_hot() * self.gates[..., None]
-      return jnp.einsum("sec,ecd->sd", weights.astype(y.dtype), y,
-                        precision=_HIGHEST)
+      one_hot = self._one_hot()
+      weights = one_hot * self.gates[..., None]
+      finite = jnp.all(jnp.isfinite(y), axis=-1)  # [E, C]
+      out = jnp.einsum("sec,ecd->sd", weights.astype(y.dtype),
+                       jnp.where(finite[..., None], y, 0), precision=_HIGHEST)
+      bad = jnp.einsum("sec,ec->s", one_hot, (~finite).astype(jnp.float32)) > 0
+      return jnp.where(bad[:, None], jnp.nan, out).astype(y.dtype)
     num_tokens, width = self.gates.shape[0], y.shape[-1]
     weighted = y * self.slot_gate[..., None].astype(y.dtype)
     out = jnp.zeros((num_tokens, width), y.dtype)
