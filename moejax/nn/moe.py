@@ -158,7 +158,7 @@ def layer_metrics(gates: jax.Array, kept: jax.Array,
   flat = Routing(gates=gates.reshape(-1, num_experts),
                  priority=jnp.zeros_like(gates.reshape(-1, num_experts)))
   metrics.update(losses.routing_metrics(flat))
-  routed = flat.routed
+  routed = flat.routed & jnp.isfinite(flat.gates)  # dispatch skips NaN gates
   kept = kept.reshape(routed.shape)
   metrics["drop_fraction"] = (routed & ~kept).sum() / jnp.maximum(routed.sum(), 1)
   # Variable fanout: drops among the tokens routed to more experts than the mean
