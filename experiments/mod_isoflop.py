@@ -37,15 +37,12 @@ import dataclasses
 import glob
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags, logging
 
-from absl import app, flags, logging  # noqa: E402
-
-from moejax.cli import lm_flags  # noqa: E402
-from moejax.experiment.stats import mean_std  # noqa: E402
+from moejax.cli import lm_flags
+from moejax.experiment.stats import mean_std
 
 lm_flags.define_flags()
 flags.DEFINE_string("arms", "dense_tokens,dense_small", "Comma-separated arms.")
