@@ -11,7 +11,7 @@ from moejax.routing import TopK
 from moejax.models import LMConfig
 from moejax.nn import MoEConfig
 from moejax.train import OptimConfig, TrainConfig, train
-from moejax.train.metrics import read_jsonl
+from moejax.train.metrics import read_jsonl, routing_series
 
 
 def tiny_config(**kw) -> TrainConfig:
@@ -65,6 +65,33 @@ def test_train_outputs_and_learning(tmp_path):
   steps = sorted(int(d) for d in os.listdir(out["checkpoints"]) if d.isdigit())
   assert steps == [20, 30]  # keep-last-2
   assert isinstance(out["sample"], str) and len(out["sample"]) > 4
+  # Sampled (not greedy) by default, and the output says from what model.
+  assert cfg.temperature > 0
+  assert "temperature 0.8" in out["sample_note"]
+  assert "M-parameter" in out["sample_note"] and "after 30 steps" in out[
+      "sample_note"]
+  # run.png's routing panels show what varies for a fixed-k router.
+  series = routing_series(records)
+  assert {"mean fanout", "kept per token", "drop fraction",
+          "MaxVio"} <= set(series)
+
+
+def test_routing_series_shows_what_varies():
+  # Fixed top-2: the mean fanout is flat; drops, kept experts and MaxVio vary.
+  records = [{"step": i, "loss": 1.0, "experts_per_token": 2.0,
+              "kept_per_token": 2.0 - 0.1 * i, "drop_fraction": 0.05 * i,
+              "max_vio": 1.0 / (i + 1), "layer_fanout": [2.0, 2.0]}
+             for i in range(4)] + [{"step": 4, "eval_loss": 1.0}]
+  series = routing_series(records)
+  assert set(series) == {"mean fanout", "kept per token", "drop fraction",
+                         "MaxVio"}  # flat per-layer fanout is left out
+  steps, drops = series["drop fraction"]
+  assert steps == [0, 1, 2, 3]
+  np.testing.assert_allclose(drops, [0.0, 0.05, 0.1, 0.15])
+  for r in records[:4]:
+    r["layer_fanout"] = [1.0 + r["step"], 3.0 - r["step"]]  # variable fanout
+  series = routing_series(records)
+  assert series["layer 1 fanout"][1] == [3.0, 2.0, 1.0, 0.0]
 
 
 def test_eight_devices_match_one(tmp_path):

@@ -50,7 +50,8 @@ class TrainConfig:
     num_devices: use the first n devices (None = all).
     sample_tokens: tokens sampled after training (>= 0; 0 = none).
     sample_prompt: the sample's prompt.
-    temperature: sampling temperature (0 = greedy).
+    temperature: sampling temperature (0 = greedy; the default 0.8 samples,
+      since greedy decoding of a small byte model loops on one phrase).
     progress: show a progress bar.
   """
   model: LMConfig = dataclasses.field(default_factory=LMConfig)
@@ -71,7 +72,7 @@ class TrainConfig:
   num_devices: int | None = None
   sample_tokens: int = 160
   sample_prompt: str = "def "
-  temperature: float = 0.0
+  temperature: float = 0.8
   progress: bool = True
 
   def __post_init__(self):
@@ -129,7 +130,8 @@ class LMTask(Task):
 
   def outputs(self, model: nn.Module, state: TrainState, workdir: str
               ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """`sample`: the prompt and `sample_tokens` sampled bytes (UTF-8)."""
+    """`sample`: the prompt and `sample_tokens` sampled bytes (UTF-8), and
+    `sample_note`: how it was sampled and from what model size."""
     del workdir
     cfg = self.config
     if not cfg.sample_tokens:
@@ -139,8 +141,16 @@ class LMTask(Task):
     out = sample(model, state.params, state.router_state, prompt[None],
                  cfg.sample_tokens, temperature=cfg.temperature,
                  rng=jax.random.PRNGKey(cfg.seed))
-    return {}, {"sample": cfg.sample_prompt + bytes(
-        out[0].astype(np.uint8).tolist()).decode("utf-8", errors="replace")}
+    num_params = sum(int(np.prod(x.shape))
+                     for x in jax.tree_util.tree_leaves(state.params))
+    how = (f"temperature {cfg.temperature:g}" if cfg.temperature > 0
+           else "greedy")
+    return {}, {
+        "sample": cfg.sample_prompt + bytes(
+            out[0].astype(np.uint8).tolist()).decode("utf-8", errors="replace"),
+        "sample_note": (f"{cfg.sample_tokens} bytes, {how}, from a "
+                        f"{num_params / 1e6:.2f}M-parameter byte-level model "
+                        f"after {int(state.step)} steps")}
 
   def plot(self, records, path: str, target_fanout: float | None) -> str:
     return metrics_lib.plot_run(records, path, target_fanout)

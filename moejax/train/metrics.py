@@ -58,33 +58,74 @@ def plot_loss(ax, records: list[dict[str, Any]], ylabel: str) -> None:
   ax.legend()
 
 
+def routing_series(records: list[dict[str, Any]]
+                   ) -> dict[str, tuple[list[int], list[float]]]:
+  """The routing quantities of the training records, by panel label.
+
+  Returns {name: (steps, values)} for: `mean fanout` and `kept per token`
+  (experts that ran per token: below the fanout when capacity drops
+  assignments), `layer L fanout` (when the per-layer fanout varies), and
+  `drop fraction` and `MaxVio` (load imbalance). A fixed-k router's mean
+  fanout is a flat line; the others show what its routing does.
+  """
+  train = [r for r in records if "loss" in r and "experts_per_token" in r]
+  steps = [r["step"] for r in train]
+  out = {}
+  for key, name in (("experts_per_token", "mean fanout"),
+                    ("kept_per_token", "kept per token"),
+                    ("drop_fraction", "drop fraction"),
+                    ("max_vio", "MaxVio")):
+    if train and all(key in r for r in train):
+      out[name] = (steps, [float(r[key]) for r in train])
+  layers = [r.get("layer_fanout") for r in train]
+  if train and all(isinstance(l, list) for l in layers):
+    per_layer = list(zip(*layers))
+    if any(max(v) - min(v) > 1e-6 for v in per_layer):
+      for i, values in enumerate(per_layer):
+        out[f"layer {i} fanout"] = (steps, [float(v) for v in values])
+  return out
+
+
 def plot_fanout(ax, records: list[dict[str, Any]],
                 target_fanout: float | None = None) -> None:
-  """Mean experts per token over steps, with the target as a dashed line."""
-  fan = [r for r in records if "loss" in r and "experts_per_token" in r]
-  ax.plot([r["step"] for r in fan], [r["experts_per_token"] for r in fan],
-          label="mean fanout")
+  """Experts per token over steps (mean, kept, per layer), with the target."""
+  for name, (steps, values) in routing_series(records).items():
+    if "fanout" in name or name == "kept per token":
+      ax.plot(steps, values, label=name,
+              lw=0.8 if name.startswith("layer") else 1.5)
   if target_fanout is not None:
     ax.axhline(target_fanout, color="k", ls="--", lw=1, label="target")
   ax.set_xlabel("step")
   ax.set_ylabel("experts per token")
-  ax.legend()
+  ax.legend(fontsize=7)
+
+
+def plot_balance(ax, records: list[dict[str, Any]]) -> None:
+  """Drop fraction and MaxVio (load imbalance) over steps."""
+  series = routing_series(records)
+  for name in ("drop fraction", "MaxVio"):
+    if name in series:
+      ax.plot(*series[name], label=name)
+  ax.set_xlabel("step")
+  ax.legend(fontsize=7)
 
 
 def plot_run(records: Iterable[dict[str, Any]], path: str,
              target_fanout: float | None = None) -> str:
-  """Writes a PNG with training/eval loss and mean fanout over steps."""
+  """Writes a PNG: training/eval loss; experts per token (mean, kept, per
+  layer); drop fraction and MaxVio, over steps."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   records = list(records)
   has_fanout = any("loss" in r and "experts_per_token" in r for r in records)
-  fig, axes = plt.subplots(1, 2 if has_fanout else 1,
-                           figsize=(10 if has_fanout else 5, 3.5), squeeze=False)
+  fig, axes = plt.subplots(1, 3 if has_fanout else 1,
+                           figsize=(15 if has_fanout else 5, 3.5), squeeze=False)
   plot_loss(axes[0, 0], records, "loss (nats/byte)")
   if has_fanout:
     plot_fanout(axes[0, 1], records, target_fanout)
+    plot_balance(axes[0, 2], records)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
