@@ -253,7 +253,7 @@ def run(flag_values) -> int:
   if summary.get("resumed_from") is not None:
     lines.append(f"resumed from step {summary['resumed_from']}")
   if "sample" in summary:
-    lines.append(f"sample ({summary['sample_note']}):\n" + summary["sample"])
+    lines.append(f"sample: {summary['sample_note']}\n" + summary["sample"])
   lines += [f"metrics:     {summary['metrics']}",
             f"plot:        {summary['plot']}",
             f"checkpoints: {summary['checkpoints']}  (workdir {workdir})"]
