@@ -31,10 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax.checks import check_choice, check_positive_ints
-from moejax.experts import ACTIVATIONS, DenseFFN
+from moejax.experts import ACTIVATIONS
 from moejax.nn.attention import Attention
-from moejax.nn.blocks import DTYPES, StackConfig
-from moejax.nn.moe import MoE, MoEConfig
+from moejax.nn.blocks import DTYPES, BlockBase, StackConfig
 
 @dataclasses.dataclass(frozen=True)
 class DiTConfig(StackConfig):
@@ -151,14 +150,8 @@ def _norm(dtype, name):
                       dtype=dtype, name=name)
 
 
-class DiTBlock(nn.Module):
+class DiTBlock(BlockBase):
   """adaLN-Zero block: x float[B, L, D], c float[B, D] -> float[B, L, D]."""
-  num_heads: int
-  d_ff: int
-  moe: MoEConfig | None = None
-  activation: str = "swiglu"
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, c: jax.Array, *, train: bool) -> jax.Array:
@@ -173,13 +166,7 @@ class DiTBlock(nn.Module):
         modulate(_norm(self.dtype, "attn_norm")(x), shift1, scale1), positions)
     x = x + gate1[:, None, :] * h
     z = modulate(_norm(self.dtype, "mlp_norm")(x), shift2, scale2)
-    if self.moe is None:
-      m = DenseFFN(width, self.d_ff, self.activation, self.dtype,
-                   self.param_dtype, name="mlp")(z)
-    else:
-      m = MoE(self.moe, width, self.dtype, self.param_dtype, name="mlp")(
-          z, train=train)
-    return x + gate2[:, None, :] * m
+    return x + gate2[:, None, :] * self._mlp(z, train=train)
 
 
 class DiT(nn.Module):

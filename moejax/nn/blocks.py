@@ -66,8 +66,18 @@ def decode_moe(moe: MoEConfig) -> MoEConfig:
                              eval_capacity_factor=float(moe.router_experts))
 
 
-class Block(nn.Module):
-  """x float[B, L, D] -> float[B, L, D]: x + attn(norm x), then + mlp(norm x)."""
+class BlockBase(nn.Module):
+  """The options of every Transformer block (`Block`, the DiT's, MoD's) and
+  the MLP they share.
+
+  Attributes:
+    num_heads: attention heads.
+    d_ff: width of the dense MLP.
+    moe: the MoE layer config of the MLP, or None for a dense MLP.
+    activation: of the dense MLP ("swiglu" or "gelu").
+    dtype: activation dtype.
+    param_dtype: parameter dtype.
+  """
   num_heads: int
   d_ff: int
   moe: MoEConfig | None = None
@@ -75,6 +85,21 @@ class Block(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
+  def _mlp(self, z: jax.Array, *, train: bool, decode: bool = False
+           ) -> jax.Array:
+    """The MLP "mlp": float[..., D] -> float[..., D], dense without `moe`,
+    else the MoE layer (with `decode_moe`'s config when `decode`)."""
+    width = z.shape[-1]
+    if self.moe is None:
+      return DenseFFN(width, self.d_ff, self.activation, self.dtype,
+                      self.param_dtype, name="mlp")(z)
+    moe = decode_moe(self.moe) if decode else self.moe
+    return MoE(moe, width, self.dtype, self.param_dtype, name="mlp")(
+        z, train=train)
+
+
+class Block(BlockBase):
+  """x float[B, L, D] -> float[B, L, D]: x + attn(norm x), then + mlp(norm x)."""
   residual: bool = True  # False: return the update Δ alone (for MoD wrappers)
 
   @nn.compact
@@ -95,12 +120,6 @@ class Block(nn.Module):
     y = x + h
     z = nn.RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype,
                    name="mlp_norm")(y)
-    if self.moe is None:
-      m = DenseFFN(x.shape[-1], self.d_ff, self.activation, self.dtype,
-                   self.param_dtype, name="mlp")(z)
-    else:
-      moe = self.moe if kv is None else decode_moe(self.moe)
-      m = MoE(moe, x.shape[-1], self.dtype, self.param_dtype,
-              name="mlp")(z, train=train)
+    m = self._mlp(z, train=train, decode=kv is not None)
     delta = h + m
     return (x + delta if self.residual else delta), kv

@@ -53,8 +53,7 @@ import optax
 from moejax import dispatch
 from moejax.checks import check_choice
 from moejax.nn.attention import PAD_POSITION
-from moejax.nn.blocks import Block
-from moejax.nn.moe import MoEConfig
+from moejax.nn.blocks import Block, BlockBase
 from moejax.routing.base import Routing
 from moejax.routing.choice import select_top_tokens
 
@@ -176,7 +175,13 @@ class Predictor(nn.Module):
         nn.silu(h))[..., 0]
 
 
-class MoDBlock(nn.Module):
+class _MoDConfigField(nn.Module):
+  """`MoDBlock`'s first field: `MoDBlock(config, num_heads, d_ff, ...)`."""
+  config: MoDConfig
+
+
+# Dataclass fields follow the reversed MRO: `config`, then `BlockBase`'s.
+class MoDBlock(BlockBase, _MoDConfigField):
   """A Transformer block that runs on the router's top-C tokens of each sequence.
 
   `__call__(x float[B, L, D], positions int32[B, L], *, train, routing="top_c")`
@@ -189,13 +194,6 @@ class MoDBlock(nn.Module):
   only) it decodes and returns (x', chosen, updated kv); `skip` is "cond" or
   "mask" (see the module docstring). Nothing is sown then.
   """
-  config: MoDConfig
-  num_heads: int
-  d_ff: int
-  moe: MoEConfig | None = None
-  activation: str = "swiglu"
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, *, train: bool,
@@ -236,9 +234,7 @@ class MoDBlock(nn.Module):
     xs = jax.vmap(lambda p, xb: p.dispatch(xb)[0])(plan, x)        # [B, C, D]
     slot_pos = jnp.take_along_axis(positions, plan.token_index[:, 0], axis=1)
     slot_pos = jnp.where(plan.slot_valid[:, 0], slot_pos, PAD_POSITION)
-    delta, _ = Block(self.num_heads, self.d_ff, self.moe, self.activation,
-                     self.dtype, self.param_dtype, residual=False,
-                     name="block")(xs, slot_pos, train=train)
+    delta, _ = self._block()(xs, slot_pos, train=train)
     update = jax.vmap(lambda p, d: p.combine(d[None]))(plan, delta)  # [B, L, D]
 
     # Causal routing: BCE of the router (A) and of the predictor (B).
@@ -263,14 +259,17 @@ class MoDBlock(nn.Module):
     self.sow("router", "metrics", metrics)
     return x + update.astype(x.dtype), chosen
 
+  def _block(self) -> Block:
+    """The wrapped block "block", returning its update Δ alone."""
+    return Block(self.num_heads, self.d_ff, self.moe, self.activation,
+                 self.dtype, self.param_dtype, residual=False, name="block")
+
   def _decode(self, x, positions, score, chosen, kv, skip, train):
     """Cached decoding: x' = x + score * Δ at the chosen tokens, which alone
     are stored in `kv`. Returns (x', chosen, kv)."""
     def run(mdl, x, kv):
-      delta, kv = Block(mdl.num_heads, mdl.d_ff, mdl.moe, mdl.activation,
-                        mdl.dtype, mdl.param_dtype, residual=False,
-                        name="block")(x, positions, train=train, kv=kv,
-                                      kv_mask=chosen)
+      delta, kv = mdl._block()(x, positions, train=train, kv=kv,
+                               kv_mask=chosen)
       update = (delta * score[..., None].astype(delta.dtype)).astype(x.dtype)
       return jnp.where(chosen[..., None], x + update, x), kv
 
