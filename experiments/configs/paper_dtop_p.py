@@ -6,11 +6,16 @@ POD_MESH is the intended layout on 256 chips (experts over 8, heads/vocab over
 2, the rest data); TEST_MESH has the same axes over 8 devices (forced host
 devices in the tests stand in for the pod when the step is compiled).
 """
+import functools
+import os
+
 from moejax import routing
-from moejax.models.lm import LMConfig
+from moejax.experiment import load_module
 from moejax.nn.moe import MoEConfig
 from moejax.train.loop import TrainConfig
-from moejax.train.state import OptimConfig
+
+paper_base = load_module(os.path.join(os.path.dirname(
+    os.path.abspath(__file__)), "paper_base.py"))
 
 NAME = "paper_dtop_p"
 POD_MESH = "data:16,expert:8,model:2"
@@ -20,25 +25,18 @@ TEST_MESH = "data:2,expert:2,model:2"
 # Sequences per data x expert shard: the paper's 1024 on POD_MESH.
 SHARD_BATCH = 8
 
-
-def tpu_mesh(chips: int) -> str:
-  """The mesh on a slice of `chips` chips: experts over 8, heads/vocab over 2
-  from 256 chips, the rest data."""
-  expert = min(8, chips)
-  model = 2 if chips >= 256 else 1
-  return f"data:{chips // (expert * model)},expert:{expert},model:{model}"
+# The mesh on `chips` chips: experts over 8, heads/vocab over 2 from 256.
+tpu_mesh = functools.partial(paper_base.tpu_mesh, experts=8, model_from=256)
 
 
 def config(batch_size: int = 1024, num_layers: int = 16,
            expert_parallel: str = "gspmd", remat: bool = False) -> TrainConfig:
-  router = routing.build("dtop_p", {"k": 8})
-  moe = MoEConfig(num_experts=64, expert_width=1024, router=router,
+  moe = MoEConfig(num_experts=64, expert_width=1024,
+                  router=routing.build("dtop_p", {"k": 8}),
                   capacity_factor=1.25, strategy="index",
                   expert_parallel=expert_parallel)
-  model = LMConfig(vocab_size=50304, num_layers=num_layers, d_model=2048,
-                   num_heads=16, d_ff=8192, max_len=2048, moe=moe,
-                   dtype="bfloat16", remat=remat)
-  return TrainConfig(model=model, batch_size=batch_size, seq_len=2048,
-                     steps=50000, mesh=POD_MESH,
-                     optim=OptimConfig(learning_rate=4e-4, warmup_steps=2000,
-                                       total_steps=50000))
+  model = paper_base.lm(vocab_size=50304, num_layers=num_layers, d_model=2048,
+                        num_heads=16, d_ff=8192, moe=moe, remat=remat)
+  return paper_base.train_config(model, batch_size=batch_size, steps=50000,
+                                 learning_rate=4e-4, warmup_steps=2000,
+                                 mesh=POD_MESH)
