@@ -214,11 +214,12 @@ class DTopP(RouterMethod):
       "load_balance": 1e-4, "z_loss": 0.0, "entropy": 1e-3}
   max_k: int | None = None
   dtop_p_scope: str = "global"
-  pi_kp: float = 0.1
-  pi_ki: float = 0.1
-  p_init: float = 0.5
-  p_min: float = 0.01
-  p_max: float = 1.0
+  # The controller's options default to `PIController`'s.
+  pi_kp: float = PIController.kp
+  pi_ki: float = PIController.ki
+  p_init: float = PIController.p_init
+  p_min: float = PIController.p_min
+  p_max: float = PIController.p_max
   gamma_init: float = 1.0
 
   def __post_init__(self):
