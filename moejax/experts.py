@@ -165,14 +165,31 @@ init_weight = nn.initializers.variance_scaling(
     1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,))
 
 
-class Experts(nn.Module):
-  """Holds E experts' weights; returns them as a dict for `ffn`."""
-  num_experts: int
+class FFNBase(nn.Module):
+  """The options of the feed-forward modules (`Experts`, `DenseFFN`).
+
+  Attributes:
+    d_model: D.
+    width: F, the hidden width.
+    activation: "swiglu" or "gelu" (`ACTIVATIONS`).
+    dtype: activation dtype.
+    param_dtype: parameter dtype.
+  """
   d_model: int
   width: int
   activation: str = "swiglu"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+
+
+class _ExpertCount(nn.Module):
+  """`Experts`' first field: `Experts(num_experts, d_model, width, ...)`."""
+  num_experts: int
+
+
+# Dataclass fields follow the reversed MRO: `num_experts`, then `FFNBase`'s.
+class Experts(FFNBase, _ExpertCount):
+  """Holds E experts' weights; returns them as a dict for `ffn`."""
 
   @nn.compact
   def __call__(self) -> dict[str, jax.Array]:
@@ -185,14 +202,9 @@ class Experts(nn.Module):
     return {k: v.astype(self.dtype) for k, v in weights.items()}
 
 
-class DenseFFN(nn.Module):
+class DenseFFN(FFNBase):
   """The dense feed-forward block (also the shared, always-on expert): `mlp`
   with unbatched kernels (logical axes `WEIGHT_AXES` without "expert")."""
-  d_model: int
-  width: int
-  activation: str = "swiglu"
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
