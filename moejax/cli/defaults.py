@@ -1,13 +1,19 @@
 """Flag defaults that fall through to the frozen config dataclasses.
 
 Every flag that sets a config field defaults to None: a flag left unset takes
-the dataclass's default (the one place defaults are declared), and its help
-text shows that default, read from the dataclass.
+the dataclass's default (the one place defaults are declared), its help
+text shows that default, read from the dataclass, and its kind (integer,
+float, string or bool) is the field's type (`table`).
 """
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from typing import Any, Iterable, Mapping
+
+# Flag kind of each field type (`int | None` is an integer flag).
+KINDS = {int: "integer", float: "float", str: "string", bool: "bool"}
 
 
 def field_default(cls: type, name: str) -> Any:
@@ -25,6 +31,29 @@ def field_default(cls: type, name: str) -> Any:
 def with_default(text: str, cls: type, name: str) -> str:
   """Help text ending with the default of field `name` of `cls`."""
   return f"{text} (default: {field_default(cls, name)})"
+
+
+def field_kind(cls: type, name: str) -> str:
+  """The flag kind (integer, float, string or bool) of field `name` of `cls`,
+  from its type."""
+  hints = typing.get_type_hints(cls)
+  if name not in hints:
+    raise ValueError(f"{cls.__name__} has no field {name!r}")
+  hint = hints[name]
+  if isinstance(hint, types.UnionType):  # e.g. int | None
+    hint = next(t for t in typing.get_args(hint) if t is not type(None))
+  if hint not in KINDS:
+    raise ValueError(f"{cls.__name__}.{name}: type {hint!r} has no flag kind; "
+                     f"allowed: {', '.join(t.__name__ for t in KINDS)}")
+  return KINDS[hint]
+
+
+def table(cls: type, helps: Mapping[str, str]
+          ) -> dict[str, tuple[str, type, str]]:
+  """The flags `name: help` of fields of `cls` as `define` takes them:
+  `name: (kind, cls, help)`, the kind read from the field's type."""
+  return {name: (field_kind(cls, name), cls, text)
+          for name, text in helps.items()}
 
 
 def define(table: Mapping[str, tuple[str, type, str]]) -> None:

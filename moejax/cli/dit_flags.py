@@ -40,29 +40,27 @@ DIT_PRESETS: dict[str, dict[str, Any]] = {
                   samples_per_class=16, quality_samples_per_class=100),
 }
 
-# The DiT's own flags: name -> (kind, config class, help), defaulting to None
-# (the class's default); defined unless `lm_flags` already defines them.
-DIT_FLAGS = {
-    "upsample": ("integer", DiTTrainConfig, "Nearest-neighbour upsampling of "
-                 "the images."),
-    "max_examples": ("integer", DiTTrainConfig, "tfds: examples per split "
-                     "(None = all)."),
-    "class_dropout": ("float", DiTConfig, "Label dropout for classifier-free "
-                      "guidance, in [0, 1)."),
-    "schedule": ("string", DiffusionConfig, "Noise schedule: cosine or "
-                 "linear."),
-    "prediction": ("string", DiffusionConfig, "Model target: epsilon or v."),
-    "timestep_buckets": ("integer", DiTTrainConfig, "Timestep buckets of the "
-                         "per-t loss and fanout metrics (must divide "
-                         "batch_size)."),
-    "eval_repeats": ("integer", DiTTrainConfig, "Passes over the validation "
-                     "batches."),
-    "guidance_scale": ("float", DiTTrainConfig, "Classifier-free guidance w of "
-                       "the samples (1 = off)."),
-    "eta": ("float", DiTTrainConfig, "DDIM eta (0 = deterministic)."),
-    "num_devices": ("integer", DiTTrainConfig, "Use the first n devices (None "
-                    "= all)."),
-}
+# The DiT's own flags, by config class: name -> help (the kind comes from the
+# field's type), defaulting to None (the class's default); defined unless
+# `lm_flags` already defines them.
+DIT_RUN_FLAGS = defaults.table(DiTTrainConfig, {
+    "upsample": "Nearest-neighbour upsampling of the images.",
+    "max_examples": "tfds: examples per split (None = all).",
+    "timestep_buckets": "Timestep buckets of the per-t loss and fanout "
+                        "metrics (must divide batch_size).",
+    "eval_repeats": "Passes over the validation batches.",
+    "guidance_scale": "Classifier-free guidance w of the samples (1 = off).",
+    "eta": "DDIM eta (0 = deterministic).",
+    "num_devices": "Use the first n devices (None = all).",
+})
+DIT_MODEL_FLAGS = defaults.table(DiTConfig, {
+    "class_dropout": "Label dropout for classifier-free guidance, in [0, 1).",
+})
+DIFFUSION_FLAGS = defaults.table(DiffusionConfig, {
+    "schedule": "Noise schedule: cosine or linear.",
+    "prediction": "Model target: epsilon or v.",
+})
+DIT_FLAGS = {**DIT_RUN_FLAGS, **DIT_MODEL_FLAGS, **DIFFUSION_FLAGS}
 # Preset-driven flags (None = the preset's value).
 _PRESET_FLAGS = {
     "num_layers": "DiT blocks (default: preset).",
@@ -142,10 +140,7 @@ def build_dit_train_config(values: Mapping[str, Any]) -> DiTTrainConfig:
                      "by the DiT yet; allowed: 0")
   moe = lm_flags.build_moe_config(values, pick("k"), pick("num_experts"),
                                   pick("expert_width"))
-  run = defaults.given(values, _RUN_FIELDS + ("upsample", "max_examples",
-                                              "timestep_buckets",
-                                              "eval_repeats", "guidance_scale",
-                                              "eta", "num_devices"))
+  run = defaults.given(values, (*_RUN_FIELDS, *DIT_RUN_FLAGS))
   get = lambda name: run.get(name, defaults.field_default(DiTTrainConfig,
                                                           name))
   image_size, channels, num_classes = data_shape(
@@ -157,10 +152,9 @@ def build_dit_train_config(values: Mapping[str, Any]) -> DiTTrainConfig:
       num_heads=pick("num_heads"),
       d_ff=values.get("d_ff") or pick("k") * pick("expert_width"), moe=moe,
       moe_every=pick("moe_every"),
-      **defaults.given(values, ("class_dropout", "dtype")))
+      **defaults.given(values, (*DIT_MODEL_FLAGS, "dtype")))
   diffusion = DiffusionConfig(num_timesteps=pick("num_timesteps"),
-                              **defaults.given(values, ("schedule",
-                                                        "prediction")))
+                              **defaults.given(values, DIFFUSION_FLAGS))
   optim = lm_flags.build_optim(
       defaults.field_default(DiTTrainConfig, "optim"), pick)
   return DiTTrainConfig(

@@ -26,66 +26,52 @@ from moejax.train.state import OptimConfig
 API_ROUTERS = ("top_k", "expert_choice", "top_p", "dtop_p", "expert_threshold",
                "exact_k", "dynamic_k", "dense")
 
-# Flags that set a config field: name -> (kind, config class, help). Each
-# defaults to None and falls through to the class's default.
-MOE_FLAGS = {
-    "capacity_factor": ("float", MoEConfig, "Training capacity factor (> 0)."),
-    "eval_capacity_factor": ("float", MoEConfig, "Evaluation capacity factor "
-                             "(> 0)."),
-    "strategy": ("string", MoEConfig, "Dispatch strategy: auto (the "
-                 "backend's fastest capacity strategy), gather, index, "
-                 "einsum, dropless, sorted or ragged."),
-    "group_size": ("integer", MoEConfig, "Tokens per routing group (None: a "
-                   "sequence)."),
-    "load_balance_weight": ("float", MoEConfig, "Aux load-balance weight "
-                            "(None: the router's)."),
-    "z_loss_weight": ("float", MoEConfig, "Router z-loss weight (None: the "
-                      "router's)."),
-    "entropy_weight": ("float", MoEConfig, "Routing-entropy weight (None: the "
-                       "router's)."),
-    "num_noop_experts": ("integer", MoEConfig, "No-op experts added to the MoE "
-                         "router (integrated MoDE)."),
-    "expert_parallel": ("string", MoEConfig, "Expert parallelism: gspmd "
-                        "(sharding constraints) or shard_map (explicit "
-                        "all-to-all)."),
-}
-LM_MODEL_FLAGS = {
-    "dtype": ("string", LMConfig, "Activation dtype: float32 or bfloat16."),
-    "mod_capacity": ("float", LMConfig, "Mixture-of-Depths capacity fraction "
-                     "in [0, 1] (0 = off; the paper's setting is 0.125 with "
-                     "--mod_every=2)."),
-    "mod_every": ("integer", LMConfig, "MoD: every n-th block is routed."),
-    "mod_score": ("string", LMConfig, "MoD: update multiplier raw (r) or "
-                  "sigmoid."),
-    "mod_aux_weight": ("float", LMConfig, "MoD: weight of the router's causal "
-                       "BCE."),
-    "mod_predictor_weight": ("float", LMConfig, "MoD: weight of the causal "
-                             "predictor's BCE (trains the predictor only)."),
-    "mod_causal": ("string", LMConfig, "MoD: causal routing used for "
-                   "sampling: predictor or router."),
-}
-RUN_FLAGS = {
-    "dataset": ("string", TrainConfig, "stdlib, text:GLOB or tfds:NAME."),
-    "data_dir": ("string", TrainConfig, "tensorflow-datasets data directory."),
-    "seed": ("integer", TrainConfig, "Random seed (params, data order, "
-             "routing)."),
-    "mesh": ("string", TrainConfig, "Mesh, e.g. data:2,expert:4 (None: all "
-             "devices on data)."),
-    "log_every": ("integer", TrainConfig, "Log every n steps."),
-    "eval_every": ("integer", TrainConfig, "Evaluate every n steps."),
-    "eval_batches": ("integer", TrainConfig, "Validation batches per "
-                     "evaluation."),
-    "checkpoint_every": ("integer", TrainConfig, "Checkpoint every n steps."),
-    "keep_checkpoints": ("integer", TrainConfig, "Checkpoints kept."),
-    "max_bad_steps": ("integer", TrainConfig, "Stop after this many "
-                      "consecutive steps with a non-finite loss or gradient "
-                      "(each is skipped)."),
-    "sample_tokens": ("integer", TrainConfig, "Tokens sampled at the end "
-                      "(0 = none)."),
-    "temperature": ("float", TrainConfig, "Sampling temperature (0 = "
-                    "greedy)."),
-    "progress": ("bool", TrainConfig, "Show a progress bar."),
-}
+# Flags that set a config field, by config class: name -> help (the kind comes
+# from the field's type). Each defaults to None and falls through to the
+# class's default.
+MOE_FLAGS = defaults.table(MoEConfig, {
+    "capacity_factor": "Training capacity factor (> 0).",
+    "eval_capacity_factor": "Evaluation capacity factor (> 0).",
+    "strategy": "Dispatch strategy: auto (the backend's fastest capacity "
+                "strategy), gather, index, einsum, dropless, sorted or "
+                "ragged.",
+    "group_size": "Tokens per routing group (None: a sequence).",
+    "load_balance_weight": "Aux load-balance weight (None: the router's).",
+    "z_loss_weight": "Router z-loss weight (None: the router's).",
+    "entropy_weight": "Routing-entropy weight (None: the router's).",
+    "num_noop_experts": "No-op experts added to the MoE router (integrated "
+                        "MoDE).",
+    "expert_parallel": "Expert parallelism: gspmd (sharding constraints) or "
+                       "shard_map (explicit all-to-all).",
+})
+LM_MODEL_FLAGS = defaults.table(LMConfig, {
+    "dtype": "Activation dtype: float32 or bfloat16.",
+    "mod_capacity": "Mixture-of-Depths capacity fraction in [0, 1] (0 = off; "
+                    "the paper's setting is 0.125 with --mod_every=2).",
+    "mod_every": "MoD: every n-th block is routed.",
+    "mod_score": "MoD: update multiplier raw (r) or sigmoid.",
+    "mod_aux_weight": "MoD: weight of the router's causal BCE.",
+    "mod_predictor_weight": "MoD: weight of the causal predictor's BCE "
+                            "(trains the predictor only).",
+    "mod_causal": "MoD: causal routing used for sampling: predictor or "
+                  "router.",
+})
+RUN_FLAGS = defaults.table(TrainConfig, {
+    "dataset": "stdlib, text:GLOB or tfds:NAME.",
+    "data_dir": "tensorflow-datasets data directory.",
+    "seed": "Random seed (params, data order, routing).",
+    "mesh": "Mesh, e.g. data:2,expert:4 (None: all devices on data).",
+    "log_every": "Log every n steps.",
+    "eval_every": "Evaluate every n steps.",
+    "eval_batches": "Validation batches per evaluation.",
+    "checkpoint_every": "Checkpoint every n steps.",
+    "keep_checkpoints": "Checkpoints kept.",
+    "max_bad_steps": "Stop after this many consecutive steps with a "
+                     "non-finite loss or gradient (each is skipped).",
+    "sample_tokens": "Tokens sampled at the end (0 = none).",
+    "temperature": "Sampling temperature (0 = greedy).",
+    "progress": "Show a progress bar.",
+})
 # Router options: name -> (kind, router, help); None = the router's default.
 ROUTER_FLAGS = {
     "p": ("float", "top_p", "Fixed top-p threshold in (0, 1]."),
