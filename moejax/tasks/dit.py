@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax import diffusion as diffusion_lib
+from moejax.checks import check_positive_ints
 from moejax.data import get_image_data
 from moejax.models.dit import DiT, DiTConfig, batch_multiple, sample
 from moejax.train import metrics as metrics_lib
@@ -104,14 +105,11 @@ class DiTTrainConfig:
     return DiTTask(self)
 
   def __post_init__(self):
-    for name in ("batch_size", "steps", "log_every", "eval_every",
-                 "eval_batches", "eval_repeats", "checkpoint_every",
-                 "keep_checkpoints", "max_bad_steps", "timestep_buckets",
-                 "sample_steps", "upsample"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} is out of range; allowed: "
-                         "integer >= 1")
+    check_positive_ints(self, ("batch_size", "steps", "log_every",
+                               "eval_every", "eval_batches", "eval_repeats",
+                               "checkpoint_every", "keep_checkpoints",
+                               "max_bad_steps", "timestep_buckets",
+                               "sample_steps", "upsample"))
     for name in ("samples_per_class", "quality_samples_per_class"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 0:

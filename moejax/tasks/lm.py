@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax import sharding
+from moejax.checks import check_positive_ints
 from moejax.data import get_lm_data
 from moejax.models.lm import LMConfig, TransformerLM
 from moejax.sample import sample
@@ -76,13 +77,9 @@ class TrainConfig:
   progress: bool = True
 
   def __post_init__(self):
-    for name in ("batch_size", "seq_len", "steps", "log_every", "eval_every",
-                 "eval_batches", "checkpoint_every", "keep_checkpoints",
-                 "max_bad_steps"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} is out of range; allowed: "
-                         "integer >= 1")
+    check_positive_ints(self, ("batch_size", "seq_len", "steps", "log_every",
+                               "eval_every", "eval_batches", "checkpoint_every",
+                               "keep_checkpoints", "max_bad_steps"))
     if self.seq_len > self.model.max_len:
       raise ValueError(f"seq_len={self.seq_len} exceeds model max_len="
                        f"{self.model.max_len}")
