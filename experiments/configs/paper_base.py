@@ -11,6 +11,11 @@ from moejax.train.state import OptimConfig
 
 SEQ_LEN = 2048
 
+# The 8-device stand-in of the expert configs' pods (forced host devices in
+# the tests): every axis over 2, so that the compiled step shards data,
+# experts and heads/vocab as on the pod.
+STAND_IN_MESH = "data:2,expert:2,model:2"
+
 
 def tpu_mesh(chips: int, experts: int, model_from: int | None = None) -> str:
   """The mesh on a slice of `chips` chips: experts over min(`experts`,

@@ -20,7 +20,7 @@ paper_base = load_module(os.path.join(os.path.dirname(
 NAME = "paper_dtop_p"
 POD_MESH = "data:16,expert:8,model:2"
 POD_DEVICES = 256
-TEST_MESH = "data:2,expert:2,model:2"
+TEST_MESH = paper_base.STAND_IN_MESH
 
 # Sequences per data x expert shard: the paper's 1024 on POD_MESH.
 SHARD_BATCH = 8

@@ -21,7 +21,7 @@ paper_base = load_module(os.path.join(os.path.dirname(
 NAME = "paper_et"
 POD_MESH = "data:32,expert:4,model:1"
 POD_DEVICES = 128
-TEST_MESH = "data:2,expert:2,model:2"
+TEST_MESH = paper_base.STAND_IN_MESH
 
 # Sequences per data x expert shard: the paper's 256 on POD_MESH.
 SHARD_BATCH = 2
