@@ -72,30 +72,34 @@ RUN_FLAGS = defaults.table(TrainConfig, {
     "temperature": "Sampling temperature (0 = greedy).",
     "progress": "Show a progress bar.",
 })
-# Router options: name -> (kind, router, help); None = the router's default.
+# Router options, by router class (`routing.get`): name -> help, as above;
+# None = the router's default.
 ROUTER_FLAGS = {
-    "p": ("float", "top_p", "Fixed top-p threshold in (0, 1]."),
-    "dtop_p_scope": ("string", "dtop_p", "dtop_p: global (one p from the mean "
-                     "fanout of all MoE layers) or layer (one controller per "
-                     "layer)."),
-    "pi_kp": ("float", "dtop_p", "dtop_p: PI proportional gain."),
-    "pi_ki": ("float", "dtop_p", "dtop_p: PI integral gain."),
-    "p_init": ("float", "dtop_p", "dtop_p: initial threshold p_0."),
-    "p_min": ("float", "dtop_p", "dtop_p: lower bound of p."),
-    "p_max": ("float", "dtop_p", "dtop_p: upper bound of p."),
-    "balance": ("string", "top_k", "top_k balancing: aux (load-balance loss), "
-                "loss_free (selection bias, no loss) or none."),
-    "bias_update_rate": ("float", "top_k", "top_k --balance=loss_free: bias "
-                         "speed u."),
-    "score_fn": ("string", "top_k", "top_k scores: softmax or sigmoid."),
-    "et_warmup_steps": ("integer", "expert_threshold", "expert_threshold: "
-                        "expert-choice warm-up steps."),
-    "et_beta": ("float", "expert_threshold", "expert_threshold: threshold EMA "
-                "decay in [0, 1)."),
-    "et_capacity_bound": ("float", "expert_threshold", "expert_threshold: C of "
-                          "the training load bounds (1 +- C) k, in [0, 1]."),
+    **defaults.table(routing.get("top_p"), {
+        "p": "Fixed top-p threshold in (0, 1].",
+    }),
+    **defaults.table(routing.get("dtop_p"), {
+        "dtop_p_scope": "dtop_p: global (one p from the mean fanout of all "
+                        "MoE layers) or layer (one controller per layer).",
+        "pi_kp": "dtop_p: PI proportional gain.",
+        "pi_ki": "dtop_p: PI integral gain.",
+        "p_init": "dtop_p: initial threshold p_0.",
+        "p_min": "dtop_p: lower bound of p.",
+        "p_max": "dtop_p: upper bound of p.",
+    }),
+    **defaults.table(routing.get("top_k"), {
+        "balance": "top_k balancing: aux (load-balance loss), loss_free "
+                   "(selection bias, no loss) or none.",
+        "bias_update_rate": "top_k --balance=loss_free: bias speed u.",
+        "score_fn": "top_k scores: softmax or sigmoid.",
+    }),
+    **defaults.table(routing.get("expert_threshold"), {
+        "et_warmup_steps": "expert_threshold: expert-choice warm-up steps.",
+        "et_beta": "expert_threshold: threshold EMA decay in [0, 1).",
+        "et_capacity_bound": "expert_threshold: C of the training load "
+                             "bounds (1 +- C) k, in [0, 1].",
+    }),
 }
-
 
 # `--help`'s groups (flags of no group are listed under "other").
 HELP_GROUPS = {
@@ -126,11 +130,7 @@ def define_flags() -> None:
           "(default k).")
   integer("max_k", None, "top_p/dtop_p: static fanout cap, k <= max_k <= "
           "num_experts (default: num_experts).")
-  make = {"integer": integer, "float": float_, "string": string}
-  for name, (kind, router, text) in ROUTER_FLAGS.items():
-    if router in routing.available():
-      text = defaults.with_default(text, routing.get(router), name)
-    make[kind](name, None, text)
+  defaults.define(ROUTER_FLAGS)
   integer("expert_width", None, "Hidden width of each expert (default: preset).")
   integer("num_shared", None, "Always-on shared experts (default: the router's; "
           "1 for expert_threshold, else 0).")
