@@ -59,10 +59,12 @@ flags.DEFINE_string("only", None, "Comma-separated labels of --runs to run "
 flags.DEFINE_integer("calib_batches", 4, "Training batches that calibrate "
                      "expert choice's causal thresholds.")
 flags.DEFINE_enum("mode", "all", ["all", "train", "report"], "What to do.")
+flags.DEFINE_string("paired_ref", "tc_aux", "Label the report pairs every "
+                    "other run with (same seed).")
 FLAGS = flags.FLAGS
 # Per-run JSONs under OUT (tracked by git, unlike the runs/ workdirs).
 RECORDS = "records"
-OWN = SHARED_FLAGS + ("runs", "only", "calib_batches", "mode")
+OWN = SHARED_FLAGS + ("runs", "only", "calib_batches", "mode", "paired_ref")
 HISTORY_KEYS = ("step", "loss", "max_vio", "max_vio_max", "drop_fraction",
                 "experts_per_token", "zero_expert_fraction", "et_bound_low",
                 "et_bound_high", "et_pass_fraction", "et_threshold", "et_warmup",
@@ -304,6 +306,7 @@ def summarize_run(r: dict[str, Any]) -> dict[str, Any]:
       "train_max_vio_last25": mean(late, "max_vio"),
       "train_max_vio_all": mean(hist, "max_vio"),
       "train_drop_last25": mean(late, "drop_fraction"),
+      "train_fanout_last25": mean(late, "experts_per_token"),
       "eval_loss": ev["loss"], "eval_max_vio": ev["max_vio"],
       "eval_max_vio_pooled": ev.get("max_vio_pooled"),
       "eval_max_vio_max": ev["max_vio_max"],
@@ -363,13 +366,15 @@ def report(out_dir: str) -> None:
   lines = [markdown_table(
       ["run", "eval loss (own routing)", "causal / training-routing eval loss",
        "gap", "val MaxVio per batch / pooled", "train MaxVio (last 25%)",
-       "train MaxVio (all)", "train drop", "val fanout", "val zero-expert"],
+       "train MaxVio (all)", "train drop", "train fanout (last 25%)",
+       "val fanout", "val zero-expert"],
       [[row["label"], fmt(row["eval_loss"], 4),
         fmt(row.get("eval_loss_train_routing") or row.get("eval_loss_causal"),
             4), fmt(row.get("causal_gap"), pct=True),
         f"{fmt(row['eval_max_vio'])} / {fmt(row['eval_max_vio_pooled'])}",
         fmt(row["train_max_vio_last25"]), fmt(row["train_max_vio_all"]),
-        fmt(row["train_drop_last25"], pct=True), fmt(row["eval_fanout"]),
+        fmt(row["train_drop_last25"], pct=True),
+        fmt(row["train_fanout_last25"], 2), fmt(row["eval_fanout"]),
         fmt(row["eval_zero_expert"], pct=True)] for row in rows])]
   et_rows = [r for r in rows if r.get("et_bound_low_post_warmup")]
   if et_rows:
@@ -380,10 +385,55 @@ def report(out_dir: str) -> None:
           fmt(row["et_bound_high_post_warmup"], pct=True),
           f"{fmt(row['eval_et_bound_low'], pct=True)} / "
           f"{fmt(row['eval_et_bound_high'], pct=True)}"] for row in et_rows])]
+  lines += ["", paired_table(results, labels, ref=FLAGS.paired_ref),
+            "", position_table(rows)]
   with open(os.path.join(out_dir, "results.md"), "w") as fh:
     fh.write("\n".join(lines) + "\n")
   print("\n".join(lines))
   plot(results, rows, out_dir)
+
+
+def paired_table(results, labels, ref: str) -> str:
+  """Same-seed differences of the evaluation loss against run `ref`."""
+  loss = lambda label: {r["seed"]: r["evals"]["eval"]["loss"]
+                        for r in results if r["label"] == label}
+  base = loss(ref)
+  body = []
+  for label in labels:
+    if label == ref:
+      continue
+    d = experiment.paired_delta(base, loss(label))
+    if not d["seeds"]:
+      continue
+    body.append([label, ",".join(map(str, d["seeds"])),
+                 " / ".join(f"{x:+.4f}" for x in d["deltas"]),
+                 format_ms((d["mean"], d["std"] or 0.0), "+.4f", ".4f"),
+                 f"{d['sem']:.4f}" if d["sem"] is not None else "—",
+                 f"{sum(x < 0 for x in d['deltas'])} of {len(d['deltas'])}"])
+  return (f"Paired eval loss differences, run − {ref} of the same seed "
+          "(nats/byte):\n\n" + markdown_table(
+              ["run", "seeds", "per seed", "mean ± std", "sem",
+               "seeds where run is lower"], body))
+
+
+def position_table(rows) -> str:
+  """Validation fanout by token position: quarters of the sequence."""
+  import numpy as np
+  body = []
+  for row in rows:
+    for key, name in (("fanout_by_position", ""),
+                      ("fanout_by_position_causal", " (causal stand-in)")):
+      if key not in row:
+        continue
+      pos = np.asarray(row[key])
+      quarters = np.array_split(pos, 4)
+      body.append([row["label"] + name,
+                   *(f"{q.mean():.2f}" for q in quarters), f"{pos[0]:.2f}",
+                   f"{pos.mean():.2f}"])
+  return ("Validation fanout by token position (mean over layers, seeds and "
+          "batches):\n\n" + markdown_table(
+              ["run", "1st quarter", "2nd", "3rd", "4th", "position 0",
+               "mean"], body))
 
 
 def plot(results, rows, out_dir: str) -> None:

@@ -10,7 +10,9 @@ routers of seed 0 first), results are appended to OUT/dit_results.json after
 every run (a rerun skips the runs already there), and at the end OUT gets a
 markdown table (dit_table.md), the fanout-by-timestep plot (dit_fanout_by_t.png)
 and each router's seed-0 sample grid (dit_samples_<router>.png). Routers not
-registered in this version of moejax are listed as not run. `--deadline_s`
+registered in this version of moejax are listed as not run. Each run's record
+with its logged training history is also written to OUT/records/LABEL_sSEED.json.
+`--deadline_s`
 skips the runs that would start after that many seconds.
 """
 from __future__ import annotations
@@ -42,6 +44,13 @@ KEYS = ("eval_loss", "eval_loss_by_t", "eval_fanout_by_t",
         "class_accuracy_per_class", "frechet", "real_frechet",
         "classifier_val_accuracy", "train_seconds", "images_per_s",
         "target_fanout", "sample_seconds")
+
+# Per-run JSONs (the record above plus the logged training history) under
+# OUT/records/, tracked by git.
+RECORDS = "records"
+HISTORY_KEYS = ("step", "loss", "eval_loss", "experts_per_token", "fanout_std",
+                "drop_fraction", "max_vio", "layer_fanout", "p", "p_mean",
+                "gamma")
 
 
 def parse_router(spec: str) -> tuple[str, dict]:
@@ -121,6 +130,11 @@ def main(argv):
           record[f"train_{key}_last25"] = value
       results.append(record)
       experiment.save_json(results_path, results, indent=1)
+      experiment.save_json(
+          experiment.record_path(os.path.join(values["out"], RECORDS),
+                                 run_label(spec), seed),
+          dict(record, history=[{k: r[k] for k in HISTORY_KEYS if k in r}
+                                for r in history]))
       if seed == seeds[0] and summary.get("samples_overview"):
         shutil.copy(summary["samples_overview"], os.path.join(
             values["out"], f"dit_samples_{run_label(spec)}.png"))
@@ -167,6 +181,22 @@ def make_table(results, specs) -> str:
       import numpy as np  # pylint: disable=g-import-not-at-top
       m = np.mean([r["eval_fanout_by_t"] for r in rs], axis=0)
       rows.append(f"- {spec}: " + " ".join(f"{v:.3f}" for v in m))
+  ref = specs[0] if specs else None
+  paired = []
+  for spec in specs[1:]:
+    d = experiment.paired_delta(
+        experiment.by_seed([r for r in results if r["spec"] == ref],
+                           "eval_loss"),
+        experiment.by_seed([r for r in results if r["spec"] == spec],
+                           "eval_loss"))
+    if d["seeds"]:
+      paired.append([f"{spec} − {ref}", ",".join(map(str, d["seeds"])),
+                     " / ".join(f"{x:+.4f}" for x in d["deltas"]),
+                     f"{d['mean']:+.4f} ± {d['std'] or 0.0:.4f}"])
+  if paired:
+    rows += ["", "Paired validation-loss differences (same seed):", "",
+             experiment.markdown_table(["runs", "seeds", "per seed",
+                                        "mean ± std"], paired)]
   rows.append("")
   rows.append("Validation loss by timestep bucket, mean over seeds:")
   rows.append("")

@@ -273,6 +273,24 @@ def run_one(label, values, workdir, source=None):
   return record
 
 
+def keep_other_seeds(path, records, steps):
+  """`records` plus those of an existing results.json at the same `steps`
+  whose (label, seed) this invocation did not run (a new seed adds to the
+  table instead of replacing it); sorted by label order, then seed."""
+  if not os.path.exists(path):
+    return records
+  with open(path) as fh:
+    old = json.load(fh)
+  if old.get("steps") != steps:
+    return records
+  ran = {(r["label"], r["seed"]) for r in records}
+  kept = [r for r in old.get("records", [])
+          if (r["label"], r["seed"]) not in ran]
+  merged = kept + records
+  order = list(dict.fromkeys(r["label"] for r in merged))
+  return sorted(merged, key=lambda r: (order.index(r["label"]), r["seed"]))
+
+
 def table(records, labels, columns):
   lines = []
   for label in labels:
@@ -293,6 +311,22 @@ def table(records, labels, columns):
     lines.append([label, ",".join(str(r["seed"]) for r in rows), *cells])
   return experiment.markdown_table(["run", "seeds", *(c[0] for c in columns)],
                                    lines)
+
+
+def paired_table(records, pairs):
+  """Same-seed differences of the validation loss, run − reference."""
+  loss = lambda label: experiment.by_seed(
+      [r for r in records if r["label"] == label], "eval_loss")
+  body = []
+  for label, ref in pairs:
+    d = experiment.paired_delta(loss(ref), loss(label))
+    if d["seeds"]:
+      body.append([f"{label} − {ref}", ",".join(map(str, d["seeds"])),
+                   " / ".join(f"{x:+.4f}" for x in d["deltas"]),
+                   f"{d['mean']:+.4f} ± {d['std'] or 0.0:.4f}"])
+  return ("Paired validation-loss differences (same seed, nats/byte):\n\n"
+          + experiment.markdown_table(["runs", "seeds", "per seed",
+                                       "mean ± std"], body))
 
 
 def main(argv):
@@ -327,6 +361,8 @@ def main(argv):
       values = values_of(label, seed, steps=steps + FLAGS.finetune_steps)
       records.append(run_one(f"ft_{label}", values, experiment.workdir(
           FLAGS.workroot, f"ft_{label}", seed), source=source))
+  records = keep_other_seeds(os.path.join(FLAGS.out, "results.json"), records,
+                             steps)
   experiment.save_json(os.path.join(FLAGS.out, "results.json"), {
       "k": k, "k_min": k_min, "k_max": k_max, "steps": steps,
       "finetune_steps": FLAGS.finetune_steps, "config": FLAGS.config,
@@ -357,7 +393,11 @@ def main(argv):
         f"Fine-tuning: the {src} checkpoint at step {steps}, then "
         f"{FLAGS.finetune_steps} more steps.", "",
         table(records, ft_labels, loss_cols), "",
-        table(records, ft_labels, util_cols)]
+        table(records, ft_labels, util_cols), "",
+        paired_table(records, [(l, ref) for ref in dict.fromkeys(
+            ("top_k", src)) for l in runs if l not in ("top_k", src)]
+                     + [(f"ft_{l}", f"ft_{src}") for l in
+                        FLAGS.finetune_runs.split(";") if l and l != src])]
   with open(os.path.join(FLAGS.out, "results.md"), "w") as fh:
     fh.write("\n".join(md) + "\n")
   print("\n".join(md))
