@@ -15,7 +15,8 @@ remat of every block, remat at half the per-device batch, until the compiled
 step fits the chip's HBM. Each try compiles the step at two depths (one and
 two repeats of the block pattern) and extrapolates memory, FLOPs and
 collectives linearly to the full depth (the blocks are identical; a plan
-that does not fit at the first depth is not compiled further);
+that does not fit at the first depth is not compiled further, and when the
+parameters and optimizer state alone exceed the HBM no later plan is tried);
 --full_depth compiles the full depth instead (slow on a small CPU host).
 Writes JSON and a markdown report (--markdown).
 """
@@ -215,6 +216,13 @@ def topology_rows(names: list[str], topologies: list[str],
         print(_row_line(row), flush=True)
         if row.get("fits"):
           break
+        if (row.get("compiles") and row["params_bytes"] +
+            row["optimizer_bytes"] > chip.hbm_bytes):
+          # remat and a smaller batch shrink only the temporaries: no later
+          # plan can fit either
+          row["later_plans_skipped"] = True
+          save(rows)
+          break
   return rows
 
 
@@ -274,19 +282,44 @@ def topology_markdown(rows: list[dict]) -> str:
   totals = {n: aot.count_params(CONFIGS[n].config()).total
             for n in {r["config"] for r in rows}}
   for topology in dict.fromkeys(r["topology"] for r in rows):
-    fit = [r for r in rows if r["topology"] == topology and r.get("fits")]
+    here = [r for r in rows if r["topology"] == topology]
+    fit = [r for r in here if r.get("fits")]
     if not fit:
-      lines.append(f"- {topology}: none of the configs fits.")
-      continue
-    best = max(fit, key=lambda r: totals[r["config"]])
-    lines.append(
-        f"- {topology}: {best['config']} ({totals[best['config']] / 1e9:.2f}B "
-        f"parameters) on {best['mesh']}, remat "
-        f"{'on' if best['remat'] else 'off'}, {best['shard_batch']} "
-        f"sequences per data x expert shard; fitting: "
-        + ", ".join(f"{r['config']} (remat {'on' if r['remat'] else 'off'}, "
-                    f"b/shard {r['shard_batch']})" for r in fit) + ".")
+      line = f"- {topology}: none of the configs fits."
+    else:
+      best = max(fit, key=lambda r: totals[r["config"]])
+      line = (
+          f"- {topology}: {best['config']} ({totals[best['config']] / 1e9:.2f}B"
+          f" parameters) on {best['mesh']}, remat "
+          f"{'on' if best['remat'] else 'off'}, {best['shard_batch']} "
+          f"sequences per data x expert shard; fitting: "
+          + ", ".join(f"{r['config']} (remat {'on' if r['remat'] else 'off'},"
+                      f" b/shard {r['shard_batch']})" for r in fit) + ".")
+    lines.append(line + "".join(_misfit(here, name) for name in
+                                dict.fromkeys(r["config"] for r in here)))
   return "\n".join(lines)
+
+
+def _misfit(rows: list[dict], name: str) -> str:
+  """' Not fitting: ...' for config `name` when none of its `rows` (one
+  slice) fits: the plan that came closest and why no later one was tried."""
+  rows = [r for r in rows if r["config"] == name]
+  if any(r.get("fits") for r in rows):
+    return ""
+  compiled = [r for r in rows if r.get("compiles")]
+  if not compiled:
+    return f" {name} does not compile on this slice."
+  r = min(compiled, key=lambda r: r["hbm_peak_bytes"])
+  text = (f" {name} does not fit: closest plan remat "
+          f"{'on' if r['remat'] else 'off'}, b/shard {r['shard_batch']} on "
+          f"{r['mesh']}, HBM peak {_gib(r['hbm_peak_bytes'])} of "
+          f"{_gib(r['hbm_capacity_bytes'])} GiB")
+  if any(r.get("later_plans_skipped") for r in rows):
+    text += (f"; params + optimizer alone take "
+             f"{_gib(r['params_bytes'] + r['optimizer_bytes'])} GiB, so no "
+             f"remat or smaller batch can fit (later plans not compiled)")
+  return text + "."
+
 
 
 def report_markdown(rows: list[dict], command: str) -> str:
@@ -307,7 +340,9 @@ no TPU attached), on the mesh of its config module (`tpu_mesh(chips)`) with
 its sequences per data x expert shard (`SHARD_BATCH`; global batch = shards x
 that), GSPMD expert parallelism. Plans are tried in order until one fits:
 no remat, remat of every block (`LMConfig.remat`), remat at half the batch
-per shard (on chips with < 32 GiB of HBM the no-remat plan is skipped).
+per shard (on chips with < 32 GiB of HBM the no-remat plan is skipped);
+when the parameters and optimizer state alone exceed the chip's HBM, the
+later plans (which shrink only the temporaries) are not compiled.
 
 How the numbers are obtained:
 - **Depth.** Every try compiles the step at one and two repeats of the block
