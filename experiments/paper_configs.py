@@ -11,12 +11,13 @@ libtpu installed, ahead of time for a real TPU slice.
 With --topology, each config is compiled for each slice (TPU HLO from
 `jax.experimental.topologies`, no TPU needed) on the mesh of its config module
 (`tpu_mesh(chips)`) with its per-device batch, trying in order: no remat,
-remat of every block, remat at half the per-device batch, until the compiled
-step fits the chip's HBM. Each try compiles the step at two depths (one and
-two repeats of the block pattern) and extrapolates memory, FLOPs and
-collectives linearly to the full depth (the blocks are identical; a plan
-that does not fit at the first depth is not compiled further, and when the
-parameters and optimizer state alone exceed the HBM no later plan is tried);
+remat of every block, remat at the per-device batch halved and halved again
+(--max_tries plans at most), until the compiled step fits the chip's HBM.
+Each try compiles the step at two depths (one and two repeats of the block
+pattern) and extrapolates memory, FLOPs and collectives linearly to the full
+depth (the blocks are identical; a plan that does not fit at the first depth
+is not compiled further, and when the parameters and optimizer state alone
+exceed the HBM no later plan is tried); --first_plan resumes a run;
 --full_depth compiles the full depth instead (slow on a small CPU host).
 Writes JSON and a markdown report (--markdown).
 """
@@ -57,8 +58,11 @@ flags.DEFINE_list("topology", [], "TPU slices to compile for ahead of time "
                   "(e.g. v5p-64,v5e-256,v6e-256; needs libtpu).")
 flags.DEFINE_bool("full_depth", False, "With --topology: compile the full "
                   "depth instead of extrapolating from two shallow compiles.")
-flags.DEFINE_integer("max_tries", 3, "With --topology: plans tried per config "
+flags.DEFINE_integer("max_tries", 4, "With --topology: plans tried per config "
                      "and slice until one fits.")
+flags.DEFINE_integer("first_plan", 0, "With --topology: index of the first "
+                     "plan tried (resumes a run whose earlier plans' rows are "
+                     "in --tables_from).")
 flags.DEFINE_string("out", "experiments/reports/paper_configs.json",
                     "JSON output path ('' = none).")
 flags.DEFINE_string("markdown", "", "With --topology: markdown report path.")
@@ -137,14 +141,16 @@ def _extrapolate(a: dict, b: dict, da: int, db: int, depth: int) -> dict:
 
 def plans(mod, chips: int, hbm_bytes: int) -> list[dict]:
   """Plans tried in order for one config on a slice of `chips` chips: no
-  remat, remat, remat at half the batch per shard; on chips with less than
-  32 GiB of HBM the first is skipped (block remat is the usual choice there)."""
+  remat, remat, then remat at the batch per shard halved again and again
+  (down to 1); on chips with less than 32 GiB of HBM the first is skipped
+  (block remat is the usual choice there)."""
   mesh, batch = mod.tpu_mesh(chips), mod.SHARD_BATCH
   base = {"mesh": mesh, "shard_batch": batch, "remat": False,
           "expert_parallel": "gspmd"}
   tries = [base, {**base, "remat": True}]
-  if batch > 1:
-    tries.append({**base, "remat": True, "shard_batch": batch // 2})
+  while batch > 1:
+    batch //= 2
+    tries.append({**base, "remat": True, "shard_batch": batch})
   return tries[1:] if hbm_bytes < 32 * 2**30 else tries
 
 
@@ -203,7 +209,8 @@ def topology_rows(names: list[str], topologies: list[str],
     chip, devices = aot.topology_devices(topology)
     for name in names:
       mod = CONFIGS[name]
-      for plan in plans(mod, len(devices), chip.hbm_bytes)[:FLAGS.max_tries]:
+      tries = plans(mod, len(devices), chip.hbm_bytes)[:FLAGS.max_tries]
+      for plan in tries[FLAGS.first_plan:]:
         try:
           row = compile_plan(mod, topology, plan)
         except Exception as e:  # noqa: BLE001 - a plan that does not compile
@@ -339,8 +346,9 @@ of a TPU slice from `jax.experimental.topologies.get_topology_desc` (libtpu,
 no TPU attached), on the mesh of its config module (`tpu_mesh(chips)`) with
 its sequences per data x expert shard (`SHARD_BATCH`; global batch = shards x
 that), GSPMD expert parallelism. Plans are tried in order until one fits:
-no remat, remat of every block (`LMConfig.remat`), remat at half the batch
-per shard (on chips with < 32 GiB of HBM the no-remat plan is skipped);
+no remat, remat of every block (`LMConfig.remat`), remat at the batch per
+shard halved and halved again, 4 plans at most (on chips with < 32 GiB of
+HBM the no-remat plan is skipped);
 when the parameters and optimizer state alone exceed the chip's HBM, the
 later plans (which shrink only the temporaries) are not compiled.
 
