@@ -11,11 +11,13 @@ libtpu installed, ahead of time for a real TPU slice.
 With --topology, each config is compiled for each slice (TPU HLO from
 `jax.experimental.topologies`, no TPU needed) on the mesh of its config module
 (`tpu_mesh(chips)`) with its per-device batch, trying in order: no remat,
-remat of every block, remat at half the per-device batch, until the compiled
-step fits the chip's HBM. Each try compiles the step at two depths (one and
-two repeats of the block pattern) and extrapolates memory, FLOPs and
-collectives linearly to the full depth (the blocks are identical; a plan
-that does not fit at the first depth is not compiled further);
+remat of every block, remat at the per-device batch halved and halved again
+(--max_tries plans at most), until the compiled step fits the chip's HBM.
+Each try compiles the step at two depths (one and two repeats of the block
+pattern) and extrapolates memory, FLOPs and collectives linearly to the full
+depth (the blocks are identical; a plan that does not fit at the first depth
+is not compiled further, and when the parameters and optimizer state alone
+exceed the HBM no later plan is tried); --first_plan resumes a run;
 --full_depth compiles the full depth instead (slow on a small CPU host).
 Writes JSON and a markdown report (--markdown).
 """
@@ -56,8 +58,11 @@ flags.DEFINE_list("topology", [], "TPU slices to compile for ahead of time "
                   "(e.g. v5p-64,v5e-256,v6e-256; needs libtpu).")
 flags.DEFINE_bool("full_depth", False, "With --topology: compile the full "
                   "depth instead of extrapolating from two shallow compiles.")
-flags.DEFINE_integer("max_tries", 3, "With --topology: plans tried per config "
+flags.DEFINE_integer("max_tries", 4, "With --topology: plans tried per config "
                      "and slice until one fits.")
+flags.DEFINE_integer("first_plan", 0, "With --topology: index of the first "
+                     "plan tried (resumes a run whose earlier plans' rows are "
+                     "in --tables_from).")
 flags.DEFINE_string("out", "experiments/reports/paper_configs.json",
                     "JSON output path ('' = none).")
 flags.DEFINE_string("markdown", "", "With --topology: markdown report path.")
@@ -136,14 +141,16 @@ def _extrapolate(a: dict, b: dict, da: int, db: int, depth: int) -> dict:
 
 def plans(mod, chips: int, hbm_bytes: int) -> list[dict]:
   """Plans tried in order for one config on a slice of `chips` chips: no
-  remat, remat, remat at half the batch per shard; on chips with less than
-  32 GiB of HBM the first is skipped (block remat is the usual choice there)."""
+  remat, remat, then remat at the batch per shard halved again and again
+  (down to 1); on chips with less than 32 GiB of HBM the first is skipped
+  (block remat is the usual choice there)."""
   mesh, batch = mod.tpu_mesh(chips), mod.SHARD_BATCH
   base = {"mesh": mesh, "shard_batch": batch, "remat": False,
           "expert_parallel": "gspmd"}
   tries = [base, {**base, "remat": True}]
-  if batch > 1:
-    tries.append({**base, "remat": True, "shard_batch": batch // 2})
+  while batch > 1:
+    batch //= 2
+    tries.append({**base, "remat": True, "shard_batch": batch})
   return tries[1:] if hbm_bytes < 32 * 2**30 else tries
 
 
@@ -202,7 +209,8 @@ def topology_rows(names: list[str], topologies: list[str],
     chip, devices = aot.topology_devices(topology)
     for name in names:
       mod = CONFIGS[name]
-      for plan in plans(mod, len(devices), chip.hbm_bytes)[:FLAGS.max_tries]:
+      tries = plans(mod, len(devices), chip.hbm_bytes)[:FLAGS.max_tries]
+      for plan in tries[FLAGS.first_plan:]:
         try:
           row = compile_plan(mod, topology, plan)
         except Exception as e:  # noqa: BLE001 - a plan that does not compile
@@ -214,6 +222,13 @@ def topology_rows(names: list[str], topologies: list[str],
         save(rows)
         print(_row_line(row), flush=True)
         if row.get("fits"):
+          break
+        if (row.get("compiles") and row["params_bytes"] +
+            row["optimizer_bytes"] > chip.hbm_bytes):
+          # remat and a smaller batch shrink only the temporaries: no later
+          # plan can fit either
+          row["later_plans_skipped"] = True
+          save(rows)
           break
   return rows
 
@@ -274,19 +289,44 @@ def topology_markdown(rows: list[dict]) -> str:
   totals = {n: aot.count_params(CONFIGS[n].config()).total
             for n in {r["config"] for r in rows}}
   for topology in dict.fromkeys(r["topology"] for r in rows):
-    fit = [r for r in rows if r["topology"] == topology and r.get("fits")]
+    here = [r for r in rows if r["topology"] == topology]
+    fit = [r for r in here if r.get("fits")]
     if not fit:
-      lines.append(f"- {topology}: none of the configs fits.")
-      continue
-    best = max(fit, key=lambda r: totals[r["config"]])
-    lines.append(
-        f"- {topology}: {best['config']} ({totals[best['config']] / 1e9:.2f}B "
-        f"parameters) on {best['mesh']}, remat "
-        f"{'on' if best['remat'] else 'off'}, {best['shard_batch']} "
-        f"sequences per data x expert shard; fitting: "
-        + ", ".join(f"{r['config']} (remat {'on' if r['remat'] else 'off'}, "
-                    f"b/shard {r['shard_batch']})" for r in fit) + ".")
+      line = f"- {topology}: none of the configs fits."
+    else:
+      best = max(fit, key=lambda r: totals[r["config"]])
+      line = (
+          f"- {topology}: {best['config']} ({totals[best['config']] / 1e9:.2f}B"
+          f" parameters) on {best['mesh']}, remat "
+          f"{'on' if best['remat'] else 'off'}, {best['shard_batch']} "
+          f"sequences per data x expert shard; fitting: "
+          + ", ".join(f"{r['config']} (remat {'on' if r['remat'] else 'off'},"
+                      f" b/shard {r['shard_batch']})" for r in fit) + ".")
+    lines.append(line + "".join(_misfit(here, name) for name in
+                                dict.fromkeys(r["config"] for r in here)))
   return "\n".join(lines)
+
+
+def _misfit(rows: list[dict], name: str) -> str:
+  """' Not fitting: ...' for config `name` when none of its `rows` (one
+  slice) fits: the plan that came closest and why no later one was tried."""
+  rows = [r for r in rows if r["config"] == name]
+  if any(r.get("fits") for r in rows):
+    return ""
+  compiled = [r for r in rows if r.get("compiles")]
+  if not compiled:
+    return f" {name} does not compile on this slice."
+  r = min(compiled, key=lambda r: r["hbm_peak_bytes"])
+  text = (f" {name} does not fit: closest plan remat "
+          f"{'on' if r['remat'] else 'off'}, b/shard {r['shard_batch']} on "
+          f"{r['mesh']}, HBM peak {_gib(r['hbm_peak_bytes'])} of "
+          f"{_gib(r['hbm_capacity_bytes'])} GiB")
+  if any(r.get("later_plans_skipped") for r in rows):
+    text += (f"; params + optimizer alone take "
+             f"{_gib(r['params_bytes'] + r['optimizer_bytes'])} GiB, so no "
+             f"remat or smaller batch can fit (later plans not compiled)")
+  return text + "."
+
 
 
 def report_markdown(rows: list[dict], command: str) -> str:
@@ -306,8 +346,11 @@ of a TPU slice from `jax.experimental.topologies.get_topology_desc` (libtpu,
 no TPU attached), on the mesh of its config module (`tpu_mesh(chips)`) with
 its sequences per data x expert shard (`SHARD_BATCH`; global batch = shards x
 that), GSPMD expert parallelism. Plans are tried in order until one fits:
-no remat, remat of every block (`LMConfig.remat`), remat at half the batch
-per shard (on chips with < 32 GiB of HBM the no-remat plan is skipped).
+no remat, remat of every block (`LMConfig.remat`), remat at the batch per
+shard halved and halved again, 4 plans at most (on chips with < 32 GiB of
+HBM the no-remat plan is skipped);
+when the parameters and optimizer state alone exceed the chip's HBM, the
+later plans (which shrink only the temporaries) are not compiled.
 
 How the numbers are obtained:
 - **Depth.** Every try compiles the step at one and two repeats of the block
