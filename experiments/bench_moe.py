@@ -33,11 +33,15 @@ Default matrix: top_k x {index, gather, sorted} at every size in float32 and
 {gather, sorted} in bfloat16; the other registered routers with "gather" at
 the first size (--router_sizes=all for every size); top_k "gather" with one
 routing group per sequence of 2048 and 512 tokens (--seq_groups; capacity
-per group, the layer's grouping); and those per-sequence rows again on 8
-forced host devices, data-parallel (data:8) and expert-parallel
-(data:2,expert:4), in a subprocess (--meshes, --expert_parallel). Every MoE
-row runs the layer's expert path (`nn.expert_parallel.routed_experts`): one
-plan over all groups on one device, each device's groups at once on a mesh.
+per group, the layer's grouping); and those per-sequence rows again on
+meshes, each in a subprocess with as many forced host devices as the mesh
+has: data-parallel (data:2, data:8) and expert-parallel (expert:2,
+data:2,expert:4) (--meshes, --expert_parallel). Every MoE row runs the
+layer's expert path (`nn.expert_parallel.routed_experts`): one plan over all
+groups on one device, each device's groups at once on a mesh. A mesh row's
+"vs 1 dev" is its ratio over the one-device row of the same size and group:
+the cost of the multi-device path per device (a mesh of as many devices as
+cores measures it fairly; 8 devices on fewer cores share them).
 Nothing is pinned: run it as a user does (prefix `taskset -c N` to pin). The one-hot "einsum" and
 "ragged" run only when named in --strategies, and are skipped (with a note)
 above --einsum_max_experts / --ragged_max_experts experts.
@@ -100,11 +104,11 @@ flags.DEFINE_list("seq_groups", ["2048", "512"],
                   "per group (the layer's grouping); empty = none")
 flags.DEFINE_list("seq_strategies", ["gather"],
                   "strategies of the --seq_groups rows")
-flags.DEFINE_string("meshes", "data:8;data:2,expert:4",
+flags.DEFINE_string("meshes", "data:2;expert:2;data:8;data:2,expert:4",
                     "';'-separated meshes on which the --seq_groups rows run "
-                    "again, in a subprocess with 8 forced host devices "
-                    "(XLA_FLAGS=--xla_force_host_platform_device_count=8); "
-                    "empty = none")
+                    "again, each in a subprocess with as many forced host "
+                    "devices as the mesh has (XLA_FLAGS="
+                    "--xla_force_host_platform_device_count=N); empty = none")
 flags.DEFINE_string("expert_parallel", "gspmd",
                     "expert-parallel mode of the mesh rows: gspmd or "
                     "shard_map")
@@ -442,15 +446,17 @@ def place_on_mesh(entries, size: Size):
 
 
 def run_meshes(argv) -> list[dict]:
-  """The --seq_groups rows on each of --meshes, in a subprocess with 8 forced
-  host devices; returns their rows."""
+  """The --seq_groups rows on each of --meshes, each in a subprocess with as
+  many forced host devices as the mesh has; returns their rows."""
   import subprocess  # pylint: disable=import-outside-toplevel
   import tempfile  # pylint: disable=import-outside-toplevel
   rows = []
-  env = dict(os.environ,
-             XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
-                        " --xla_force_host_platform_device_count=8").strip())
   for mesh in [m for m in FLAGS.meshes.split(";") if m]:
+    devices = math.prod(int(part.partition(":")[2])
+                        for part in mesh.split(",") if part.strip())
+    env = dict(os.environ, XLA_FLAGS=(
+        os.environ.get("XLA_FLAGS", "") +
+        f" --xla_force_host_platform_device_count={devices}").strip())
     with tempfile.TemporaryDirectory() as tmp:
       out = os.path.join(tmp, "mesh.json")
       args = [a for a in argv[1:] if not a.startswith(
@@ -482,6 +488,26 @@ def print_row(row):
         f"{row['ratio']:>6.2f} {spread:>11} {row['cpu_ratio']:>5.2f} "
         f"{row['tokens_per_s']:>8.0f} {peak:>9} {fanout:>6}",
         flush=True)
+
+
+def vs_one_device(rows):
+  """Sets and prints each mesh row's "vs_one_device": its ratio over the
+  one-device row of the same size, group and strategy (1.0 = the mesh path
+  costs per device what the single-plan path costs)."""
+  single = {(r["size"], r["group"], r["strategy"]): r["ratio"]
+            for r in rows if r["mesh"] == "-" and r["group"] is not None}
+  printed = False
+  for row in rows:
+    key = (row["size"], row["group"], row["strategy"])
+    if row["mesh"] == "-" or key not in single:
+      continue
+    row["vs_one_device"] = row["ratio"] / single[key]
+    if not printed:
+      print("\nmesh path vs one device (ratio over the one-device ratio):")
+      printed = True
+    print(f"  {row['size']:<22} group {row['group']:>5} {row['mesh']:<16} "
+          f"{row['ratio']:.2f} vs {single[key]:.2f}: "
+          f"{row['vs_one_device']:.2f}")
 
 
 def main(argv):
@@ -524,6 +550,7 @@ def main(argv):
   for (size, dtype), row in best.items():
     print(f"  {size:<22} {dtype:<8} {row['strategy']:<8} ratio "
           f"{row['ratio']:.2f}")
+  vs_one_device(rows)
   for note in notes:
     print(f"note: {note}")
   print(f"wall {wall:.0f} s")
