@@ -445,15 +445,21 @@ def place_on_mesh(entries, size: Size):
   return placed
 
 
-def run_meshes(argv) -> list[dict]:
+def run_meshes(argv, notes: list[str]) -> list[dict]:
   """The --seq_groups rows on each of --meshes, each in a subprocess with as
-  many forced host devices as the mesh has; returns their rows."""
+  many forced host devices as the mesh has (CPU; on an accelerator a mesh
+  needs that many real devices, else it is skipped with a note); returns
+  their rows."""
   import subprocess  # pylint: disable=import-outside-toplevel
   import tempfile  # pylint: disable=import-outside-toplevel
   rows = []
   for mesh in [m for m in FLAGS.meshes.split(";") if m]:
     devices = math.prod(int(part.partition(":")[2])
                         for part in mesh.split(",") if part.strip())
+    if jax.default_backend() != "cpu" and devices > jax.device_count():
+      notes.append(f"mesh {mesh} skipped: it needs {devices} devices, the "
+                   f"{jax.default_backend()} backend has {jax.device_count()}")
+      continue
     env = dict(os.environ, XLA_FLAGS=(
         os.environ.get("XLA_FLAGS", "") +
         f" --xla_force_host_platform_device_count={devices}").strip())
@@ -536,7 +542,7 @@ def main(argv):
   rows, notes = run(sizes, FLAGS.routers,
                     ["float32"] if FLAGS.mesh else FLAGS.dtype)
   if not FLAGS.mesh and FLAGS.meshes and FLAGS.seq_groups:
-    rows += run_meshes(sys.argv)
+    rows += run_meshes(sys.argv, notes)
   wall = time.time() - start
   print("\nbest strategy per size and dtype (top_k):")
   best = {}
