@@ -249,7 +249,8 @@ def main(argv=None) -> int:
            f"--strategies={STRATEGIES}", "--routers=top_k",
            f"--dtype={'bfloat16' if dry else 'bfloat16,float32'}",
            "--bf16_strategies=all",
-           f"--repeats={2 if dry else 5}", "--warmup=1", f"--out={path}"]
+           f"--repeats={2 if dry else 5}", "--warmup=1", "--meshes=",
+           f"--out={path}"]  # one accelerator: no mesh rows
     share = budget["moe"] * (len(group) / len(sizes))
     steps.append(run_step(label, cmd, share, logs))
     by_size = {sizes[n]: n for n in group}
