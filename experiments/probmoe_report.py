@@ -80,6 +80,9 @@ flags.DEFINE_string("finetune_source", "top_k_unnorm", "Label of the run whose "
                     "final checkpoint the fine-tuning runs start from.")
 flags.DEFINE_string("finetune_runs", "top_k_unnorm;exact_k", "Labels (from "
                     "--runs) continued from the source checkpoint.")
+flags.DEFINE_string("finetune_dataset", None, "Dataset of the fine-tuning runs "
+                    "and their evaluation (default: --dataset), e.g. "
+                    "text:GLOB for a shift of domain after pretraining.")
 flags.DEFINE_integer("dyn_k_min", None, "dynamic_k k_min (default max(1, k-1)).")
 flags.DEFINE_integer("dyn_k_max", None, "dynamic_k k_max (default k).")
 flags.DEFINE_integer("analysis_batches", 4, "Validation batches of the "
@@ -88,7 +91,8 @@ flags.DEFINE_bool("reanalyse", False, "Train nothing: recompute the "
                   "utilisation of every finished run from its last checkpoint.")
 FLAGS = flags.FLAGS
 OWN = SHARED_FLAGS + ("finetune_seeds", "finetune_steps", "runs",
-                      "finetune_source", "finetune_runs", "reanalyse",
+                      "finetune_source", "finetune_runs", "finetune_dataset",
+                      "reanalyse",
                       "dyn_k_min", "dyn_k_max", "analysis_batches")
 
 
@@ -358,7 +362,10 @@ def main(argv):
     if not os.path.exists(os.path.join(source, "done.json")):
       records.append(run_one(src, values_of(src, seed), source))
     for label in filter(None, FLAGS.finetune_runs.split(";")):
-      values = values_of(label, seed, steps=steps + FLAGS.finetune_steps)
+      shift = ({"dataset": FLAGS.finetune_dataset} if FLAGS.finetune_dataset
+               else {})
+      values = values_of(label, seed, steps=steps + FLAGS.finetune_steps,
+                         **shift)
       records.append(run_one(f"ft_{label}", values, experiment.workdir(
           FLAGS.workroot, f"ft_{label}", seed), source=source))
   records = keep_other_seeds(os.path.join(FLAGS.out, "results.json"), records,
@@ -366,6 +373,7 @@ def main(argv):
   experiment.save_json(os.path.join(FLAGS.out, "results.json"), {
       "k": k, "k_min": k_min, "k_max": k_max, "steps": steps,
       "finetune_steps": FLAGS.finetune_steps, "config": FLAGS.config,
+      "finetune_dataset": FLAGS.finetune_dataset,
       "records": records}, indent=1)
   loss_cols = [
       ("val. loss", "eval_loss", "loss"),
@@ -391,7 +399,9 @@ def main(argv):
         "", table(records, list(runs), loss_cols), "",
         table(records, list(runs), util_cols), "",
         f"Fine-tuning: the {src} checkpoint at step {steps}, then "
-        f"{FLAGS.finetune_steps} more steps.", "",
+        f"{FLAGS.finetune_steps} more steps" + (
+            f" on `{FLAGS.finetune_dataset}` (validation loss on its "
+            "held-out part)." if FLAGS.finetune_dataset else "."), "",
         table(records, ft_labels, loss_cols), "",
         table(records, ft_labels, util_cols), "",
         paired_table(records, [(l, ref) for ref in dict.fromkeys(

@@ -219,27 +219,7 @@ def _controller_state(summary):
   return {k: {n: float(v) for n, v in s.items()} for k, s in states.items()}
 
 
-@pytest.fixture
-def compile_cache(tmp_path):
-  """A persistent compilation cache for this test: the three runs compile the
-  same programs, so the second and third load them instead of recompiling."""
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
-  old = {n: getattr(jax.config, n) for n in names}
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  yield
-  for n, v in old.items():
-    jax.config.update(n, v)
-  try:  # forget the initialised cache object (private API; best effort)
-    from jax._src import compilation_cache
-    compilation_cache.reset_cache()
-  except (ImportError, AttributeError):
-    pass
-
-
-def test_state_survives_checkpoint_and_resume(tmp_path, compile_cache):
+def test_state_survives_checkpoint_and_resume(tmp_path):
   straight = train(_tiny_config(tmp_path, 6), str(tmp_path / "a"))
   first = train(_tiny_config(tmp_path, 3), str(tmp_path / "b"))
   resumed = train(_tiny_config(tmp_path, 6), str(tmp_path / "b"))

@@ -20,6 +20,7 @@ depends on other tokens (expert choice) have no cached equivalent.
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import flax.linen as nn
 import jax
@@ -183,6 +184,13 @@ def init_cache(cfg: LMConfig, batch: int, length: int) -> tuple[dict, ...]:
 
 
 def init_variables(model: nn.Module, rng: jax.Array, tokens: jax.Array):
-  """Returns (boxed params, router_state) without sown outputs."""
+  """Returns (boxed params, router_state) without sown outputs, for
+  tokens int32[B, T]. Jitted (one compile per model and shape instead of one
+  per primitive)."""
+  return _init_variables(model, rng, tokens)
+
+
+@partial(jax.jit, static_argnums=0)
+def _init_variables(model: nn.Module, rng: jax.Array, tokens: jax.Array):
   variables = model.init({"params": rng, "router": rng}, tokens, train=False)
   return variables["params"], variables.get("router_state", {})
