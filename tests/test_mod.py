@@ -29,8 +29,9 @@ def _mod_block(**kw):
 
 
 def _init_block(block, x, pos):
-  params = block.init(jax.random.PRNGKey(0), x, pos, train=False)["params"]
-  return nn.meta.unbox(params)
+  init = jax.jit(lambda x, pos: block.init(jax.random.PRNGKey(0), x, pos,
+                                           train=False))
+  return nn.meta.unbox(init(x, pos)["params"])
 
 
 def _inputs(seed=0):
@@ -165,10 +166,11 @@ def test_predictor_trains():
 
   pp, s = params["predictor"], opt.init(params["predictor"])
   x_val = jax.random.normal(jax.random.PRNGKey(6), (8, 64, D))
-  before = float(metrics(pp, x_val, pos)[1]["mod_pred_accuracy"])
+  evaluate = jax.jit(metrics)
+  before = float(evaluate(pp, x_val, pos)[1]["mod_pred_accuracy"])
   for _ in range(120):
     pp, s = step(pp, s)
-  after = metrics(pp, x_val, pos)[1]
+  after = evaluate(pp, x_val, pos)[1]
   assert float(after["mod_pred_accuracy"]) > 0.93 > before
   assert float(after["mod_pred_recall"]) > 0.6
 
@@ -240,9 +242,9 @@ def _lm(seed=0, **kw):
 def test_cached_decoding_equals_causal_full_forward(case):
   cfg, model, params, rs, tokens = _lm(**DECODE_CASES[case])
   variables = {"params": params, "router_state": rs}
-  full, inter = model.apply(variables, tokens, mod_routing="causal",
-                            capture_intermediates=True,
-                            mutable=["intermediates"])
+  full, inter = jax.jit(lambda v, t: model.apply(
+      v, t, mod_routing="causal", capture_intermediates=True,
+      mutable=["intermediates"]))(variables, tokens)
   prompt = 6
   cache = decode.init_cache(cfg, B, tokens.shape[1])
   logits, cache, dec = decode.prefill(cfg, params, rs, tokens[:, :prompt],
@@ -288,13 +290,15 @@ def test_model_decode_in_chunks_equals_full_forward(case):
   positions > 0, gives the logits of one causal full forward pass."""
   cfg, model, params, rs, tokens = _lm(**DECODE_CASES[case])
   variables = {"params": params, "router_state": rs}
-  full = model.apply(variables, tokens, mod_routing="causal")
+  full = jax.jit(lambda v, t: model.apply(v, t, mod_routing="causal"))(
+      variables, tokens)
   kv = init_cache(cfg, B, tokens.shape[1])
   chunks, decisions = [], []
+  decode_chunk = jax.jit(lambda v, t, start, kv: model.apply(
+      v, t, start, kv, method=TransformerLM.decode))
   for start, stop in ((0, 7), (7, 8), (8, 15), (15, 20)):
-    logits, kv, dec = model.apply(variables, tokens[:, start:stop],
-                                  jnp.int32(start), kv,
-                                  method=TransformerLM.decode)
+    logits, kv, dec = decode_chunk(variables, tokens[:, start:stop],
+                                   jnp.int32(start), kv)
     chunks.append(logits)
     decisions.append(dec)
   np.testing.assert_allclose(np.asarray(jnp.concatenate(chunks, axis=1)),
@@ -327,9 +331,10 @@ def _full_recompute(model, params, rs, prompt, num_new):
   extra = {"mod_routing": "causal"} if model.config.mod_capacity else {}
   plen = prompt.shape[1]
   buf = np.concatenate([prompt, np.zeros((B, num_new), np.int32)], axis=1)
+  forward = jax.jit(lambda b: model.apply(
+      {"params": params, "router_state": rs}, b, **extra))
   for t in range(plen, plen + num_new):
-    logits = model.apply({"params": params, "router_state": rs},
-                         jnp.asarray(buf), **extra)
+    logits = forward(jnp.asarray(buf))
     buf[:, t] = np.asarray(jnp.argmax(logits[:, t - 1], axis=-1))
   return buf[:, plen:]
 
@@ -353,10 +358,11 @@ def test_integrated_mode_noop_experts_skip_the_mlp():
                   num_noop_experts=2, eval_capacity_factor=8.0)
   layer = MoE(moe, D)
   x = jax.random.normal(jax.random.PRNGKey(0), (1, L, D))
-  params = nn.meta.unbox(layer.init(jax.random.PRNGKey(1), x,
-                                    train=False)["params"])
+  params = nn.meta.unbox(jax.jit(lambda x: layer.init(
+      jax.random.PRNGKey(1), x, train=False))(x)["params"])
   assert params["router"].shape == (D, 4)
-  y, coll = layer.apply({"params": params}, x, train=False, mutable=["router"])
+  y, coll = jax.jit(lambda p, x: layer.apply(
+      {"params": p}, x, train=False, mutable=["router"]))(params, x)
   logits = np.asarray(x[0] @ params["router"])
   to_noop = logits.argmax(-1) >= 2
   assert 0 < to_noop.sum() < L
@@ -378,7 +384,8 @@ def test_staged_mode_structure_and_metrics():
   params = nn.meta.unbox(params)
   assert "mlp" in params["layers_1"]["block"]  # the MoE inside the MoD block
   assert "experts" in params["layers_1"]["block"]["mlp"]
-  _, coll = model.apply({"params": params}, tokens, mutable=["router"])
+  _, coll = jax.jit(lambda p, t: model.apply({"params": p}, t,
+                                             mutable=["router"]))(params, tokens)
   layers = router_outputs(coll["router"])
   assert set(layers) == {("layers_0", "mlp"), ("layers_1",),
                          ("layers_1", "block", "mlp")}
