@@ -80,6 +80,10 @@ flags.DEFINE_string("finetune_source", "top_k_unnorm", "Label of the run whose "
                     "final checkpoint the fine-tuning runs start from.")
 flags.DEFINE_string("finetune_runs", "top_k_unnorm;exact_k", "Labels (from "
                     "--runs) continued from the source checkpoint.")
+flags.DEFINE_integer("finetune_source_seed", None, "Seed of the one source "
+                     "run that every fine-tuning seed starts from (default: "
+                     "each fine-tuning seed continues its own seed's run; "
+                     "with one source, the seeds differ in data order).")
 flags.DEFINE_string("finetune_dataset", None, "Dataset of the fine-tuning runs "
                     "and their evaluation (default: --dataset), e.g. "
                     "text:GLOB for a shift of domain after pretraining.")
@@ -92,7 +96,7 @@ flags.DEFINE_bool("reanalyse", False, "Train nothing: recompute the "
 FLAGS = flags.FLAGS
 OWN = SHARED_FLAGS + ("finetune_seeds", "finetune_steps", "runs",
                       "finetune_source", "finetune_runs", "finetune_dataset",
-                      "reanalyse",
+                      "finetune_source_seed", "reanalyse",
                       "dyn_k_min", "dyn_k_max", "analysis_batches")
 
 
@@ -358,9 +362,11 @@ def main(argv):
           FLAGS.workroot, label, seed)))
   src = FLAGS.finetune_source
   for seed in ft_seeds:
-    source = experiment.workdir(FLAGS.workroot, src, seed)
-    if not os.path.exists(os.path.join(source, "done.json")):
-      records.append(run_one(src, values_of(src, seed), source))
+    src_seed = (seed if FLAGS.finetune_source_seed is None
+                else FLAGS.finetune_source_seed)
+    source = experiment.workdir(FLAGS.workroot, src, src_seed)
+    if (src, src_seed) not in {(r["label"], r["seed"]) for r in records}:
+      records.append(run_one(src, values_of(src, src_seed), source))
     for label in filter(None, FLAGS.finetune_runs.split(";")):
       shift = ({"dataset": FLAGS.finetune_dataset} if FLAGS.finetune_dataset
                else {})
@@ -374,6 +380,7 @@ def main(argv):
       "k": k, "k_min": k_min, "k_max": k_max, "steps": steps,
       "finetune_steps": FLAGS.finetune_steps, "config": FLAGS.config,
       "finetune_dataset": FLAGS.finetune_dataset,
+      "finetune_source_seed": FLAGS.finetune_source_seed,
       "records": records}, indent=1)
   loss_cols = [
       ("val. loss", "eval_loss", "loss"),
