@@ -5,6 +5,7 @@ import os
 import subprocess
 
 from moejax.experiment import load_module
+from subprocess_env import one_device_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 accelerator_check = load_module(os.path.join(ROOT, "experiments",
@@ -13,7 +14,7 @@ accelerator_check = load_module(os.path.join(ROOT, "experiments",
 
 def test_dry_run_writes_json_and_markdown_with_every_row(tmp_path):
   out = tmp_path / "check"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", DRY_RUN="1")
+  env = one_device_env(JAX_PLATFORMS="cpu", DRY_RUN="1")  # one accelerator
   proc = subprocess.run(
       ["bash", os.path.join(ROOT, "experiments", "accelerator_check.sh"),
        str(out), "--budget_s=1200"],  # a shared CI machine may be slow

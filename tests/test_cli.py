@@ -5,13 +5,15 @@ import sys
 
 import pytest
 
+from subprocess_env import one_device_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "train_lm.py")
 
 
 def run(*args, timeout=600, script=SCRIPT):
   # The checkout's moejax, as `python -m pytest` imports it here.
-  env = dict(os.environ, PYTHONPATH=ROOT)
+  env = one_device_env(PYTHONPATH=ROOT)
   return subprocess.run([sys.executable, script, *args], capture_output=True,
                         text=True, timeout=timeout, cwd=ROOT, env=env)
 

@@ -9,6 +9,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from subprocess_env import one_device_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "colab", "*.ipynb")))
 SOURCES = sorted(glob.glob(os.path.join(ROOT, "colab", "*.py")))
@@ -40,15 +42,13 @@ def test_notebook_matches_its_source(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
-def test_notebook_executes(path):
+def test_notebook_executes(path, monkeypatch):
   nb = nbformat.read(path, as_version=4)
-  env_before = os.environ.get("MPLBACKEND")
-  os.environ["MPLBACKEND"] = "Agg"
-  try:
-    NotebookClient(nb, timeout=900, kernel_name="python3",
-                   resources={"metadata": {"path": ROOT}}).execute()
-  finally:
-    if env_before is None:
-      os.environ.pop("MPLBACKEND", None)
-    else:
-      os.environ["MPLBACKEND"] = env_before
+  # The kernel inherits this environment: a CPU runtime's one device, Agg.
+  env = one_device_env(MPLBACKEND="Agg")
+  for name in set(os.environ) - set(env):
+    monkeypatch.delenv(name)
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  NotebookClient(nb, timeout=900, kernel_name="python3",
+                 resources={"metadata": {"path": ROOT}}).execute()
