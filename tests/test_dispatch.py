@@ -1,4 +1,10 @@
-"""Dispatchers against a per-expert Python loop reference."""
+"""Dispatchers against a per-expert Python loop reference.
+
+Library calls run under jit (`run_plan`, `jit_plan`, `jit_top_k`): one compile
+per shape and static arguments instead of one per primitive of eager code.
+"""
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -34,20 +40,51 @@ def reference_moe(x, gates, kept, w1, w2):
   return out
 
 
-def run_plan(routing, capacity, strategy, x, w1, w2, max_fanout=None):
+# `top_k` and `dispatch.plan` under jit (they return pytrees).
+jit_top_k = jax.jit(top_k, static_argnames=("k", "normalize", "random_second"))
+jit_plan = jax.jit(dispatch.plan, static_argnames=(
+    "capacity", "strategy", "max_fanout", "block_size", "num_groups"))
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "capacity", "strategy", "max_fanout", "block_size"))
+def run_plan(routing, capacity, strategy, x, w1, w2, max_fanout=None,
+             block_size=None):
+  """A ReLU expert MLP through one plan.
+
+  Args:
+    routing: `Routing` with gates/priority float32[S, E].
+    capacity, strategy, max_fanout, block_size: static `dispatch.plan`
+      arguments.
+    x: float[S, D] tokens.
+    w1: float[E, D, F] first expert weights.
+    w2: float[E, F, D] second expert weights.
+  Returns:
+    (out float[S, D], kept bool[S, E]).
+  """
   plan = dispatch.plan(routing, capacity, strategy=strategy,
-                       max_fanout=max_fanout)
+                       max_fanout=max_fanout, block_size=block_size)
   h = jax.nn.relu(plan.matmul(plan.dispatch(x), w1))
   return plan.combine(plan.matmul(h, w2)), plan.kept
 
 
 def make_case(seed=0, s=24, e=4, d=6, f=5, k=2):
+  """A top-k routing of S tokens to E experts and the MLP inputs.
+
+  The random draws stay eager: each shape's sampler compiles once per session
+  (a jitted sampler is slow to compile on CPU and would compile again in
+  every program that inlines it).
+
+  Returns:
+    (routing with gates float32[S, E], x float32[S, D], w1 float32[E, D, F],
+    w2 float32[E, F, D]).
+  """
   keys = jax.random.split(jax.random.PRNGKey(seed), 4)
   logits = jax.random.normal(keys[0], (s, e)) * 2
   x = jax.random.normal(keys[1], (s, d))
   w1 = jax.random.normal(keys[2], (e, d, f)) / np.sqrt(d)
   w2 = jax.random.normal(keys[3], (e, f, d)) / np.sqrt(f)
-  return top_k(logits, k).routing, x, w1, w2
+  return jit_top_k(logits, k).routing, x, w1, w2
 
 
 def test_capacity_formula():
@@ -86,7 +123,7 @@ def test_hand_checked_over_capacity():
   priority = jnp.array([[2., 1.], [1., 2.], [2., 1.], [1., 2.]])
   routing = Routing(gates, priority)
   for strategy in ("einsum", "index"):
-    plan = dispatch.plan(routing, 3, strategy=strategy)
+    plan = jit_plan(routing, 3, strategy=strategy)
     # Capacity 3: first choices (0, 2 | 1, 3) then the earliest second choice.
     np.testing.assert_array_equal(
         np.asarray(plan.kept),
@@ -96,12 +133,12 @@ def test_hand_checked_over_capacity():
 def test_priority_ties_go_to_lower_index():
   gates = jnp.ones((5, 1))
   routing = Routing(gates, jnp.zeros((5, 1)))
-  plan = dispatch.plan(routing, 2, strategy="index")
+  plan = jit_plan(routing, 2, strategy="index")
   np.testing.assert_array_equal(np.asarray(plan.kept[:, 0]),
                                 [True, True, False, False, False])
   # Higher priority wins over index.
   routing = Routing(gates, jnp.array([[0.], [0.], [0.], [5.], [0.]]))
-  plan = dispatch.plan(routing, 2, strategy="index")
+  plan = jit_plan(routing, 2, strategy="index")
   np.testing.assert_array_equal(np.asarray(plan.kept[:, 0]),
                                 [True, False, False, True, False])
 
@@ -109,14 +146,18 @@ def test_priority_ties_go_to_lower_index():
 def test_unrouted_tokens_never_kept_and_empty_slots_zero():
   gates = jnp.array([[1., 0.], [0., 0.], [0., 1.]])
   routing = Routing(gates, gates)
-  plan = dispatch.plan(routing, 4, strategy="index")
-  np.testing.assert_array_equal(np.asarray(plan.kept), np.asarray(gates) != 0)
-  x = jnp.arange(6.).reshape(3, 2) + 1
-  h = plan.dispatch(x)
+
+  @jax.jit
+  def run(routing, x):
+    plan = dispatch.plan(routing, 4, strategy="index")
+    h = plan.dispatch(x)
+    return plan.kept, h, plan.combine(h)
+
+  kept, h, out = run(routing, jnp.arange(6.).reshape(3, 2) + 1)
+  np.testing.assert_array_equal(np.asarray(kept), np.asarray(gates) != 0)
   chex.assert_shape(h, (2, 4, 2))
   np.testing.assert_array_equal(np.asarray(h[0, 1:]), 0)
-  np.testing.assert_allclose(np.asarray(plan.combine(h)),
-                             [[1, 2], [0, 0], [5, 6]])
+  np.testing.assert_allclose(np.asarray(out), [[1, 2], [0, 0], [5, 6]])
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -136,8 +177,9 @@ def test_gradients_match_reference(strategy):
     out = jnp.einsum("se,esd->sd", gates, y)
     return jnp.sum(out * jnp.cos(out))
 
-  got = jax.grad(loss, argnums=(0, 1, 2, 3))(logits, x, w1, w2, strategy)
-  want = jax.grad(ref_loss, argnums=(0, 1, 2, 3))(logits, x, w1, w2)
+  got = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)), static_argnums=4)(
+      logits, x, w1, w2, strategy)
+  want = jax.jit(jax.grad(ref_loss, argnums=(0, 1, 2, 3)))(logits, x, w1, w2)
   for g, w in zip(got, want):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-4,
                                atol=2e-5)
@@ -145,7 +187,7 @@ def test_gradients_match_reference(strategy):
 
 def test_strategies_agree_when_nothing_drops_expert_choice():
   logits = jax.random.normal(jax.random.PRNGKey(3), (32, 8))
-  routing = expert_choice(logits, 8).routing
+  routing = jax.jit(expert_choice, static_argnums=1)(logits, 8).routing
   _, x, w1, w2 = make_case(seed=3, s=32, e=8)
   outs = [run_plan(routing, 8, s, x, w1, w2)[0] for s in STRATEGIES]
   for o in outs[1:]:

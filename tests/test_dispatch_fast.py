@@ -2,8 +2,11 @@
 
 References: the per-expert loop of tests/test_dispatch.py and the one-hot
 "einsum" strategy (outputs and gradients, over-capacity cases); the custom VJPs
-against autodiff of the plain formulas; no retracing under jit.
+against autodiff of the plain formulas; no retracing under jit. Library
+calls run under jit (one compile each instead of one per primitive).
 """
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -12,7 +15,8 @@ import pytest
 
 from moejax import backend, dispatch, experts
 from moejax.routing import Routing, expert_choice, top_k
-from test_dispatch import make_case, reference_kept, reference_moe, run_plan
+from test_dispatch import (jit_plan, jit_top_k, make_case, reference_kept,
+                           reference_moe, run_plan)
 
 
 def assert_close(got, want, rtol=1e-5, atol=1e-5):
@@ -36,9 +40,8 @@ def test_gather_matches_loop_and_index(capacity, max_fanout):
   index_out, _ = run_plan(routing, capacity, "index", x, w1, w2)
   assert_close(out, index_out)
   # Same slot contents as "index" (token and gate of every slot).
-  fast = dispatch.plan(routing, capacity, strategy="gather",
-                       max_fanout=max_fanout)
-  ref = dispatch.plan(routing, capacity, strategy="index")
+  fast = jit_plan(routing, capacity, strategy="gather", max_fanout=max_fanout)
+  ref = jit_plan(routing, capacity, strategy="index")
   np.testing.assert_array_equal(np.asarray(fast.slot_valid),
                                 np.asarray(ref.slot_valid))
   np.testing.assert_array_equal(
@@ -50,18 +53,17 @@ def test_gather_matches_loop_and_index(capacity, max_fanout):
 def test_gather_hand_checked_and_ties():
   gates = jnp.array([[.6, .4], [.3, .7], [.9, .1], [.2, .8]])
   priority = jnp.array([[2., 1.], [1., 2.], [2., 1.], [1., 2.]])
-  p = dispatch.plan(Routing(gates, priority), 3, strategy="gather",
-                    max_fanout=2)
+  p = jit_plan(Routing(gates, priority), 3, strategy="gather", max_fanout=2)
   np.testing.assert_array_equal(
       np.asarray(p.kept),
       [[True, True], [True, True], [True, False], [False, True]])
   # Equal priorities: the lower token index wins; higher priority beats index.
   ones = jnp.ones((5, 1))
-  p = dispatch.plan(Routing(ones, jnp.zeros((5, 1))), 2, strategy="gather")
+  p = jit_plan(Routing(ones, jnp.zeros((5, 1))), 2, strategy="gather")
   np.testing.assert_array_equal(np.asarray(p.kept[:, 0]),
                                 [True, True, False, False, False])
-  p = dispatch.plan(Routing(ones, jnp.array([[0.], [0.], [0.], [5.], [0.]])),
-                    2, strategy="gather")
+  p = jit_plan(Routing(ones, jnp.array([[0.], [0.], [0.], [5.], [0.]])), 2,
+               strategy="gather")
   np.testing.assert_array_equal(np.asarray(p.kept[:, 0]),
                                 [True, False, False, True, False])
 
@@ -70,7 +72,7 @@ def test_gather_scatter_fallback_for_large_fanout_bound():
   # S*m = 24*8 > 2*E*C = 2*8*4: the token->slot map is bigger than the slots,
   # combine falls back to scatter-add; same results as "index".
   routing, x, w1, w2 = make_case(seed=4, e=8, k=3)
-  fast = dispatch.plan(routing, 4, strategy="gather")
+  fast = jit_plan(routing, 4, strategy="gather")
   assert not fast.token_major
   out, kept = run_plan(routing, 4, "gather", x, w1, w2)
   want_kept = reference_kept(routing.gates, routing.priority, 4)
@@ -84,11 +86,9 @@ def test_gather_scatter_fallback_for_large_fanout_bound():
 def test_dropless_paths_match_loop(strategy, block_size):
   for max_fanout in (2, None):
     routing, x, w1, w2 = make_case(seed=1)
-    p = dispatch.plan(routing, 1, strategy=strategy, max_fanout=max_fanout,
-                      block_size=block_size)
-    h = jax.nn.relu(p.matmul(p.dispatch(x), w1))
-    out = p.combine(p.matmul(h, w2))
-    np.testing.assert_array_equal(np.asarray(p.kept),
+    out, kept = run_plan(routing, 1, strategy, x, w1, w2, max_fanout,
+                         block_size)
+    np.testing.assert_array_equal(np.asarray(kept),
                                   np.asarray(routing.routed))
     assert_close(out, loop_reference(routing, np.asarray(routing.routed), x,
                                      w1, w2))
@@ -97,7 +97,7 @@ def test_dropless_paths_match_loop(strategy, block_size):
 def test_variable_fanout_expert_choice():
   # Expert choice: a token can have 0..E experts; nothing drops at C = 8.
   logits = jax.random.normal(jax.random.PRNGKey(3), (32, 8))
-  routing = expert_choice(logits, 8).routing
+  routing = jax.jit(expert_choice, static_argnums=1)(logits, 8).routing
   # Token 0 routed nowhere (a valid Routing; e.g. a skipped token).
   routing = Routing(routing.gates.at[0].set(0.0), routing.priority)
   _, x, w1, w2 = make_case(seed=3, s=32, e=8)
@@ -114,8 +114,7 @@ def test_variable_fanout_expert_choice():
 def test_sorted_block_layout():
   routing, _, _, _ = make_case(seed=5, s=40, e=4, k=2)
   size = 4
-  p = dispatch.plan(routing, 1, strategy="sorted", max_fanout=2,
-                    block_size=size)
+  p = jit_plan(routing, 1, strategy="sorted", max_fanout=2, block_size=size)
   counts = np.asarray(routing.routed.sum(0))
   np.testing.assert_array_equal(np.asarray(p.group_sizes), counts)
   nb = dispatch.num_blocks(80, 4, size)
@@ -155,7 +154,7 @@ def test_gradients_match_reference(strategy, capacity):
   reference = "einsum" if strategy == "gather" else "ragged"
   want = grad(logits, x, w1, w2, reference)
   if strategy == "gather" and capacity == 6:  # something really dropped
-    routing = top_k(logits, 2).routing
+    routing = jit_top_k(logits, 2).routing
     assert not reference_kept(routing.gates, routing.priority, 6).all(
         where=np.asarray(routing.routed))
   for g, w in zip(got, want):
@@ -190,10 +189,15 @@ def test_custom_vjps_match_autodiff():
     return dispatch.gather_rows(x, jnp.asarray(index), jnp.asarray(valid),
                                 jnp.asarray(inverse), jnp.asarray(inv_valid))
 
+  @jax.jit
+  def rows_and_vjp(x, cot):
+    """(value, x cotangent) of fast_rows and of plain_rows."""
+    return [(f(x), jax.vjp(f, x)[1](cot)[0]) for f in (fast_rows, plain_rows)]
+
   cot = jnp.asarray(rng.normal(size=(rows, d)), jnp.float32)
-  assert_close(fast_rows(x), plain_rows(x))
-  assert_close(jax.vjp(fast_rows, x)[1](cot)[0],
-               jax.vjp(plain_rows, x)[1](cot)[0])
+  (fast_y, fast_dx), (plain_y, plain_dx) = rows_and_vjp(x, cot)
+  assert_close(fast_y, plain_y)
+  assert_close(fast_dx, plain_dx)
 
   def plain_combine(y, g):
     picked = jnp.take(y, jnp.minimum(inverse, rows - 1), axis=0)
@@ -205,11 +209,17 @@ def test_custom_vjps_match_autodiff():
                                    jnp.asarray(inv_valid), jnp.asarray(index),
                                    jnp.asarray(row_gate))
 
+  @jax.jit
+  def combine_and_vjp(y, g, cot):
+    """(value, (y, g) cotangents) of fast_combine and of plain_combine."""
+    return [(f(y, g), jax.vjp(f, y, g)[1](cot))
+            for f in (fast_combine, plain_combine)]
+
   cot = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
-  g = jnp.asarray(gate)
-  assert_close(fast_combine(y, g), plain_combine(y, g))
-  for got, want in zip(jax.vjp(fast_combine, y, g)[1](cot),
-                       jax.vjp(plain_combine, y, g)[1](cot)):
+  (fast_out, fast_grads), (plain_out, plain_grads) = combine_and_vjp(
+      y, jnp.asarray(gate), cot)
+  assert_close(fast_out, plain_out)
+  for got, want in zip(fast_grads, plain_grads):
     assert_close(got, want)
 
 
@@ -245,13 +255,14 @@ def test_bfloat16_payload(strategy):
     r = Routing(gates, routing.priority)
     out, _ = run_plan(r, 8, strategy, x, bf(w1), bf(w2), max_fanout=2)
     return jnp.sum(out.astype(jnp.float32) ** 2)
-  dg, dx = jax.grad(loss, argnums=(0, 1))(routing.gates, bf(x))
+  dg, dx = jax.jit(jax.grad(loss, argnums=(0, 1)))(routing.gates, bf(x))
   assert dg.dtype == jnp.float32 and dx.dtype == jnp.bfloat16
   # The fused CPU path of experts.ffn: bfloat16 in and out (float32 inside).
   w = {"w_in": w1, "w_gate": w1, "w_out": w2}
-  p = dispatch.plan(routing, 8, strategy=strategy, max_fanout=2)
-  want = experts.ffn(p, x, w)
-  got = experts.ffn(p, bf(x), jax.tree.map(bf, w))
+  p = jit_plan(routing, 8, strategy=strategy, max_fanout=2)
+  ffn = jax.jit(experts.ffn)
+  want = ffn(p, x, w)
+  got = ffn(p, bf(x), jax.tree.map(bf, w))
   assert got.dtype == jnp.bfloat16
   assert_close(got, want, rtol=5e-2, atol=5e-2)
 
@@ -266,7 +277,7 @@ def test_vmap_over_groups(max_fanout):
 
   def one(r, x):
     return run_plan(r, 6, "gather", x, w1, w2, max_fanout=2)[0]
-  got = jax.vmap(one)(Routing(gates, priority), xs)
+  got = jax.jit(jax.vmap(one))(Routing(gates, priority), xs)
   want = [run_plan(r, 6, "index", x, w1, w2) for r, x, _, _ in cases]
   for i in range(3):
     assert_close(got[i], want[i][0])
@@ -283,7 +294,9 @@ def test_vmap_over_groups(max_fanout):
     dispatch.plan(flat, 6, strategy="gather", num_groups=5)
 
 
+@functools.partial(jax.jit, static_argnames="max_fanout")
 def run_plan_groups(routing, x, w1, w2, max_fanout):
+  """`run_plan` with capacity 6 per group, 3 groups laid end to end in S."""
   p = dispatch.plan(routing, 6, strategy="gather", max_fanout=max_fanout,
                     num_groups=3)
   h = jax.nn.relu(p.matmul(p.dispatch(x), w1))
@@ -313,9 +326,9 @@ def test_backend_choice():
   on_cpu = jax.default_backend() == "cpu"
   routing, *_ = make_case()
   for strategy in ("gather", "sorted"):  # the fused CPU block loop
-    assert dispatch.plan(routing, 4, strategy=strategy).block_loop == on_cpu
-  assert dispatch.plan(routing, 4, strategy="auto").block_loop == on_cpu
-  assert isinstance(dispatch.plan(routing, 4, strategy="dropless"),
+    assert jit_plan(routing, 4, strategy=strategy).block_loop == on_cpu
+  assert jit_plan(routing, 4, strategy="auto").block_loop == on_cpu
+  assert isinstance(jit_plan(routing, 4, strategy="dropless"),
                     dispatch.BlockPlan if on_cpu else dispatch.DroplessPlan)
 
 
@@ -353,10 +366,15 @@ def test_grouped_matmul_matches_einsum_and_autodiff():
   def fast(h, w):
     return dispatch.grouped_matmul(h, w, block_expert, order, num_used)
 
-  assert_close(fast(h, w), plain(h, w))
+  @jax.jit
+  def value_and_vjp(h, w, cot):
+    """(value, (h, w) cotangents) of fast and of plain."""
+    return [(f(h, w), jax.vjp(f, h, w)[1](cot)) for f in (fast, plain)]
+
   cot = jnp.asarray(rng.normal(size=(nb, size, c)), jnp.float32)
-  for got, want in zip(jax.vjp(fast, h, w)[1](cot),
-                       jax.vjp(plain, h, w)[1](cot)):
+  (fast_out, fast_grads), (plain_out, plain_grads) = value_and_vjp(h, w, cot)
+  assert_close(fast_out, plain_out)
+  for got, want in zip(fast_grads, plain_grads):
     assert_close(got, want)
 
 
@@ -368,14 +386,20 @@ def test_moe_layer_gather_default_matches_index():
   from moejax.nn.moe import MoE, MoEConfig
   assert dispatch.choose_strategy(MoEConfig().strategy) == "gather"
   x = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 8))
-  outs = {}
+  layers = {}
   for strategy, remat in (("index", False), ("gather", True),
                           ("sorted", False)):
     cfg = MoEConfig(num_experts=4, expert_width=6, router=TopK(k=2),
                     capacity_factor=0.75, strategy=strategy, remat=remat,
                     router_init_scale=1.0)
-    layer = MoE(cfg, d_model=8)
-    params = layer.init({"params": jax.random.PRNGKey(1)}, x, train=True)
+    layers[(strategy, remat)] = MoE(cfg, d_model=8)
+  # One program inits all three (their identical initialisers compile once).
+  variables = jax.jit(lambda x: {
+      key: layer.init({"params": jax.random.PRNGKey(1)}, x, train=True)
+      for key, layer in layers.items()})(x)
+  outs = {}
+  for (strategy, remat), layer in layers.items():
+    params = variables[(strategy, remat)]
 
     def loss(params, x):
       y, coll = layer.apply(params, x, train=True, mutable=["router"])

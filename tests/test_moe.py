@@ -1,5 +1,10 @@
-"""The MoE layer and the LM against simple references."""
+"""The MoE layer and the LM against simple references.
+
+Inits, forward passes and references run under jit (one compile each instead
+of one per primitive).
+"""
 import dataclasses
+import functools
 
 import chex
 import flax.linen as nn
@@ -15,6 +20,7 @@ from moejax.nn import MoE, MoEConfig
 from moejax.train.step import router_outputs
 
 
+@functools.partial(jax.jit, static_argnums=(2, 3))
 def moe_reference(params, x, k, num_shared=0):
   """Dense reference: every expert on every token, weighted by top-k gates."""
   logits = x.reshape(-1, x.shape[-1]) @ params["router"]
@@ -35,9 +41,10 @@ def _train_outputs(cfg, x=None):
   if x is None:
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16))
   layer = MoE(cfg, d_model=16)
-  v = layer.init({"params": jax.random.PRNGKey(1)}, x, train=True)
-  _, coll = layer.apply({"params": v["params"]}, x, train=True,
-                        mutable=["router"])
+  params = jax.jit(lambda x: layer.init({"params": jax.random.PRNGKey(1)}, x,
+                                        train=True)["params"])(x)
+  _, coll = jax.jit(lambda p, x: layer.apply({"params": p}, x, train=True,
+                                             mutable=["router"]))(params, x)
   (out,) = router_outputs(coll["router"]).values()
   return out
 
@@ -48,9 +55,10 @@ def test_moe_layer_matches_dense_reference(strategy):
                   capacity_factor=4.0, strategy=strategy)
   layer = MoE(cfg, d_model=16)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 12, 16))
-  variables = layer.init({"params": jax.random.PRNGKey(1)}, x, train=True)
-  params = nn.meta.unbox(variables["params"])
-  y, coll = layer.apply({"params": params}, x, train=True, mutable=["router"])
+  params = nn.meta.unbox(jax.jit(lambda x: layer.init(
+      {"params": jax.random.PRNGKey(1)}, x, train=True)["params"])(x))
+  y, coll = jax.jit(lambda p, x: layer.apply({"params": p}, x, train=True,
+                                             mutable=["router"]))(params, x)
   np.testing.assert_allclose(np.asarray(y), np.asarray(moe_reference(params, x, 2)),
                              rtol=1e-4, atol=1e-5)
   layers = router_outputs(coll["router"])
@@ -80,12 +88,18 @@ def test_shared_expert_adds_dense_ffn():
                   capacity_factor=4.0)
   layer = MoE(cfg, d_model=16)
   x = jax.random.normal(jax.random.PRNGKey(0), (1, 8, 16))
-  params = nn.meta.unbox(layer.init({"params": jax.random.PRNGKey(1)}, x,
-                                    train=False)["params"])
-  y, _ = layer.apply({"params": params}, x, train=False, mutable=["router"])
-  shared = params["shared"]
-  h = jax.nn.silu(x @ shared["w_gate"]["kernel"]) * (x @ shared["w_in"]["kernel"])
-  want = moe_reference(params, x, 2) + h @ shared["w_out"]["kernel"]
+  params = nn.meta.unbox(jax.jit(lambda x: layer.init(
+      {"params": jax.random.PRNGKey(1)}, x, train=False)["params"])(x))
+  y, _ = jax.jit(lambda p, x: layer.apply({"params": p}, x, train=False,
+                                          mutable=["router"]))(params, x)
+
+  @jax.jit
+  def reference(params, x):
+    shared = params["shared"]
+    h = jax.nn.silu(x @ shared["w_gate"]["kernel"]) * (
+        x @ shared["w_in"]["kernel"])
+    return moe_reference(params, x, 2) + h @ shared["w_out"]["kernel"]
+  want = reference(params, x)
   np.testing.assert_allclose(np.asarray(y), np.asarray(want), rtol=1e-4,
                              atol=1e-5)
 
@@ -103,9 +117,9 @@ def test_groups_and_capacity_drop_reported():
 def test_param_logical_axes():
   cfg = LMConfig(num_layers=2, d_model=32, num_heads=2, d_ff=64, max_len=16,
                  moe=MoEConfig(num_experts=4, expert_width=16), moe_every=2)
-  params, router_state = init_variables(TransformerLM(cfg),
-                                        jax.random.PRNGKey(0),
-                                        jnp.zeros((1, 16), jnp.int32))
+  # Shapes and partitioning only: traced, not compiled.
+  params, router_state = jax.eval_shape(lambda: init_variables(
+      TransformerLM(cfg), jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32)))
   specs = nn.get_partition_spec(params)
   assert specs["layers_1"]["mlp"]["experts"]["w_in"] == jax.sharding.PartitionSpec(
       "expert", "embed", "mlp")
@@ -121,9 +135,10 @@ def test_lm_is_causal():
   tokens = jax.random.randint(jax.random.PRNGKey(0), (1, 16), 0, 256)
   params, _ = init_variables(model, jax.random.PRNGKey(1), tokens)
   params = nn.meta.unbox(params)
-  a = model.apply({"params": params}, tokens, mutable=["router"])[0]
-  b = model.apply({"params": params}, tokens.at[0, 10].set(7),
-                  mutable=["router"])[0]
+  forward = jax.jit(lambda p, t: model.apply({"params": p}, t,
+                                             mutable=["router"])[0])
+  a = forward(params, tokens)
+  b = forward(params, tokens.at[0, 10].set(7))
   np.testing.assert_allclose(np.asarray(a[0, :10]), np.asarray(b[0, :10]),
                              rtol=1e-5, atol=1e-5)
   assert not np.allclose(np.asarray(a[0, 10:]), np.asarray(b[0, 10:]))
@@ -154,8 +169,9 @@ def test_bf16_activations_keep_f32_routing():
   model = TransformerLM(cfg)
   tokens = jnp.zeros((1, 8), jnp.int32)
   params, _ = init_variables(model, jax.random.PRNGKey(0), tokens)
-  logits, coll = model.apply({"params": nn.meta.unbox(params)}, tokens,
-                             train=True, mutable=["router"])
+  logits, coll = jax.jit(lambda p, t: model.apply(
+      {"params": p}, t, train=True, mutable=["router"]))(
+          nn.meta.unbox(params), tokens)
   assert logits.dtype == jnp.float32
   (out,) = router_outputs(coll["router"]).values()
   chex.assert_type(out["metrics"]["expert_load"], jnp.float32)

@@ -1,10 +1,15 @@
 """A non-finite or extreme value stays its own token's problem.
 
+Router, layer and dispatch calls run under jit (one compile each instead of
+one per primitive); exact comparisons with eager references stay eager.
+
 Axis legend:
   S  tokens in one group
   E  experts
   D  model width
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,8 +68,9 @@ def test_sign_bias_keeps_bias_of_nonfinite_expert():
 def test_expert_choice_nonfinite_token_routed_nowhere(bad):
   from moejax.routing.choice import expert_choice
   logits = jax.random.normal(jax.random.PRNGKey(0), (6, 3))
-  out_clean = expert_choice(logits.at[2].set(-30.0), 1)
-  out = expert_choice(logits.at[2, 1].set(bad), 1)
+  route = jax.jit(expert_choice, static_argnums=1)
+  out_clean = route(logits.at[2].set(-30.0), 1)
+  out = route(logits.at[2, 1].set(bad), 1)
   gates = np.asarray(out.routing.gates)
   assert np.all(np.isfinite(gates)) and np.all(gates[2] == 0)
   assert gates.astype(bool).sum() == 3  # every expert still takes a token
@@ -80,18 +86,20 @@ def test_expert_threshold_nonfinite_token(bad):
                                         expert_threshold_train)
   logits = jax.random.normal(jax.random.PRNGKey(1), (8, 4))
   bad_logits = logits.at[3, 2].set(bad)
+  # One program for both ec (a traced bool to the router).
+  route_train = jax.jit(expert_threshold_train, static_argnums=2)
   for ec in (True, False):
-    out = expert_threshold_train(bad_logits, jnp.zeros(4), 1, expert_choice=ec)
+    out = route_train(bad_logits, jnp.zeros(4), 1, expert_choice=ec)
     gates = np.asarray(out.routing.gates)
     assert np.all(np.isfinite(gates)) and np.all(gates[3] == 0)
     assert np.all(np.isfinite(np.asarray(out.metrics["et_cutoff"])))
     for v in list(out.aux.values()) + list(out.metrics.values()):
       assert np.all(np.isfinite(np.asarray(v)))
-  out = expert_threshold(bad_logits, jnp.full(4, -10.0))
+  out = jax.jit(expert_threshold)(bad_logits, jnp.full(4, -10.0))
   gates = np.asarray(out.routing.gates)
   assert np.all(gates[3] == 0) and np.all(gates[np.arange(8) != 3] > 0)
-  grad = jax.grad(lambda l: expert_threshold(l, jnp.zeros(4)).routing.gates
-                  .sum())(bad_logits)
+  grad = jax.jit(jax.grad(lambda l: expert_threshold(l, jnp.zeros(4))
+                          .routing.gates.sum()))(bad_logits)
   assert np.all(np.isfinite(np.asarray(grad)))
 
 
@@ -99,16 +107,18 @@ def test_aux_losses_and_metrics_over_finite_tokens():
   from moejax.routing import losses
   from moejax.routing.topk import top_k
   logits = jax.random.normal(jax.random.PRNGKey(2), (8, 4))
-  clean = top_k(logits[1:], 2)
-  out = top_k(logits.at[0, 1].set(NAN), 2)
+  route = jax.jit(top_k, static_argnums=1)
+  clean = route(logits[1:], 2)
+  out = route(logits.at[0, 1].set(NAN), 2)
   for key in ("load_balance", "z_loss", "entropy"):
     np.testing.assert_allclose(out.aux[key], clean.aux[key], rtol=1e-6)
   for key in ("experts_per_token", "expert_load", "router_entropy",
               "mean_logsumexp"):
     np.testing.assert_allclose(out.metrics[key], clean.metrics[key], rtol=1e-6)
   big = jnp.full((2, 4), 1e20)
-  assert np.isfinite(float(losses.z_loss(big)))
-  assert float(jax.grad(lambda l: losses.z_loss(l))(big)[0, 0]) > 0
+  value, grad = jax.jit(jax.value_and_grad(losses.z_loss))(big)
+  assert np.isfinite(float(value))
+  assert float(grad[0, 0]) > 0
   np.testing.assert_allclose(float(losses.z_loss(logits)), float(jnp.mean(
       jax.nn.logsumexp(logits, axis=-1) ** 2)), rtol=1e-7)
 
@@ -116,7 +126,8 @@ def test_aux_losses_and_metrics_over_finite_tokens():
 def test_loss_free_sigmoid_gates_normalised_for_very_negative_logits():
   from moejax.routing.lossfree import biased_top_k
   logits = jnp.array([[-80.0, -90.0, -100.0], [1.0, -2.0, 0.5]])
-  out = biased_top_k(logits, 2, score_fn="sigmoid")
+  route = functools.partial(biased_top_k, k=2, score_fn="sigmoid")
+  out = jax.jit(route)(logits)
   np.testing.assert_allclose(np.asarray(out.routing.gates).sum(-1), 1.0,
                              rtol=1e-6)
   np.testing.assert_allclose(out.routing.gates[0, :2],
@@ -125,24 +136,25 @@ def test_loss_free_sigmoid_gates_normalised_for_very_negative_logits():
   s = jax.nn.sigmoid(logits[1])
   np.testing.assert_allclose(np.asarray(out.routing.gates)[1, [0, 2]],
                              np.asarray(s)[[0, 2]] / float(s[0] + s[2]), rtol=1e-6)
-  grad = jax.grad(lambda l: jnp.sum(biased_top_k(
-      l, 2, score_fn="sigmoid").routing.gates * jnp.arange(3.0)))(logits)
+  grad = jax.jit(jax.grad(lambda l: jnp.sum(
+      route(l).routing.gates * jnp.arange(3.0))))(logits)
   assert np.all(np.isfinite(np.asarray(grad)))
 
 
 def test_dtop_p_masked_expert_and_outlier():
   from moejax.routing.dtopp import dtop_p, standardize
   logits = jnp.array([[1.0, 0.5, -0.3, 2.0]])
-  out = dtop_p(logits.at[0, 2].set(-INF), 0.9)
+  out = jax.jit(functools.partial(dtop_p, p=0.9))(logits.at[0, 2].set(-INF))
   gates = np.asarray(out.routing.gates)
   assert np.all(np.isfinite(gates)) and gates[0, 2] == 0
   np.testing.assert_allclose(gates.sum(), 1.0, rtol=1e-6)
+  jit_standardize = jax.jit(standardize)
   np.testing.assert_allclose(
-      np.asarray(standardize(logits.at[0, 2].set(-INF)))[0, [0, 1, 3]],
-      standardize(logits[:, jnp.array([0, 1, 3])])[0], rtol=1e-6)
-  z = np.asarray(standardize(logits.at[0, 2].set(-1e30)))[0]
+      np.asarray(jit_standardize(logits.at[0, 2].set(-INF)))[0, [0, 1, 3]],
+      jit_standardize(logits[:, jnp.array([0, 1, 3])])[0], rtol=1e-6)
+  z = np.asarray(jit_standardize(logits.at[0, 2].set(-1e30)))[0]
   assert z[3] > z[0] > z[1] > z[2]  # ranking of the others kept
-  np.testing.assert_array_equal(  # ordinary logits: unchanged
+  np.testing.assert_array_equal(  # ordinary logits: unchanged (eager, exact)
       standardize(logits), (logits - logits.mean()) * jax.lax.rsqrt(
           logits.var() + 1e-6))
 
@@ -158,11 +170,12 @@ def test_expert_threshold_eval_never_drops_by_later_tokens():
                   router=ExpertThreshold(k=1, et_warmup_steps=0), num_shared=0)
   layer = MoE(cfg, d_model=8)
   x = jax.random.normal(jax.random.PRNGKey(0), (1, 16, 8))
-  variables = layer.init({"params": jax.random.PRNGKey(1)}, x, train=False)
+  params = jax.jit(lambda x: layer.init({"params": jax.random.PRNGKey(1)}, x,
+                                        train=False)["params"])(x)
   state = {"state": {"ema": jnp.full((4,), -10.0),
                      "count": jnp.asarray(5, jnp.int32)}}
   apply = jax.jit(lambda x: layer.apply(
-      {"params": nn.meta.unbox(variables["params"]), "router_state": state},
+      {"params": nn.meta.unbox(params), "router_state": state},
       x, train=False, mutable=["router"]))
   y, coll = apply(x)
   (metrics,) = [v["metrics"] for v in router_outputs(coll["router"]).values()]
@@ -193,19 +206,42 @@ def _dispatch_case(s=12, e=4, d=6, f=5):
   from moejax.routing.topk import top_k
   keys = jax.random.split(jax.random.PRNGKey(3), 5)
   x = jax.random.normal(keys[0], (s, d))
-  routing = top_k(jax.random.normal(keys[1], (s, e)), 2).routing
+  routing = jax.jit(top_k, static_argnums=1)(
+      jax.random.normal(keys[1], (s, e)), 2).routing
   weights = {"w_in": jax.random.normal(keys[2], (e, d, f)) * 0.3,
              "w_gate": jax.random.normal(keys[3], (e, d, f)) * 0.3,
              "w_out": jax.random.normal(keys[4], (e, f, d)) * 0.3}
   return x, routing, weights
 
 
+@functools.partial(jax.jit, static_argnames=("strategy", "capacity"))
 def _run(strategy, x, gates, priority, weights, capacity):
+  """The expert FFN through one plan.
+
+  Args:
+    strategy, capacity: static `dispatch.plan` arguments.
+    x: float32[S, D] tokens.
+    gates, priority: float32[S, E] routing.
+    weights: the expert FFN weights (`_dispatch_case`).
+  Returns:
+    (y float32[S, D], kept bool[S, E]).
+  """
   from moejax import dispatch, experts
   from moejax.routing import Routing
   plan = dispatch.plan(Routing(gates=gates, priority=priority), capacity,
                        strategy=strategy)
   return experts.ffn(plan, x, weights), plan.kept
+
+
+@functools.partial(jax.jit, static_argnames="strategy")
+def _others_loss_and_grad(strategy, x, gates, priority, weights, others):
+  """((loss, y), dloss/dx) of the capacity-12 FFN, loss = sum of y**2 over
+  the tokens `others` (bool[S])."""
+
+  def loss(x):
+    y, _ = _run(strategy, x, gates, priority, weights, 12)
+    return jnp.sum(jnp.where(others[:, None], y, 0.0) ** 2), y
+  return jax.value_and_grad(loss, has_aux=True)(x)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -223,12 +259,10 @@ def test_dispatch_bad_value_stays_in_its_token(strategy, where):
   else:
     x_bad, g_bad, p_bad = x, gates, priority.at[bad].set(NAN)
 
-  def loss(x, g, p):
-    y, _ = _run(strategy, x, g, p, weights, 12)
-    return jnp.sum(jnp.where(others[:, None], y, 0.0) ** 2), y
-
-  (_, y0), dx0 = jax.value_and_grad(loss, has_aux=True)(x, gates, priority)
-  (_, y1), dx1 = jax.value_and_grad(loss, has_aux=True)(x_bad, g_bad, p_bad)
+  (_, y0), dx0 = _others_loss_and_grad(strategy, x, gates, priority, weights,
+                                       others)
+  (_, y1), dx1 = _others_loss_and_grad(strategy, x_bad, g_bad, p_bad, weights,
+                                       others)
   np.testing.assert_allclose(np.asarray(y1)[others], np.asarray(y0)[others],
                              rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(dx1)[others], np.asarray(dx0)[others],

@@ -1,4 +1,8 @@
-"""Baseline routers and losses against numpy references and hand-checked cases."""
+"""Baseline routers and losses against numpy references and hand-checked cases.
+
+Router and loss calls run under jit (one compile each instead of one per
+primitive); the argument checks stay eager.
+"""
 import types
 
 import chex
@@ -12,6 +16,11 @@ from moejax.routing import Routing, expert_choice, top_k
 from moejax.routing import losses
 
 
+# The routers under jit (they return RouterOutput pytrees).
+jit_top_k = jax.jit(top_k, static_argnames=("k", "normalize", "random_second"))
+jit_expert_choice = jax.jit(expert_choice, static_argnames="capacity")
+
+
 def softmax(x):
   e = np.exp(x - x.max(-1, keepdims=True))
   return e / e.sum(-1, keepdims=True)
@@ -21,7 +30,7 @@ def softmax(x):
 @pytest.mark.parametrize("normalize", [True, False])
 def test_top_k_matches_numpy(k, normalize):
   logits = np.random.default_rng(k).normal(size=(32, 8)).astype(np.float32)
-  out = top_k(jnp.asarray(logits), k, normalize=normalize)
+  out = jit_top_k(jnp.asarray(logits), k, normalize=normalize)
   probs = softmax(logits)
   want = np.zeros_like(probs)
   for s in range(32):
@@ -38,25 +47,25 @@ def test_top_k_matches_numpy(k, normalize):
 
 def test_top_k_priority_first_choices_first():
   logits = jnp.array([[3., 1., 0.], [0., 2., 1.]])
-  out = top_k(logits, 2)
+  out = jit_top_k(logits, 2)
   np.testing.assert_array_equal(np.asarray(out.routing.priority),
                                 [[2, 1, 0], [0, 2, 1]])
 
 
 def test_top_k_extreme_logits_still_route_k():
   logits = jnp.array([[100., -100., -100., -100.]])
-  out = top_k(logits, 2)
+  out = jit_top_k(logits, 2)
   assert int(out.routing.routed.sum()) == 2
 
 
 def test_random_second_expert():
   logits = jnp.tile(jnp.array([[2.0, 1.9, -5.0, -5.0]]), (4000, 1))
-  out = top_k(logits, 2, rng=jax.random.PRNGKey(0), random_second=True)
+  out = jit_top_k(logits, 2, rng=jax.random.PRNGKey(0), random_second=True)
   g2 = np.exp(1.9) / (np.exp(2.0) + np.exp(1.9))
   kept_second = float(out.routing.routed[:, 1].mean())
   assert abs(kept_second - min(1.0, 2 * g2)) < 0.03
   logits = jnp.tile(jnp.array([[4.0, 0.0, -5.0, -5.0]]), (4000, 1))
-  out = top_k(logits, 2, rng=jax.random.PRNGKey(1), random_second=True)
+  out = jit_top_k(logits, 2, rng=jax.random.PRNGKey(1), random_second=True)
   g2 = 1 / (np.exp(4.0) + 1)
   assert abs(float(out.routing.routed[:, 1].mean()) - 2 * g2) < 0.02
   with pytest.raises(ValueError, match="rng"):
@@ -65,7 +74,7 @@ def test_random_second_expert():
 
 def test_expert_choice_takes_capacity_tokens_per_expert():
   logits = np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32)
-  out = expert_choice(jnp.asarray(logits), 5)
+  out = jit_expert_choice(jnp.asarray(logits), 5)
   probs = softmax(logits)
   gates = np.asarray(out.routing.gates)
   for e in range(4):
@@ -82,26 +91,28 @@ def test_load_balance_minimum_one_at_uniform():
   probs = jnp.full((num_tokens, num_experts), 1 / num_experts)
   routed = jnp.zeros((num_tokens, num_experts), bool).at[
       jnp.arange(num_tokens), jnp.arange(num_tokens) % num_experts].set(True)
-  np.testing.assert_allclose(float(losses.load_balance_loss(probs, routed)), 1.0,
+  load_balance_loss = jax.jit(losses.load_balance_loss)
+  np.testing.assert_allclose(float(load_balance_loss(probs, routed)), 1.0,
                              rtol=1e-6)
   # Skewed routing and probabilities together cost more.
   skew_probs = jax.nn.softmax(jnp.tile(jnp.arange(8.0), (64, 1)), axis=-1)
   skew_routed = jnp.zeros_like(routed).at[:, 7].set(True)
-  assert float(losses.load_balance_loss(skew_probs, skew_routed)) > 4.0
+  assert float(load_balance_loss(skew_probs, skew_routed)) > 4.0
 
 
 def test_z_loss_and_entropy():
   logits = jnp.array([[0., 0.], [1., 1.]])
-  np.testing.assert_allclose(float(losses.z_loss(logits)),
+  z, ent = jax.jit(lambda l: (losses.z_loss(l),
+                              losses.entropy(jax.nn.softmax(l))))(logits)
+  np.testing.assert_allclose(float(z),
                              (np.log(2) ** 2 + (1 + np.log(2)) ** 2) / 2,
                              rtol=1e-6)
-  np.testing.assert_allclose(float(losses.entropy(jax.nn.softmax(logits))),
-                             np.log(2), rtol=1e-6)
+  np.testing.assert_allclose(float(ent), np.log(2), rtol=1e-6)
 
 
 def test_routing_metrics_max_vio_and_zero_fanout():
   gates = jnp.array([[1., 0.], [1., 0.], [1., 0.], [0., 0.]])
-  m = losses.routing_metrics(Routing(gates, gates))
+  m = jax.jit(losses.routing_metrics)(Routing(gates, gates))
   np.testing.assert_allclose(float(m["max_vio"]), 1.0)  # (3 - 1.5) / 1.5
   np.testing.assert_allclose(float(m["zero_expert_fraction"]), 0.25)
   np.testing.assert_allclose(np.asarray(m["expert_load"]), [1., 0.])
@@ -183,10 +194,11 @@ def test_scatter_rows_matches_a_loop_and_its_gradient_is_a_gather():
   for r in range(6):
     for j in range(3):
       want[r, index[r, j]] += values[r, j]
-  got = scatter_rows(jnp.asarray(values), jnp.asarray(index), 5)
+  got = jax.jit(scatter_rows, static_argnums=2)(jnp.asarray(values),
+                                                jnp.asarray(index), 5)
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
   cot = rng.normal(size=(6, 5)).astype(np.float32)
-  grad = jax.grad(lambda v: jnp.sum(scatter_rows(v, jnp.asarray(index), 5)
-                                    * cot))(jnp.asarray(values))
+  grad = jax.jit(jax.grad(lambda v: jnp.sum(
+      scatter_rows(v, jnp.asarray(index), 5) * cot)))(jnp.asarray(values))
   np.testing.assert_allclose(np.asarray(grad),
                              np.take_along_axis(cot, index, axis=1), rtol=1e-6)
