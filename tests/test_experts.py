@@ -52,8 +52,9 @@ def test_fused_expert_ffn_matches_einsum(activation):
               ("gather", 40, "einsum", {"block_size": 16}),
               ("sorted", 1, "ragged", {"block_size": 8, "remat": True})]
   for strategy, capacity, reference, kwargs in cases:
-    p = dispatch.plan(top_k(logits, k).routing, capacity, strategy=strategy,
-                      max_fanout=k, block_size=kwargs.get("block_size"))
+    p = jax.eval_shape(lambda lg: dispatch.plan(  # block_loop is static
+        top_k(lg, k).routing, capacity, strategy=strategy, max_fanout=k,
+        block_size=kwargs.get("block_size")), logits)
     assert p.block_loop  # the fused path runs on CPU
     got = grad(logits, x, w, strategy, capacity, kwargs.get("remat", False),
                kwargs.get("block_size"))
@@ -79,10 +80,10 @@ def test_fused_expert_ffn_matches_einsum(activation):
   want = grouped_grad(logits, x, w, "einsum")
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     assert_close(a, b, rtol=2e-4, atol=2e-5)
-  kept = dispatch.plan(top_k(logits, k).routing, 12, strategy="gather",
-                       max_fanout=k).kept
-  assert not np.asarray(kept)[np.asarray(top_k(logits, k).routing.routed)
-                              ].all()
+  kept, routed = jax.jit(lambda lg: (
+      dispatch.plan(top_k(lg, k).routing, 12, strategy="gather",
+                    max_fanout=k).kept, top_k(lg, k).routing.routed))(logits)
+  assert not np.asarray(kept)[np.asarray(routed)].all()
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
@@ -90,15 +91,19 @@ def test_dense_ffn_is_one_routed_expert(activation):
   s, d, f = 8, 6, 5
   x = jax.random.normal(jax.random.PRNGKey(0), (s, d))
   dense = experts.DenseFFN(d, f, activation)
+  # Eager init: its random programs are cached per shape across the cases.
   params = dense.init(jax.random.PRNGKey(1), x)
-  want = dense.apply(params, x)
+  want = jax.jit(dense.apply)(params, x)
   kernels = {name: nn.unbox(p["kernel"]) for name, p in params["params"].items()}
-  assert_close(experts.mlp(x, kernels, activation), want)
+  assert_close(jax.jit(lambda x, w: experts.mlp(x, w, activation))(x, kernels),
+               want)
   stacked = {name: k[None] for name, k in kernels.items()}  # E = 1
   ones = jnp.ones((s, 1))
+  ffn = jax.jit(lambda x, w, strategy: experts.ffn(
+      dispatch.plan(Routing(ones, ones), s, strategy=strategy), x, w,
+      activation), static_argnums=2)
   for strategy in ("einsum", "gather", "sorted"):
-    plan = dispatch.plan(Routing(ones, ones), s, strategy=strategy)
-    assert_close(experts.ffn(plan, x, stacked, activation), want)
+    assert_close(ffn(x, stacked, strategy), want)
 
 
 def test_weights_and_activation_validation():
@@ -106,7 +111,8 @@ def test_weights_and_activation_validation():
   assert shapes == {"w_in": (4, 6, 5), "w_out": (4, 5, 6),
                     "w_gate": (4, 6, 5)}
   assert "w_gate" not in experts.weight_shapes(4, 6, 5, "gelu")
-  params = experts.Experts(4, 6, 5).init(jax.random.PRNGKey(0))["params"]
+  params = jax.eval_shape(experts.Experts(4, 6, 5).init,  # shapes and names
+                          jax.random.PRNGKey(0))["params"]
   for name, shape in shapes.items():
     assert params[name].value.shape == shape
     assert params[name].names == experts.WEIGHT_AXES[name]

@@ -16,8 +16,9 @@ from moejax.train.step import router_outputs
 @pytest.mark.parametrize("normalize", [True, False])
 def test_zero_bias_softmax_equals_top_k(normalize):
   logits = jax.random.normal(jax.random.PRNGKey(0), (30, 8))
-  a = routing.biased_top_k(logits, 2, jnp.zeros(8), normalize=normalize)
-  b = routing.top_k(logits, 2, normalize=normalize)
+  a = jax.jit(lambda lg: routing.biased_top_k(lg, 2, jnp.zeros(8),
+                                              normalize=normalize))(logits)
+  b = jax.jit(lambda lg: routing.top_k(lg, 2, normalize=normalize))(logits)
   np.testing.assert_allclose(np.asarray(a.routing.gates),
                              np.asarray(b.routing.gates), rtol=1e-6)
   np.testing.assert_array_equal(np.asarray(a.routing.priority),
@@ -32,8 +33,8 @@ def test_bias_moves_selection_not_weights(score_fn):
   logits = rng.normal(size=(50, 6)).astype(np.float32)
   logits[:, 0] += 3.0  # everybody's favourite
   bias = np.array([-5.0, 0, 0, 0, 0.0, 0.3], np.float32)
-  out = routing.biased_top_k(jnp.asarray(logits), 2, jnp.asarray(bias),
-                             score_fn=score_fn)
+  out = jax.jit(lambda lg, b: routing.biased_top_k(
+      lg, 2, b, score_fn=score_fn))(jnp.asarray(logits), jnp.asarray(bias))
   scores = (np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
             if score_fn == "softmax" else 1 / (1 + np.exp(-logits)))
   idx = np.argsort(-(scores + bias), axis=-1, kind="stable")[:, :2]
@@ -49,9 +50,10 @@ def test_bias_moves_selection_not_weights(score_fn):
 def test_sign_bias_update_rule():
   ctrl = control.SignBias(rate=0.01)
   state = ctrl.init(4)
-  state = ctrl.update(state, jnp.array([0.4, 0.1, 0.25, 0.25]))
+  update = jax.jit(ctrl.update)
+  state = update(state, jnp.array([0.4, 0.1, 0.25, 0.25]))
   np.testing.assert_allclose(np.asarray(state["bias"]), [-0.01, 0.01, 0, 0])
-  state = ctrl.update(state, jnp.array([40.0, 10, 10, 40]))  # any scale
+  state = update(state, jnp.array([40.0, 10, 10, 40]))  # any scale
   np.testing.assert_allclose(np.asarray(state["bias"]), [-0.02, 0.02, 0.01, -0.01])
   with pytest.raises(ValueError, match="rate"):
     control.SignBias(rate=0.0)
@@ -84,7 +86,8 @@ def test_sign_bias_balances_a_skewed_router(score_fn):
   assert vios[-100:].mean() < 0.15, vios[-100:].mean()
   bias = np.asarray(final["bias"])
   assert bias[0] < 0 < bias[-1]  # popular expert pushed down, starved pulled up
-  _, fresh = max_vio(final, jax.random.PRNGKey(99))  # frozen bias, new tokens
+  # Frozen bias, new tokens.
+  _, fresh = jax.jit(max_vio)(final, jax.random.PRNGKey(99))
   assert float(fresh) < 0.3  # one batch: noisier than the 100-step mean
 
 
@@ -106,7 +109,8 @@ def test_top_k_options_and_validation():
       TopK(**kwargs)
   states = {("a",): {"bias": jnp.array([0.1, -0.1])},
             ("b",): {"bias": jnp.array([0.0, 0.2])}}
-  np.testing.assert_allclose(float(m.state_metrics(states)["bias_spread"]), 0.2)
+  np.testing.assert_allclose(
+      float(jax.jit(m.state_metrics)(states)["bias_spread"]), 0.2)
 
 
 def test_layer_uses_bias_for_selection_only():
@@ -115,11 +119,18 @@ def test_layer_uses_bias_for_selection_only():
                   capacity_factor=4.0)
   layer = MoE(cfg, d_model=16)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 16))
-  v = layer.init({"params": jax.random.PRNGKey(1)}, x, train=True)
+
+  def init(x):
+    return layer.init({"params": jax.random.PRNGKey(1)}, x, train=True)
+
+  # Two programs, neither with the forward pass (only the sown outputs need it).
+  v = {"params": jax.jit(lambda x: init(x)["params"])(x),
+       "router_state": jax.jit(lambda x: init(x)["router_state"])(x)}
   assert set(v["router_state"]["state"]) == {"bias"}
   bias = {"state": {"bias": jnp.array([-10.0, 0, 0, 0])}}
-  _, coll = layer.apply({"params": v["params"], "router_state": bias}, x,
-                        train=True, mutable=["router"])
+  _, coll = jax.jit(lambda p, rs, x: layer.apply(
+      {"params": p, "router_state": rs}, x, train=True, mutable=["router"]))(
+          v["params"], bias, x)
   (out,) = router_outputs(coll["router"]).values()
   assert float(out["metrics"]["expert_load"][0]) == 0.0
   assert float(out["aux"]["load_balance"]) > 0  # reported, weight 0

@@ -56,8 +56,8 @@ def test_nonfinite_step_changes_only_step_and_data_index():
   cfg = loss_free_config()
   task = cfg.task()
   model = task.build_model()
-  state = loop.nn.meta.unbox(loop.init_state(cfg, model,
-                                             jax.random.PRNGKey(0)))
+  init = jax.jit(lambda rng: loop.init_state(cfg, model, rng))
+  state = loop.nn.meta.unbox(init(jax.random.PRNGKey(0)))
   step = loop.make_step(cfg, model, donate=False)
   data = PoisonedData(task.data(), lambda i: i == 1)
   s1, m1 = step(state, data.batch(0))

@@ -9,6 +9,7 @@ import pytest
 from moejax import control, routing
 from moejax.routing import ExpertThreshold, build, threshold
 from moejax.models import LMConfig, TransformerLM
+from moejax.models.lm import init_variables
 from moejax.nn import MoEConfig
 from moejax.train.step import router_outputs
 
@@ -46,7 +47,7 @@ def test_expert_threshold_gates_and_priority():
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(20, 6)).astype(np.float32)
   thr = rng.normal(size=6).astype(np.float32)
-  out = routing.expert_threshold(jnp.asarray(logits), jnp.asarray(thr))
+  out = jax.jit(routing.expert_threshold)(jnp.asarray(logits), jnp.asarray(thr))
   want = np.where(logits > thr, sigmoid(logits), 0.0)
   np.testing.assert_allclose(np.asarray(out.routing.gates), want, rtol=1e-6)
   np.testing.assert_allclose(np.asarray(out.routing.priority), sigmoid(logits),
@@ -120,8 +121,8 @@ def test_training_bounds_hold_exactly(shift):
 def test_warmup_is_expert_choice_over_the_pool():
   rng = np.random.default_rng(2)
   logits = rng.normal(size=(40, 5)).astype(np.float32)
-  out = threshold.expert_threshold_train(jnp.asarray(logits), jnp.full(5, 99.0), 8,
-                                  expert_choice=True)
+  out = jax.jit(lambda lg, thr: threshold.expert_threshold_train(
+      lg, thr, 8, expert_choice=True))(jnp.asarray(logits), jnp.full(5, 99.0))
   chosen = np.asarray(out.routing.routed)
   np.testing.assert_array_equal(chosen.sum(0), 8)
   np.testing.assert_array_equal(chosen, ref_top(logits, 8))
@@ -170,19 +171,21 @@ def test_method_pools_all_groups_and_updates_the_ema():
   method = ExpertThreshold(k=1, et_warmup_steps=0)
   state = method.init_state(e)
   # Step 0: the EMA is empty -> expert choice over the whole pool of 64 tokens.
-  out = jax.jit(lambda l, st: method.route_groups(l, st, rng=None, train=True))(
-      logits, state)
+  route = jax.jit(lambda l, st: method.route_groups(l, st, rng=None,
+                                                    train=True))
+  out = route(logits, state)
   routed = np.asarray(out.routing.routed)
   assert routed.shape == (g, s, e)
   np.testing.assert_array_equal(routed.sum((0, 1)), 16)
   np.testing.assert_array_equal(
       routed.reshape(-1, e), ref_top(np.asarray(logits).reshape(-1, e), 16))
   cutoff = np.asarray(out.metrics["et_cutoff"])[0]
-  new = method.update({("l",): state}, {("l",): {"et_cutoff": cutoff}}, 0)
-  np.testing.assert_allclose(np.asarray(method.thresholds(new[("l",)])), cutoff,
-                             rtol=1e-5)
+  new = jax.jit(lambda st, c: method.update(
+      {("l",): st}, {("l",): {"et_cutoff": c}}, 0))(state, cutoff)
+  np.testing.assert_allclose(
+      np.asarray(jax.jit(method.thresholds)(new[("l",)])), cutoff, rtol=1e-5)
   # Step 1: thresholds route; bounds hold over the pool, not per group.
-  out = method.route_groups(logits + 0.3, new[("l",)], rng=None, train=True)
+  out = route(logits + 0.3, new[("l",)])
   counts = np.asarray(out.routing.routed).sum((0, 1))
   low, high = threshold.load_bounds(16, 0.5)
   assert np.all((counts >= low) & (counts <= high))
@@ -190,7 +193,7 @@ def test_method_pools_all_groups_and_updates_the_ema():
       np.asarray(out.routing.routed).reshape(-1, e),
       ref_train(np.asarray(logits + 0.3).reshape(-1, e), cutoff, 16, 0.5, False))
   assert float(out.metrics["et_expert_choice"][0]) == 0.0
-  sm = method.state_metrics(new)
+  sm = jax.jit(method.state_metrics)(new)
   assert float(sm["et_warmup"]) == 0.0
 
 
@@ -212,11 +215,11 @@ def test_inference_routing_is_causal():
     other = rng.normal(size=(g, s, e)).astype(np.float32) * 3
     other[gi, si] = logits[gi, si]
     out = route(other, False).routing
-    np.testing.assert_array_equal(np.asarray(out.gates[gi, si]),
-                                  np.asarray(base.gates[gi, si]))
+    np.testing.assert_array_equal(np.asarray(out.gates)[gi, si],
+                                  np.asarray(base.gates)[gi, si])
     # Training routing (bounded over the pool) is not causal: it can change.
-    a = np.asarray(route(logits, True).routing.routed[gi, si])
-    b = np.asarray(route(other, True).routing.routed[gi, si])
+    a = np.asarray(route(logits, True).routing.routed)[gi, si]
+    b = np.asarray(route(other, True).routing.routed)[gi, si]
     train_changed |= bool(np.any(a != b))
   assert train_changed
 
@@ -237,14 +240,15 @@ def test_model_evaluation_is_causal(eval_capacity_factor):
   model = TransformerLM(cfg)
   rng = np.random.default_rng(6)
   tokens = rng.integers(0, 256, size=(3, 16)).astype(np.int32)
-  variables = model.init({"params": jax.random.PRNGKey(0)}, tokens, train=False)
+  params, router_state = init_variables(model, jax.random.PRNGKey(0),
+                                        jnp.asarray(tokens))
   # Non-trivial frozen thresholds in every layer.
   router_state = jax.tree.map(
       lambda v: (jnp.full_like(v, 5) if v.dtype == jnp.int32 else
                  jnp.asarray(rng.normal(size=v.shape) * 0.05, v.dtype)),
-      variables["router_state"])
+      router_state)
   apply = jax.jit(lambda t: model.apply(
-      {"params": variables["params"], "router_state": router_state}, t,
+      {"params": params, "router_state": router_state}, t,
       train=False, mutable=["router"]))
 
   def fanouts(coll):

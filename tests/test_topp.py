@@ -72,7 +72,7 @@ def test_top_p_matches_reference(ties, max_k, normalize):
 def test_top_p_shortest_prefix_hand_case():
   probs = np.array([[0.5, 0.2, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25],
                     [0.05, 0.9, 0.03, 0.02]], np.float32)
-  out = top_p(jnp.log(jnp.asarray(probs)), 0.6)
+  out = jax.jit(lambda lg: top_p(lg, 0.6))(jnp.log(jnp.asarray(probs)))
   routed = np.asarray(out.routing.routed)
   # Row 0: 0.5 < 0.6, 0.7 >= 0.6 -> experts 0 and the first of the tied 0.2s.
   np.testing.assert_array_equal(routed[0], [True, True, False, False])
@@ -86,7 +86,7 @@ def test_top_p_shortest_prefix_hand_case():
 
 def test_top_p_priority_first_choices_first():
   logits = random_logits(3, (16, 6))
-  out = top_p(jnp.asarray(logits), 0.7)
+  out = jax.jit(lambda lg: top_p(lg, 0.7))(jnp.asarray(logits))
   gates, prio = np.asarray(out.routing.gates), np.asarray(out.routing.priority)
   for s in range(16):
     order = np.argsort(-gates[s], kind="stable")
@@ -96,10 +96,11 @@ def test_top_p_priority_first_choices_first():
 
 def test_top_p_at_least_one_expert_and_cap_metric():
   logits = random_logits(1, (64, 8))
-  tiny = top_p(jnp.asarray(logits), 1e-6)
+  tiny, capped, probs = jax.jit(lambda lg: (
+      top_p(lg, 1e-6), top_p(lg, 0.99, max_k=2), jax.nn.softmax(lg, -1)))(
+          jnp.asarray(logits))
   np.testing.assert_array_equal((np.asarray(tiny.routing.gates) != 0).sum(-1), 1)
-  capped = top_p(jnp.asarray(logits), 0.99, max_k=2)
-  probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), -1))
+  probs = np.asarray(probs)
   top2 = -np.sort(-probs, -1)[:, :2].sum(-1)
   np.testing.assert_allclose(capped.metrics["top_p_capped"],
                              np.mean(top2 < 0.99), atol=1e-6)
@@ -137,11 +138,13 @@ def test_traced_p_does_not_retrace():
 def test_standardize_matches_numpy():
   logits = random_logits(4, (10, 8))
   ref = (logits - logits.mean(-1, keepdims=True)) / logits.std(-1, keepdims=True)
-  np.testing.assert_allclose(standardize(jnp.asarray(logits)), ref, atol=1e-4)
+  jit_standardize = jax.jit(standardize)
+  np.testing.assert_allclose(jit_standardize(jnp.asarray(logits)), ref,
+                             atol=1e-4)
   # Equal logits: finite zeros (eps), finite gradient.
   flat = jnp.ones((2, 4))
-  assert np.all(np.asarray(standardize(flat)) == 0)
-  grad = jax.grad(lambda x: standardize(x).sum())(flat)
+  assert np.all(np.asarray(jit_standardize(flat)) == 0)
+  grad = jax.jit(jax.grad(lambda x: standardize(x).sum()))(flat)
   assert np.all(np.isfinite(np.asarray(grad)))
 
 
@@ -152,8 +155,9 @@ def test_dtop_p_invariant_to_shift_and_scale(shift, mult):
   rng = np.random.default_rng(0)
   per_token = rng.normal(size=(64, 1)).astype(np.float32) * shift
   moved = logits * mult + per_token
-  a = dtop_p(jnp.asarray(logits), 0.6, scale=1.7)
-  b = dtop_p(jnp.asarray(moved), 0.6, scale=1.7)
+  route = jax.jit(lambda lg: dtop_p(lg, 0.6, scale=1.7))
+  a = route(jnp.asarray(logits))
+  b = route(jnp.asarray(moved))
   np.testing.assert_array_equal(np.asarray(a.routing.routed),
                                 np.asarray(b.routing.routed))
   np.testing.assert_allclose(a.routing.gates, b.routing.gates, atol=1e-4)
@@ -161,8 +165,9 @@ def test_dtop_p_invariant_to_shift_and_scale(shift, mult):
 
 def test_dtop_p_is_renormalised_top_p_of_scaled_standardised_logits():
   logits = jnp.asarray(random_logits(6, (64, 8)))
-  out = dtop_p(logits, 0.5, scale=2.5, max_k=4)
-  ref = top_p(2.5 * standardize(logits), 0.5, max_k=4, normalize=True)
+  out, ref = jax.jit(lambda lg: (
+      dtop_p(lg, 0.5, scale=2.5, max_k=4),
+      top_p(2.5 * standardize(lg), 0.5, max_k=4, normalize=True)))(logits)
   np.testing.assert_allclose(out.routing.gates, ref.routing.gates, atol=1e-6)
   np.testing.assert_allclose(np.asarray(out.routing.gates).sum(-1), 1.0,
                              atol=1e-5)
@@ -170,7 +175,9 @@ def test_dtop_p_is_renormalised_top_p_of_scaled_standardised_logits():
 
 def test_larger_gamma_needs_fewer_experts():
   logits = jnp.asarray(random_logits(7, (256, 16)))
-  fanouts = [float(dtop_p(logits, 0.6, scale=g).metrics["experts_per_token"])
+  fanout = jax.jit(lambda lg, g: dtop_p(lg, 0.6, scale=g).metrics[
+      "experts_per_token"])
+  fanouts = [float(fanout(logits, jnp.float32(g)))
              for g in (0.25, 0.5, 1.0, 2.0, 4.0)]
   assert all(a >= b for a, b in zip(fanouts, fanouts[1:]))
   assert fanouts[0] > fanouts[-1] + 2
@@ -185,7 +192,8 @@ def test_router_gradients_reach_scale_and_logits():
     out = dtop_p(lg, 0.6, scale=scale)
     return jnp.sum(out.routing.gates * target) + out.aux["entropy"]
 
-  g_scale, g_logits = jax.grad(loss, argnums=(0, 1))(jnp.float32(1.0), logits)
+  g_scale, g_logits = jax.jit(jax.grad(loss, argnums=(0, 1)))(
+      jnp.float32(1.0), logits)
   assert np.isfinite(float(g_scale)) and abs(float(g_scale)) > 1e-6
   assert np.all(np.isfinite(np.asarray(g_logits)))
   assert np.abs(np.asarray(g_logits)).sum() > 1e-4
@@ -235,12 +243,24 @@ def test_method_validation_against_layer():
 
 
 def _layer(method, capacity_factor=1.25):
+  """A layer of 8 experts, its initial variables (params and, if the method
+  has any, router_state; not the outputs that init sows) and x
+  float32[2, 16, 12]."""
   cfg = MoEConfig(num_experts=8, expert_width=16, router=method,
                   capacity_factor=capacity_factor)
   layer = MoE(cfg, d_model=12)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 12))
-  variables = layer.init({"params": jax.random.PRNGKey(1)}, x, train=False)
-  return layer, variables, x
+
+  def init(x):
+    return layer.init({"params": jax.random.PRNGKey(1)}, x, train=False)
+
+  # Two programs: the params' one does not depend on the router's settings or
+  # the capacity (compiled once for all the DTopP layers here, through the
+  # compilation cache); the router state's has no random init.
+  params = jax.jit(lambda x: init(x)["params"])(x)
+  state = jax.jit(lambda x: {k: v for k, v in init(x).items()
+                             if k == "router_state"})(x)
+  return layer, {"params": params, **state}, x
 
 
 def test_gamma_is_a_param_and_p_is_state():
@@ -249,7 +269,7 @@ def test_gamma_is_a_param_and_p_is_state():
   state = variables["router_state"]["state"]
   assert set(state) == {"p", "integral"}
   assert "gamma" not in state
-  _, top_vars, _ = _layer(TopP(k=2))
+  top_vars = jax.eval_shape(lambda: _layer(TopP(k=2))[1])  # structure only
   assert "gamma" not in top_vars["params"] and "router_state" not in top_vars
 
 
@@ -262,7 +282,7 @@ def test_gradients_reach_gamma_and_router_in_layer():
                           train=True, mutable=["router"])
     return jnp.sum(y ** 2) + coll["router"]["aux_loss"][0]
 
-  grads = nn.meta.unbox(jax.grad(loss)(variables["params"]))
+  grads = nn.meta.unbox(jax.jit(jax.grad(loss))(variables["params"]))
   g_gamma, g_router = float(grads["gamma"]), np.asarray(grads["router"])
   assert np.isfinite(g_gamma) and abs(g_gamma) > 1e-8
   assert np.all(np.isfinite(g_router)) and np.abs(g_router).sum() > 1e-6
@@ -270,7 +290,8 @@ def test_gradients_reach_gamma_and_router_in_layer():
 
 def test_layer_reports_drops_of_high_fanout_tokens():
   layer, variables, x = _layer(DTopP(k=2, p_init=0.9), capacity_factor=0.5)
-  _, coll = layer.apply(variables, x, train=True, mutable=["router"])
+  _, coll = jax.jit(lambda v, x: layer.apply(v, x, train=True,
+                                             mutable=["router"]))(variables, x)
   m = coll["router"]["metrics"][0]
   assert float(m["experts_per_token"]) > 2  # p = 0.9: over the target
   assert float(m["drop_fraction"]) > 0
@@ -287,6 +308,6 @@ def test_layer_metrics_drop_fraction_above_mean_reference():
   kept[0, 0, 2] = False         # one drop of an above-mean token
   kept[0, 1, 0] = False         # one drop of a below-mean token
   dummy = {"experts_per_token": jnp.zeros((1,))}
-  m = layer_metrics(jnp.asarray(gates), jnp.asarray(kept), dummy)
+  m = jax.jit(layer_metrics)(jnp.asarray(gates), jnp.asarray(kept), dummy)
   np.testing.assert_allclose(m["drop_fraction"], 2 / 6, atol=1e-6)
   np.testing.assert_allclose(m["drop_fraction_above_mean"], 1 / 5, atol=1e-6)
