@@ -229,14 +229,18 @@ def calibrated_method(name: str, size: Size, logits: jax.Array):
   return method, method_state(method, size, logits)
 
 
-def moe_step(method, size: Size, strategy: str, dtype, group: int):
+def moe_step(method, size: Size, strategy: str, dtype, group: int,
+             mode: str | None = None):
   """The layer's expert path (`nn.expert_parallel.routed_experts`): one plan
-  over all groups on one device, each device's groups at once on a mesh."""
+  over all groups on one device, each device's groups at once on a mesh.
+  `mode` is the expert-parallel mode (default: --expert_parallel under
+  --mesh, else "gspmd")."""
   e = size.experts
   cap = method.capacity(group, e, FLAGS.capacity_factor)
   max_fanout = min(method.max_fanout(e), e)
   aux_weights = dict(method.aux_weights) if FLAGS.aux else {}
-  mode = FLAGS.expert_parallel if FLAGS.mesh else "gspmd"
+  if mode is None:
+    mode = FLAGS.expert_parallel if FLAGS.mesh else "gspmd"
 
   def loss(params, x, cot, rng, state):
     groups = x.reshape(-1, group, x.shape[-1])
@@ -425,24 +429,30 @@ def seq_entries(size: Size, dtype, calibrated, moe_params, x, cot, rng,
   return entries
 
 
+def arg_shardings(entry, size: Size, mesh) -> tuple:
+  """Shardings of an entry's args on `mesh` (a pytree prefix of each arg):
+  tokens and cotangents split over the batch axes, expert weights over
+  `expert`, everything else replicated."""
+  named = jax.sharding.NamedSharding
+  spec = jax.sharding.PartitionSpec
+  replicated = named(mesh, spec())
+  tokens = sharding.batch_sharding(mesh)
+  args = entry["args"]
+  params = replicated
+  if entry["router"] != "dense":
+    experts = named(mesh, spec(
+        "expert" if size.experts % mesh.shape["expert"] == 0 else None))
+    params = {n: experts if n == "experts" else replicated for n in args[0]}
+  return (params, tokens, tokens) + (replicated,) * (len(args) - 3)
+
+
 def place_on_mesh(entries, size: Size):
   """Tokens split over the batch axes, expert weights over `expert`; each
   function runs under the mesh."""
   mesh = sharding.make_mesh(FLAGS.mesh)
-  tokens = sharding.batch_sharding(mesh)
-  experts = jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec(
-          "expert" if size.experts % mesh.shape["expert"] == 0 else None))
-  placed = []
-  for entry in entries:
-    args = list(entry["args"])
-    args[1:3] = [jax.device_put(a, tokens) for a in args[1:3]]
-    if entry["router"] != "dense":
-      params = dict(args[0])
-      params["experts"] = jax.device_put(params["experts"], experts)
-      args[0] = params
-    placed.append({**entry, "args": tuple(args)})
-  return placed
+  return [{**entry, "args": jax.device_put(entry["args"],
+                                           arg_shardings(entry, size, mesh))}
+          for entry in entries]
 
 
 def run_meshes(argv, notes: list[str]) -> list[dict]:

@@ -316,8 +316,10 @@ def _group_size(line: str) -> int:
 def hlo_collectives(hlo_text: str) -> dict[str, dict[str, float]]:
   """Collectives of a compiled HLO module, per kind: count, bytes, traffic.
 
-  One logical collective per channel id (XLA:TPU clones a collective into
-  several async fusions under one channel id); `-done` halves of async pairs
+  One logical collective per channel id, source (`op_name` and stack frame
+  of its metadata) and result shapes: XLA:TPU clones a collective into several
+  async fusions under one channel id, while the collectives of a
+  `jax.shard_map` may all carry channel id 1; `-done` halves of async pairs
   are not counted. `bytes` is the per-device result size (for all-gather-start
   the gathered output, for collective-permute-start the moved buffer);
   `traffic` the bytes a device sends for it in a ring/pairwise algorithm over
@@ -334,7 +336,11 @@ def hlo_collectives(hlo_text: str) -> dict[str, dict[str, float]]:
     result, kind, start = m.group(1), m.group(2), m.group(3)
     channel = re.search(r"channel_id=(\d+)", line)
     if channel:
-      key = (kind, channel.group(1))
+      # Clones of one collective share its channel id and source metadata;
+      # distinct collectives may share a channel id (those of a shard_map).
+      source = re.search(r'op_name="([^"]*)"(?: stack_frame_id=(\d+))?', line)
+      key = (kind, channel.group(1), source.groups() if source else None,
+             _SHAPE.findall(result))
       if key in seen:
         continue
       seen.add(key)

@@ -3,7 +3,8 @@
 Axis legend (of the layouts named here):
   S  tokens, E experts, m static bound on experts per token
 
-Every backend-dependent choice of dispatch asks `current_backend()` through
+Every backend-dependent choice of dispatch asks `current_backend()` (the
+platform of the current mesh's devices, else the default backend) through
 the choices below, so that the choice is made, and tested, in one place:
   `choose_strategy`   "auto" (the default strategy) is the measured fastest
                       capacity strategy of the backend (`AUTO_STRATEGY`):
@@ -27,7 +28,18 @@ import jax
 
 
 def current_backend() -> str:
-  """The default backend's platform name: "cpu", "gpu" or "tpu"."""
+  """The platform a program is traced for: "cpu", "gpu" or "tpu".
+
+  That of the current mesh's devices (`jax.set_mesh`) when it has devices,
+  so that a program compiled ahead of time for TPU devices on a CPU host
+  (`moejax.aot`) makes the TPU choices; else the default backend's.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  device = (None if mesh is None or mesh.empty
+            else getattr(mesh, "abstract_device", None))
+  platform = getattr(device, "platform", None)
+  if platform:
+    return "gpu" if platform in ("cuda", "rocm") else platform
   return jax.default_backend()
 
 

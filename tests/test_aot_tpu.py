@@ -26,6 +26,13 @@ HLO = """
   %cpd = f32[8]{0} collective-permute-done(%cps)
   %add.1 = f32[8]{0} add(%all-reduce.1, %q)
 """
+# A shard_map's all-to-alls (forward and transposed) under one channel id:
+# distinct collectives, told apart by their source metadata.
+SHARD_MAP_HLO = """
+  %all_to_all.1 = bf16[2,4,8]{2,1,0} all-to-all(%x), channel_id=1, replica_groups={{0,1}}, dimensions={1}, metadata={op_name="jit(loss)/jvp()/shard_map/all_to_all" stack_frame_id=7}
+  %all_to_all.2 = bf16[2,4,8]{2,1,0} all-to-all(%y), channel_id=1, replica_groups={{0,1}}, dimensions={1}, metadata={op_name="jit(loss)/transpose(jvp())/shard_map/all_to_all" stack_frame_id=8}
+  %all_to_all.3 = bf16[4,2,8]{2,1,0} all-to-all(%z), channel_id=1, replica_groups={{0,1}}, dimensions={0}, metadata={op_name="jit(loss)/jvp()/shard_map/all_to_all" stack_frame_id=8}
+"""
 
 
 def test_hlo_collectives_counts_bytes_and_traffic():
@@ -39,6 +46,8 @@ def test_hlo_collectives_counts_bytes_and_traffic():
   assert c["reduce-scatter"] == {"count": 1, "bytes": 16.0, "traffic": 16.0}
   assert c["collective-permute"] == {"count": 1, "bytes": 32.0,
                                      "traffic": 32.0}
+  shard_map = aot.hlo_collectives(SHARD_MAP_HLO)["all-to-all"]
+  assert shard_map == {"count": 3, "bytes": 384.0, "traffic": 192.0}
 
 
 def test_estimate_step_is_the_largest_of_compute_hbm_ici():
