@@ -340,7 +340,7 @@ def hlo_collectives(hlo_text: str) -> dict[str, dict[str, float]]:
       # distinct collectives may share a channel id (those of a shard_map).
       source = re.search(r'op_name="([^"]*)"(?: stack_frame_id=(\d+))?', line)
       key = (kind, channel.group(1), source.groups() if source else None,
-             _SHAPE.findall(result))
+             tuple(_SHAPE.findall(result)))
       if key in seen:
         continue
       seen.add(key)
