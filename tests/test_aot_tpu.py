@@ -3,17 +3,23 @@ parser and roofline on hand-written inputs, block remat parity on CPU, and,
 when libtpu is installed, a small MoE LM's train step compiled for a v5e 2x2
 slice with its memory, FLOPs and collectives read back."""
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax import aot, routing
+from moejax import aot, dispatch, routing
 from moejax.models.lm import LMConfig, TransformerLM
 from moejax.nn.moe import MoEConfig
 from moejax.train.loop import TrainConfig
+from subprocess_env import one_device_env
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 
 HLO = """
@@ -100,6 +106,9 @@ def test_block_remat_keeps_params_loss_and_grads():
 @pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip "
                     "install -e '.[tpu]'): no TPU topology to compile for")
 def test_small_moe_step_compiles_for_a_v5e_2x2_slice():
+  _, devices = aot.topology_devices("v5e:2x2")
+  with jax.set_mesh(aot.topology_mesh("data:4", devices)):
+    assert dispatch.current_backend() == "tpu"  # TPU choices on a CPU host
   cfg = TrainConfig(model=_tiny_moe_lm(), batch_size=4, seq_len=64)
   compiled, mesh, chip = aot.compile_for_topology(cfg, "v5e:2x2",
                                                   "data:1,expert:2,model:2")
@@ -114,3 +123,39 @@ def test_small_moe_step_compiles_for_a_v5e_2x2_slice():
   assert coll["all-reduce"]["count"] > 0  # gradients over the model axis
   est = report["estimate"]
   assert est["step_s"] > 0 and 0 < est["mfu"] <= 1
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip "
+                    "install -e '.[tpu]'): no TPU topology to compile for")
+def test_moe_mesh_paths_cost_a_chip_what_the_single_chip_path_does(tmp_path):
+  # experiments/bench_moe_tpu.py at a tiny size on a v5e 2x2 slice: the MoE
+  # layer's fwd+bwd with 4x the tokens on data:4 and expert:4 against the
+  # single-chip program (mesh of one chip) at the same tokens per chip.
+  out = tmp_path / "bench.json"
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "experiments", "bench_moe_tpu.py"),
+       "--topology=v5e:2x2", "--sizes=256x128x128x8x2", "--seq_groups=128",
+       "--meshes=data:N;expert:N", f"--out={out}"],
+      cwd=ROOT, env=one_device_env(JAX_PLATFORMS="cpu"), capture_output=True,
+      text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  rows = {(r["mesh"], r["mode"], r["router"]): r
+          for r in json.loads(out.read_text())["rows"]}
+  single = rows[("chip", "-", "top_k")]
+  assert not any(c["count"] for c in single["collectives"].values())
+  data = rows[("data:4", "-", "top_k")]
+  for key in ("flops", "bytes", "chip_s"):  # the per-device plan, no overhead
+    assert 0.9 < data["vs_single"][key] < 1.1, (key, data["vs_single"])
+  assert data["collectives"]["all-to-all"]["count"] == 0
+  # Expert weight bytes one chip holds (bfloat16 casts of E/4 experts).
+  shard = 3 * 2 * 128 * 128 * 2
+  for mode in ("gspmd", "shard_map"):
+    row = rows[("expert:4", mode, "top_k")]
+    coll = row["collectives"]
+    # Two all-to-alls forward (to the experts and back), two backward, each
+    # moving one chip's [G, E, C, D] buffer: bf16[2 groups, 8, 40, 128].
+    assert coll["all-to-all"]["count"] == 4, (mode, coll)
+    assert coll["all-to-all"]["bytes"] == 4 * 2 * 8 * 40 * 128 * 2, coll
+    # No gather of the expert weights (each chip keeps its experts).
+    assert coll["all-gather"]["bytes"] < shard, (mode, coll)
+    assert 0.9 < row["vs_single"]["flops"] < 1.1, (mode, row["vs_single"])
