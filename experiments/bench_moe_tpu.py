@@ -138,7 +138,6 @@ def compile_row(entry, size, mesh, chip, label: str) -> dict:
           "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
           "collectives": coll, "ici_traffic_bytes": traffic,
           "estimate": est, "chip_s": est["compute_s"] + est["hbm_s"],
-          "xla_optimal_s": float(cost.get("optimal_seconds", 0.0)),
           "peak_mib": bench_moe.peak_memory(compiled),
           "compile_s": compile_s}
 

@@ -20,7 +20,9 @@ the choices below, so that the choice is made, and tested, in one place:
                       batched matmuls poorly; accelerators prefer one batched
                       matmul.
   `use_one_hot_scatter` routers turn [S, K] choices into [S, E] rows with a
-                      one-hot einsum on TPU (MXU) and a scatter-add elsewhere.
+                      one-hot einsum on TPU (MXU) and a scatter-add elsewhere;
+                      plans read [S, E] gates at [S, m] experts with a select
+                      over E on TPU and a gather elsewhere.
 """
 from __future__ import annotations
 
@@ -49,7 +51,8 @@ def use_loop_matmul(backend: str | None = None) -> bool:
 
 
 def use_one_hot_scatter(backend: str | None = None) -> bool:
-  """Whether routers build [S, E] rows from [S, K] choices by one-hot einsum."""
+  """Whether [S, K] <-> [S, E] moves (routers' rows, plans' gates) use one-hot
+  selects instead of scatters and gathers."""
   return (backend or current_backend()) == "tpu"
 
 

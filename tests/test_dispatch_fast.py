@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax import backend, dispatch, experts
+from moejax import backend, dispatch, experts, sharding
+from moejax.dispatch import slots
 from moejax.routing import Routing, expert_choice, top_k
 from test_dispatch import (jit_plan, jit_top_k, make_case, reference_kept,
                            reference_moe, run_plan)
@@ -330,6 +331,32 @@ def test_backend_choice():
   assert jit_plan(routing, 4, strategy="auto").block_loop == on_cpu
   assert isinstance(jit_plan(routing, 4, strategy="dropless"),
                     dispatch.BlockPlan if on_cpu else dispatch.DroplessPlan)
+  # Under a mesh the choices follow its devices' platform (TPU topology
+  # devices on a CPU host: tests/test_aot_tpu.py).
+  with jax.set_mesh(sharding.make_mesh(f"data:{jax.device_count()}")):
+    assert dispatch.current_backend() == jax.default_backend()
+
+
+def test_take_experts_select_matches_gather(monkeypatch):
+  # The TPU select over E gives the gather's values and gradients exactly.
+  rng = np.random.default_rng(0)
+  values = jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)
+  expert = jnp.asarray(np.argsort(rng.normal(size=(16, 8)), -1)[:, :3],
+                       jnp.int32)
+  cot = jnp.asarray(rng.normal(size=(16, 3)), jnp.float32)
+
+  def value_and_grad():
+    return jax.jit(jax.value_and_grad(
+        lambda v: jnp.vdot(slots.take_experts(v, expert), cot)))(values)
+  monkeypatch.setattr(slots, "use_one_hot_scatter", lambda: False)
+  want = value_and_grad()
+  monkeypatch.setattr(slots, "use_one_hot_scatter", lambda: True)
+  got = value_and_grad()
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1], want[1])
+  np.testing.assert_array_equal(
+      jax.jit(slots.take_experts)(values, expert),
+      jnp.take_along_axis(values, expert, axis=1))
 
 
 def test_bad_arguments():
