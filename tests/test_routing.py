@@ -202,3 +202,62 @@ def test_scatter_rows_matches_a_loop_and_its_gradient_is_a_gather():
       scatter_rows(v, jnp.asarray(index), 5) * cot)))(jnp.asarray(values))
   np.testing.assert_allclose(np.asarray(grad),
                              np.take_along_axis(cot, index, axis=1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name,options", [
+    ("top_k", {"k": 2}),
+    ("top_k", {"k": 2, "random_second": True}),
+    ("top_k", {"k": 2, "balance": "loss_free"}),
+    ("top_k", {"k": 2, "score_fn": "sigmoid"}),
+    ("top_p", {"p": 0.6, "max_k": 4}),
+    ("dtop_p", {"max_k": 4}),
+    ("exact_k", {"k": 3}),  # top_k, normalize=False
+    ("dynamic_k", {"k_min": 1, "k_max": 3}),
+])
+def test_tpu_top_k_branch_matches_default(monkeypatch, name, options):
+  # On TPU the routers read their top-k values with a select over E
+  # (`base.top_k_rows`, `base.take_rows`) instead of differentiating through
+  # lax.top_k / take_along_axis (scatter-adds in the backward): the same
+  # outputs and gates' gradients bit for bit, ties included. With the aux
+  # losses the gradient sums the same terms in another order (XLA folds the
+  # default branch's scatter-add into the aux losses' cotangent): equal up to
+  # float32 rounding.
+  from moejax import backend  # pylint: disable=g-import-not-at-top
+  method = routing.build(name, options)
+  num_experts = 8
+  rng = np.random.default_rng(0)
+  # Half-unit steps: many tied logits per row; row 0 all tied.
+  logits = np.round(2 * rng.normal(size=(2, 16, num_experts))) / 2
+  logits[:, 0] = 0.25
+  logits = jnp.asarray(logits, jnp.float32)
+  cot = jnp.asarray(rng.normal(size=logits.shape), jnp.float32)
+  state = dict(method.init_state(num_experts))
+  state.update({key: jnp.float32(value) for key, value in
+                method.router_params(num_experts).items()})
+  if "bias" in state:
+    state["bias"] = jnp.asarray(
+        rng.choice([0.0, 0.05], size=num_experts), jnp.float32)
+  key = jax.random.PRNGKey(1) if method.uses_rng else None
+
+  def run():
+    def route(x):
+      return method.route_groups(x, state, rng=key, train=True)
+
+    def gates_loss(x):
+      return jnp.vdot(route(x).routing.gates, cot)
+
+    def loss(x):
+      aux = sum(jnp.sum(v) for v in jax.tree.leaves(route(x).aux))
+      return gates_loss(x) + aux
+    fn = lambda x: (route(x), jax.grad(gates_loss)(x), jax.grad(loss)(x))
+    return jax.jit(fn)(logits), str(jax.make_jaxpr(fn)(logits))
+
+  monkeypatch.setattr(backend, "current_backend", lambda: "cpu")
+  (want_out, want_gates_grad, want_grad), _ = run()
+  monkeypatch.setattr(backend, "current_backend", lambda: "tpu")
+  (out, gates_grad, grad), jaxpr = run()
+  assert "scatter-add" not in jaxpr and "gather" not in jaxpr
+  chex.assert_trees_all_equal(out, want_out)
+  chex.assert_trees_all_equal(gates_grad, want_gates_grad)
+  assert float(jnp.abs(want_gates_grad).max()) > 0
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-6, atol=1e-7)

@@ -22,10 +22,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from moejax.backend import use_loop_matmul, use_one_hot_scatter
+from moejax.backend import use_loop_matmul
 from moejax.dispatch.cpu import BLOCK_ROWS, RowBlocks
 from moejax.dispatch.kernels import gather_combine, gather_rows, scatter_combine
-from moejax.routing.base import Routing
+from moejax.routing.base import Routing, take_rows
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -141,16 +141,12 @@ def assignments(routing: Routing, max_fanout: int
 def take_experts(values: jax.Array, expert: jax.Array) -> jax.Array:
   """values float[S, E] at each token's experts int32[S, m] -> float[S, m].
 
-  On TPU (`use_one_hot_scatter`) a select over the E columns ([S, m, E]
-  elementwise): XLA:TPU costs the gather of `take_along_axis` at ~2 GB of
-  memory traffic for S = 4096, E = 8, m = 2 (experiments/reports/
-  bench_moe_tpu.md). Same values and gradients either way.
+  `routing.base.take_rows`: a select over E on TPU, where XLA:TPU costs the
+  gather of `take_along_axis` at ~2 GB of memory traffic for S = 4096, E = 8,
+  m = 2 (experiments/reports/bench_moe_tpu.md). Same values and gradients
+  either way.
   """
-  if use_one_hot_scatter():
-    hit = expert[..., None] == jnp.arange(values.shape[-1], dtype=expert.dtype)
-    return jnp.sum(jnp.where(hit, values[:, None, :],
-                             jnp.zeros((), values.dtype)), axis=-1)
-  return jnp.take_along_axis(values, expert, axis=1)
+  return take_rows(values, expert)
 
 
 def exclusive_cumsum(x: jax.Array) -> jax.Array:

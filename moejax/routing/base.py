@@ -162,6 +162,51 @@ def scatter_rows(values: jax.Array, index: jax.Array, width: int) -> jax.Array:
       rows, index].add(values, indices_are_sorted=False, unique_indices=False)
 
 
+def take_rows(values: jax.Array, index: jax.Array) -> jax.Array:
+  """out[r, j] = values[r, index[r, j]]: a dense [R, W] read at [R, K] columns.
+
+  A gather (`take_along_axis`; its gradient is a scatter-add) on CPU and GPU;
+  a select over the W columns on TPU ([R, K, W] elementwise, then a sum over
+  W; its gradient is elementwise too). XLA:TPU costs the gather's and the
+  scatter's batched index operations at about one memory tile per element
+  (experiments/reports/bench_moe_tpu.md). Same values and gradients either
+  way: exactly one term of the sum is nonzero.
+
+  Args:
+    values: float[R, W].
+    index: int[R, K] columns in [0, W).
+  Returns:
+    float[R, K] in values' dtype.
+  """
+  if backend.use_one_hot_scatter():
+    hit = index[..., None] == jnp.arange(values.shape[-1], dtype=index.dtype)
+    return jnp.sum(jnp.where(hit, values[:, None, :],
+                             jnp.zeros((), values.dtype)), axis=-1)
+  return jnp.take_along_axis(values, index, axis=1)
+
+
+def top_k_rows(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """`lax.top_k` over the last axis, differentiable without scatters on TPU.
+
+  The gradient of `lax.top_k`'s values is a scatter-add into [R, W] (under
+  the `vmap` of `RouterMethod.route_groups`, a batched one that XLA:TPU costs
+  at gigabytes for a few thousand tokens). On TPU the indices come from
+  `lax.top_k` of the values without gradient and the values are read at them
+  with `take_rows`' select. Same values, indices (ties: the lower column
+  first) and gradients on every backend.
+
+  Args:
+    values: float[R, W].
+    k: static 1 <= k <= W.
+  Returns:
+    (top float[R, k] descending, index int32[R, k]).
+  """
+  if backend.use_one_hot_scatter():
+    _, index = jax.lax.top_k(jax.lax.stop_gradient(values), k)
+    return take_rows(values, index), index
+  return jax.lax.top_k(values, k)
+
+
 def scatter_choices(weights: jax.Array, index: jax.Array, num_experts: int,
                     keep: jax.Array | None = None) -> jax.Array:
   """Scatters per-choice weights into a dense gate matrix.

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from moejax.routing import losses
 from moejax.routing.base import (Routing, RouterOutput, check_int, check_logits,
                                  check_number, choice_priority,
-                                 scatter_choices)
+                                 scatter_choices, take_rows)
 
 SCORE_FNS = ("softmax", "sigmoid")
 
@@ -60,13 +60,13 @@ def biased_top_k(logits: jax.Array, k: int, bias: jax.Array | None = None, *,
   biased = scores if bias is None else scores + jnp.asarray(
       bias, jnp.float32)[None, :]
   _, index = jax.lax.top_k(biased, k)  # [S, K]
-  chosen = jnp.take_along_axis(scores, index, axis=-1)
+  chosen = take_rows(scores, index)
   weights = chosen
   if normalize and score_fn == "sigmoid":
     # In log space: sigmoid scores of very negative logits underflow (all
     # chosen logits below about -69 would sum to ~1e-38), their log does not.
     weights = jax.nn.softmax(jax.nn.log_sigmoid(
-        jnp.take_along_axis(logits, index, axis=-1)), axis=-1)
+        take_rows(logits, index)), axis=-1)
   elif normalize:
     weights = chosen / jnp.maximum(jnp.sum(chosen, axis=-1, keepdims=True),
                                    1e-30)

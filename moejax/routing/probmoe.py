@@ -59,7 +59,7 @@ import jax.numpy as jnp
 from moejax.routing import losses
 from moejax.routing.base import (Routing, RouterMethod, RouterOutput,
                                  check_int, check_logits, register,
-                                 scatter_choices)
+                                 scatter_choices, take_rows)
 from moejax.routing.topk import top_k
 
 NEG = -1e30  # finite log(0): NEG + x == NEG for every |x| < 1e22
@@ -498,7 +498,7 @@ def dynamic_k(logits: jax.Array, k_min: int, k_max: int, *,
     size = dynamic_k_map(logits, k_min, k_max)
     probs = jax.nn.softmax(logits, axis=-1)
     _, index = jax.lax.top_k(logits, k_max)
-    weights = jnp.take_along_axis(probs, index, axis=-1)
+    weights = take_rows(probs, index)
     keep = jnp.arange(k_max)[None, :] < size[:, None]
     gates = scatter_choices(weights, index, num_experts, keep)
     return _output(logits, probs, gates, {})

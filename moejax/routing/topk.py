@@ -21,7 +21,7 @@ from moejax.checks import check_choice
 from moejax.routing import losses
 from moejax.routing.base import (Routing, RouterMethod, RouterOutput,
                                  check_int, check_logits, choice_priority,
-                                 register, scatter_choices)
+                                 register, scatter_choices, top_k_rows)
 from moejax.routing.lossfree import SCORE_FNS, SignBias, biased_top_k
 
 BALANCES = ("aux", "loss_free", "none")
@@ -47,7 +47,7 @@ def top_k(logits: jax.Array, k: int, *, normalize: bool = True,
   num_experts = logits.shape[-1]
   k = check_int("k", k, 1, num_experts)
   probs = jax.nn.softmax(logits, axis=-1)
-  top_p, index = jax.lax.top_k(probs, k)  # [S, K]
+  top_p, index = top_k_rows(probs, k)  # [S, K]
   weights = top_p
   if normalize:
     weights = top_p / jnp.sum(top_p, axis=-1, keepdims=True)

@@ -32,7 +32,8 @@ import jax.numpy as jnp
 from moejax.routing import losses
 from moejax.routing.base import (Routing, RouterMethod, RouterOutput,
                                  check_int, check_logits, check_p,
-                                 choice_priority, register, scatter_choices)
+                                 choice_priority, register, scatter_choices,
+                                 top_k_rows)
 
 
 def resolve_max_k(max_k: int | None, num_experts: int) -> int:
@@ -59,7 +60,7 @@ def top_p_prefix(probs: jax.Array, p, max_k: int
     capped: bool[S]; the K-prefix ended before reaching p (the fanout was cut
       by `max_k`; always False when K = E up to rounding).
   """
-  values, index = jax.lax.top_k(probs, max_k)
+  values, index = top_k_rows(probs, max_k)
   cum = jnp.cumsum(values, axis=-1)
   before = jnp.concatenate([jnp.zeros_like(cum[:, :1]), cum[:, :-1]], axis=-1)
   p = jnp.asarray(p, jnp.float32)
