@@ -31,6 +31,8 @@ SETS = {
                 "factor 1.25, evaluation capacity factor 4 (`balance.md`)"),
     "balance_matched": ("balance/matched/records", "the same model, 1000 "
                         "steps, ET at matched fanout (`balance.md`)"),
+    "balance_matched_2000": ("balance/matched_2000/records", "the same, "
+                             "2000 steps (`balance.md`)"),
     "dropless": ("dtop_p/tiny_dropless/records", "`tiny` (4 layers, D = 128, "
                  "E = 8, target fanout 2), 300 steps, batch 8 x 128 bytes, "
                  "dropless (`dtop_p.md`)"),
