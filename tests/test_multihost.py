@@ -74,24 +74,30 @@ def test_two_processes_train_checkpoint_restore(tmp_path):
   env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   env.pop("JAX_COORDINATOR_ADDRESS", None)
-  procs, outs = [], []
+  procs, outs, log_paths = [], [], []
   for pid in range(2):
     out = tmp_path / f"out{pid}.json"
     outs.append(out)
-    procs.append(subprocess.Popen(
-        [sys.executable, WORKER, f"--coordinator_address=127.0.0.1:{port}",
-         "--num_processes=2", f"--process_id={pid}", f"--workdir={workdir}",
-         f"--data=text:{data}", f"--out={out}",
-         f"--cache_dir={tmp_path / f'cache{pid}'}"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-  logs = []
+    # Each worker writes its log to a file: with pipes read one after the
+    # other, a worker blocked on a full pipe stalls the other in a collective.
+    log_paths.append(tmp_path / f"log{pid}.txt")
+    with open(log_paths[-1], "w") as log_file:
+      procs.append(subprocess.Popen(
+          [sys.executable, WORKER, f"--coordinator_address=127.0.0.1:{port}",
+           "--num_processes=2", f"--process_id={pid}", f"--workdir={workdir}",
+           f"--data=text:{data}", f"--out={out}",
+           f"--cache_dir={tmp_path / f'cache{pid}'}"],
+          env=env, stdout=log_file, stderr=subprocess.STDOUT))
   for p in procs:
     try:
-      logs.append(p.communicate(timeout=400)[0])
+      p.wait(timeout=400)
     except subprocess.TimeoutExpired:
       for q in procs:
         q.kill()
-      pytest.fail("multi-host workers timed out")
+      tails = [path.read_text()[-3000:] for path in log_paths]
+      pytest.fail("multi-host workers timed out; logs:\n" +
+                  "\n---\n".join(tails))
+  logs = [path.read_text() for path in log_paths]
   for p, log in zip(procs, logs):
     assert p.returncode == 0, log[-4000:]
   results = [json.loads(o.read_text()) for o in outs]
