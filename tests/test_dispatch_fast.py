@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from moejax import backend, dispatch, experts, sharding
-from moejax.dispatch import slots
 from moejax.routing import Routing, expert_choice, top_k
+from moejax.routing.base import take_rows
 from test_dispatch import (jit_plan, jit_top_k, make_case, reference_kept,
                            reference_moe, run_plan)
 
@@ -337,8 +337,10 @@ def test_backend_choice():
     assert dispatch.current_backend() == jax.default_backend()
 
 
-def test_take_experts_select_matches_gather(monkeypatch):
-  # The TPU select over E gives the gather's values and gradients exactly.
+def test_take_rows_select_matches_gather(monkeypatch):
+  # The plans read gates and priorities at a token's experts with
+  # `routing.base.take_rows`: its TPU select over E gives the gather's values
+  # and gradients exactly.
   rng = np.random.default_rng(0)
   values = jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)
   expert = jnp.asarray(np.argsort(rng.normal(size=(16, 8)), -1)[:, :3],
@@ -347,7 +349,7 @@ def test_take_experts_select_matches_gather(monkeypatch):
 
   def value_and_grad():
     return jax.jit(jax.value_and_grad(
-        lambda v: jnp.vdot(slots.take_experts(v, expert), cot)))(values)
+        lambda v: jnp.vdot(take_rows(v, expert), cot)))(values)
   monkeypatch.setattr(backend, "current_backend", lambda: "cpu")
   want = value_and_grad()
   monkeypatch.setattr(backend, "current_backend", lambda: "tpu")
@@ -355,7 +357,7 @@ def test_take_experts_select_matches_gather(monkeypatch):
   np.testing.assert_array_equal(got[0], want[0])
   np.testing.assert_array_equal(got[1], want[1])
   np.testing.assert_array_equal(
-      jax.jit(slots.take_experts)(values, expert),
+      jax.jit(take_rows)(values, expert),
       jnp.take_along_axis(values, expert, axis=1))
 
 

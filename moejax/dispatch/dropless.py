@@ -25,8 +25,8 @@ from moejax.backend import use_loop_matmul
 from moejax.dispatch.cpu import BLOCK_ROWS, RowBlocks
 from moejax.dispatch.kernels import gather_combine, gather_rows, grouped_matmul
 from moejax.dispatch.slots import (assignments, exclusive_cumsum,
-                                   inverse_permutation, take_experts)
-from moejax.routing.base import Routing
+                                   inverse_permutation)
+from moejax.routing.base import Routing, take_rows
 
 
 @flax.struct.dataclass
@@ -190,7 +190,7 @@ def block_plan(routing: Routing, max_fanout: int,
   token_row = inverse_permutation(source, row_sorted).reshape(
       num_tokens, fanout).astype(jnp.int32)
   token_valid = token_row < num_rows
-  gate = take_experts(routing.gates, expert)
+  gate = take_rows(routing.gates, expert)
   token_gate = jnp.where(token_valid, gate, 0.0)
   # Row r: block b = r // B of expert block_expert[b], offset within the expert.
   blocks = jnp.arange(nb, dtype=jnp.int32)

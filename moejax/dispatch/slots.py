@@ -138,17 +138,6 @@ def assignments(routing: Routing, max_fanout: int
   return expert.astype(jnp.int32), values >= 0
 
 
-def take_experts(values: jax.Array, expert: jax.Array) -> jax.Array:
-  """values float[S, E] at each token's experts int32[S, m] -> float[S, m].
-
-  `routing.base.take_rows`: a select over E on TPU, where XLA:TPU costs the
-  gather of `take_along_axis` at ~2 GB of memory traffic for S = 4096, E = 8,
-  m = 2 (experiments/reports/bench_moe_tpu.md). Same values and gradients
-  either way.
-  """
-  return take_rows(values, expert)
-
-
 def exclusive_cumsum(x: jax.Array) -> jax.Array:
   return jnp.cumsum(x) - x
 
@@ -366,7 +355,7 @@ def gather_plan(routing: Routing, capacity_: int, max_fanout: int,
   group = jnp.arange(num_tokens, dtype=jnp.int32) // (num_tokens // num_groups)
   virtual = group[:, None] * real_experts + expert
   flat_expert = jnp.where(valid, virtual, num_experts).reshape(-1)
-  priority = jax.lax.stop_gradient(take_experts(
+  priority = jax.lax.stop_gradient(take_rows(
       routing.priority.astype(jnp.float32), expert)).reshape(-1)
   iota = jnp.arange(n, dtype=jnp.int32)
   # One stable sort by (expert, -priority): token order breaks ties.
@@ -382,7 +371,7 @@ def gather_plan(routing: Routing, capacity_: int, max_fanout: int,
   token_slot = inverse_permutation(source, slot_sorted).reshape(
       num_tokens, fanout)
   token_valid = token_slot < num_slots
-  gate = take_experts(routing.gates, expert)  # [S, m]
+  gate = take_rows(routing.gates, expert)  # [S, m]
   token_gate = jnp.where(token_valid, gate, 0.0)
   # Slot (e, c) holds sorted element starts[e] + c when c < counts[e].
   slots = jnp.arange(capacity_, dtype=jnp.int32)
