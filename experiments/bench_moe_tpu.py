@@ -45,14 +45,16 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from absl import app, flags
+import jax
+import jax.numpy as jnp
 
-from absl import app, flags  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+from moejax import aot, flops
+from moejax.experiment import load_module
 
-import bench_moe  # noqa: E402  pylint: disable=g-bad-import-order
-from moejax import aot, flops  # noqa: E402
+# bench_moe's steps, inputs and flags (experiments/ is not a package).
+bench_moe = load_module(os.path.join(os.path.dirname(os.path.abspath(
+    __file__)), "bench_moe.py"))
 
 flags.DEFINE_list("topology", ["v5e:2x2"],
                   "TPU topologies (moejax.aot.topology_devices names, e.g. "

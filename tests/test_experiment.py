@@ -109,6 +109,17 @@ def test_run_grid_is_seed_major_and_skips_recorded_runs(tmp_path):
 def test_load_module(tmp_path):
   (tmp_path / "cfg.py").write_text("X = 3\n")
   assert experiment.load_module(str(tmp_path / "cfg.py")).X == 3
+  # A dataclass with postponed annotations needs its module in sys.modules.
+  (tmp_path / "with_dataclass.py").write_text(
+      "from __future__ import annotations\nimport dataclasses\n"
+      "@dataclasses.dataclass(frozen=True)\nclass Size:\n  tokens: int\n")
+  module = experiment.load_module(str(tmp_path / "with_dataclass.py"))
+  assert module.Size(3).tokens == 3
+  (tmp_path / "broken.py").write_text("raise RuntimeError('no')\n")
+  with pytest.raises(RuntimeError, match="no"):
+    experiment.load_module(str(tmp_path / "broken.py"))
+  import sys  # pylint: disable=g-import-not-at-top
+  assert "broken" not in sys.modules
 
 
 def test_plots_write_pngs(tmp_path):

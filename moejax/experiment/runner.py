@@ -98,14 +98,21 @@ def use_compile_cache(path: Optional[str]) -> None:
 
 def load_module(path: str):
   """Imports the Python file at `path` (e.g. `experiments/configs/*.py`, which
-  are not a package) as a module named after the file."""
+  are not a package) as a module named after the file, registered in
+  `sys.modules` as an import would (dataclasses need their module there)."""
   import importlib.util  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
   name = os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(name, path)
   if spec is None or spec.loader is None:
     raise FileNotFoundError(f"path={path!r} is not a Python file")
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  sys.modules[name] = module
+  try:
+    spec.loader.exec_module(module)
+  except BaseException:
+    del sys.modules[name]
+    raise
   return module
 
 
