@@ -85,7 +85,7 @@ def ratio_capacity(num_tokens: int, ratio: float) -> int:
 
 def plan(routing: Routing, capacity: int, *, strategy: str = "index",
          max_fanout: int | None = None, block_size: int | None = None,
-         num_groups: int = 1) -> Plan:
+         num_groups: int = 1, expert_major: bool = False) -> Plan:
   """Builds a dispatch plan for one group.
 
   Args:
@@ -105,6 +105,10 @@ def plan(routing: Routing, capacity: int, *, strategy: str = "index",
       each): capacity C applies per group and expert. "gather" plans all
       groups at once (its layout is [G*E, C, D]); the dropless strategies
       keep everything anyway; "einsum" and "index" need G = 1 (vmap them).
+    expert_major: "gather" with G groups: rows e * G + g (each expert's slots
+      of all groups together, the blocks an all-to-all over experts sends)
+      instead of g * E + e; the same slots otherwise. Other strategies
+      ignore it.
   Returns:
     a plan pytree (`SlotPlan`, `GatherPlan`, `BlockPlan` or `DroplessPlan`).
   """
@@ -131,7 +135,8 @@ def plan(routing: Routing, capacity: int, *, strategy: str = "index",
     return block_plan(routing, max_fanout, block_size)
   capacity = check_int("capacity", capacity, 1)
   if strategy == "gather":
-    return gather_plan(routing, capacity, max_fanout, block_size, num_groups)
+    return gather_plan(routing, capacity, max_fanout, block_size, num_groups,
+                       expert_major)
   return slot_plan(routing, capacity, strategy)
 
 

@@ -170,7 +170,8 @@ class GatherPlan:
     kept: bool[S, E] assignments that fit in capacity.
     token_index: int32[G*E, C] token held by each slot (0 for empty slots);
       with G > 1 groups (`plan(num_groups=G)`) row g * E + e holds the slots
-      of expert e for the tokens of group g.
+      of expert e for the tokens of group g (row e * G + g when
+      `expert_major`).
     slot_gate: float32[G*E, C] gate of each slot, 0 for empty slots.
     token_slot: int32[S, m] flat slot (v * C + c) of each assignment, G*E*C
       where it is not kept.
@@ -182,6 +183,8 @@ class GatherPlan:
       (`row_blocks`).
     num_used: int32[] blocks holding at least one token.
     block_size: static B of `row_blocks`; 0 = no block loop (accelerators).
+    expert_major: static; the rows (virtual experts) are expert-major,
+      e * G + g (`plan(expert_major=True)`), not group-major.
   """
   gates: jax.Array
   kept: jax.Array
@@ -194,6 +197,7 @@ class GatherPlan:
   token_major: bool = flax.struct.field(pytree_node=False, default=True)
   block_size: int = flax.struct.field(pytree_node=False, default=0)
   strategy: str = flax.struct.field(pytree_node=False, default="gather")
+  expert_major: bool = flax.struct.field(pytree_node=False, default=False)
 
   @property
   def capacity(self) -> int:
@@ -245,7 +249,8 @@ class GatherPlan:
       return jnp.pad(a, ((0, 0), (0, padded - cap)))
     row_token, row_gate = pad(self.token_index), pad(self.slot_gate)
     block_expert = jnp.repeat(
-        jnp.arange(num_experts, dtype=jnp.int32) % self.gates.shape[-1],
+        _real_expert(jnp.arange(num_experts, dtype=jnp.int32),
+                     self.gates.shape[-1], num_experts, self.expert_major),
         per_expert)
     return RowBlocks(row_gate.reshape(-1, size), row_token.reshape(-1, size),
                      (row_gate != 0).reshape(-1, size), block_expert,
@@ -264,8 +269,17 @@ class GatherPlan:
                            self.gates.shape[0])
 
 
-def top_slots(routing: Routing, capacity_: int, num_groups: int
-              ) -> tuple[jax.Array, jax.Array]:
+def _real_expert(virtual: jax.Array, real_experts: int, num_virtual: int,
+                 expert_major: bool) -> jax.Array:
+  """The expert e of each virtual expert (row) of a G-group plan: rows
+  g * E + e, or e * G + g when `expert_major`."""
+  if expert_major:
+    return virtual // (num_virtual // real_experts)
+  return virtual % real_experts
+
+
+def top_slots(routing: Routing, capacity_: int, num_groups: int,
+              expert_major: bool = False) -> tuple[jax.Array, jax.Array]:
   """Each (group, expert)'s kept tokens in slot order, from a top-C per expert.
 
   The slots of "gather" without the sort of S*m assignments: for m = E (a
@@ -275,7 +289,8 @@ def top_slots(routing: Routing, capacity_: int, num_groups: int
   index: `lax.top_k` keeps the lower index first).
 
   Returns:
-    slot_token: int32[G*E, C] global token of each slot (0 where empty).
+    slot_token: int32[G*E, C] global token of each slot (0 where empty);
+      rows g * E + e, or e * G + g when `expert_major`.
     slot_valid: bool[G*E, C].
   """
   num_tokens, num_experts = routing.gates.shape
@@ -292,21 +307,25 @@ def top_slots(routing: Routing, capacity_: int, num_groups: int
   pad = ((0, 0), (0, 0), (0, capacity_ - take))
   token = jnp.pad(jnp.where(valid, token, 0), pad)
   valid = jnp.pad(valid, pad)
+  if expert_major:
+    token, valid = token.transpose(1, 0, 2), valid.transpose(1, 0, 2)
   return (token.reshape(-1, capacity_).astype(jnp.int32),
           valid.reshape(-1, capacity_))
 
 
 def _gather_plan_all_experts(routing: Routing, capacity_: int,
                              block_size: int | None,
-                             num_groups: int) -> GatherPlan:
+                             num_groups: int,
+                             expert_major: bool) -> GatherPlan:
   """`gather_plan` for m = E (every expert is a possible assignment)."""
   num_tokens, real_experts = routing.gates.shape
-  token_index, slot_valid = top_slots(routing, capacity_, num_groups)
+  token_index, slot_valid = top_slots(routing, capacity_, num_groups,
+                                      expert_major)
   num_experts = num_groups * real_experts
   num_slots = num_experts * capacity_
   slot_expert = jnp.broadcast_to(
-      (jnp.arange(num_experts, dtype=jnp.int32) % real_experts)[:, None],
-      token_index.shape)
+      _real_expert(jnp.arange(num_experts, dtype=jnp.int32), real_experts,
+                   num_experts, expert_major)[:, None], token_index.shape)
   slot_id = jnp.arange(num_slots, dtype=jnp.int32).reshape(token_index.shape)
   token_slot = jnp.full((num_tokens, real_experts), num_slots, jnp.int32).at[
       jnp.where(slot_valid, token_index, num_tokens), slot_expert].set(
@@ -318,12 +337,13 @@ def _gather_plan_all_experts(routing: Routing, capacity_: int,
   kept_e = slot_valid.sum(axis=1)
   return _with_blocks(routing, kept, token_index, slot_gate, token_slot,
                       token_gate, kept_e, capacity_, block_size,
-                      token_major=num_tokens * real_experts <= 2 * num_slots)
+                      token_major=num_tokens * real_experts <= 2 * num_slots,
+                      expert_major=expert_major)
 
 
 def _with_blocks(routing: Routing, kept, token_index, slot_gate, token_slot,
                  token_gate, kept_e, capacity_: int, block_size: int | None,
-                 token_major: bool) -> GatherPlan:
+                 token_major: bool, expert_major: bool) -> GatherPlan:
   """The GatherPlan with the block order of the CPU loop (kept_e: int32[V]
   tokens each virtual expert keeps)."""
   # Blocks of B slots holding tokens: the first ceil(kept_e / B) of expert e.
@@ -337,23 +357,26 @@ def _with_blocks(routing: Routing, kept, token_index, slot_gate, token_slot,
                     slot_gate=slot_gate, token_slot=token_slot.astype(jnp.int32),
                     token_gate=token_gate, block_order=block_order,
                     num_used=jnp.sum(used_e).astype(jnp.int32),
-                    token_major=token_major, block_size=size)
+                    token_major=token_major, block_size=size,
+                    expert_major=expert_major)
 
 
 def gather_plan(routing: Routing, capacity_: int, max_fanout: int,
                  block_size: int | None = None,
-                 num_groups: int = 1) -> GatherPlan:
+                 num_groups: int = 1, expert_major: bool = False) -> GatherPlan:
   num_tokens, real_experts = routing.gates.shape
   if max_fanout >= real_experts:
-    return _gather_plan_all_experts(routing, capacity_, block_size, num_groups)
+    return _gather_plan_all_experts(routing, capacity_, block_size, num_groups,
+                                    expert_major)
   expert, valid = assignments(routing, max_fanout)  # [S, m]
   fanout = expert.shape[1]
   n = num_tokens * fanout
-  # Groups: (group, expert) pairs are virtual experts g * E + e, each with C
-  # slots, so that capacity applies per group.
+  # Groups: (group, expert) pairs are virtual experts g * E + e (e * G + g
+  # when expert-major), each with C slots, so that capacity applies per group.
   num_experts = num_groups * real_experts
   group = jnp.arange(num_tokens, dtype=jnp.int32) // (num_tokens // num_groups)
-  virtual = group[:, None] * real_experts + expert
+  virtual = (expert * num_groups + group[:, None] if expert_major else
+             group[:, None] * real_experts + expert)
   flat_expert = jnp.where(valid, virtual, num_experts).reshape(-1)
   priority = jax.lax.stop_gradient(take_rows(
       routing.priority.astype(jnp.float32), expert)).reshape(-1)
@@ -388,7 +411,8 @@ def gather_plan(routing: Routing, capacity_: int, max_fanout: int,
   return _with_blocks(routing, kept, token_index, slot_gate, token_slot,
                       token_gate, jnp.minimum(counts[:num_experts], capacity_),
                       capacity_, block_size,
-                      token_major=num_tokens * fanout <= 2 * num_slots)
+                      token_major=num_tokens * fanout <= 2 * num_slots,
+                      expert_major=expert_major)
 
 
 

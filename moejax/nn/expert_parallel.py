@@ -68,14 +68,17 @@ def _flat(routing: Routing) -> Routing:
 
 
 def group_plans(routing: Routing, capacity: int, strategy: str,
-                max_fanout: int | None):
+                max_fanout: int | None, expert_major: bool = False):
   """Plans of G groups with capacity C per group and expert: one "gather"
-  plan over all G * S tokens (`num_groups` = G), per-group plans (vmap) for
-  "einsum" and "index". Use with `dispatch_groups` / `combine_groups`."""
+  plan over all G * S tokens (`num_groups` = G; rows e * G + g when
+  `expert_major`, see `dispatch.plan`), per-group plans (vmap) for "einsum"
+  and "index". Use with `dispatch_groups` / `combine_groups` (group-major)
+  or the shard_map path's expert-major layout."""
   if strategy == "gather":
     return dispatch.plan(_flat(routing), capacity, strategy=strategy,
                          max_fanout=max_fanout,
-                         num_groups=routing.gates.shape[0])
+                         num_groups=routing.gates.shape[0],
+                         expert_major=expert_major)
   return jax.vmap(lambda r: dispatch.plan(r, capacity, strategy=strategy,
                                           max_fanout=max_fanout))(routing)
 
@@ -236,20 +239,55 @@ def routed_experts(routing: Routing, x: jax.Array, weights: dict[str, jax.Array]
   return combine(stacked, y)
 
 
+def _source_matmul(h: jax.Array, w: jax.Array) -> jax.Array:
+  """h float[X, El, Gl, C, A] times w float[El, A, B] -> float[X, El, Gl, C, B]."""
+  return jnp.einsum("xegca,eab->xegcb", h, w)
+
+
+def _expert_major_dispatch(plans, x: jax.Array) -> jax.Array:
+  """x float[Gl, S, D] -> float[E, Gl, C, D] through `group_plans(...,
+  expert_major=True)` (a "gather" plan dispatches into that layout directly;
+  per-group plans are transposed)."""
+  shape = _gathered(plans)
+  if shape is None:
+    return jnp.swapaxes(dispatch_groups(plans, x), 0, 1)
+  num_groups, _, num_experts = shape
+  h = plans.dispatch(x.reshape(-1, x.shape[-1]))
+  return h.reshape(num_experts, num_groups, *h.shape[1:])
+
+
+def _expert_major_combine(plans, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """y float[E, Gl, C, D] -> (float[Gl, S, D], kept bool[Gl, S, E]): the
+  inverse of `_expert_major_dispatch`."""
+  shape = _gathered(plans)
+  if shape is None:
+    return combine_groups(plans, jnp.swapaxes(y, 0, 1))
+  num_groups, num_tokens, num_experts = shape
+  out = plans.combine(y.reshape(-1, *y.shape[2:]))
+  return (out.reshape(num_groups, num_tokens, -1),
+          plans.kept.reshape(num_groups, num_tokens, num_experts))
+
+
 def _local_experts(routing: Routing, x: jax.Array, weights: dict[str, Any], *,
                    capacity: int, strategy: str, max_fanout: int | None,
                    activation: str, collectives: bool):
   """One device's part of the shard_map path (see the module docstring);
   `collectives=False` is the same computation without a mesh."""
-  plans = group_plans(routing, capacity, strategy, max_fanout)
-  h = dispatch_groups(plans, x)                            # [Gl, E, C, D]
+  plans = group_plans(routing, capacity, strategy, max_fanout,
+                      expert_major=True)
+  num_groups = routing.gates.shape[0]
+  h = _expert_major_dispatch(plans, x)                     # [E, Gl, C, D]
   if collectives:
-    h = jax.lax.all_to_all(h, "expert", 1, 0, tiled=True)  # [X*Gl, El, C, D]
-  y = experts.mlp(h, weights, activation, experts.batched_matmul)
+    # Each device's experts are a contiguous block of the expert-major
+    # buffer: the all-to-all sends blocks and receives them source-major.
+    h = jax.lax.all_to_all(h, "expert", 0, 0, tiled=True)  # [X*El, Gl, C, D]
+  local = h.reshape(-1, weights["w_in"].shape[0], num_groups, *h.shape[2:])
+  y = experts.mlp(local, weights, activation, _source_matmul)
+  y = y.reshape(h.shape)
   if collectives:
     y = jax.lax.psum(y, "model")  # complete the F-sharded contraction
-    y = jax.lax.all_to_all(y, "expert", 0, 1, tiled=True)  # [Gl, E, C, D]
-  return combine_groups(plans, y)
+    y = jax.lax.all_to_all(y, "expert", 0, 0, tiled=True)  # [E, Gl, C, D]
+  return _expert_major_combine(plans, y)
 
 
 def _shard_map_experts(routing, x, weights, *, capacity, strategy, max_fanout,
