@@ -295,6 +295,61 @@ def test_vmap_over_groups(max_fanout):
     dispatch.plan(flat, 6, strategy="gather", num_groups=5)
 
 
+@pytest.mark.parametrize("max_fanout", [2, None])
+def test_expert_major_rows_are_the_group_major_rows_permuted(max_fanout):
+  """`plan(expert_major=True)`: row e * G + g holds what row g * E + e holds
+  group-major; dispatch, combine, their gradients and the CPU block loop
+  (`experts.ffn`) give the same values."""
+  cases = [make_case(seed=s) for s in range(3)]
+  flat = Routing(jnp.concatenate([c[0].gates for c in cases]),
+                 jnp.concatenate([c[0].priority for c in cases]))
+  x = jnp.concatenate([c[1] for c in cases])
+  g, e = 3, flat.gates.shape[-1]
+
+  @jax.jit
+  def plans(routing):
+    return tuple(dispatch.plan(routing, 6, strategy="gather",
+                               max_fanout=max_fanout, num_groups=g,
+                               expert_major=em) for em in (False, True))
+  by_group, by_expert = plans(flat)
+  assert by_expert.expert_major and not by_group.expert_major
+
+  def to_expert_major(a):  # [G*E, ...] -> [E*G, ...]
+    return jnp.swapaxes(a.reshape(g, e, *a.shape[1:]), 0, 1).reshape(a.shape)
+  for name in ("token_index", "slot_gate"):
+    np.testing.assert_array_equal(
+        np.asarray(getattr(by_expert, name)),
+        np.asarray(to_expert_major(getattr(by_group, name))))
+  for name in ("kept", "token_gate", "num_used"):
+    np.testing.assert_array_equal(np.asarray(getattr(by_expert, name)),
+                                  np.asarray(getattr(by_group, name)))
+  assert by_expert.token_major == by_group.token_major
+
+  def moved(p, x, y):  # dispatch, combine (y in the plan's row order)
+    return p.dispatch(x), p.combine(y)
+  y = jax.random.normal(jax.random.PRNGKey(3), (g * e, 6, x.shape[-1]))
+  h_group, out_group = jax.jit(moved)(by_group, x, y)
+  h_expert, out_expert = jax.jit(moved)(by_expert, x, to_expert_major(y))
+  np.testing.assert_array_equal(np.asarray(h_expert),
+                                np.asarray(to_expert_major(h_group)))
+  np.testing.assert_array_equal(np.asarray(out_expert), np.asarray(out_group))
+
+  def loss(p, x, y):
+    h, out = moved(p, x, y)
+    return jnp.sum(h * jnp.sin(h)) + jnp.sum(out * jnp.cos(out))
+  grads = jax.jit(jax.grad(loss, argnums=(1, 2)))
+  dx_group, dy_group = grads(by_group, x, y)
+  dx_expert, dy_expert = grads(by_expert, x, to_expert_major(y))
+  np.testing.assert_array_equal(np.asarray(dx_expert), np.asarray(dx_group))
+  np.testing.assert_array_equal(np.asarray(dy_expert),
+                                np.asarray(to_expert_major(dy_group)))
+  # The CPU block loop reads each block's expert from the row order.
+  _, _, w1, w2 = cases[0]
+  w = {"w_in": w1, "w_gate": w1, "w_out": w2}
+  ffn = jax.jit(experts.ffn)
+  assert_close(ffn(by_expert, x, w), ffn(by_group, x, w))
+
+
 @functools.partial(jax.jit, static_argnames="max_fanout")
 def run_plan_groups(routing, x, w1, w2, max_fanout):
   """`run_plan` with capacity 6 per group, 3 groups laid end to end in S."""

@@ -224,3 +224,31 @@ def test_expert_path_on_mesh_matches_one_device(strategy, mode, spec):
   if strategy != "sorted" or mode == "gspmd":  # shard_map: "sorted" keeps all
     assert not np.asarray(kept).all()
   chex.assert_trees_all_close(grads, ref_grads, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["gather", "index"])
+def test_shard_map_layout_matches_the_single_device_path(strategy):
+  """The shard_map path's expert-major [E, G, C, D] buffers (what it runs
+  per device, here without a mesh) give the single-device path's output,
+  kept set and gradients."""
+  g, s, e, d, f = 4, 16, 8, 8, 4
+  k0, k1, k2 = jax.random.split(jax.random.PRNGKey(2), 3)
+  logits = jax.random.normal(k0, (g, s, e))
+  gates = jnp.where(logits > 0.3, jax.nn.sigmoid(logits), 0.0)
+  x = jax.random.normal(k1, (g, s, d))
+  w = jax.random.normal(k2, (3, e, d, f)) * 0.3
+  weights = {"w_in": w[0], "w_gate": w[1], "w_out": w[2].transpose(0, 2, 1)}
+
+  def loss(gates, x, weights, mode):
+    y, kept = routed_experts(Routing(gates=gates, priority=gates), x, weights,
+                             capacity=4, strategy=strategy, mode=mode)
+    return jnp.sum(y * jnp.cos(y)), (y, kept)
+  fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True),
+               static_argnums=3)
+  (_, (ref_y, ref_kept)), ref_grads = fn(gates, x, weights, "gspmd")
+  (_, (y, kept)), grads = fn(gates, x, weights, "shard_map")
+  np.testing.assert_allclose(np.asarray(y), np.asarray(ref_y), rtol=1e-4,
+                             atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(kept), np.asarray(ref_kept))
+  assert not np.asarray(kept).all()
+  chex.assert_trees_all_close(grads, ref_grads, rtol=1e-4, atol=1e-5)
