@@ -70,6 +70,10 @@ ACT_GSD = ("batch", "length", "embed")          # float[G, S, D] (groups)
 ACT_GECD = ("expert_group", "expert", "capacity", "embed")  # float[G, E, C, D]
 ACT_GECF = ("expert_group", "expert", "capacity", "mlp")    # float[G, E, C, F]
 ACT_TOKENS_GECD = ("batch", None, "capacity", "embed")  # [G, E, C, D] token side
+# The same buffers expert-major (the "gather" plans of expert parallelism).
+ACT_EGCD = ("expert", "expert_group", "capacity", "embed")  # float[E, G, C, D]
+ACT_EGCF = ("expert", "expert_group", "capacity", "mlp")    # float[E, G, C, F]
+ACT_TOKENS_EGCD = (None, "batch", "capacity", "embed")  # [E, G, C, D] token side
 
 
 # ----------------------------------------------------------------------------

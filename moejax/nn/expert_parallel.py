@@ -213,30 +213,41 @@ def routed_experts(routing: Routing, x: jax.Array, weights: dict[str, jax.Array]
                          out_specs=(P(axes), P(axes)),
                          check_vma=False)(routing, x, weights)
   if strategy == "gather" and shards is not None:
-    # Each device plans its groups at once; the plan stays on its device
-    # between dispatch and combine.
+    # Each device plans its groups at once, expert-major ([E, G, C, D]: each
+    # expert's slots of all groups together, the blocks the all-to-all
+    # moves); the plan stays on its device between dispatch and combine.
     mesh, axes = shards
     def local_dispatch(r, xg):
-      plans = group_plans(r, capacity, strategy, max_fanout)
-      return dispatch_groups(plans, xg), _stacked(plans)
+      plans = group_plans(r, capacity, strategy, max_fanout,
+                          expert_major=True)
+      return _expert_major_dispatch(plans, xg), _stacked(plans)
     h, stacked = jax.shard_map(local_dispatch, mesh=mesh,
                                in_specs=(P(axes), P(axes)),
-                               out_specs=(P(axes), P(axes)))(routing, x)
+                               out_specs=(P(None, axes), P(axes)))(routing, x)
     combine = jax.shard_map(
-        lambda p, yg: combine_groups(_unstacked(p), yg), mesh=mesh,
-        in_specs=(P(axes), P(axes)), out_specs=(P(axes), P(axes)))
+        lambda p, yg: _expert_major_combine(_unstacked(p), yg), mesh=mesh,
+        in_specs=(P(axes), P(None, axes)), out_specs=(P(axes), P(axes)))
+    names = (sharding.ACT_TOKENS_EGCD, sharding.ACT_EGCD, sharding.ACT_EGCF)
+    matmul = _expert_major_matmul
   else:
     plans = group_plans(routing, capacity, strategy, max_fanout)
     h = dispatch_groups(plans, x)
     stacked = plans
     combine = combine_groups
-  h = sharding.constrain(h, sharding.ACT_TOKENS_GECD)   # dispatched locally
-  h = sharding.constrain(h, sharding.ACT_GECD)          # all-to-all to experts
-  y = experts.mlp(h, weights, activation, experts.batched_matmul,
-                  hidden_names=sharding.ACT_GECF)
-  y = sharding.constrain(y, sharding.ACT_GECD)
-  y = sharding.constrain(y, sharding.ACT_TOKENS_GECD)   # all-to-all back
+    names = (sharding.ACT_TOKENS_GECD, sharding.ACT_GECD, sharding.ACT_GECF)
+    matmul = experts.batched_matmul
+  tokens, slots, hidden = names
+  h = sharding.constrain(h, tokens)  # dispatched locally
+  h = sharding.constrain(h, slots)   # all-to-all to experts
+  y = experts.mlp(h, weights, activation, matmul, hidden_names=hidden)
+  y = sharding.constrain(y, slots)
+  y = sharding.constrain(y, tokens)  # all-to-all back
   return combine(stacked, y)
+
+
+def _expert_major_matmul(h: jax.Array, w: jax.Array) -> jax.Array:
+  """h float[E, G, C, A] times w float[E, A, B] -> float[E, G, C, B]."""
+  return jnp.einsum("egca,eab->egcb", h, w)
 
 
 def _source_matmul(h: jax.Array, w: jax.Array) -> jax.Array:
