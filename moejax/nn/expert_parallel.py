@@ -17,22 +17,30 @@ Two ways behind one switch (`MoEConfig.expert_parallel`):
   "gspmd"      each device plans its own groups at once (a `jax.shard_map`
                over the batch axes `data` x `expert`: one "gather" plan with
                `num_groups` = its Gl groups, capacity per group and expert);
-               the `[G, E, C, D]` expert buffers of the slot strategies get
-               sharding constraints (token side: G over data x expert;
-               expert side: G over data, E over expert), and GSPMD inserts
-               the all-to-all between them. "einsum" and "index" plan per
-               group (vmap). "sorted", and "gather" on a mesh without
+               the expert buffers of the slot strategies get sharding
+               constraints (token side: G over data x expert; expert side:
+               G over data, E over expert), and GSPMD inserts the all-to-all
+               between them. "gather" lays them out expert-major,
+               `[E, G, C, D]` (its plans' rows e * Gl + g: each expert's
+               slots of all groups together, the blocks the all-to-all
+               moves; XLA:TPU then adds no layout copy before the
+               all-to-all, only the transposes of its concatenation along
+               G); "einsum" and "index" plan per group (vmap),
+               `[G, E, C, D]`. "sorted", and "gather" on a mesh without
                `expert` and `model` axes, run each device's groups through
                the single-device path (the whole expert weights; GSPMD
                gathers them for "sorted");
                "ragged" sorts all G * S tokens at once (`ragged_dot` has no
                G batching rule).
   "shard_map"  an explicit `jax.shard_map` over the current mesh: each device
-               plans its groups (as above), `jax.lax.all_to_all` over `expert`
-               sends each expert's slots to the device that holds it
-               ([Gl, E, C, D] -> [X * Gl, El, C, D]), the local experts run
-               (a `psum` over `model` completes the F-sharded matmul), and a
-               second all-to-all brings the outputs back. Buffers are static:
+               plans its groups (as above) into the expert-major
+               `[E, Gl, C, D]` (per-group plans: transposed),
+               `jax.lax.all_to_all` over `expert` sends each device's block
+               of E/X experts to it ([E, Gl, C, D] -> [X * El, Gl, C, D],
+               source-major: no layout copy on either side), the local
+               experts run on [X, El, Gl, C, D] (a `psum` over `model`
+               completes the F-sharded matmul), and a second all-to-all
+               brings the outputs back. Buffers are static:
                capacity C for the slot strategies; the dropless strategies
                ("dropless", "sorted", "ragged") use "index" slots with the
                static bound C = S (a token reaches an expert at most once, so
