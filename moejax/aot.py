@@ -305,7 +305,8 @@ def _group_size(line: str) -> int:
   m = re.search(r"replica_groups=\[([\d,]+)\]<=", line)
   if m:
     return int(m.group(1).split(",")[-1])
-  m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+  # mesh[axis sizes] [, device_ids=(...)] {axes of one group}
+  m = re.search(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}", line)
   if m:
     sizes = dict(re.findall(r"'([^']+)'=(\d+)", m.group(1)))
     return math.prod(int(sizes[a]) for a in re.findall(r"'([^']+)'",

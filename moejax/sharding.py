@@ -70,10 +70,15 @@ ACT_GSD = ("batch", "length", "embed")          # float[G, S, D] (groups)
 ACT_GECD = ("expert_group", "expert", "capacity", "embed")  # float[G, E, C, D]
 ACT_GECF = ("expert_group", "expert", "capacity", "mlp")    # float[G, E, C, F]
 ACT_TOKENS_GECD = ("batch", None, "capacity", "embed")  # [G, E, C, D] token side
-# The same buffers expert-major (the "gather" plans of expert parallelism).
-ACT_EGCD = ("expert", "expert_group", "capacity", "embed")  # float[E, G, C, D]
-ACT_EGCF = ("expert", "expert_group", "capacity", "mlp")    # float[E, G, C, F]
-ACT_TOKENS_EGCD = (None, "batch", "capacity", "embed")  # [E, G, C, D] token side
+# The same buffers expert-major, with G split as (data, expert, Gl) into
+# float[X, E, Gd, Gl, C, D] (the "gather" plans of expert parallelism; X and
+# Gd: the sizes of the mesh's `expert` and `data` axes): the token side holds
+# X over `expert` and Gd over `data`, the expert side E over `expert` and Gd
+# over `data`, so that an expert-side shard [X, El, 1, Gl, C, D] is what an
+# all-to-all over `expert` delivers (source-major).
+ACT_XEGCD = (None, "expert", "expert_group", None, "capacity", "embed")
+ACT_XEGCF = (None, "expert", "expert_group", None, "capacity", "mlp")
+ACT_TOKENS_XEGCD = ("expert", None, "expert_group", None, "capacity", "embed")
 
 
 # ----------------------------------------------------------------------------

@@ -54,6 +54,13 @@ def test_hlo_collectives_counts_bytes_and_traffic():
                                      "traffic": 32.0}
   shard_map = aot.hlo_collectives(SHARD_MAP_HLO)["all-to-all"]
   assert shard_map == {"count": 3, "bytes": 384.0, "traffic": 192.0}
+  # Mesh replica groups with a device order (GSPMD's resharding).
+  permuted = aot.hlo_collectives(
+      "  %a2a = bf16[2,4,8]{2,1,0} all-to-all(%x), channel_id=1, "
+      "replica_groups=mesh['axis_0'=2,'axis_1'=2,'axis_2'=1], "
+      "device_ids=([2,2]T(1,0)) {'axis_1'}, dimensions={1}\n")
+  assert permuted["all-to-all"] == {"count": 1, "bytes": 128.0,
+                                    "traffic": 128.0 / 2}
 
 
 def test_estimate_step_is_the_largest_of_compute_hbm_ici():

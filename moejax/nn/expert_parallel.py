@@ -221,22 +221,26 @@ def routed_experts(routing: Routing, x: jax.Array, weights: dict[str, jax.Array]
                          out_specs=(P(axes), P(axes)),
                          check_vma=False)(routing, x, weights)
   if strategy == "gather" and shards is not None:
-    # Each device plans its groups at once, expert-major ([E, G, C, D]: each
+    # Each device plans its groups at once, expert-major ([E, Gl, C, D]: each
     # expert's slots of all groups together, the blocks the all-to-all
-    # moves); the plan stays on its device between dispatch and combine.
+    # moves), as block [x, :, d] of float[X, E, Gd, Gl, C, D] (device (d, x)
+    # of the batch axes); the plan stays on its device between dispatch and
+    # combine.
     mesh, axes = shards
+    blocks = P(*(a if a in axes else None for a in ("expert", None, "data")))
     def local_dispatch(r, xg):
       plans = group_plans(r, capacity, strategy, max_fanout,
                           expert_major=True)
-      return _expert_major_dispatch(plans, xg), _stacked(plans)
+      return _expert_major_dispatch(plans, xg)[None, :, None], _stacked(plans)
     h, stacked = jax.shard_map(local_dispatch, mesh=mesh,
                                in_specs=(P(axes), P(axes)),
-                               out_specs=(P(None, axes), P(axes)))(routing, x)
+                               out_specs=(blocks, P(axes)))(routing, x)
     combine = jax.shard_map(
-        lambda p, yg: _expert_major_combine(_unstacked(p), yg), mesh=mesh,
-        in_specs=(P(axes), P(None, axes)), out_specs=(P(axes), P(axes)))
-    names = (sharding.ACT_TOKENS_EGCD, sharding.ACT_EGCD, sharding.ACT_EGCF)
-    matmul = _expert_major_matmul
+        lambda p, yg: _expert_major_combine(_unstacked(p), yg[0, :, 0]),
+        mesh=mesh, in_specs=(P(axes), blocks), out_specs=(P(axes), P(axes)))
+    names = (sharding.ACT_TOKENS_XEGCD, sharding.ACT_XEGCD,
+             sharding.ACT_XEGCF)
+    matmul = _blocks_matmul
   else:
     plans = group_plans(routing, capacity, strategy, max_fanout)
     h = dispatch_groups(plans, x)
@@ -253,9 +257,10 @@ def routed_experts(routing: Routing, x: jax.Array, weights: dict[str, jax.Array]
   return combine(stacked, y)
 
 
-def _expert_major_matmul(h: jax.Array, w: jax.Array) -> jax.Array:
-  """h float[E, G, C, A] times w float[E, A, B] -> float[E, G, C, B]."""
-  return jnp.einsum("egca,eab->egcb", h, w)
+def _blocks_matmul(h: jax.Array, w: jax.Array) -> jax.Array:
+  """h float[X, E, Gd, Gl, C, A] times w float[E, A, B]
+  -> float[X, E, Gd, Gl, C, B]."""
+  return jnp.einsum("xedgca,eab->xedgcb", h, w)
 
 
 def _source_matmul(h: jax.Array, w: jax.Array) -> jax.Array:
