@@ -20,13 +20,13 @@ Two ways behind one switch (`MoEConfig.expert_parallel`):
                the expert buffers of the slot strategies get sharding
                constraints (token side: G over data x expert; expert side:
                G over data, E over expert), and GSPMD inserts the all-to-all
-               between them. "gather" lays them out expert-major,
-               `[E, G, C, D]` (its plans' rows e * Gl + g: each expert's
-               slots of all groups together, the blocks the all-to-all
-               moves; XLA:TPU then adds no layout copy before the
-               all-to-all, only the transposes of its concatenation along
-               G); "einsum" and "index" plan per group (vmap),
-               `[G, E, C, D]`. "sorted", and "gather" on a mesh without
+               between them. "gather" lays them out expert-major (its plans'
+               rows e * Gl + g: each expert's slots of a device's groups
+               together, the blocks the all-to-all moves) as
+               `[X, E, Gd, Gl, C, D]` (G split over data x expert), so
+               that an expert-side shard `[X, El, 1, Gl, C, D]` is what the
+               all-to-all delivers, source-major, with no layout copy;
+               "einsum" and "index" plan per group (vmap), `[G, E, C, D]`. "sorted", and "gather" on a mesh without
                `expert` and `model` axes, run each device's groups through
                the single-device path (the whole expert weights; GSPMD
                gathers them for "sorted");
@@ -227,7 +227,8 @@ def routed_experts(routing: Routing, x: jax.Array, weights: dict[str, jax.Array]
     # of the batch axes); the plan stays on its device between dispatch and
     # combine.
     mesh, axes = shards
-    blocks = P(*(a if a in axes else None for a in ("expert", None, "data")))
+    blocks = P("expert" if "expert" in axes else None, None,
+               "data" if "data" in axes else None)
     def local_dispatch(r, xg):
       plans = group_plans(r, capacity, strategy, max_fanout,
                           expert_major=True)
@@ -240,7 +241,7 @@ def routed_experts(routing: Routing, x: jax.Array, weights: dict[str, jax.Array]
         mesh=mesh, in_specs=(P(axes), blocks), out_specs=(P(axes), P(axes)))
     names = (sharding.ACT_TOKENS_XEGCD, sharding.ACT_XEGCD,
              sharding.ACT_XEGCF)
-    matmul = _blocks_matmul
+    matmul = _source_major_matmul
   else:
     plans = group_plans(routing, capacity, strategy, max_fanout)
     h = dispatch_groups(plans, x)
@@ -257,15 +258,11 @@ def routed_experts(routing: Routing, x: jax.Array, weights: dict[str, jax.Array]
   return combine(stacked, y)
 
 
-def _blocks_matmul(h: jax.Array, w: jax.Array) -> jax.Array:
-  """h float[X, E, Gd, Gl, C, A] times w float[E, A, B]
-  -> float[X, E, Gd, Gl, C, B]."""
-  return jnp.einsum("xedgca,eab->xedgcb", h, w)
-
-
-def _source_matmul(h: jax.Array, w: jax.Array) -> jax.Array:
-  """h float[X, El, Gl, C, A] times w float[El, A, B] -> float[X, El, Gl, C, B]."""
-  return jnp.einsum("xegca,eab->xegcb", h, w)
+def _source_major_matmul(h: jax.Array, w: jax.Array) -> jax.Array:
+  """h float[X, E, ..., A] times w float[E, A, B] -> float[X, E, ..., B]
+  (expert-major blocks from X sources: [X, El, Gl, C, A] in the shard_map
+  path, [X, E, Gd, Gl, C, A] in the gspmd one)."""
+  return jnp.einsum("xe...a,eab->xe...b", h, w)
 
 
 def _expert_major_dispatch(plans, x: jax.Array) -> jax.Array:
@@ -306,7 +303,7 @@ def _local_experts(routing: Routing, x: jax.Array, weights: dict[str, Any], *,
     # buffer: the all-to-all sends blocks and receives them source-major.
     h = jax.lax.all_to_all(h, "expert", 0, 0, tiled=True)  # [X*El, Gl, C, D]
   local = h.reshape(-1, weights["w_in"].shape[0], num_groups, *h.shape[2:])
-  y = experts.mlp(local, weights, activation, _source_matmul)
+  y = experts.mlp(local, weights, activation, _source_major_matmul)
   y = y.reshape(h.shape)
   if collectives:
     y = jax.lax.psum(y, "model")  # complete the F-sharded contraction
