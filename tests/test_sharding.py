@@ -194,6 +194,40 @@ def test_sharded_train_step_of_each_layout_matches_single_device():
     assert losses[1] < losses[0]
 
 
+def _expert_case(num_groups: int, seed: int):
+  """(gates float32[G, 16, 8] with zeros, x float32[G, 16, 8], SwiGLU expert
+  weights of E 8, D 8, F 4) for the expert-path tests."""
+  s, e, d, f = 16, 8, 8, 4
+  k0, k1, k2 = jax.random.split(jax.random.PRNGKey(seed), 3)
+  logits = jax.random.normal(k0, (num_groups, s, e))
+  gates = jnp.where(logits > 0.3, jax.nn.sigmoid(logits), 0.0)
+  x = jax.random.normal(k1, (num_groups, s, d))
+  w = jax.random.normal(k2, (3, e, d, f)) * 0.3
+  return gates, x, {"w_in": w[0], "w_gate": w[1],
+                    "w_out": w[2].transpose(0, 2, 1)}
+
+
+def _expert_grad(strategy: str):
+  """jit of (gates, x, weights, mode) -> ((loss, (y, kept)), gradients) of
+  the expert path with capacity 4."""
+  def loss(gates, x, weights, mode):
+    y, kept = routed_experts(Routing(gates=gates, priority=gates), x, weights,
+                             capacity=4, strategy=strategy, mode=mode)
+    return jnp.sum(y * jnp.cos(y)), (y, kept)
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True),
+                 static_argnums=3)
+
+
+def _assert_same_path(got, want):
+  """Same outputs, kept set and gradients (`_expert_grad` results)."""
+  (_, (y, kept)), grads = got
+  (_, (ref_y, ref_kept)), ref_grads = want
+  np.testing.assert_allclose(np.asarray(y), np.asarray(ref_y), rtol=1e-4,
+                             atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(kept), np.asarray(ref_kept))
+  chex.assert_trees_all_close(grads, ref_grads, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("strategy, mode, spec", [
     (strategy, mode, "data:2,expert:4") for strategy in
     ("gather", "index", "sorted") for mode in ("gspmd", "shard_map")] + [
@@ -202,28 +236,15 @@ def test_expert_path_on_mesh_matches_one_device(strategy, mode, spec):
   """Each device plans its own groups at once (capacity per group): the
   expert path on a mesh gives the single-device output, kept set and
   gradients."""
-  g, s, e, d, f = 8, 16, 8, 8, 4
-  k0, k1, k2 = jax.random.split(jax.random.PRNGKey(1), 3)
-  logits = jax.random.normal(k0, (g, s, e))
-  gates = jnp.where(logits > 0.3, jax.nn.sigmoid(logits), 0.0)
-  x = jax.random.normal(k1, (g, s, d))
-  w = jax.random.normal(k2, (3, e, d, f)) * 0.3
-  weights = {"w_in": w[0], "w_gate": w[1], "w_out": w[2].transpose(0, 2, 1)}
-
-  def loss(gates, x, weights):
-    y, kept = routed_experts(Routing(gates=gates, priority=gates), x, weights,
-                             capacity=4, strategy=strategy, mode=mode)
-    return jnp.sum(y * jnp.cos(y)), (y, kept)
-  fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
-  (_, (ref_y, ref_kept)), ref_grads = fn(gates, x, weights)
+  gates, x, weights = _expert_case(8, seed=1)
+  fn = _expert_grad(strategy)
+  want = fn(gates, x, weights, mode)
   with jax.set_mesh(sharding.make_mesh(spec)):
-    (_, (y, kept)), grads = fn(gates, x, weights)
-  np.testing.assert_allclose(np.asarray(y), np.asarray(ref_y), rtol=1e-4,
-                             atol=1e-5)
-  np.testing.assert_array_equal(np.asarray(kept), np.asarray(ref_kept))
+    got = fn(gates, x, weights, mode)
+  _assert_same_path(got, want)
+  kept = got[0][1][1]
   if strategy != "sorted" or mode == "gspmd":  # shard_map: "sorted" keeps all
     assert not np.asarray(kept).all()
-  chex.assert_trees_all_close(grads, ref_grads, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("strategy", ["gather", "index"])
@@ -231,24 +252,8 @@ def test_shard_map_layout_matches_the_single_device_path(strategy):
   """The shard_map path's expert-major [E, G, C, D] buffers (what it runs
   per device, here without a mesh) give the single-device path's output,
   kept set and gradients."""
-  g, s, e, d, f = 4, 16, 8, 8, 4
-  k0, k1, k2 = jax.random.split(jax.random.PRNGKey(2), 3)
-  logits = jax.random.normal(k0, (g, s, e))
-  gates = jnp.where(logits > 0.3, jax.nn.sigmoid(logits), 0.0)
-  x = jax.random.normal(k1, (g, s, d))
-  w = jax.random.normal(k2, (3, e, d, f)) * 0.3
-  weights = {"w_in": w[0], "w_gate": w[1], "w_out": w[2].transpose(0, 2, 1)}
-
-  def loss(gates, x, weights, mode):
-    y, kept = routed_experts(Routing(gates=gates, priority=gates), x, weights,
-                             capacity=4, strategy=strategy, mode=mode)
-    return jnp.sum(y * jnp.cos(y)), (y, kept)
-  fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True),
-               static_argnums=3)
-  (_, (ref_y, ref_kept)), ref_grads = fn(gates, x, weights, "gspmd")
-  (_, (y, kept)), grads = fn(gates, x, weights, "shard_map")
-  np.testing.assert_allclose(np.asarray(y), np.asarray(ref_y), rtol=1e-4,
-                             atol=1e-5)
-  np.testing.assert_array_equal(np.asarray(kept), np.asarray(ref_kept))
-  assert not np.asarray(kept).all()
-  chex.assert_trees_all_close(grads, ref_grads, rtol=1e-4, atol=1e-5)
+  gates, x, weights = _expert_case(4, seed=2)
+  fn = _expert_grad(strategy)
+  got = fn(gates, x, weights, "shard_map")
+  _assert_same_path(got, fn(gates, x, weights, "gspmd"))
+  assert not np.asarray(got[0][1][1]).all()
