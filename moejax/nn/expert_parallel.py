@@ -26,8 +26,9 @@ Two ways behind one switch (`MoEConfig.expert_parallel`):
                `[X, E, Gd, Gl, C, D]` (G split over data x expert), so
                that an expert-side shard `[X, El, 1, Gl, C, D]` is what the
                all-to-all delivers, source-major, with no layout copy;
-               "einsum" and "index" plan per group (vmap), `[G, E, C, D]`. "sorted", and "gather" on a mesh without
-               `expert` and `model` axes, run each device's groups through
+               "einsum" and "index" plan per group (vmap), `[G, E, C, D]`.
+               "sorted", and "gather" on a mesh without `expert` and
+               `model` axes, run each device's groups through
                the single-device path (the whole expert weights; GSPMD
                gathers them for "sorted");
                "ragged" sorts all G * S tokens at once (`ragged_dot` has no
