@@ -3,11 +3,13 @@
 Reads the per-run JSON records that the comparison runners write (one file per
 run and seed: `compare_balance.py`'s `balance/records/` and
 `balance/matched/records/`, `compare_routers.py`'s
-`dtop_p/tiny_dropless/records/`) and tabulates, per router and record set,
+`dtop_p/tiny_dropless/records/` and `finegrained/small_600/records/`) and
+tabulates, per router and record set,
 mean ± std over seeds of: validation loss, training drop fraction (the last
 logged step), validation MaxVio, load CV (std / mean of the expert loads,
 mean over layers), dead experts (fraction of experts with less than 1% of
-the mean load, validation) and training tokens/s. Trains nothing.
+the mean load, validation) and training tokens/s; a dense model has no
+routing columns ("–"). Trains nothing.
 
   python experiments/baseline_table.py --out=experiments/reports/baselines
 
@@ -38,6 +40,11 @@ SETS = {
                  "dropless (`dtop_p.md`)"),
     "dropless_1000": ("dtop_p/tiny_dropless_1000/records", "the same model "
                       "and data, 1000 steps, dropless (`dtop_p.md`)"),
+    "finegrained": ("finegrained/small_600/records", "`small` blocks (6 "
+                    "layers, D = 256), batch 8 x 128 bytes, 600 steps, "
+                    "dropless; every MoE arm has experts of 4096 hidden units "
+                    "in all per layer, 1024 active (the dense FFN's width) "
+                    "(`finegrained.md`)"),
 }
 COLUMNS = [("val. loss", "loss", 4), ("train drops", "drop", 3),
            ("val. MaxVio", "max_vio", 2), ("load CV", "load_cv", 2),
@@ -60,6 +67,10 @@ def metrics(record: dict) -> dict[str, float]:
   last = [h for h in record["history"] if "loss" in h][-1]
   if "final_eval" in record:  # compare_routers.py
     ev = record["final_eval"]
+    if record["router"] == "dense":  # no router: the routing columns are None
+      return {"loss": ev["eval_loss"], "drop": None, "max_vio": None,
+              "load_cv": None, "dead": None, "fanout": None,
+              "tokens_per_s": record["tokens_per_s"]}
     return {"loss": ev["eval_loss"], "drop": last.get("drop_fraction", 0.0),
             "max_vio": ev["eval_max_vio"], "load_cv": ev["eval_load_cv"],
             # eval_dead_experts counts the experts per layer below 1% of
@@ -89,6 +100,10 @@ def table(records: list[dict]) -> tuple[str, dict]:
     values = [metrics(r) for r in runs]
     cells, summary[label] = [], {"seeds": [r["seed"] for r in runs]}
     for _, key, digits in COLUMNS:
+      if any(m[key] is None for m in values):  # a dense model's routing
+        summary[label][key] = {"mean": None, "std": None}
+        cells.append("–")
+        continue
       v = np.array([m[key] for m in values], np.float64)
       std = float(v.std(ddof=1)) if len(v) > 1 else 0.0  # sample std
       summary[label][key] = {"mean": float(v.mean()), "std": std}
