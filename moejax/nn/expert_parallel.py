@@ -268,26 +268,20 @@ def _source_major_matmul(h: jax.Array, w: jax.Array) -> jax.Array:
 
 def _expert_major_dispatch(plans, x: jax.Array) -> jax.Array:
   """x float[Gl, S, D] -> float[E, Gl, C, D] through `group_plans(...,
-  expert_major=True)` (a "gather" plan dispatches into that layout directly;
-  per-group plans are transposed)."""
-  shape = _gathered(plans)
-  if shape is None:
-    return jnp.swapaxes(dispatch_groups(plans, x), 0, 1)
-  num_groups, _, num_experts = shape
-  h = plans.dispatch(x.reshape(-1, x.shape[-1]))
-  return h.reshape(num_experts, num_groups, *h.shape[1:])
+  expert_major=True)`: a "gather" plan's rows are already expert-major (the
+  reshape is free); per-group plans are transposed."""
+  h = dispatch_groups(plans, x)  # [Gl * E rows, C, D] as [Gl, E, C, D]
+  if _gathered(plans) is None:
+    return jnp.swapaxes(h, 0, 1)
+  return h.reshape(h.shape[1], h.shape[0], *h.shape[2:])
 
 
 def _expert_major_combine(plans, y: jax.Array) -> tuple[jax.Array, jax.Array]:
   """y float[E, Gl, C, D] -> (float[Gl, S, D], kept bool[Gl, S, E]): the
-  inverse of `_expert_major_dispatch`."""
-  shape = _gathered(plans)
-  if shape is None:
-    return combine_groups(plans, jnp.swapaxes(y, 0, 1))
-  num_groups, num_tokens, num_experts = shape
-  out = plans.combine(y.reshape(-1, *y.shape[2:]))
-  return (out.reshape(num_groups, num_tokens, -1),
-          plans.kept.reshape(num_groups, num_tokens, num_experts))
+  inverse of `_expert_major_dispatch` (a "gather" plan reads its rows flat)."""
+  if _gathered(plans) is None:
+    y = jnp.swapaxes(y, 0, 1)
+  return combine_groups(plans, y)
 
 
 def _local_experts(routing: Routing, x: jax.Array, weights: dict[str, Any], *,
