@@ -150,6 +150,23 @@ def test_cli_builds_loss_free_top_k():
     build_train_config({"config": "tiny", "router": "top_k", "balance": "x"})
 
 
+def test_cli_top1_without_normalisation_keeps_the_probability_gate():
+  import jax
+  import numpy as np
+
+  from moejax.cli.lm_flags import build_train_config
+  cfg = build_train_config({"config": "tiny", "router": "top_k", "k": 1,
+                            "normalize": False})
+  r = cfg.model.moe.router
+  assert (r.k, r.normalize) == (1, False)
+  logits = jax.random.normal(jax.random.PRNGKey(0), (6, 4))
+  gates = np.asarray(r.route(logits, {}, rng=None, train=True).routing.gates)
+  probs = np.asarray(jax.nn.softmax(logits, -1))
+  # Switch-style top-1: the gate is the chosen probability, not 1.
+  np.testing.assert_allclose(gates.max(-1), probs.max(-1), rtol=1e-6)
+  assert (gates.max(-1) < 1).all() and ((gates > 0).sum(-1) == 1).all()
+
+
 def test_loss_free_state_survives_resume(train_and_resume):
   moe = MoEConfig(num_experts=4, expert_width=16,
                   router=TopK(k=1, balance="loss_free", bias_update_rate=1e-2))

@@ -92,6 +92,9 @@ ROUTER_FLAGS = {
                    "(selection bias, no loss) or none.",
         "bias_update_rate": "top_k --balance=loss_free: bias speed u.",
         "score_fn": "top_k scores: softmax or sigmoid.",
+        "normalize": "top_k: renormalise the chosen weights to sum to 1 per "
+                     "token (with k=1 the gate is then 1 and the router "
+                     "learns from the aux loss alone).",
     }),
     **defaults.table(routing.get("expert_threshold"), {
         "et_warmup_steps": "expert_threshold: expert-choice warm-up steps.",
