@@ -1,5 +1,6 @@
-"""The papers' shapes (experiments/configs/paper_*.py): parameter counts, the
-all-to-all bytes of their pod mesh layouts from shapes, and the train step
+"""The registry's pod-scale configs (`moejax.configs`: the papers' shapes by
+default, `--configs=mixtral_8x7b` etc.): parameter counts, the all-to-all
+bytes of their pod mesh layouts from shapes, and the train step
 compiled either on 8 forced host devices standing in for the pod mesh or, with
 libtpu installed, ahead of time for a real TPU slice.
 
@@ -9,7 +10,7 @@ libtpu installed, ahead of time for a real TPU slice.
       --out=experiments/reports/tpu_aot.json          # TPU AOT report
 
 With --topology, each config is compiled for each slice (TPU HLO from
-`jax.experimental.topologies`, no TPU needed) on the mesh of its config module
+`jax.experimental.topologies`, no TPU needed) on the mesh of its registry entry
 (`tpu_mesh(chips)`) with its per-device batch, trying in order: no remat,
 remat of every block, remat at the per-device batch halved and halved again
 (--max_tries plans at most), until the compiled step fits the chip's HBM.
@@ -31,7 +32,6 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS",
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 import copy  # noqa: E402
 import dataclasses  # noqa: E402
@@ -40,18 +40,17 @@ import time  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 
-from moejax.experiment import load_module  # noqa: E402
+from moejax import configs as configs_lib  # noqa: E402
 
-# The config modules (experiments/configs/, not a package) by name.
-CONFIGS = {name: load_module(os.path.join(HERE, "configs", f"{name}.py"))
-           for name in ("paper_dtop_p", "paper_et", "paper_mod",
-                        "paper_probmoe")}
+# The registry entries with a pod layout (`moejax.configs.NamedConfig`).
+CONFIGS = {name: entry for name, entry in configs_lib.REGISTRY.items()
+           if entry.pod_mesh is not None}
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("configs", list(CONFIGS), "Config names: " +
-                  ", ".join(CONFIGS))
+flags.DEFINE_list("configs", list(configs_lib.PAPER_CONFIGS),
+                  "Config names: " + ", ".join(CONFIGS))
 flags.DEFINE_bool("compile", False, "Also lower + compile one train step on "
-                  "the 8-device stand-in mesh (TEST_MESH).")
+                  "the 8-device stand-in mesh (the entry's test_mesh).")
 flags.DEFINE_integer("compile_layers", 1, "Depth of the compiled step (the "
                      "block repeats; 0 = the full depth, slow on a CPU).")
 flags.DEFINE_list("topology", [], "TPU slices to compile for ahead of time "
@@ -75,7 +74,7 @@ def count_row(name: str, mod) -> dict:
   from moejax import aot, sharding
   cfg = mod.config()
   count = aot.count_params(cfg)
-  pod = sharding.parse_mesh(mod.POD_MESH, mod.POD_DEVICES)
+  pod = sharding.parse_mesh(mod.pod_mesh, mod.pod_devices)
   a2a = aot.all_to_all_bytes(cfg, pod)
   m = cfg.model
   moe = m.moe
@@ -88,19 +87,19 @@ def count_row(name: str, mod) -> dict:
                     f"mod {m.mod_capacity:g} every {m.mod_every}",
           "target_fanout": moe.router.target_fanout if moe else 0,
           "batch": cfg.batch_size, "seq_len": cfg.seq_len,
-          "pod_mesh": mod.POD_MESH, **count.as_dict(),
+          "pod_mesh": mod.pod_mesh, **count.as_dict(),
           "pod_a2a_bytes_per_step_per_device": a2a["per_step_per_device"],
           "pod_a2a_bytes_per_step_total": a2a["per_step_total"],
           "capacity": a2a.get("capacity", 0)}
 
 
 def stand_in_compile(mod, row: dict) -> dict:
-  """One train step compiled on the 8 forced host devices (TEST_MESH)."""
+  """One train step compiled on the 8 forced host devices (test_mesh)."""
   import jax
   from moejax import aot, sharding
-  mesh = sharding.make_mesh(mod.TEST_MESH)
+  mesh = sharding.make_mesh(mod.test_mesh)
   shards = mesh.shape["data"] * mesh.shape["expert"]
-  pod = sharding.parse_mesh(mod.POD_MESH, mod.POD_DEVICES)
+  pod = sharding.parse_mesh(mod.pod_mesh, mod.pod_devices)
   per_shard = max(1, row["batch"] // (pod["data"] * pod["expert"]))
   small = mod.config(batch_size=per_shard * shards,
                      num_layers=FLAGS.compile_layers or row["layers"])
@@ -109,7 +108,7 @@ def stand_in_compile(mod, row: dict) -> dict:
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()
-  return {"compiled_mesh": mod.TEST_MESH,
+  return {"compiled_mesh": mod.test_mesh,
           "compiled_layers": small.model.num_layers,
           "compiled_batch": small.batch_size,
           "lower_s": t1 - t0, "compile_s": t2 - t1,
@@ -144,7 +143,7 @@ def plans(mod, chips: int, hbm_bytes: int) -> list[dict]:
   remat, remat, then remat at the batch per shard halved again and again
   (down to 1); on chips with less than 32 GiB of HBM the first is skipped
   (block remat is the usual choice there)."""
-  mesh, batch = mod.tpu_mesh(chips), mod.SHARD_BATCH
+  mesh, batch = mod.tpu_mesh(chips), mod.shard_batch
   base = {"mesh": mesh, "shard_batch": batch, "remat": False,
           "expert_parallel": "gspmd"}
   tries = [base, {**base, "remat": True}]
@@ -194,7 +193,7 @@ def compile_plan(mod, topology: str, plan: dict) -> dict:
     report["estimate"] = aot.estimate_step(
         report["flops_per_device"], report["hbm_bytes_accessed"], traffic,
         report["model_flops_per_device"], chip)
-  return {"config": mod.NAME, "topology": topology, "chip": chip.name,
+  return {"config": mod.name, "topology": topology, "chip": chip.name,
           "chips": len(devices), **plan, "global_batch": batch,
           "seq_len": full.seq_len, "layers": depth,
           "compiled_depths": depths, "compile_s": seconds, **report}
@@ -343,8 +342,8 @@ def report_markdown(rows: list[dict], command: str) -> str:
 Each paper config's full train step (forward, backward, AdamW, controller
 update; `moejax.aot.lower_train_step`) is compiled by XLA:TPU for the devices
 of a TPU slice from `jax.experimental.topologies.get_topology_desc` (libtpu,
-no TPU attached), on the mesh of its config module (`tpu_mesh(chips)`) with
-its sequences per data x expert shard (`SHARD_BATCH`; global batch = shards x
+no TPU attached), on the mesh of its registry entry (`tpu_mesh(chips)`) with
+its sequences per data x expert shard (`shard_batch`; global batch = shards x
 that), GSPMD expert parallelism. Plans are tried in order until one fits:
 no remat, remat of every block (`LMConfig.remat`), remat at the batch per
 shard halved and halved again, 4 plans at most (on chips with < 32 GiB of

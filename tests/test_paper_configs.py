@@ -1,25 +1,21 @@
-"""The papers' shapes (experiments/configs/paper_*.py): parameter counts from
-shapes, and one train step lowered at full depth and compiled (one block deep,
-same widths/experts) on abstract sharded inputs over 8 forced host devices
-standing in for the pod mesh."""
-import os
-
+"""The registry's pod-scale shapes (`moejax.configs`: the papers' and the
+larger public ones): parameter counts from shapes, and one train step lowered
+at full depth and compiled (one block deep, same widths/experts) on abstract
+sharded inputs over 8 forced host devices standing in for the pod mesh."""
 import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from moejax import aot, sharding
-from moejax.experiment import load_module
+from moejax import aot, configs, sharding
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), "experiments", "configs")
-CONFIGS = {name: load_module(os.path.join(CONFIG_DIR, f"{name}.py"))
-           for name in ("paper_dtop_p", "paper_et", "paper_mod",
-                        "paper_probmoe")}
+CONFIGS = configs.REGISTRY
 # name: (total, active) parameters the papers report (OLMoE-1B-7B for
-# ProbMoE; MoD: the dense ~1.3B it routes).
+# ProbMoE; MoD: the dense ~1.3B it routes; DeepSeekMoE 16B as published;
+# Mixtral with multi-head attention: 47.5B / 13.7B, see its docstring).
 PAPERS = {"paper_dtop_p": (6.9e9, 1.3e9), "paper_et": (575e6, 195e6),
-          "paper_probmoe": (6.9e9, 1.3e9), "paper_mod": (1.3e9, 1.3e9)}
+          "paper_probmoe": (6.9e9, 1.3e9), "paper_mod": (1.3e9, 1.3e9),
+          "deepseek_moe_16b": (16.4e9, 2.8e9),
+          "mixtral_8x7b": (47.5e9, 13.7e9)}
 
 
 @pytest.mark.parametrize("name", sorted(PAPERS))
@@ -30,7 +26,7 @@ def test_paper_parameter_counts(name):
   assert abs(count.total / total - 1) < 0.03, count
   assert abs(count.active / active - 1) < 0.03, count
   assert count.routed < count.total and count.embedding < count.total
-  assert sharding.parse_mesh(mod.POD_MESH, mod.POD_DEVICES)
+  assert sharding.parse_mesh(mod.pod_mesh, mod.pod_devices)
   for chips in (32, 256):  # the TPU slices' meshes divide the model
     assert sharding.parse_mesh(mod.tpu_mesh(chips), chips)
 
@@ -39,7 +35,7 @@ def test_paper_parameter_counts(name):
                          [("paper_dtop_p", "gspmd"), ("paper_et", "shard_map")])
 def test_paper_train_step_lowers_and_compiles_abstractly(name, expert_parallel):
   mod = CONFIGS[name]
-  mesh = sharding.make_mesh(mod.TEST_MESH)
+  mesh = sharding.make_mesh(mod.test_mesh)
   full = mod.config(batch_size=8, expert_parallel=expert_parallel)
   lowered = aot.lower_train_step(full, mesh)  # every layer, nothing allocated
   assert "sharding" in lowered.as_text()[:200000]

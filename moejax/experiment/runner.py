@@ -97,9 +97,10 @@ def use_compile_cache(path: Optional[str]) -> None:
 
 
 def load_module(path: str):
-  """Imports the Python file at `path` (e.g. `experiments/configs/*.py`, which
-  are not a package) as a module named after the file, registered in
-  `sys.modules` as an import would (dataclasses need their module there)."""
+  """Imports the Python file at `path` (e.g. a config file, or a script of
+  `experiments/`, which is not a package) as a module named after the file,
+  registered in `sys.modules` as an import would (dataclasses need their
+  module there)."""
   import importlib.util  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   name = os.path.splitext(os.path.basename(path))[0]

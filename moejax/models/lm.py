@@ -47,6 +47,8 @@ class LMConfig(StackConfig):
     mod_aux_weight: weight of the MoD router's causal BCE (method A).
     mod_predictor_weight: weight of the causal predictor's BCE (method B).
     mod_causal: causal decision used for sampling: "predictor" or "router".
+    first_dense_layers: the first n blocks have a dense MLP whatever
+      `moe_every` says (DeepSeekMoE's dense first block).
     remat: recompute each block's activations in the backward pass
       (`nn.remat` per block): only the block inputs are kept between the
       forward and the backward pass, at about one extra forward of compute.
@@ -59,11 +61,18 @@ class LMConfig(StackConfig):
   mod_aux_weight: float = 0.01
   mod_predictor_weight: float = 1.0
   mod_causal: str = "predictor"
+  first_dense_layers: int = 0
   remat: bool = False
 
   def __post_init__(self):
     super().__post_init__()
     check_positive_ints(self, ("vocab_size", "max_len", "mod_every"))
+    if (isinstance(self.first_dense_layers, bool)
+        or not isinstance(self.first_dense_layers, int)
+        or not 0 <= self.first_dense_layers <= self.num_layers):
+      raise ValueError(f"first_dense_layers={self.first_dense_layers!r} is "
+                       f"out of range; allowed: integer in [0, num_layers="
+                       f"{self.num_layers}]")
     if isinstance(self.mod_capacity, bool) or not 0 <= self.mod_capacity <= 1:
       raise ValueError(f"mod_capacity={self.mod_capacity!r} is out of range; "
                        "allowed: [0, 1] (0 = no MoD)")
@@ -84,7 +93,8 @@ class LMConfig(StackConfig):
     return bool(self.mod_capacity) and (i + 1) % self.mod_every == 0
 
   def is_moe_layer(self, i: int) -> bool:
-    return self.moe is not None and (i + 1) % self.moe_every == 0
+    return (self.moe is not None and i >= self.first_dense_layers
+            and (i + 1) % self.moe_every == 0)
 
   @property
   def num_moe_layers(self) -> int:
