@@ -9,6 +9,9 @@ run. `--runs` lists run specs separated by ';', each
 `[LABEL=]ROUTER[,FLAG=VALUE...]`: the router name (`dense` = no MoE) and the
 flags that differ for that run (e.g. `top_p,p=0.3` or
 `dtop_p_layer=dtop_p,dtop_p_scope=layer`); the label defaults to the spec text.
+A FLAG must be a flag of `experiments/train_lm.py` (a typo or one of this
+script's own flags exits 2 with one line instead of running the defaults), and
+its VALUE is parsed by that flag's parser.
 Each (run, seed) trains in `WORKROOT/LABEL_sSEED` (a finished one is reused, an
 interrupted one resumes) and writes `OUT/records/LABEL_sSEED.json` (summary, router
 params per layer, controller state, the logged history). Then `OUT/results.json`
@@ -30,6 +33,7 @@ from typing import Any
 from absl import app, flags
 
 from moejax import experiment
+from moejax.cli import app as cli_app
 from moejax.cli import lm_flags
 from moejax.experiment import RunSpec, format_ms, mean_std, parse_runs
 
@@ -412,9 +416,25 @@ def plot_all(results, specs, out: str) -> list[str]:
   return paths
 
 
+def parse_run_specs(text: str) -> list[RunSpec]:
+  """`--runs`: every option must be a training flag; values parsed by its
+  parser. Raises ValueError naming the spec and the unknown flag."""
+
+  def value(key, raw):
+    if key not in FLAGS or key in OWN_FLAGS:
+      raise ValueError(f"unknown flag {key!r}; allowed: the flags of "
+                       "experiments/train_lm.py")
+    return FLAGS[key].parser.parse(raw)
+
+  return parse_runs(text, value_parser=value)
+
+
 def main(argv):
   base = experiment.start(argv, OWN_FLAGS)
-  specs = parse_runs(FLAGS.runs)
+  try:
+    specs = parse_run_specs(FLAGS.runs)
+  except ValueError as e:
+    cli_app.fail(f"--runs: {e}")
   by_label = {s.label: s for s in specs}
 
   def run(label, seed):
