@@ -156,7 +156,8 @@ class SentencePieceTokenizer(Tokenizer):
 
   def encode_documents(self, documents: Sequence[bytes]) -> list[np.ndarray]:
     texts = [d.decode("utf-8", errors="replace") for d in documents]
-    return [np.asarray(ids, np.int32) for ids in self._sp.encode(texts)]
+    return [np.asarray(ids, np.int32) for ids in self._sp.encode(
+        texts, num_threads=os.cpu_count() or 1)]
 
 
 class HFTokenizer(Tokenizer):
