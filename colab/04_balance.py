@@ -20,7 +20,7 @@
 #
 # * **Loss-free balancing** (DeepSeek-V3): top-k chooses on `score + b`, combines with
 #   the unbiased score; after each step `b_e += u * sign(mean(load) - load_e)`
-#   (`moejax.control.SignBias`, `--router=top_k --balance=loss_free`).
+#   (`moejax.control.SignBias`, `--router=loss_free`).
 # * **Expert Threshold** (ET): each expert keeps an EMA of the cutoff expert choice would
 #   use on the global batch (`moejax.control.ThresholdEMA`); tokens pass by
 #   `logit > threshold`, one token at a time, so inference is causal
@@ -44,7 +44,7 @@ except ImportError:
 import jax, jax.numpy as jnp, numpy as np
 import matplotlib.pyplot as plt
 from moejax import control, routing
-from moejax.routing import TopK, ExpertThreshold
+from moejax.routing import LossFreeTopK, TopK, ExpertThreshold
 from moejax.routing import losses
 from moejax.routing import threshold as et
 print(jax.__version__, jax.devices()[0].platform)
@@ -70,7 +70,7 @@ def simulate(method):
   keys = jax.random.split(jax.random.PRNGKey(2), STEPS)
   return jax.jit(lambda s: jax.lax.scan(step, s, keys))(method.init_state(E))
 
-lf = TopK(k=2, balance='loss_free', score_fn='sigmoid')
+lf = LossFreeTopK(k=2, score_fn='sigmoid')
 none = TopK(k=2, balance='none', score_fn='sigmoid')
 state_lf, (vio_lf, load_lf) = simulate(lf)
 _, (vio_none, _) = simulate(none)
@@ -154,7 +154,7 @@ def tiny(router, shared):
                      progress=False, num_devices=1)
 
 for name, router, shared in [('ET', ExpertThreshold(k=1, et_warmup_steps=3, et_beta=0.9), 1),
-                             ('loss-free top-1', TopK(k=1, balance='loss_free'), 0)]:
+                             ('loss-free top-1', LossFreeTopK(k=1), 0)]:
   summary = train(tiny(router, shared), tempfile.mkdtemp())
   states = router_states(summary['state'].router_state)
   print(f"{name}: eval loss {summary['eval_loss']:.3f};",

@@ -47,7 +47,7 @@ SHARED_FLAGS = experiment.define_flags(out="experiments/reports/balance",
                                        workroot="runs/balance")
 DEFAULT_RUNS = ";".join([
     "tc_aux=top_k",
-    "tc_loss_free=top_k,balance=loss_free,score_fn=sigmoid",
+    "tc_loss_free=loss_free,score_fn=sigmoid",
     "ec_seq=expert_choice",
     "ec_batch=expert_choice,group_size=BATCH",
     "et=expert_threshold,group_size=BATCH",

@@ -1,4 +1,4 @@
-"""Loss-free balancing: biased top-k, the sign-bias controller, TopK options."""
+"""Loss-free balancing: biased top-k, the sign-bias controller, LossFreeTopK."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from moejax import control, routing
-from moejax.routing import TopK, build
+from moejax.routing import LossFreeTopK, TopK, build
 from moejax.models import LMConfig
 from moejax.nn import MoE, MoEConfig
 from moejax.routing import losses
@@ -61,9 +61,9 @@ def test_sign_bias_update_rule():
 
 @pytest.mark.parametrize("score_fn", ["sigmoid", "softmax"])
 def test_sign_bias_balances_a_skewed_router(score_fn):
-  """TopK(balance=loss_free)'s route + update loop on a skewed synthetic router."""
+  """LossFreeTopK's route + update loop on a skewed synthetic router."""
   num_tokens, width, num_experts, steps = 2048, 16, 8, 1000
-  method = TopK(k=2, balance="loss_free", score_fn=score_fn)
+  method = LossFreeTopK(k=2, score_fn=score_fn)
   w = jax.random.normal(jax.random.PRNGKey(1), (width, num_experts)) * 0.5
   skew = jnp.linspace(1.5, -1.5, num_experts)  # expert 0 popular, 7 starved
 
@@ -91,22 +91,26 @@ def test_sign_bias_balances_a_skewed_router(score_fn):
   assert float(fresh) < 0.3  # one batch: noisier than the 100-step mean
 
 
-def test_top_k_options_and_validation():
+def test_loss_free_options_alias_and_validation():
   m = build("top_k", {"k": 2, "balance": "loss_free", "bias_update_rate": 1e-2,
                       "score_fn": "sigmoid", "et_beta": 0.5})
-  assert (m.balance, m.bias_update_rate, m.score_fn) == (
-      "loss_free", 1e-2, "sigmoid")
+  assert m == build("loss_free", {"k": 2, "bias_update_rate": 1e-2,
+                                  "score_fn": "sigmoid", "balance": "aux"})
+  assert (type(m), m.bias_update_rate, m.score_fn) == (
+      LossFreeTopK, 1e-2, "sigmoid")
   assert m.aux_weights["load_balance"] == 0.0
   assert TopK().aux_weights["load_balance"] == 1e-2
   assert TopK(balance="none").aux_weights["load_balance"] == 0.0
   assert set(m.init_state(4)) == {"bias"} and TopK().init_state(4) == {}
-  for kwargs, field in [({"balance": "sometimes"}, "balance"),
-                        ({"score_fn": "tanh"}, "score_fn"),
-                        ({"bias_update_rate": 0.0}, "bias_update_rate"),
-                        ({"balance": "loss_free", "random_second": True},
-                         "random_second")]:
+  for cls, kwargs, field in [
+      (TopK, {"balance": "sometimes"}, "balance"),
+      (TopK, {"balance": "loss_free"}, "LossFreeTopK"),
+      (TopK, {"score_fn": "tanh"}, "score_fn"),
+      (TopK, {"score_fn": "sigmoid", "random_second": True}, "random_second"),
+      (LossFreeTopK, {"score_fn": "tanh"}, "score_fn"),
+      (LossFreeTopK, {"bias_update_rate": 0.0}, "bias_update_rate")]:
     with pytest.raises(ValueError, match=field):
-      TopK(**kwargs)
+      cls(**kwargs)
   states = {("a",): {"bias": jnp.array([0.1, -0.1])},
             ("b",): {"bias": jnp.array([0.0, 0.2])}}
   np.testing.assert_allclose(
@@ -115,7 +119,7 @@ def test_top_k_options_and_validation():
 
 def test_layer_uses_bias_for_selection_only():
   cfg = MoEConfig(num_experts=4, expert_width=8,
-                  router=TopK(k=1, balance="loss_free", normalize=False),
+                  router=LossFreeTopK(k=1, normalize=False),
                   capacity_factor=4.0)
   layer = MoE(cfg, d_model=16)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 16))
@@ -144,8 +148,7 @@ def test_cli_builds_loss_free_top_k():
                             "balance": "loss_free", "score_fn": "sigmoid",
                             "bias_update_rate": 2e-3})
   r = cfg.model.moe.router
-  assert (r.balance, r.score_fn, r.bias_update_rate) == (
-      "loss_free", "sigmoid", 2e-3)
+  assert r == LossFreeTopK(k=r.k, score_fn="sigmoid", bias_update_rate=2e-3)
   with pytest.raises(ValueError, match="balance"):
     build_train_config({"config": "tiny", "router": "top_k", "balance": "x"})
 
@@ -169,7 +172,7 @@ def test_cli_top1_without_normalisation_keeps_the_probability_gate():
 
 def test_loss_free_state_survives_resume(train_and_resume):
   moe = MoEConfig(num_experts=4, expert_width=16,
-                  router=TopK(k=1, balance="loss_free", bias_update_rate=1e-2))
+                  router=LossFreeTopK(k=1, bias_update_rate=1e-2))
   model = LMConfig(num_layers=1, d_model=32, num_heads=2, d_ff=64, max_len=16,
                    moe=moe)
   ref, summary = train_and_resume(model)

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from moejax.routing import TopK
+from moejax.routing import LossFreeTopK, TopK
 from moejax.tasks.lm import LMTask
 from moejax.train import loop
 from moejax.train.checkpoint import CheckpointError, Checkpointer
@@ -21,7 +21,7 @@ from test_train import params_equal, tiny_config
 def loss_free_config(**kw):
   cfg = tiny_config(**kw)
   moe = dataclasses.replace(cfg.model.moe,
-                            router=TopK(k=2, balance="loss_free"))
+                            router=LossFreeTopK(k=2))
   return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
                                                             moe=moe))
 
@@ -85,7 +85,7 @@ def test_loop_counts_skipped_steps_and_logs_routing(tmp_path, capsys):
   records = read_jsonl(out["metrics"])
   assert records[0] == {"step": 0, "routing": {
       "router": "top_k", "k": 2, "normalize": True, "random_second": False,
-      "balance": "aux", "bias_update_rate": 1e-3, "score_fn": "softmax"}}
+      "balance": "aux", "score_fn": "softmax"}}
   steps = [r for r in records if "loss" in r]
   assert [r["skipped"] for r in steps] == [0, 0, 1, 0, 0, 1] + [0] * 6
   assert steps[-1]["skipped_steps"] == 2 and out["skipped_steps"] == 2

@@ -157,8 +157,8 @@ def test_router_functions_are_functions_not_modules(name):
 def test_methods_declare_their_capabilities():
   from moejax import control, dispatch
   assert set(routing.available()) == {
-      "top_k", "expert_choice", "top_p", "dtop_p", "expert_threshold",
-      "exact_k", "dynamic_k"}
+      "top_k", "loss_free", "expert_choice", "top_p", "dtop_p",
+      "expert_threshold", "exact_k", "dynamic_k"}
   for name in routing.available():
     cls = routing.get(name)
     assert issubclass(cls, routing.RouterMethod) and cls.name == name
@@ -180,6 +180,7 @@ def test_methods_declare_their_capabilities():
   assert routing.ExpertChoice(k=2).capacity(100, 8, 1.25) == 25
   assert routing.ExpertThreshold(k=1).capacity(64, 4, 1.0) == 24  # (1 + C) k
   assert routing.TopK(k=2).max_fanout(8) == 2
+  assert routing.LossFreeTopK(k=2).max_fanout(8) == 2
   assert routing.TopP(k=2, max_k=4).max_fanout(8) == 4
   assert routing.DynamicK(k=2, k_max=3).max_fanout(8) == 3
   assert control.PIController is routing.PIController
@@ -207,7 +208,7 @@ def test_scatter_rows_matches_a_loop_and_its_gradient_is_a_gather():
 @pytest.mark.parametrize("name,options", [
     ("top_k", {"k": 2}),
     ("top_k", {"k": 2, "random_second": True}),
-    ("top_k", {"k": 2, "balance": "loss_free"}),
+    ("loss_free", {"k": 2}),
     ("top_k", {"k": 2, "score_fn": "sigmoid"}),
     ("top_p", {"p": 0.6, "max_k": 4}),
     ("dtop_p", {"max_k": 4}),

@@ -22,7 +22,7 @@ OPTIMIZER = optax.sgd(0.3)
 
 # Controller-bearing methods registered today (others may join the registry).
 CONTROLLED = [("dtop_p", {}), ("expert_threshold", {"et_warmup_steps": 1}),
-              ("top_k", {"balance": "loss_free", "bias_update_rate": 0.05})]
+              ("loss_free", {"bias_update_rate": 0.05})]
 CONTROLLED = [(n, o) for n, o in CONTROLLED if n in routing.available()]
 
 

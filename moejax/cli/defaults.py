@@ -42,6 +42,8 @@ def field_kind(cls: type, name: str) -> str:
   hint = hints[name]
   if isinstance(hint, types.UnionType):  # e.g. int | None
     hint = next(t for t in typing.get_args(hint) if t is not type(None))
+  if typing.get_origin(hint) is typing.Literal:  # e.g. Literal["a", "b"]
+    hint = type(typing.get_args(hint)[0])
   if hint not in KINDS:
     raise ValueError(f"{cls.__name__}.{name}: type {hint!r} has no flag kind; "
                      f"allowed: {', '.join(t.__name__ for t in KINDS)}")

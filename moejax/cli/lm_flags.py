@@ -22,10 +22,6 @@ from moejax.nn.moe import MoEConfig
 from moejax.tasks.lm import TrainConfig
 from moejax.train.state import OptimConfig
 
-# Routers of the public API; those not registered yet are refused clearly.
-API_ROUTERS = ("top_k", "expert_choice", "top_p", "dtop_p", "expert_threshold",
-               "exact_k", "dynamic_k", "dense")
-
 # Flags that set a config field, by config class: name -> help (the kind comes
 # from the field's type). Each defaults to None and falls through to the
 # class's default.
@@ -88,13 +84,15 @@ ROUTER_FLAGS = {
         "p_max": "dtop_p: upper bound of p.",
     }),
     **defaults.table(routing.get("top_k"), {
-        "balance": "top_k balancing: aux (load-balance loss), loss_free "
-                   "(selection bias, no loss) or none.",
-        "bias_update_rate": "top_k --balance=loss_free: bias speed u.",
-        "score_fn": "top_k scores: softmax or sigmoid.",
-        "normalize": "top_k: renormalise the chosen weights to sum to 1 per "
-                     "token (with k=1 the gate is then 1 and the router "
-                     "learns from the aux loss alone).",
+        "balance": "top_k balancing: aux (load-balance loss) or none; "
+                   "loss_free is --router=loss_free (selection bias, no loss).",
+        "score_fn": "top_k / loss_free scores: softmax or sigmoid.",
+        "normalize": "top_k / loss_free: renormalise the chosen weights to sum "
+                     "to 1 per token (with k=1 the gate is then 1 and the "
+                     "router learns from the aux loss alone).",
+    }),
+    **defaults.table(routing.get("loss_free"), {
+        "bias_update_rate": "loss_free: bias speed u.",
     }),
     **defaults.table(routing.get("expert_threshold"), {
         "et_warmup_steps": "expert_threshold: expert-choice warm-up steps.",
@@ -124,7 +122,7 @@ def define_flags() -> None:
   string, integer, float_ = (flags.DEFINE_string, flags.DEFINE_integer,
                              flags.DEFINE_float)
   string("config", "tiny", "Preset: " + ", ".join(sorted(configs.PRESETS)))
-  string("router", "top_k", "Router: " + ", ".join(API_ROUTERS))
+  string("router", "top_k", "Router: " + ", ".join(router_names()))
   integer("num_experts", None, "Routed experts (default: preset).")
   integer("k", None, "top-k's k and the target mean fanout (default: preset).")
   integer("k_min", None, "dynamic_k: smallest subset size (default max(1, "
@@ -156,14 +154,15 @@ def define_flags() -> None:
           "[0, num_processes) (or env JAX_PROCESS_ID).")
 
 
+def router_names() -> tuple[str, ...]:
+  """`--router`'s values: the registered methods and `dense` (no MoE)."""
+  return routing.available() + ("dense",)
+
+
 def build_router(name: str, options: Mapping[str, Any]) -> routing.RouterMethod:
-  if name not in routing.available():
-    if name in API_ROUTERS:
-      raise ValueError(f"router={name!r} is not implemented in this version of "
-                       f"moejax yet; available: "
-                       f"{', '.join(routing.available() + ('dense',))}")
+  if routing.resolve(name, options) not in routing.available():
     raise ValueError(f"router={name!r} is unknown; allowed: "
-                     f"{', '.join(API_ROUTERS)}")
+                     f"{', '.join(router_names())}")
   return routing.build(name, options)
 
 

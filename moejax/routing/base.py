@@ -287,6 +287,8 @@ class RouterMethod:
     uses_rng: training routing draws from the layer's "router" rng.
     default_num_shared: always-on shared experts the method comes with (the
       CLI's default for `num_shared`).
+    aliases: `(name, option, value)`: `build(name, {option: value, ...})`
+      builds this method (older spellings of a method that became its own).
   `capacity` and `max_fanout` are methods (they depend on the options).
 
   Attributes:
@@ -298,6 +300,9 @@ class RouterMethod:
   causal_eval: ClassVar[bool] = False
   uses_rng: ClassVar[bool] = False
   default_num_shared: ClassVar[int] = 0
+  # (other name, option, value) triples that `build` reads as this method,
+  # e.g. ("top_k", "balance", "loss_free") for loss-free top-k.
+  aliases: ClassVar[tuple[tuple[str, str, Any], ...]] = ()
   # Default aux-loss weights (load_balance, z_loss, entropy) of the method.
   aux_weights: ClassVar[Mapping[str, float]] = {
       "load_balance": 1e-2, "z_loss": 1e-3, "entropy": 0.0}
@@ -406,14 +411,25 @@ def get(name: str) -> type[RouterMethod]:
   return _REGISTRY[name]
 
 
+def resolve(name: str, options: Mapping[str, Any] | None = None) -> str:
+  """The registered name that `name` with `options` stands for (its aliases:
+  `RouterMethod.aliases`, e.g. top_k with balance=loss_free is loss_free)."""
+  options = options or {}
+  for cls in _REGISTRY.values():
+    for alias, option, value in cls.aliases:
+      if name == alias and options.get(option) == value:
+        return cls.name
+  return name
+
+
 def build(name: str, options: Mapping[str, Any] | None = None) -> RouterMethod:
   """Builds a method from a name and a mapping of options (e.g. all CLI flags).
 
-  Only the options that are fields of the method are used; None values are
-  skipped (the method's default applies).
+  `name` may be an alias (`resolve`). Only the options that are fields of the
+  method are used; None values are skipped (the method's default applies).
   """
-  cls = get(name)
   options = options or {}
+  cls = get(resolve(name, options))
   fields = {f.name for f in dataclasses.fields(cls) if f.init}
   kwargs = {k: v for k, v in options.items() if k in fields and v is not None}
   return cls(**kwargs)

@@ -8,26 +8,32 @@ Axis legend:
 The per-expert bias `b` (controller state, `SignBias`) shifts the scores only when
 choosing the top-k; the combine weights are the unbiased scores (renormalised over
 the chosen experts with `normalize`). Scores are the softmax over experts or, as
-in DeepSeek-V3, the elementwise sigmoid. The method is top-k's
-`balance="loss_free"` option (`TopK` in `moejax.routing.topk`), which routes with
-`biased_top_k` and updates each layer's `SignBias` after every training step.
+in DeepSeek-V3, the elementwise sigmoid. The method is `LossFreeTopK`
+(`--router=loss_free`; `--router=top_k --balance=loss_free` is an alias of it),
+which routes with `biased_top_k` and updates each layer's `SignBias` after every
+training step.
 """
 from __future__ import annotations
 
 import dataclasses
+import typing
+from typing import ClassVar, Literal, Mapping
 
 import jax
 import jax.numpy as jnp
 
+from moejax.checks import check_choice
 from moejax.routing import losses
-from moejax.routing.base import (Routing, RouterOutput, check_int, check_logits,
-                                 check_number, choice_priority,
-                                 scatter_choices, take_rows)
+from moejax.routing.base import (Routing, RouterMethod, RouterOutput,
+                                 check_int, check_logits, check_number,
+                                 choice_priority, register, scatter_choices,
+                                 take_rows)
 
-SCORE_FNS = ("softmax", "sigmoid")
+ScoreFn = Literal["softmax", "sigmoid"]
+SCORE_FNS: tuple[str, ...] = typing.get_args(ScoreFn)
 
 
-def router_scores(logits: jax.Array, score_fn: str = "softmax") -> jax.Array:
+def router_scores(logits: jax.Array, score_fn: ScoreFn = "softmax") -> jax.Array:
   """float32[S, E] affinity scores: softmax over E or elementwise sigmoid."""
   if score_fn == "softmax":
     return jax.nn.softmax(logits, axis=-1)
@@ -38,7 +44,7 @@ def router_scores(logits: jax.Array, score_fn: str = "softmax") -> jax.Array:
 
 
 def biased_top_k(logits: jax.Array, k: int, bias: jax.Array | None = None, *,
-                 score_fn: str = "softmax",
+                 score_fn: ScoreFn = "softmax",
                  normalize: bool = True) -> RouterOutput:
   """Token-choice top-k chosen on `scores + bias`, weighted by `scores`.
 
@@ -108,3 +114,55 @@ class SignBias:
     mean = clean.sum() / jnp.maximum(finite.sum(), 1)
     step = jnp.where(finite, self.rate * jnp.sign(mean - clean), 0.0)
     return {"bias": (state["bias"] + step).astype(jnp.float32)}
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class LossFreeTopK(RouterMethod):
+  """Top-k token choice balanced by DeepSeek-V3's selection bias, no balance
+  loss: a `SignBias` per layer (state `{"bias": [E]}`, updated after each step
+  from the global loads with speed `bias_update_rate`). `score_fn` ("softmax"
+  or "sigmoid") makes the affinity scores; `normalize` renormalises the
+  chosen scores. `--router=top_k --balance=loss_free` builds this method
+  (`aliases`).
+  """
+  name: ClassVar[str] = "loss_free"
+  aliases: ClassVar[tuple[tuple[str, str, str], ...]] = (
+      ("top_k", "balance", "loss_free"),)
+  aux_weights: ClassVar[Mapping[str, float]] = {
+      "load_balance": 0.0, "z_loss": 1e-3, "entropy": 0.0}
+  normalize: bool = True
+  bias_update_rate: float = 1e-3
+  score_fn: ScoreFn = "softmax"
+
+  def __post_init__(self):
+    super().__post_init__()
+    check_choice("score_fn", self.score_fn, SCORE_FNS)
+    check_number("bias_update_rate", self.bias_update_rate, 0.0,
+                 low_open=True)
+
+  @property
+  def controller(self) -> SignBias:
+    return SignBias(rate=self.bias_update_rate)
+
+  def max_fanout(self, num_experts: int) -> int:
+    return min(self.k, num_experts)
+
+  def init_state(self, num_experts):
+    return self.controller.init(num_experts)
+
+  def route(self, logits, state, *, rng, train):
+    del rng, train
+    return biased_top_k(logits, self.k, state.get("bias") if state else None,
+                        score_fn=self.score_fn, normalize=self.normalize)
+
+  def update(self, states, metrics, step):
+    ctrl = self.controller
+    return {path: ctrl.update(states[path], metrics[path]["expert_load"])
+            for path in states}
+
+  def state_metrics(self, states):
+    if not states:
+      return {}
+    biases = jnp.stack([s["bias"] for s in states.values()])  # [L, E]
+    return {"bias_spread": jnp.mean(biases.max(-1) - biases.min(-1))}

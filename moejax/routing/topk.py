@@ -6,13 +6,14 @@ Axis legend:
   K  choices per token (k)
 
 `top_k` is the router; `TopK` the method (`--router=top_k`), balanced by the
-load-balance loss or, with `balance="loss_free"`, by the selection bias of
-`moejax.routing.lossfree`.
+load-balance loss (or not at all). Loss-free balancing, by a selection bias, is
+its own method in `moejax.routing.lossfree`.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+import typing
+from typing import ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
@@ -22,9 +23,13 @@ from moejax.routing import losses
 from moejax.routing.base import (Routing, RouterMethod, RouterOutput,
                                  check_int, check_logits, choice_priority,
                                  register, scatter_choices, top_k_rows)
-from moejax.routing.lossfree import SCORE_FNS, SignBias, biased_top_k
+from moejax.routing.lossfree import SCORE_FNS, ScoreFn, biased_top_k
 
-BALANCES = ("aux", "loss_free", "none")
+Balance = Literal["aux", "none"]
+BALANCES: tuple[str, ...] = typing.get_args(Balance)
+# The load-balance loss weight of each `balance`.
+BALANCE_WEIGHTS = {"aux": RouterMethod.aux_weights["load_balance"],
+                   "none": 0.0}
 
 
 def top_k(logits: jax.Array, k: int, *, normalize: bool = True,
@@ -72,30 +77,29 @@ class TopK(RouterMethod):
   """Top-k token choice. `normalize` renormalises the kept weights;
   `random_second` is GShard's random second expert (training only).
 
-  Balancing (`balance`): "aux" = the load-balance loss (weight 1e-2 by
-  default); "loss_free" = DeepSeek-V3's selection bias, a `SignBias`
-  per layer (state `{"bias": [E]}`, updated after each step from the global
-  loads with speed `bias_update_rate`), no balance loss; "none" = neither.
-  `score_fn` ("softmax" or "sigmoid") makes the affinity scores.
+  `balance`: "aux" = the load-balance loss (weight 1e-2 by default), "none" =
+  no balance loss. Loss-free balancing is its own method, `LossFreeTopK`
+  (`moejax.routing.lossfree`; `balance="loss_free"` in `routing.build` and
+  on the command line builds it). `score_fn` ("softmax" or "sigmoid") makes
+  the affinity scores.
   """
   name: ClassVar[str] = "top_k"
   normalize: bool = True
   random_second: bool = False
-  balance: str = "aux"
-  bias_update_rate: float = 1e-3
-  score_fn: str = "softmax"
+  balance: Balance = "aux"
+  score_fn: ScoreFn = "softmax"
 
   def __post_init__(self):
     super().__post_init__()
+    if self.balance == "loss_free":
+      raise ValueError("balance='loss_free' is not an option of TopK; allowed: "
+                       "aux, none (loss-free top-k is LossFreeTopK, "
+                       "router 'loss_free')")
     check_choice("balance", self.balance, BALANCES)
     check_choice("score_fn", self.score_fn, SCORE_FNS)
-    if not self.bias_update_rate > 0:
-      raise ValueError(f"bias_update_rate={self.bias_update_rate} is out of "
-                       "range; allowed: > 0")
-    if self.random_second and (self.balance == "loss_free"
-                               or self.score_fn != "softmax"):
+    if self.random_second and self.score_fn != "softmax":
       raise ValueError("random_second=True is only supported with "
-                       "balance in (aux, none) and score_fn='softmax'")
+                       "score_fn='softmax'")
 
   @property
   def uses_rng(self) -> bool:  # type: ignore[override]
@@ -103,40 +107,16 @@ class TopK(RouterMethod):
 
   @property
   def aux_weights(self):  # type: ignore[override]
-    weights = dict(RouterMethod.aux_weights)
-    if self.balance != "aux":
-      weights["load_balance"] = 0.0
-    return weights
-
-  @property
-  def controller(self) -> SignBias:
-    return SignBias(rate=self.bias_update_rate)
+    return {**RouterMethod.aux_weights,
+            "load_balance": BALANCE_WEIGHTS[self.balance]}
 
   def max_fanout(self, num_experts: int) -> int:
     return min(self.k, num_experts)
 
-  def init_state(self, num_experts):
-    if self.balance == "loss_free":
-      return self.controller.init(num_experts)
-    return {}
-
   def route(self, logits, state, *, rng, train):
-    if self.balance == "loss_free" or self.score_fn != "softmax":
-      return biased_top_k(logits, self.k, state.get("bias") if state else None,
-                          score_fn=self.score_fn, normalize=self.normalize)
+    if self.score_fn != "softmax":
+      return biased_top_k(logits, self.k, None, score_fn=self.score_fn,
+                          normalize=self.normalize)
     return top_k(logits, self.k, normalize=self.normalize,
                  rng=rng if train else None,
                  random_second=self.random_second and train)
-
-  def update(self, states, metrics, step):
-    if self.balance != "loss_free":
-      return dict(states)
-    ctrl = self.controller
-    return {path: ctrl.update(states[path], metrics[path]["expert_load"])
-            for path in states}
-
-  def state_metrics(self, states):
-    if self.balance != "loss_free" or not states:
-      return {}
-    biases = jnp.stack([s["bias"] for s in states.values()])  # [L, E]
-    return {"bias_spread": jnp.mean(biases.max(-1) - biases.min(-1))}
