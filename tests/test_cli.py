@@ -35,6 +35,13 @@ def run(*args, timeout=600, script=SCRIPT):
     (["--k=abc"], "error: flag --k=abc: invalid literal for int()"),
     (["--bogus=1"], "error: Unknown command line flag 'bogus'"),
     (["stray"], "error: unexpected arguments: stray"),
+    (["--model.num_layer=3"], "error: model.num_layer='3' is not a config "
+     "field; allowed: model.num_layers"),
+    (["model.num_layers=abc"], "error: model.num_layers='abc' is not an "
+     "integer; allowed: integer"),
+    (["--model.num_layers"], "error: --model.num_layers has no value"),
+    (["--config=/nonexistent/run.yaml"], "error: config="
+     "'/nonexistent/run.yaml': no such file"),
 ])
 def test_bad_input_fails_fast_with_clear_message(args, needle, tmp_path):
   out = run(*args, "--workdir", str(tmp_path), timeout=120)
@@ -57,8 +64,21 @@ def test_help_lists_the_project_flags_by_group(script):
   for flag in ("--router", "--k", "--p", "--strategy", "--steps",
                "--max_bad_steps", "--mesh", "--workdir", "--[no]progress"):
     assert f"  {flag}  " in text, flag
-  assert "--steps  Training steps (default: preset)." in text
-  assert "(default: 'top_k')" in text
+  if script == "train_lm.py":
+    assert "--steps  Training steps (default: the config's)." in text
+    assert "(default: the config's; top_k for tiny and small)" in " ".join(
+        text.split())
+    for size in ("--num_layers", "--d_model", "--num_heads", "--d_ff",
+                 "--vocab_size", "--num_experts", "--expert_width",
+                 "--override"):
+      assert f"  {size}  " in text, size
+    fields = text[text.index("\nconfig fields"):]
+    for field in ("model: num_layers, d_model, num_heads, d_ff",
+                  "model.moe: num_experts, expert_width, router", "optim: "):
+      assert field in fields, field
+  else:
+    assert "--steps  Training steps (default: preset)." not in text
+    assert "(default: 'top_k')" in text and "--override" not in text
   for absl_flag in ("--flagfile", "--verbosity", "--jax_", "--xla_"):
     assert absl_flag not in text
   lm_only = "--seq_len" in text
@@ -74,6 +94,36 @@ def test_effective_routing_is_printed_first(tmp_path):
       "routing: top_p k=2 p=0.4 max_k=None normalize=False\n"), out.stdout
   assert out.stderr.strip().splitlines()[-1] == (
       f"error: workdir='{blocker}' is not a directory ('{blocker}' is a file)")
+
+
+def test_config_file_then_overrides_then_flags(tmp_path):
+  """--config (a YAML file), then the dotted overrides, then the flat flags:
+  the routing line shows all three."""
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  run_yaml = tmp_path / "run.yaml"
+  run_yaml.write_text("model:\n  moe:\n    router: {name: dtop_p, "
+                      "p_init: 0.2, pi_kp: 0.5}\n")
+  out = run(f"--config={run_yaml}", "--model.moe.router.p_init=0.3",
+            "model.moe.router.pi_ki=0.7", "--pi_kp=0.9", "k=3",
+            f"--workdir={blocker}", timeout=120)
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert out.stdout.startswith(
+      "routing: dtop_p k=3 max_k=None dtop_p_scope=global pi_kp=0.9 "
+      "pi_ki=0.7 p_init=0.3 "), out.stdout
+
+
+def test_split_overrides_leaves_flags_and_their_values():
+  from absl import flags
+
+  from moejax.cli import app, lm_flags
+  if "override" not in flags.FLAGS:
+    lm_flags.define_flags()
+  argv = ["prog", "--workdir", "a=b", "steps=5", "--model.d_ff=64",
+          "optim.b2=0.9", "--noprogress", "--seed=1", "--", "c=d"]
+  assert app.split_overrides(argv) == [
+      "prog", "--workdir", "a=b", "--steps=5", "--override=model.d_ff=64",
+      "--override=optim.b2=0.9", "--noprogress", "--seed=1", "--", "c=d"]
 
 
 def test_train_and_resume(tmp_path):

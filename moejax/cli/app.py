@@ -5,6 +5,12 @@ script's docstring and the project's own flags by group (model, routing, data,
 training, scale-out), each with its default, and exits 0; `--helpfull` still
 lists every flag, absl's and the libraries' too. A flag value that does not
 parse, an unknown flag and a stray positional argument exit 2 with one line.
+
+With `overrides=True` the parser first turns config-field overrides into
+`--override=PATH=VALUE` flags (`split_overrides`): a `--PATH=VALUE` whose
+name has a dot (`--model.num_layers=24`; absl defines no such flag) and a
+positional `PATH=VALUE` word; a positional `NAME=VALUE` that names a flag
+is that flag (`steps=100` is `--steps=100`).
 """
 from __future__ import annotations
 
@@ -30,8 +36,9 @@ def project_flags(flag_values: flags.FlagValues) -> set[str]:
 
 def format_help(doc: str, groups: Mapping[str, Iterable[str]],
                 flag_values: flags.FlagValues = flags.FLAGS,
-                hidden: Iterable[str] = ()) -> str:
-  """The docstring and the project's flags by group (others under "other")."""
+                hidden: Iterable[str] = (), footer: str = "") -> str:
+  """The docstring and the project's flags by group (others under "other"),
+  then `footer`."""
   own = project_flags(flag_values) - set(hidden)
   listed = {name for names in groups.values() for name in names}
   sections = {**groups, "other": sorted(own - listed)}
@@ -50,6 +57,8 @@ def format_help(doc: str, groups: Mapping[str, Iterable[str]],
       head = f"--[no]{name}" if flag.boolean else f"--{name}"
       lines += textwrap.wrap(f"{head}  {text}", 79, initial_indent="  ",
                              subsequent_indent="      ")
+  if footer:
+    lines += ["", footer.rstrip()]
   return "\n".join(lines)
 
 
@@ -59,15 +68,51 @@ def fail(message: str) -> None:
   sys.exit(2)
 
 
+def split_overrides(argv: list[str],
+                    flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+  """`argv` with its config-field overrides as `--override=PATH=VALUE` (see
+  the module docstring); the words after `--` and a flag's separate value
+  (`--workdir DIR`) are left alone."""
+  end = argv.index("--") if "--" in argv else len(argv)
+  out, takes_value = list(argv[:1]), False
+  for arg in argv[1:end]:
+    if takes_value:
+      out.append(arg)
+      takes_value = False
+    elif arg.startswith("--") and len(arg) > 2:
+      name, eq, _ = arg[2:].partition("=")
+      if "." in name and name not in flag_values:
+        if not eq:
+          fail(f"{arg} has no value; allowed: --PATH=VALUE (e.g. "
+               "--model.num_layers=24)")
+        out.append(f"--override={arg[2:]}")
+      else:
+        out.append(arg)
+        takes_value = (not eq and name in flag_values
+                       and not flag_values[name].boolean)
+    elif not arg.startswith("-") and "=" in arg:
+      name = arg.partition("=")[0]
+      out.append(f"--{arg}" if name in flag_values else f"--override={arg}")
+    else:
+      out.append(arg)
+  return out + argv[end:]
+
+
 def parser(doc: str, groups: Mapping[str, Iterable[str]],
-           hidden: Iterable[str] = ()) -> Callable[[list[str]], list[str]]:
-  """absl's `flags_parser`: grouped help, one-line errors."""
+           hidden: Iterable[str] = (), overrides: bool = False,
+           footer: str | Callable[[], str] = ""
+           ) -> Callable[[list[str]], list[str]]:
+  """absl's `flags_parser`: grouped help (then `footer`, or what it returns),
+  one-line errors; with `overrides`, `split_overrides` first."""
 
   def parse(argv: list[str]) -> list[str]:
     args = argv[1:argv.index("--")] if "--" in argv else argv[1:]
     if any(a in HELP_ARGS for a in args):
-      print(format_help(doc, groups, hidden=hidden))
+      print(format_help(doc, groups, hidden=hidden,
+                        footer=footer() if callable(footer) else footer))
       sys.exit(0)
+    if overrides:
+      argv = split_overrides(argv)
     try:
       rest = flags.FLAGS(argv)
     except flags.Error as e:
@@ -81,15 +126,17 @@ def parser(doc: str, groups: Mapping[str, Iterable[str]],
 
 
 def run(main: Callable[[Any], int], doc: str,
-        groups: Mapping[str, Iterable[str]], hidden: Iterable[str] = ()
+        groups: Mapping[str, Iterable[str]], hidden: Iterable[str] = (),
+        overrides: bool = False, footer: str | Callable[[], str] = ""
         ) -> None:
   """Runs `main(flags.FLAGS)` (returning the exit code) as an absl app, with
-  absl's logging at WARNING."""
+  absl's logging at WARNING (`overrides`, `footer`: see `parser`)."""
   def absl_main(argv):
     del argv  # a stray positional argument is refused by the parser
     logging.set_verbosity(logging.WARNING)
     sys.exit(main(flags.FLAGS))
-  app.run(absl_main, flags_parser=parser(doc, groups, hidden))
+  app.run(absl_main, flags_parser=parser(doc, groups, hidden, overrides,
+                                         footer))
 
 
 def train(build_config: Callable[[], Any], workdir: str

@@ -84,14 +84,18 @@ _RUN_FIELDS = tuple(name for name in lm_flags.RUN_FLAGS
                                 dataclasses.fields(DiTTrainConfig)})
 
 
-# LM-only flags, which the DiT ignores: left out of its `--help`.
-LM_ONLY_FLAGS = ("seq_len", "sample_tokens", "temperature",
-                 *(n for n in lm_flags.LM_MODEL_FLAGS if n.startswith("mod_")))
+# LM-only flags, which the DiT ignores: left out of its `--help`
+# (`--override` is refused: the DiT has no config registry).
+LM_ONLY_FLAGS = ("seq_len", "sample_tokens", "temperature", "vocab_size",
+                 "override",
+                 *(n for n in lm_flags.LM_MODEL_FLAGS if n != "dtype"),
+                 *(n for n in lm_flags.RUN_FLAGS if n not in _RUN_FIELDS))
 # `--help`'s groups: the LM's plus the DiT's own flags.
 HELP_GROUPS = {
-    "model": ("config", "num_layers", "d_model", "num_heads", "patch_size",
-              "d_ff", "image_size", "class_dropout",
-              *lm_flags.HELP_GROUPS["model"][1:]),
+    "model": tuple(dict.fromkeys((
+        "config", "num_layers", "d_model", "num_heads", "patch_size",
+        "d_ff", "image_size", "class_dropout",
+        *lm_flags.HELP_GROUPS["model"][1:]))),
     "routing": lm_flags.HELP_GROUPS["routing"],
     "data": (*lm_flags.HELP_GROUPS["data"], "upsample", "max_examples"),
     "diffusion and samples": ("num_timesteps", "schedule", "prediction",
@@ -112,6 +116,9 @@ def define_flags() -> None:
   for name, text in {**_PRESET_FLAGS, **_OTHER_FLAGS}.items():
     if name not in flags.FLAGS:
       flags.DEFINE_integer(name, None, text)
+    flags.FLAGS[name].help = text  # the LM's size flags, as the DiT reads them
+  flags.FLAGS.set_default("router", "top_k")
+  flags.FLAGS["router"].help = "Router: " + ", ".join(lm_flags.router_names())
   for name in _RUN_FIELDS:
     flags.FLAGS[name].help = defaults.with_default(
         lm_flags.RUN_FLAGS[name][2], DiTTrainConfig, name)
@@ -135,6 +142,9 @@ def build_dit_train_config(values: Mapping[str, Any]) -> DiTTrainConfig:
   missing or None value takes the preset's, else the config's default)."""
   pre = preset(values["config"])
   pick = lambda key: pre[key] if values.get(key) is None else values[key]
+  if values.get("override"):
+    raise ValueError(f"override={values['override'][0]!r} is not supported by "
+                     "the DiT; allowed: its flags (see --help)")
   if values.get("mod_capacity"):
     raise ValueError(f"mod_capacity={values['mod_capacity']} is not supported "
                      "by the DiT yet; allowed: 0")

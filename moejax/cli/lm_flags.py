@@ -1,22 +1,35 @@
 """absl flags of `experiments/train_lm.py` and their translation into configs.
 
-Every router option is a flag; `build_train_config(flag_values)` turns them
-into frozen configs, whose constructors validate values and name the field,
-the value and the allowed range in their errors. A flag left unset (None)
-takes the preset's value (`moejax.configs`) or the config dataclass's default
-(`moejax.cli.defaults`): defaults are declared once, in the dataclasses.
+`build_train_config(flag_values)` builds the run in three layers:
+  1. `--config`: a registry name (`moejax.configs`: tiny, small, paper_dtop_p,
+     ..., mixtral_8x7b) or a `.py` / `.yaml` config file;
+  2. dotted overrides of any field, `--model.num_layers=24` or
+     `model.num_layers=24` (`--override=PATH=VALUE`; the script's parser
+     turns the first two forms into the third), see `moejax.configs.overrides`;
+  3. the flat flags (`--num_experts`, `--k`, `--router`, `--steps`, ...): a
+     flag that is set replaces the config's value; `--steps` also sets the
+     schedule's length (and caps its warm-up), `--seq_len` the model's
+     max_len, `--router` (or a router option) rebuilds the router from the
+     config's (a new method keeps the target fanout k).
+A flag left unset (None) keeps the config's value, which for a field the
+config does not set is the dataclass's default (`moejax.cli.defaults`):
+defaults are declared once, in the dataclasses. The frozen configs'
+constructors validate values and name the field, the value and the allowed
+range in their errors.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import sys
+import textwrap
 from typing import Any, Mapping
 
 from absl import flags
 
 from moejax import configs, routing
 from moejax.cli import app, defaults
+from moejax.configs import overrides
 from moejax.models.lm import LMConfig
 from moejax.nn.moe import MoEConfig
 from moejax.tasks.lm import TrainConfig
@@ -103,9 +116,20 @@ ROUTER_FLAGS = {
 }
 
 # `--help`'s groups (flags of no group are listed under "other").
+# Model-size flags (integers; None = the config's value).
+SIZE_FLAGS = {
+    "num_layers": "Transformer blocks (default: the config's).",
+    "d_model": "Model width D (default: the config's).",
+    "num_heads": "Attention heads (default: the config's).",
+    "d_ff": "Dense MLP width (default: the config's).",
+    "vocab_size": "Vocabulary V (default: the config's; 256 for bytes).",
+    "num_experts": "Routed experts (default: the config's).",
+    "expert_width": "Hidden width of each expert (default: the config's).",
+}
+
 HELP_GROUPS = {
-    "model": ("config", "num_experts", "expert_width", "num_shared",
-              "moe_every", *LM_MODEL_FLAGS),
+    "model": ("config", "override", *SIZE_FLAGS, "num_shared", "moe_every",
+              *LM_MODEL_FLAGS),
     "routing": ("router", "k", "k_min", "k_max", "max_k", *ROUTER_FLAGS,
                 *(n for n in MOE_FLAGS if n != "expert_parallel")),
     "data": ("dataset", "data_dir", "seq_len", "batch_size"),
@@ -121,10 +145,22 @@ HELP_GROUPS = {
 def define_flags() -> None:
   string, integer, float_ = (flags.DEFINE_string, flags.DEFINE_integer,
                              flags.DEFINE_float)
-  string("config", "tiny", "Preset: " + ", ".join(sorted(configs.PRESETS)))
-  string("router", "top_k", "Router: " + ", ".join(router_names()))
-  integer("num_experts", None, "Routed experts (default: preset).")
-  integer("k", None, "top-k's k and the target mean fanout (default: preset).")
+  string("config", "tiny", "Named config (" + ", ".join(configs.names()) +
+         ") or a config file: .py (config() returning a TrainConfig or a "
+         "dict of overrides) or .yaml (nested fields, optional base: NAME).")
+  override_help = (
+      "PATH=VALUE, repeatable: sets any config field after --config, before "
+      "the flags; also written --PATH=VALUE or PATH=VALUE (e.g. "
+      "--model.num_layers=24 model.moe.router.p_init=0.3; see 'config "
+      "fields' below).")
+  flags.DEFINE_multi_string("override", None, override_help)
+  flags.FLAGS["override"].help = override_help  # without absl's suffix
+  string("router", None, "Router: " + ", ".join(router_names()) +
+         " (default: the config's; top_k for tiny and small).")
+  for name, text in SIZE_FLAGS.items():
+    integer(name, None, text)
+  integer("k", None, "top-k's k and the target mean fanout (default: the "
+          "config's).")
   integer("k_min", None, "dynamic_k: smallest subset size (default max(1, "
           "k_max - 2)).")
   integer("k_max", None, "dynamic_k: largest subset size, <= num_experts "
@@ -132,18 +168,18 @@ def define_flags() -> None:
   integer("max_k", None, "top_p/dtop_p: static fanout cap, k <= max_k <= "
           "num_experts (default: num_experts).")
   defaults.define(ROUTER_FLAGS)
-  integer("expert_width", None, "Hidden width of each expert (default: preset).")
   integer("num_shared", None, "Always-on shared experts (default: the router's; "
           "1 for expert_threshold, else 0).")
   integer("moe_every", None, "Every n-th block is an MoE block (default: "
-          "preset).")
+          "the config's).")
   defaults.define(MOE_FLAGS)
   defaults.define(LM_MODEL_FLAGS)
-  integer("steps", None, "Training steps (default: preset).")
-  integer("batch_size", None, "Global batch size (default: preset).")
-  integer("seq_len", None, "Sequence length (default: preset).")
-  float_("learning_rate", None, "Peak learning rate (default: preset).")
-  integer("warmup_steps", None, "Warmup steps (default: preset).")
+  integer("steps", None, "Training steps (default: the config's).")
+  integer("batch_size", None, "Global batch size (default: the config's).")
+  integer("seq_len", None, "Sequence length (default: the config's).")
+  float_("learning_rate", None, "Peak learning rate (default: the "
+         "config's).")
+  integer("warmup_steps", None, "Warmup steps (default: the config's).")
   defaults.define(RUN_FLAGS)
   string("workdir", "runs/default", "Output directory; reused to resume.")
   string("coordinator_address", None, "Multi-host: host:port of process 0 "
@@ -159,6 +195,25 @@ def router_names() -> tuple[str, ...]:
   return routing.available() + ("dense",)
 
 
+def config_help() -> str:
+  """`--help`'s list of the config fields, by dataclass."""
+  groups: dict[str, list[str]] = {}
+  for path in overrides.field_paths(TrainConfig):
+    prefix, _, name = path.rpartition(".")
+    groups.setdefault(prefix or "(run)", []).append(name)
+  lines = ["config fields (set any one with --PATH=VALUE or PATH=VALUE, "
+           "applied after --config and before the flags above; e.g. "
+           "--model.num_layers=24 model.moe.router=dtop_p "
+           "model.moe.router.p_init=0.3):"]
+  lines = textwrap.wrap(lines[0], 79)
+  for prefix, names in groups.items():
+    lines += textwrap.wrap(f"{prefix}: {', '.join(names)}", 79,
+                           initial_indent="  ", subsequent_indent="      ")
+  lines.append("  model.moe.router: a router name; model.moe.router.NAME: its "
+               "fields")
+  return "\n".join(lines)
+
+
 def build_router(name: str, options: Mapping[str, Any]) -> routing.RouterMethod:
   if routing.resolve(name, options) not in routing.available():
     raise ValueError(f"router={name!r} is unknown; allowed: "
@@ -168,11 +223,10 @@ def build_router(name: str, options: Mapping[str, Any]) -> routing.RouterMethod:
 
 def build_moe_config(values: Mapping[str, Any], k: int, num_experts: int,
                      expert_width: int) -> MoEConfig | None:
-  """The MoE layer config of the flags (None for `--router=dense`)."""
-  router = values["router"]
-  p = values.get("p")
-  if p is not None and not 0 < p <= 1:
-    raise ValueError(f"p={p} is out of range; allowed: (0, 1]")
+  """The MoE layer config of the flags alone (None for `--router=dense`;
+  no `--router`: top_k), for models without a registry config (the DiT)."""
+  router = values.get("router") or "top_k"
+  _check_p(values)
   if router == "dense":
     return None
   method = build_router(router, dict(values, k=k))
@@ -184,22 +238,77 @@ def build_moe_config(values: Mapping[str, Any], k: int, num_experts: int,
                    **defaults.given(values, MOE_FLAGS))
 
 
+def _check_p(values: Mapping[str, Any]) -> None:
+  p = values.get("p")
+  if p is not None and not 0 < p <= 1:
+    raise ValueError(f"p={p} is out of range; allowed: (0, 1]")
+
+
+def _router_fields(method: routing.RouterMethod) -> dict[str, Any]:
+  return {f.name: getattr(method, f.name) for f in dataclasses.fields(method)
+          if f.init}
+
+
+def apply_moe_flags(moe: MoEConfig | None, values: Mapping[str, Any]
+                    ) -> MoEConfig | None:
+  """The config's MoE layer with the flags that are set: `--router` (dense:
+  None), the router options, `--k`, the expert counts and widths and the
+  MoE layer flags. The same method keeps its fields where no flag is set; a
+  new method (or an MoE on a dense config) takes the flags, `k` and
+  `num_shared` defaulting to the config's and the method's."""
+  _check_p(values)
+  router = values.get("router")
+  if router == "dense":
+    return None
+  if moe is None and router is None:
+    return None  # a dense config stays dense unless --router names one
+  base = moe if moe is not None else MoEConfig()
+  name = router or base.router.name
+  k = values["k"] if values.get("k") is not None else base.router.k
+  same = moe is not None and name == base.router.name
+  options = {**(_router_fields(base.router) if same else {}),
+             **{n: v for n, v in values.items() if v is not None}, "k": k}
+  method = build_router(name, options)
+  num_shared = values.get("num_shared")
+  if num_shared is None:
+    num_shared = base.num_shared if same else method.default_num_shared
+  pick = lambda key: (getattr(base, key) if values.get(key) is None
+                      else values[key])
+  return dataclasses.replace(
+      base, num_experts=pick("num_experts"), expert_width=pick("expert_width"),
+      router=method, num_shared=num_shared,
+      **defaults.given(values, MOE_FLAGS))
+
+
 def build_train_config(values: Mapping[str, Any]) -> TrainConfig:
   """Builds the run's config from flag values (a dict of name -> value; a
-  missing or None value takes the preset's, else the config's default)."""
-  pre = configs.preset(values["config"])
-  pick = lambda key: pre[key] if values.get(key) is None else values[key]
-  moe = build_moe_config(values, pick("k"), pick("num_experts"),
-                         pick("expert_width"))
-  seq_len = pick("seq_len")
-  model = LMConfig(num_layers=pre["num_layers"], d_model=pre["d_model"],
-                   num_heads=pre["num_heads"], d_ff=pre["d_ff"],
-                   max_len=seq_len, moe=moe, moe_every=pick("moe_every"),
-                   **defaults.given(values, LM_MODEL_FLAGS))
-  optim = build_optim(OptimConfig(), pick)
-  return TrainConfig(model=model, optim=optim, batch_size=pick("batch_size"),
-                     seq_len=seq_len, steps=optim.total_steps,
-                     **defaults.given(values, RUN_FLAGS))
+  missing or None value keeps the config's): `--config`, then the dotted
+  overrides (`--override`), then the flat flags."""
+  cfg = configs.load(values.get("config") or "tiny")
+  cfg = overrides.override(
+      cfg, overrides.parse_assignments(values.get("override") or ()))
+  given = lambda names: defaults.given(values, names)
+  model = dataclasses.replace(
+      cfg.model, moe=apply_moe_flags(cfg.model.moe, values),
+      **given((*SIZE_FLAGS.keys() - {"num_experts", "expert_width"},
+               "moe_every", *LM_MODEL_FLAGS)))
+  run = given(("batch_size", *RUN_FLAGS))
+  if values.get("seq_len") is not None:
+    run["seq_len"] = values["seq_len"]
+    model = dataclasses.replace(model, max_len=values["seq_len"])
+  optim = cfg.optim
+  if values.get("steps") is not None:
+    current = {"learning_rate": optim.learning_rate,
+               "warmup_steps": optim.warmup_steps}
+    optim = build_optim(optim, lambda key: (
+        values[key] if values.get(key) is not None else current[key]))
+    run["steps"] = optim.total_steps
+  else:
+    changes = given(("learning_rate",))
+    if values.get("warmup_steps") is not None:
+      changes["warmup_steps"] = min(values["warmup_steps"], optim.total_steps)
+    optim = dataclasses.replace(optim, **changes)
+  return dataclasses.replace(cfg, model=model, optim=optim, **run)
 
 
 def build_optim(base: OptimConfig, pick) -> OptimConfig:

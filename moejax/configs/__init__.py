@@ -4,6 +4,8 @@ tests and notebooks.
   from moejax import configs
   cfg = configs.get("paper_dtop_p")            # a TrainConfig
   cfg = configs.get("paper_et", num_layers=1)  # the builder's knobs
+  cfg = configs.load("my_run.yaml")            # a name or a config file
+  cfg = configs.override(cfg, {"model.num_layers": 24})
 
 Names (`names()`): the CPU presets `tiny` and `small` (`presets`), the
 papers' shapes `paper_dtop_p`, `paper_probmoe`, `paper_et`, `paper_mod`
@@ -12,6 +14,9 @@ Each resolves into the frozen `TrainConfig` / `LMConfig` / `MoEConfig` /
 `OptimConfig`. The pod-scale ones carry their TPU layout (`NamedConfig`:
 the intended pod mesh, an 8-device stand-in mesh with the same axes, the
 sequences per data x expert shard, the mesh on a slice of n chips).
+
+Config files (`load`) and dotted overrides (`override`): see
+`moejax.configs.overrides`.
 """
 from __future__ import annotations
 
@@ -20,6 +25,8 @@ import functools
 from typing import Any, Callable
 
 from moejax.configs import large, paper
+from moejax.configs.overrides import (field_paths, load_file, override,
+                                      parse_assignments)
 from moejax.configs.presets import PRESETS, preset, preset_config
 from moejax.tasks.lm import TrainConfig
 
@@ -112,5 +119,14 @@ def get(name: str, **knobs: Any) -> TrainConfig:
   return entry(name).config(**knobs)
 
 
+def load(spec: str) -> TrainConfig:
+  """A registry name, or the path of a config file (`.py`, `.yaml`, `.yml`;
+  see `moejax.configs.overrides.load_file`)."""
+  if spec in REGISTRY or not spec.endswith((".py", ".yaml", ".yml")):
+    return get(spec)
+  return load_file(spec, get)
+
+
 __all__ = ["NamedConfig", "PAPER_CONFIGS", "PRESETS", "REGISTRY", "entry",
-           "get", "names", "preset", "preset_config"]
+           "field_paths", "get", "load", "load_file", "names", "override",
+           "parse_assignments", "preset", "preset_config"]
