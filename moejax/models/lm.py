@@ -32,6 +32,15 @@ from moejax.nn.attention import init_kv
 from moejax.nn.blocks import DTYPES, Block, StackConfig
 from moejax.nn.mod import SKIPS, MoDBlock, MoDConfig
 
+# The remat policies of the blocks (`LMConfig.remat`): what each block keeps
+# for the backward pass; the rest is recomputed there.
+REMAT_POLICIES = {
+    "block": "the block's input only (nn.remat of every block)",
+    "recompute_attention": "everything but the attention scores and "
+                           "probabilities (recomputed from queries and keys)",
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class LMConfig(StackConfig):
   """A decoder-only LM: the fields of `StackConfig` and these.
@@ -49,9 +58,19 @@ class LMConfig(StackConfig):
     mod_causal: causal decision used for sampling: "predictor" or "router".
     first_dense_layers: the first n blocks have a dense MLP whatever
       `moe_every` says (DeepSeekMoE's dense first block).
-    remat: recompute each block's activations in the backward pass
-      (`nn.remat` per block): only the block inputs are kept between the
-      forward and the backward pass, at about one extra forward of compute.
+    remat: recompute block activations in the backward pass (`nn.remat` per
+      block, with a policy of `REMAT_POLICIES`): False = none; True or
+      "block" = only the block inputs are kept between the forward and the
+      backward pass, at about one extra forward of compute;
+      "recompute_attention" = everything is kept but the attention scores
+      and probabilities (float[B, H, L, L], the largest activations at long
+      sequences), recomputed from the saved queries and keys.
+    loss_chunk: tokens of each sequence per chunk of the training loss: the
+      output head and the cross-entropy run chunk by chunk and the chunk's
+      logits are recomputed in the backward pass
+      (`moejax.train.step.chunked_cross_entropy`), so float32[B, loss_chunk,
+      V] logits are live instead of [B, L, V]; 0 = the whole sequence at
+      once. Must divide the sequence length.
   """
   vocab_size: int = 256
   max_len: int = 128
@@ -62,11 +81,18 @@ class LMConfig(StackConfig):
   mod_predictor_weight: float = 1.0
   mod_causal: str = "predictor"
   first_dense_layers: int = 0
-  remat: bool = False
+  remat: bool | str = False
+  loss_chunk: int = 0
 
   def __post_init__(self):
     super().__post_init__()
     check_positive_ints(self, ("vocab_size", "max_len", "mod_every"))
+    if not isinstance(self.remat, bool):
+      check_choice("remat", self.remat, REMAT_POLICIES)
+    if isinstance(self.loss_chunk, bool) or not (
+        isinstance(self.loss_chunk, int) and self.loss_chunk >= 0):
+      raise ValueError(f"loss_chunk={self.loss_chunk!r} is out of range; "
+                       "allowed: an integer >= 0 (0 = no chunks)")
     if (isinstance(self.first_dense_layers, bool)
         or not isinstance(self.first_dense_layers, int)
         or not 0 <= self.first_dense_layers <= self.num_layers):
@@ -108,7 +134,8 @@ class TransformerLM(nn.Module):
   @nn.compact
   def __call__(self, tokens: jax.Array, *, train: bool = False,
                positions: jax.Array | None = None,
-               mod_routing: str = "top_c", kv=None, skip: str = "cond"):
+               mod_routing: str = "top_c", kv=None, skip: str = "cond",
+               hidden: bool = False):
     """`mod_routing` picks the routed blocks' selection: "top_c" (training),
     "causal" (the config's `mod_causal` decisions, as in sampling),
     "predictor" or "router"; see `moejax.nn.mod.MoDBlock`.
@@ -116,6 +143,10 @@ class TransformerLM(nn.Module):
     With `kv` (from `init_cache`) it decodes (see `decode`, which sets
     `positions` and a causal `mod_routing`; `skip` as in `MoDBlock`) and
     returns (logits, kv, decisions bool[B, M, L]).
+
+    `hidden` (without `kv`) returns the final normalised hidden states
+    float[B, L, D] instead of the logits: the chunked loss applies the head
+    (params "head", kernel float32[D, V]) itself.
     """
     cfg = self.config
     dtype = DTYPES[cfg.dtype]
@@ -138,12 +169,14 @@ class TransformerLM(nn.Module):
                            x, positions, train=train, routing=mod_routing,
                            kv=layer_kv, skip=skip)
         return out if kv is not None else (*out, None)
-      x, layer_kv = Block(cfg.num_heads, cfg.d_ff, moe, dtype=dtype,
-                          name=f"layers_{i}")(x, positions, train=train,
-                                              kv=layer_kv)
+      x, layer_kv = Block(
+          cfg.num_heads, cfg.d_ff, moe, dtype=dtype, name=f"layers_{i}",
+          recompute_attention=policy == "recompute_attention")(
+              x, positions, train=train, kv=layer_kv)
       return x, None, layer_kv
 
-    if cfg.remat and kv is None:  # decoding has no backward pass
+    policy = "block" if cfg.remat is True else cfg.remat
+    if policy == "block" and kv is None:  # decoding has no backward pass
       layer = nn.remat(layer, static_argnums=(4,))
     for i in range(cfg.num_layers):
       x = sharding.constrain(x, sharding.ACT_BLD)  # block boundary [B, L, D]
@@ -154,6 +187,8 @@ class TransformerLM(nn.Module):
       new_kv.append(layer_kv)
     x = sharding.constrain(x, sharding.ACT_BLD)
     x = nn.RMSNorm(dtype=dtype, name="final_norm")(x)
+    if hidden and kv is None:
+      return x
     logits = nn.DenseGeneral(
         cfg.vocab_size, use_bias=False, dtype=jnp.float32, name="head",
         kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),

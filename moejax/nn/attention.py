@@ -21,6 +21,7 @@ hides it.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -49,12 +50,17 @@ def causal_mask(q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
-           heads_major: bool = False) -> jax.Array:
+           heads_major: bool = False, recompute: bool = False) -> jax.Array:
   """Attention output float[B, L, H, K].
 
   q float[B, L, H, K], k/v float[B, T, H, K] (`heads_major`: float[B, H, T, K],
-  the cache layout), mask bool[B, 1, L, T].
+  the cache layout), mask bool[B, 1, L, T]. `recompute`: keep none of the
+  float32 scores and probabilities (float[B, H, L, T]) for the backward pass,
+  which recomputes them from q and k (a `jax.checkpoint` of this function).
   """
+  if recompute:
+    return jax.checkpoint(functools.partial(attend, heads_major=heads_major))(
+        q, k, v, mask)
   kv = "bhtk" if heads_major else "bthk"
   scale = q.shape[-1] ** -0.5
   scores = jnp.einsum(f"blhk,{kv}->bhlt", q, k).astype(jnp.float32) * scale
@@ -108,11 +114,14 @@ class Attention(nn.Module):
   queries attend to every stored key at a position <= theirs, and the second
   value is the updated cache.
   `causal=False` lets every query see every key (encoders, DiT; no cache).
+  `recompute`: the backward pass recomputes the attention scores instead of
+  keeping them (see `attend`).
   """
   num_heads: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   causal: bool = True
+  recompute: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, kv=None,
@@ -142,6 +151,6 @@ class Attention(nn.Module):
       mask = causal_mask(positions, positions)
       if not self.causal:  # every query sees every key
         mask = jnp.ones_like(mask)
-      out = attend(q, k, v, mask)
+      out = attend(q, k, v, mask, recompute=self.recompute)
     out = proj("out", width, (-2, -1), ("heads", "kv", "embed"))(out)
     return out, kv

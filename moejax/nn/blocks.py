@@ -77,6 +77,8 @@ class BlockBase(nn.Module):
     activation: of the dense MLP ("swiglu" or "gelu").
     dtype: activation dtype.
     param_dtype: parameter dtype.
+    recompute_attention: the backward pass recomputes the attention scores
+      instead of keeping them (`moejax.nn.attention.attend`).
   """
   num_heads: int
   d_ff: int
@@ -84,6 +86,7 @@ class BlockBase(nn.Module):
   activation: str = "swiglu"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  recompute_attention: bool = False
 
   def _mlp(self, z: jax.Array, *, train: bool, decode: bool = False
            ) -> jax.Array:
@@ -114,7 +117,7 @@ class Block(BlockBase):
       raise ValueError("train=True with a kv cache is not supported; cached "
                        "decoding is evaluation only")
     h, kv = Attention(self.num_heads, self.dtype, self.param_dtype,
-                      name="attn")(
+                      recompute=self.recompute_attention, name="attn")(
         nn.RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype,
                    name="attn_norm")(x), positions, kv, kv_mask)
     y = x + h

@@ -44,6 +44,50 @@ def cross_entropy(logits: jax.Array, targets: jax.Array,
   return jnp.sum(nll * mask), jnp.sum(mask)
 
 
+def chunked_cross_entropy(x: jax.Array, kernel: jax.Array, targets: jax.Array,
+                          mask: jax.Array, chunk: int
+                          ) -> tuple[jax.Array, jax.Array]:
+  """`cross_entropy` of the logits `x @ kernel`, computed chunk by chunk.
+
+  The sequence is cut into chunks of `chunk` tokens; a `lax.scan` computes
+  each chunk's float32 logits [B, chunk, V], their log-sum-exp and the
+  target's logit, and keeps none of them for the backward pass
+  (`jax.checkpoint`: the chunk's logits are recomputed there), so the live
+  logits are float32[B, chunk, V] instead of [B, L, V] (the model's head is
+  a float32 matmul: x is cast to float32 as the head does).
+
+  Args:
+    x: float[B, L, D] final hidden states (`TransformerLM(hidden=True)`).
+    kernel: float32[D, V] the output head.
+    targets: int32[B, L]; mask: float32[B, L].
+    chunk: tokens per chunk; must divide L.
+  Returns:
+    (summed masked CE, token count), as `cross_entropy`.
+  """
+  batch, length, width = x.shape
+  if isinstance(chunk, bool) or chunk < 1 or length % chunk:
+    raise ValueError(f"loss_chunk={chunk!r} must be a positive divisor of "
+                     f"the sequence length {length}")
+  pieces = length // chunk
+  split = lambda a: jnp.swapaxes(
+      a.reshape(batch, pieces, chunk, *a.shape[2:]), 0, 1)
+
+  @jax.checkpoint
+  def piece_nll(xc, tc, mc):
+    logits = jnp.einsum("bcd,dv->bcv", xc.astype(jnp.float32),
+                        kernel.astype(jnp.float32))
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
+    return jnp.sum((lse - target) * mc)
+
+  def body(total, inputs):
+    return total + piece_nll(*inputs), None
+
+  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
+                          (split(x), split(targets), split(mask)))
+  return total, jnp.sum(mask)
+
+
 def router_outputs(collection: Any) -> dict[tuple[str, ...], dict[str, Any]]:
   """{layer path: {"aux_loss", "aux", "metrics"}} from a sown "router" collection."""
   flat = flax.traverse_util.flatten_dict(collection, is_leaf=lambda k, v:
@@ -97,11 +141,21 @@ def summarize(layers: dict[tuple[str, ...], dict[str, Any]]) -> dict[str, Any]:
 
 
 def make_loss_fn(model: nn.Module, train: bool):
+  """The LM objective; with the model config's `loss_chunk` the head and the
+  cross-entropy run chunk by chunk (`chunked_cross_entropy`)."""
+  chunk = getattr(model.config, "loss_chunk", 0)
+
   def loss_fn(params, router_state, batch: Batch, rng):
-    logits, coll = model.apply(
+    out, coll = model.apply(
         {"params": params, "router_state": router_state}, batch["inputs"],
-        train=train, rngs={"router": rng}, mutable=["router"])
-    ce_sum, count = cross_entropy(logits, batch["targets"], batch["mask"])
+        train=train, rngs={"router": rng}, mutable=["router"],
+        **({"hidden": True} if chunk else {}))
+    if chunk:
+      ce_sum, count = chunked_cross_entropy(
+          out, nn.meta.unbox(params["head"]["kernel"]), batch["targets"],
+          batch["mask"], chunk)
+    else:
+      ce_sum, count = cross_entropy(out, batch["targets"], batch["mask"])
     ce = ce_sum / jnp.maximum(count, 1.0)
     layers = router_outputs(coll.get("router", {}))
     aux_loss = sum((v["aux_loss"] for v in layers.values()),
