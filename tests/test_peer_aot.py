@@ -1,0 +1,58 @@
+"""The MaxText side-by-side script's pure parts (experiments/peer_maxtext_aot.py):
+reading the largest instructions of a compiled HLO text, the depth
+extrapolation and the moejax config of a spec (no compile, no MaxText)."""
+import os
+
+import pytest
+
+from moejax.experiment import load_module
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+peer = load_module(os.path.join(ROOT, "experiments", "peer_maxtext_aot.py"))
+
+HLO = """\
+HloModule jit_train_step, is_scheduled=true
+
+%fused_computation.1 (param_0: f32[8,16]) -> f32[8,16] {
+  %param_0 = f32[8,16]{1,0} parameter(0)
+  ROOT %big.inner = f32[8,16]{1,0} multiply(f32[8,16]{1,0} %param_0, f32[8,16]{1,0} %param_0)
+}
+
+ENTRY %main (p0: bf16[4,1024], p1: f32[8,16]) -> f32[8,16] {
+  %p0 = bf16[4,1024]{1,0} parameter(0)
+  %p1 = f32[8,16]{1,0} parameter(1)
+  %convert.3 = f32[4,1024]{1,0} convert(bf16[4,1024]{1,0} %p0), metadata={op_name="jit(train_step)/convert_element_type"}
+  %fusion.2 = f32[8,16]{1,0} fusion(f32[8,16]{1,0} %p1), kind=kLoop, calls=%fused_computation.1, metadata={op_name="jit(train_step)/mul"}
+  ROOT %all-reduce.1 = f32[8,16]{1,0} all-reduce(f32[8,16]{1,0} %fusion.2), channel_id=1, replica_groups={{0,1}}, to_apply=%add
+}
+"""
+
+
+def test_largest_instructions_ranks_scheduled_ops_by_bytes():
+  ops = peer.largest_instructions(HLO, top=5)
+  # fusion bodies and parameters are not listed
+  assert [o["name"] for o in ops] == ["convert.3", "fusion.2", "all-reduce.1"]
+  assert ops[0]["bytes"] == 4 * 1024 * (4 + 2)  # f32 result + bf16 operand
+  assert ops[1]["bytes"] == 2 * 8 * 16 * 4
+  assert ops[0]["op_name"].endswith("convert_element_type")
+  assert peer.largest_instructions(HLO, top=1)[0]["name"] == "convert.3"
+
+
+def test_extrapolate_is_linear_in_depth_and_nested():
+  a = {"x": 10.0, "n": {"y": 3}, "s": "a"}
+  b = {"x": 14.0, "n": {"y": 5}, "s": "b"}
+  out = peer._extrapolate(a, b, 1, 2, 16)
+  assert out == {"x": 10.0 + 4.0 * 15, "n": {"y": 3 + 2 * 15}, "s": "b"}
+
+
+@pytest.mark.parametrize("remat", ["full", "selective", "none"])
+def test_moejax_config_of_a_spec(remat):
+  spec = {"library": "moejax", "topology": "v5p-64", "shape": "paper",
+          "remat": remat, "variant": "ep", "data": 4, "expert": 8,
+          "depth": 2, "loss_chunk": 256}
+  cfg = peer.moejax_config(spec)
+  assert cfg.model.num_layers == 2 and cfg.batch_size == 256
+  assert cfg.model.moe.router.name == "top_k" and cfg.model.moe.router.k == 8
+  assert cfg.model.loss_chunk == 256 and cfg.seq_len == 2048
+  assert cfg.model.remat == peer.REMAT[remat][1]
+  assert peer.spec_key(spec).endswith("remat=" + remat + "/loss_chunk=256/L2")
