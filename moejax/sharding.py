@@ -10,28 +10,48 @@ Axis legend:
   F  expert / MLP width
   V  vocabulary
 
-Mesh axes: `data` (batch), `expert` (experts; the batch is also split over it
-outside the expert layers, so no device idles), `model` (tensor-parallel
-widths). Parameters and activations carry logical axis names; `LOGICAL_RULES`
-maps them onto mesh axes:
+Mesh axes: `data` (batch), `fsdp` (batch, and every parameter and optimizer
+state sharded along one dimension: fully sharded data parallelism), `expert`
+(experts; the batch is also split over it outside the expert layers, so no
+device idles), `model` (tensor-parallel widths). Parameters and activations
+carry logical axis names; two rule tables map them onto mesh axes, because
+the same name can mean a parameter dimension (sharded over `fsdp`) and an
+activation dimension (never over `fsdp`):
 
-  logical name    mesh axes           used by
-  batch           (data, expert)      activations' B, groups' G
-  length          None                activations' L
-  embed           None                D of params and activations
-  mlp             model               F of dense and expert weights, hidden acts
-  heads           model               attention heads
-  kv              None                head width
-  vocab           model               V of the embedding, head and logits
-  expert          expert              E of expert weights and expert buffers
-  expert_group    data                G of the expert-major [G, E, C, D] buffers
-  capacity        None                C
+  logical name    activations            parameters   used by
+                  (LOGICAL_RULES)        (PARAM_RULES)
+  batch           (data, fsdp, expert)   -            B, groups' G
+  length          None                   -            L
+  embed           None                   fsdp         D
+  mlp             model                  model        F of dense and expert weights, hidden acts
+  heads           model                  model        attention heads
+  kv              None                   None         head width
+  vocab           model                  model        V of the embedding, head and logits
+  expert          expert                 expert       E of expert weights and buffers
+  expert_group    (data, fsdp)           -            G of the expert-major buffers
+  capacity        None                   -            C
 
-Tokens live batch-split over `data x expert`; the expert buffers live
-G-over-`data`, E-over-`expert`, so moving between the two layouts is an
-all-to-all over `expert` (GSPMD inserts it from the constraints of
+A dimension whose mesh axes do not divide it stays unsharded (each mesh axis
+is used at most once per array, first come). The `fsdp` rule for parameters:
+a parameter takes `fsdp` on its `embed` dimension (D: every weight matrix of
+the LM has one, the expert weights `[E, D, F]` included, so those are split E
+over `expert`, D over `fsdp`, F over `model`); when it has no `embed`
+dimension, no logical names at all (e.g. an RMSNorm scale, the DiT's dense
+layers), or `fsdp` does not divide it, `fsdp` goes on its largest
+dimension that is still unsharded and divisible by the `fsdp` size (the
+first of equal ones); when there is none (scalars, odd sizes) the parameter
+stays replicated over `fsdp`. Optimizer moments have their parameter's names
+and shape, so they follow their parameter. Controller state, the step, the
+PRNG key and the data position stay replicated. GSPMD gathers the sharded
+parameters where a matmul needs them whole and reduce-scatters their
+gradients.
+
+Tokens live batch-split over `data x fsdp x expert`; the expert buffers live
+G-over-`data x fsdp`, E-over-`expert`, so moving between the two layouts is
+an all-to-all over `expert` (GSPMD inserts it from the constraints of
 `constrain`; the shard_map path of `moejax.nn.expert_parallel` calls
-`jax.lax.all_to_all` itself).
+`jax.lax.all_to_all` itself). Without an `fsdp` axis (or with `fsdp:1`)
+everything is as on a (data, expert, model) mesh.
 
 The same code runs on one CPU, forced host devices, a GPU or a TPU pod;
 multi-host runs call `maybe_initialize_distributed()` before anything else
@@ -49,15 +69,30 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "expert", "model")
-BATCH_AXES = ("data", "expert")
+MESH_AXES = ("data", "fsdp", "expert", "model")
+# The batch axes, major to minor: `expert` innermost, so that a device's
+# token groups are a sub-block of its expert-side groups (data x fsdp) and
+# the all-to-all runs over `expert` alone.
+BATCH_AXES = ("data", "fsdp", "expert")
+GROUP_AXES = ("data", "fsdp")
+# Activations (and the dimensions of parameters that are not `embed`).
 LOGICAL_RULES = (
     ("batch", BATCH_AXES),
     ("length", None),
-    ("expert_group", "data"),
+    ("expert_group", GROUP_AXES),
     ("expert", "expert"),
     ("capacity", None),
     ("embed", None),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("kv", None),
+    ("vocab", "model"),
+)
+# Parameters: as the activations, but D over `fsdp` (see `param_spec` for the
+# fallback when a parameter has no divisible `embed` dimension).
+PARAM_RULES = (
+    ("expert", "expert"),
+    ("embed", "fsdp"),
     ("mlp", "model"),
     ("heads", "model"),
     ("kv", None),
@@ -70,12 +105,13 @@ ACT_GSD = ("batch", "length", "embed")          # float[G, S, D] (groups)
 ACT_GECD = ("expert_group", "expert", "capacity", "embed")  # float[G, E, C, D]
 ACT_GECF = ("expert_group", "expert", "capacity", "mlp")    # float[G, E, C, F]
 ACT_TOKENS_GECD = ("batch", None, "capacity", "embed")  # [G, E, C, D] token side
-# The same buffers expert-major, with G split as (data, expert, Gl) into
-# float[X, E, Gd, Gl, C, D] (the "gather" plans of expert parallelism; X and
-# Gd: the sizes of the mesh's `expert` and `data` axes): the token side holds
-# X over `expert` and Gd over `data`, the expert side E over `expert` and Gd
-# over `data`, so that an expert-side shard [X, El, 1, Gl, C, D] is what an
-# all-to-all over `expert` delivers (source-major).
+# The same buffers expert-major, with G split as (data x fsdp, expert, Gl)
+# into float[X, E, Gd, Gl, C, D] (the "gather" plans of expert parallelism;
+# X: the size of the mesh's `expert` axis, Gd: of `data x fsdp`): the token
+# side holds X over `expert` and Gd over `data x fsdp`, the expert side E
+# over `expert` and Gd over `data x fsdp`, so that an expert-side shard
+# [X, El, 1, Gl, C, D] is what an all-to-all over `expert` delivers
+# (source-major).
 ACT_XEGCD = (None, "expert", "expert_group", None, "capacity", "embed")
 ACT_XEGCF = (None, "expert", "expert_group", None, "capacity", "mlp")
 ACT_TOKENS_XEGCD = ("expert", None, "expert_group", None, "capacity", "embed")
@@ -86,7 +122,7 @@ ACT_TOKENS_XEGCD = ("expert", None, "expert_group", None, "capacity", "embed")
 
 
 def parse_mesh(spec: str | None, num_devices: int) -> dict[str, int]:
-  """'data:2,expert:4' -> {'data': 2, 'expert': 4, 'model': 1}.
+  """'data:2,expert:4' -> {'data': 2, 'fsdp': 1, 'expert': 4, 'model': 1}.
 
   An empty spec puts every device on `data`. Raises ValueError when an axis is
   unknown or repeated, a size is not a positive integer, or the sizes do not
@@ -127,7 +163,8 @@ def parse_mesh(spec: str | None, num_devices: int) -> dict[str, int]:
 
 def make_mesh(spec: str | None = None,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A (data, expert, model) mesh over `devices` (default: all, every process).
+  """A (data, fsdp, expert, model) mesh over `devices` (default: all, every
+  process).
 
   Devices keep `jax.devices()` order (process-major), so each process holds a
   contiguous block of the batch.
@@ -139,20 +176,91 @@ def make_mesh(spec: str | None = None,
 
 
 def mesh_spec(mesh: Mesh) -> str:
-  """The spec string of a mesh, e.g. 'data:2,expert:4,model:1'."""
-  return ",".join(f"{a}:{mesh.shape[a]}" for a in MESH_AXES)
+  """The spec string of a mesh, e.g. 'data:2,expert:4,model:1' (`fsdp` only
+  where the mesh has it with a size above 1: 'data:1,fsdp:4,expert:2,...')."""
+  return ",".join(f"{a}:{mesh.shape[a]}" for a in MESH_AXES
+                  if a in mesh.shape and (a != "fsdp" or mesh.shape[a] > 1))
+
+
+def _axes(mesh, names: Sequence[str]) -> tuple[str, ...]:
+  """The mesh axes among `names` that `mesh` has."""
+  return tuple(a for a in names if a in mesh.shape)
+
+
+def batch_axes(mesh) -> tuple[str, ...]:
+  """The batch axes (data, fsdp, expert) that `mesh` has."""
+  return _axes(mesh, BATCH_AXES)
+
+
+def batch_shards(mesh) -> int:
+  """Devices the batch is split over: data x fsdp x expert."""
+  return math.prod(mesh.shape[a] for a in batch_axes(mesh))
+
+
+def _batch_axes_text(mesh) -> str:
+  """'data*expert', or 'data*fsdp*expert' on a mesh with fsdp > 1."""
+  return "*".join(a for a in batch_axes(mesh)
+                  if a != "fsdp" or mesh.shape[a] > 1)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Batch axis split over data (and expert) axes, the rest replicated."""
-  return NamedSharding(mesh, P(BATCH_AXES))
+  """Batch axis split over the data, fsdp and expert axes, the rest
+  replicated."""
+  return NamedSharding(mesh, P(batch_axes(mesh)))
 
 
-def param_shardings(boxed_params: Any, mesh: Mesh,
-                    rules=LOGICAL_RULES) -> Any:
-  """NamedShardings for a pytree with logical axis names (boxed params)."""
-  specs = nn.get_partition_spec(boxed_params)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+def param_spec(names: Sequence[str | None] | None, shape: Sequence[int],
+               mesh, rules=PARAM_RULES) -> P:
+  """PartitionSpec of a parameter (or optimizer moment) of `shape` with
+  logical axis `names` (None: no names) under `rules`, plus the `fsdp`
+  fallback of the module docstring: no divisible `embed` dimension -> `fsdp`
+  on the largest unsharded dimension that it divides, else replicated."""
+  names = tuple(names) if names is not None else (None,) * len(shape)
+  spec = list(logical_spec(names, shape, mesh, rules))
+  spec += [None] * (len(shape) - len(spec))
+  size = mesh.shape.get("fsdp", 1)
+  used = {a for entry in spec if entry is not None
+          for a in ((entry,) if isinstance(entry, str) else entry)}
+  if size > 1 and "fsdp" not in used:
+    free = [i for i, n in enumerate(shape) if spec[i] is None and n % size == 0]
+    if free:
+      spec[max(free, key=lambda i: (shape[i], -i))] = "fsdp"
+  return P(*spec)
+
+
+def _is_box(x) -> bool:
+  return isinstance(x, nn.Partitioned)
+
+
+def param_shardings(boxed_params: Any, mesh: Mesh, rules=PARAM_RULES,
+                    fsdp_fallback: bool = True) -> Any:
+  """NamedShardings for a pytree of parameters (or optimizer state), boxed
+  with logical axis names (`nn.with_logical_partitioning`) or not; the
+  result has the structure of the unboxed tree. Named leaves follow `rules`;
+  every array leaf gets the `fsdp` fallback of `param_spec` unless
+  `fsdp_fallback` is False (then leaves without names are replicated)."""
+  def one(x):
+    if _is_box(x):
+      names, shape = x.names, x.value.shape
+    else:
+      names, shape = None, np.shape(x)
+      if not fsdp_fallback:
+        return NamedSharding(mesh, P())
+    if not fsdp_fallback:
+      return NamedSharding(mesh, logical_spec(names, shape, mesh, rules))
+    return NamedSharding(mesh, param_spec(names, shape, mesh, rules))
+  return jax.tree.map(one, boxed_params, is_leaf=_is_box)
+
+
+def train_state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
+  """NamedShardings of a (boxed, abstract) train state: a flax struct with
+  `params` and `opt_state` (the parameter rules and the `fsdp` fallback) and
+  other leaves (step, controller state, PRNG key, data position: logical
+  names where they have them, else replicated)."""
+  shards = param_shardings(abstract_state, mesh, fsdp_fallback=False)
+  return shards.replace(
+      params=param_shardings(abstract_state.params, mesh),
+      opt_state=param_shardings(abstract_state.opt_state, mesh))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -160,11 +268,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def check_batch(batch_size: int, mesh: Mesh) -> None:
-  shards = mesh.shape["data"] * mesh.shape["expert"]
+  """Raises ValueError (one line) unless the batch splits evenly over the
+  batch axes (data x fsdp x expert)."""
+  shards = batch_shards(mesh)
   if batch_size % shards:
     raise ValueError(f"batch_size={batch_size} must be divisible by the "
-                     f"data*expert mesh size {shards} (mesh "
-                     f"{mesh_spec(mesh)})")
+                     f"{_batch_axes_text(mesh)} mesh size {shards} (mesh "
+                     f"{mesh_spec(mesh)}); allowed: multiples of {shards}")
 
 
 def check_model(model_config: Any, mesh: Mesh) -> None:
@@ -172,6 +282,8 @@ def check_model(model_config: Any, mesh: Mesh) -> None:
 
   `model_config` is an `LMConfig`-like object (num_heads, d_ff, vocab_size,
   moe with num_experts/expert_width). Raises ValueError naming the field.
+  `fsdp` needs nothing to divide: a parameter it does not divide stays
+  replicated over it (`param_spec`).
   """
   model, expert = mesh.shape["model"], mesh.shape["expert"]
   checks = [("num_heads", getattr(model_config, "num_heads", None), model)]
@@ -191,7 +303,8 @@ def check_model(model_config: Any, mesh: Mesh) -> None:
     if value is not None and size > 1 and value % size:
       axis = "expert" if name == "num_experts" else "model"
       raise ValueError(f"{name}={value} must be divisible by the {axis} mesh "
-                       f"axis size {size} (mesh {mesh_spec(mesh)})")
+                       f"axis size {size} (mesh {mesh_spec(mesh)}); allowed: "
+                       f"multiples of {size}")
 
 
 # ----------------------------------------------------------------------------
@@ -370,9 +483,7 @@ def put_batch(batch: Mapping[str, Any], sharding: NamedSharding,
 
 def _process_share(sharding: NamedSharding) -> int:
   """Global batch rows per local row (processes feeding distinct rows)."""
-  probe = 1
-  for axis in BATCH_AXES:
-    probe *= sharding.mesh.shape.get(axis, 1)
+  probe = batch_shards(sharding.mesh)
   lo, hi = process_batch_rows(probe, sharding)
   return probe // (hi - lo)
 

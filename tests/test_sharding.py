@@ -29,7 +29,7 @@ def test_eight_forced_devices():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("data:2,pipeline:4", "unknown; allowed: data, expert, model"),
+    ("data:2,pipeline:4", "unknown; allowed: data, fsdp, expert, model"),
     ("data:two", "is not an integer"),
     ("data:0,expert:8", "out of range; allowed: >= 1"),
     ("data:2,expert:2", "uses 4 devices but 8 are available"),
@@ -42,9 +42,10 @@ def test_bad_mesh_specs_are_clear_errors(spec, message):
 
 
 def test_mesh_layout_and_default():
-  assert sharding.parse_mesh(None, 8) == {"data": 8, "expert": 1, "model": 1}
+  assert sharding.parse_mesh(None, 8) == {"data": 8, "fsdp": 1, "expert": 1,
+                                         "model": 1}
   mesh = sharding.make_mesh("data:2,expert:2,model:2")
-  assert dict(mesh.shape) == {"data": 2, "expert": 2, "model": 2}
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "expert": 2, "model": 2}
   assert sharding.mesh_spec(mesh) == "data:2,expert:2,model:2"
   # Devices stay in jax.devices() order (process-major) along the flat mesh.
   assert [d.id for d in mesh.devices.reshape(-1)] == [d.id for d in jax.devices()]

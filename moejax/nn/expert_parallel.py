@@ -2,7 +2,7 @@
 
 Axis legend:
   G   groups (global)
-  Gl  groups on one device (G / (data * expert))
+  Gl  groups on one device (G / (data * fsdp * expert))
   S   tokens in one group
   E   experts
   El  experts on one device (E / expert)
@@ -15,22 +15,23 @@ Axis legend:
 Two ways behind one switch (`MoEConfig.expert_parallel`):
 
   "gspmd"      each device plans its own groups at once (a `jax.shard_map`
-               over the batch axes `data` x `expert`: one "gather" plan with
-               `num_groups` = its Gl groups, capacity per group and expert);
-               the expert buffers of the slot strategies get sharding
-               constraints (token side: G over data x expert; expert side:
-               G over data, E over expert), and GSPMD inserts the all-to-all
-               between them. "gather" lays them out expert-major (its plans'
-               rows e * Gl + g: each expert's slots of a device's groups
-               together, the blocks the all-to-all moves) as
-               `[X, E, Gd, Gl, C, D]` (G split over data x expert), so
+               over the batch axes `data` x `fsdp` x `expert`: one "gather"
+               plan with `num_groups` = its Gl groups, capacity per group
+               and expert); the expert buffers of the slot strategies get
+               sharding constraints (token side: G over data x fsdp x expert;
+               expert side: G over data x fsdp, E over expert), and GSPMD
+               inserts the all-to-all between them. "gather" lays them out
+               expert-major (its plans' rows e * Gl + g: each expert's slots
+               of a device's groups together, the blocks the all-to-all
+               moves) as `[X, E, Gd, Gl, C, D]` (G split over data x fsdp
+               x expert, Gd = data x fsdp), so
                that an expert-side shard `[X, El, 1, Gl, C, D]` is what the
                all-to-all delivers, source-major, with no layout copy;
                "einsum" and "index" plan per group (vmap), `[G, E, C, D]`.
                "sorted", and "gather" on a mesh without `expert` and
                `model` axes, run each device's groups through
-               the single-device path (the whole expert weights; GSPMD
-               gathers them for "sorted");
+               the single-device path (the whole expert weights, gathered
+               by GSPMD where they are sharded);
                "ragged" sorts all G * S tokens at once (`ragged_dot` has no
                G batching rule).
   "shard_map"  an explicit `jax.shard_map` over the current mesh: each device
@@ -41,7 +42,9 @@ Two ways behind one switch (`MoEConfig.expert_parallel`):
                source-major: no layout copy on either side), the local
                experts run on [X, El, Gl, C, D] (a `psum` over `model`
                completes the F-sharded matmul), and a second all-to-all
-               brings the outputs back. Buffers are static:
+               brings the outputs back. The expert weights enter split E
+               over `expert` and F over `model` (GSPMD gathers their
+               `fsdp` shards first). Buffers are static:
                capacity C for the slot strategies; the dropless strategies
                ("dropless", "sorted", "ragged") use "index" slots with the
                static bound C = S (a token reaches an expert at most once, so
@@ -124,7 +127,8 @@ def combine_groups(plans, y: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def _batch_shards(num_groups: int):
   """(mesh, batch axes) when the groups split evenly over the mesh's batch
-  axes (data x expert) of a mesh of more than one device, else None."""
+  axes (data x fsdp x expert) of a mesh of more than one device, else
+  None."""
   mesh = sharding.current_mesh()
   if mesh is None:
     return None
@@ -225,11 +229,12 @@ def routed_experts(routing: Routing, x: jax.Array, weights: dict[str, jax.Array]
     # Each device plans its groups at once, expert-major ([E, Gl, C, D]: each
     # expert's slots of all groups together, the blocks the all-to-all
     # moves), as block [x, :, d] of float[X, E, Gd, Gl, C, D] (device (d, x)
-    # of the batch axes); the plan stays on its device between dispatch and
-    # combine.
+    # of the batch axes, d over data x fsdp); the plan stays on its device
+    # between dispatch and combine.
     mesh, axes = shards
+    group_axes = tuple(a for a in sharding.GROUP_AXES if a in axes)
     blocks = P("expert" if "expert" in axes else None, None,
-               "data" if "data" in axes else None)
+               group_axes or None)
     def local_dispatch(r, xg):
       plans = group_plans(r, capacity, strategy, max_fanout,
                           expert_major=True)
@@ -319,20 +324,23 @@ def _shard_map_experts(routing, x, weights, *, capacity, strategy, max_fanout,
                             activation=activation)
   if mesh is None or math.prod(sizes.values()) == 1:
     return local(routing, x, weights, collectives=False)
-  missing = [a for a in sharding.MESH_AXES if a not in sizes]
+  needed = ("data", "expert", "model")  # fsdp is optional
+  missing = [a for a in needed if a not in sizes]
   if missing:
     raise ValueError(f"expert_parallel='shard_map' needs a mesh with axes "
-                     f"{sharding.MESH_AXES}; the current mesh lacks {missing}")
-  shards = sizes["data"] * expert_size
+                     f"{needed}; the current mesh lacks {missing}")
+  batch_axes = sharding.batch_axes(mesh)
+  shards = sharding.batch_shards(mesh)
   width = weights["w_in"].shape[-1]
   for name, value, size, axes in (
-      ("groups (batch*length/group_size)", num_groups, shards, "data*expert"),
+      ("groups (batch*length/group_size)", num_groups, shards,
+       "*".join(a for a in batch_axes if a != "fsdp" or sizes[a] > 1)),
       ("num_experts", num_experts, expert_size, "expert"),
       ("expert_width", width, model_size, "model")):
     if value % size:
       raise ValueError(f"expert_parallel='shard_map': {name}={value} must be "
                        f"divisible by the {axes} mesh size {size}")
-  tokens = P(sharding.BATCH_AXES)
+  tokens = P(batch_axes)
   w_specs = {k: P("expert", "model", None) if k == "w_out"
              else P("expert", None, "model") for k in weights}
   fn = jax.shard_map(functools.partial(local, collectives=True), mesh=mesh, in_specs=(tokens, tokens, w_specs),

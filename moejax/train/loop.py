@@ -129,7 +129,7 @@ def state_shardings(run: Any, model: nn.Module, mesh) -> Any:
   `moejax.sharding`; optimizer moments follow their params), from shapes only."""
   abstract = jax.eval_shape(lambda rng: init_state(run, model, rng),
                             jax.random.PRNGKey(0))
-  return sharding.param_shardings(abstract, mesh)
+  return sharding.train_state_shardings(abstract, mesh)
 
 
 def build_state(run: Any, model: nn.Module, mesh) -> TrainState:
