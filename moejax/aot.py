@@ -14,6 +14,11 @@ config partitions, and reports its per-device memory, on any machine that has
 as many devices as the mesh (e.g. 8 forced host devices standing in for a pod
 mesh with the same axis names).
 
+`compile_report(cfg, topology)` is `--compile_only` of the training script:
+the run's own step compiled for a TPU slice (or the local devices), with the
+per-device memory against the capacity, the FLOPs, and the estimated step
+time and MFU (`format_report` prints it).
+
 With `libtpu` installed (`pip install -e ".[tpu]"`), `topology_devices(name)`
 gives the devices of a TPU slice (e.g. "v5p-64") on a machine without a TPU
 (`jax.experimental.topologies`), `compile_for_topology` compiles the step for
@@ -39,8 +44,8 @@ from moejax import dispatch
 from moejax import flops as flops_lib
 from moejax import sharding
 from moejax.models.lm import TransformerLM
+from moejax.train import loop
 from moejax.train.loop import TrainConfig, init_state, state_shardings
-from moejax.train.step import make_train_step
 
 
 def abstract_state(cfg: TrainConfig, mesh) -> Any:
@@ -69,15 +74,13 @@ def lower_train_step(cfg: TrainConfig, mesh):
   sharding.check_batch(cfg.batch_size, mesh)
   sharding.check_model(cfg.model, mesh)
   model = TransformerLM(cfg.model)
-  method = cfg.model.moe.router if cfg.model.moe is not None else None
   # Shapes first, outside the mesh context: anything evaluated eagerly there
   # would be placed on the mesh's devices, which this process may be unable
   # to run on (a TPU topology compiled for from a CPU host).
-  state_sharding = state_shardings(cfg, model, mesh)
   state, batch = abstract_state(cfg, mesh), abstract_batch(cfg, mesh)
+  # The training loop's own step (donation, loss, state shardings).
+  step = loop.make_step(cfg, model, mesh)
   with jax.set_mesh(mesh):
-    step = make_train_step(model, cfg.optim.optimizer(), method,
-                           cfg.optim.schedule(), state_sharding=state_sharding)
     return step.lower(state, batch)
 
 
@@ -213,10 +216,14 @@ class Chip:
 
 
 GIB = 2**30
+# Peak FLOP/s from the one table of `moejax.flops` (by device kind).
 CHIPS = {
-    "v5e": Chip("TPU v5e", 197e12, 16 * GIB, 819e9, 1600e9 / 8),
-    "v5p": Chip("TPU v5p", 459e12, 95 * GIB, 2765e9, 4800e9 / 8),
-    "v6e": Chip("TPU v6e", 918e12, 32 * GIB, 1640e9, 3584e9 / 8),
+    "v5e": Chip("TPU v5e", flops_lib.PEAK_FLOPS["TPU v5 lite"], 16 * GIB,
+                819e9, 1600e9 / 8),
+    "v5p": Chip("TPU v5p", flops_lib.PEAK_FLOPS["TPU v5"], 95 * GIB, 2765e9,
+                4800e9 / 8),
+    "v6e": Chip("TPU v6e", flops_lib.PEAK_FLOPS["TPU v6 lite"], 32 * GIB,
+                1640e9, 3584e9 / 8),
 }
 
 # Slice name -> (chip, topology name for `get_topology_desc`). v5e/v6e slice
@@ -447,3 +454,140 @@ def compile_for_topology(cfg: TrainConfig, topology: str, mesh_spec: str):
   chip, devices = topology_devices(topology)
   mesh = topology_mesh(mesh_spec, devices)
   return lower_train_step(cfg, mesh).compile(), mesh, chip
+
+
+# ----------------------------------------------------------------------------
+# --compile_only: the exact run compiled for a slice or the local devices.
+
+# Chip of each TPU device kind (`device.device_kind`).
+CHIP_OF_KIND = {"TPU v5 lite": "v5e", "TPU v5": "v5p", "TPU v5p": "v5p",
+                "TPU v6 lite": "v6e"}
+
+
+def device_capacity(device) -> int | None:
+  """Memory bytes one device has: the accelerator's limit
+  (`memory_stats()["bytes_limit"]`), for a CPU device the host's memory
+  divided among the local devices; None when unknown."""
+  try:
+    stats = device.memory_stats()
+  except Exception:  # noqa: BLE001 - not every backend reports memory
+    stats = None
+  if stats and stats.get("bytes_limit"):
+    return int(stats["bytes_limit"])
+  if device.platform == "cpu":
+    try:
+      host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+      return None
+    return int(host // max(1, jax.local_device_count()))
+  return None
+
+
+def compile_report(cfg: TrainConfig, topology: str | None = None
+                   ) -> dict[str, Any]:
+  """Compiles one train step of `cfg` (the loop's step, abstract inputs) and
+  reports per device: params / optimizer / temporaries / total bytes against
+  the capacity (`fits`), XLA's and the model's FLOPs, and the estimated step
+  time and MFU.
+
+  With `topology` (e.g. "v5p-64"; needs libtpu, no TPU) for that TPU slice on
+  the run's mesh (`topology_mesh`); else for the local devices of the run
+  (`cfg.mesh`, `cfg.num_devices`). The estimate is `estimate_step`'s roofline
+  on a TPU chip, compute time at the device's peak (`moejax.flops`) on other
+  accelerators, none on a CPU.
+
+  Raises:
+    ValueError: unknown topology, or the run does not fit the mesh.
+    ImportError: a topology without libtpu installed.
+  """
+  if topology:
+    chip, devices = topology_devices(topology)
+    mesh = topology_mesh(cfg.mesh, devices)
+    capacity = chip.hbm_bytes
+    where = f"{topology} ({len(devices)} x {chip.name})"
+  else:
+    devices = loop.select_devices(cfg.num_devices)
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    kind = devices[0].device_kind
+    chip = CHIPS.get(CHIP_OF_KIND.get(kind, ""))
+    capacity = device_capacity(devices[0])
+    where = f"{len(devices)} local {kind} device(s)"
+  n = mesh.devices.size
+  model_flops = flops_lib.train_flops(cfg.model, cfg.batch_size,
+                                      cfg.seq_len) / n
+  row: dict[str, Any] = {
+      "where": where, "mesh": sharding.mesh_spec(mesh), "devices": n,
+      **state_bytes(cfg, mesh), "flops_per_device": 0.0,
+      "model_flops_per_device": float(model_flops),
+      "capacity_bytes": capacity}
+  try:
+    compiled = lower_train_step(cfg, mesh).compile()
+  except jax.errors.JaxRuntimeError as e:
+    # XLA:TPU refuses a program whose buffers exceed the HBM.
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    line = str(e).strip().splitlines()[0]
+    return {**row, "fits": False, "error": line.split(": ", 1)[-1]}
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  cost = cost or {}
+  row["flops_per_device"] = float(cost.get("flops", 0.0))
+  if mem is not None:
+    row["temp_bytes"] = int(mem.temp_size_in_bytes)
+    row["total_bytes"] = int(mem.argument_size_in_bytes +
+                             mem.temp_size_in_bytes +
+                             mem.output_size_in_bytes -
+                             mem.alias_size_in_bytes)
+  total = row.get("total_bytes")
+  row["fits"] = None if total is None or capacity is None else bool(
+      total <= capacity)
+  if chip is not None:
+    coll = hlo_collectives(compiled.as_text())
+    traffic = sum(c["traffic"] for c in coll.values())
+    row["estimate"] = estimate_step(
+        row["flops_per_device"], float(cost.get("bytes accessed", 0.0)),
+        traffic, model_flops, chip)
+  else:
+    peak = flops_lib.peak_flops(devices[0].device_kind)
+    if peak and row["flops_per_device"]:
+      step = row["flops_per_device"] / peak
+      row["estimate"] = {"step_s": step, "bound": "compute",
+                         "mfu": model_flops / (step * peak)}
+  return row
+
+
+def _gib(x: float) -> str:
+  """Bytes in GiB, or MiB below 1 GiB."""
+  return f"{x / GIB:.2f} GiB" if x >= GIB else f"{x / 2**20:.1f} MiB"
+
+
+def format_report(row: dict[str, Any]) -> str:
+  """The lines `--compile_only` prints for a `compile_report` row."""
+  fits = {True: "fits", False: "does NOT fit",
+          None: "fits (capacity unknown)"}[row["fits"]]
+  lines = [f"compiled for {row['where']}, mesh {row['mesh']}: {fits}"]
+  mem = (f"params {_gib(row['params_bytes'])} + optimizer "
+         f"{_gib(row['optimizer_bytes'])}")
+  if "temp_bytes" in row:
+    mem += (f" + temporaries {_gib(row['temp_bytes'])}; total "
+            f"{_gib(row['total_bytes'])}")
+  if row["capacity_bytes"]:
+    mem += f" of {_gib(row['capacity_bytes'])}"
+  lines.append(f"memory per device: {mem}")
+  if "error" in row:  # no program: XLA refused it
+    lines.append(f"XLA: {row['error']}")
+    lines.append(f"model FLOPs per step per device: "
+                 f"{row['model_flops_per_device']:.3g}")
+    return "\n".join(lines)
+  lines.append(f"FLOPs per step per device: {row['flops_per_device']:.3g} "
+               f"(XLA), model {row['model_flops_per_device']:.3g}")
+  est = row.get("estimate")
+  if est:
+    lines.append(f"estimated step time: {est['step_s'] * 1e3:.3g} ms "
+                 f"({est['bound']}-bound), MFU {100 * est['mfu']:.1f}%")
+  else:
+    lines.append("estimated step time: unknown (no peak FLOP/s for this "
+                 "device)")
+  return "\n".join(lines)

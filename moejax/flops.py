@@ -27,6 +27,13 @@ sequence about c x (projections + MLP) + c^2 x (attention scores) with
 c = C / L, plus its router (D) and predictor (D -> D/2 -> 1).
 
 Training FLOPs are the usual 3 x forward (`train_flops`).
+
+Peaks: `PEAK_FLOPS` is the one table of accelerators' dense bfloat16 peak
+FLOP/s per chip, by the device kind JAX reports (`device.device_kind`);
+`peak_flops(kind)` reads it (None for a CPU or an unknown kind) and
+`moejax.aot.CHIPS` takes its TPU peaks from it. MFU is model FLOPs (these
+counts, 3 x forward per training step) over time x peak, whatever the
+activation dtype.
 """
 from __future__ import annotations
 
@@ -147,6 +154,37 @@ def train_flops(cfg: LMConfig, batch: int, seq_len: int, steps: int = 1,
                 **kwargs) -> float:
   """Training FLOPs: 3 x forward (forward + backward) per step."""
   return 3.0 * forward_flops(cfg, batch, seq_len, **kwargs) * steps
+
+
+# Dense bfloat16 peak FLOP/s of one chip (a TPU chip; one GPU), by
+# `device.device_kind`; a kind not listed matches its longest listed prefix
+# (e.g. "NVIDIA H100 80GB HBM3" -> "NVIDIA H100"). Vendor figures, no sparsity.
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5": 459e12,  # v5p
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,  # v6e (Trillium)
+    "NVIDIA A100": 312e12,
+    "NVIDIA H100": 989e12,  # SXM
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA GH200": 989e12,
+    "NVIDIA B200": 2250e12,
+}
+
+
+def peak_flops(device_kind: str | None) -> float | None:
+  """Dense bfloat16 peak FLOP/s of one device of `device_kind` (`PEAK_FLOPS`;
+  the longest listed prefix), None for a CPU or a kind not listed."""
+  if not device_kind:
+    return None
+  if device_kind in PEAK_FLOPS:
+    return PEAK_FLOPS[device_kind]
+  prefixes = [k for k in PEAK_FLOPS if device_kind.startswith(k + " ") or
+              device_kind.startswith(k + "-")]
+  return PEAK_FLOPS[max(prefixes, key=len)] if prefixes else None
 
 
 def mfu(flops_per_second: float, peak_flops_per_second: float) -> float:

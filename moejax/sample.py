@@ -1,4 +1,5 @@
-"""Autoregressive sampling (greedy or temperature) from a `TransformerLM`.
+"""Autoregressive sampling (greedy or temperature) from a `TransformerLM`, and
+from a saved run.
 
 Axis legend:
   B  batch
@@ -7,11 +8,18 @@ Axis legend:
 
 `sample` takes the model itself; the sampler is `moejax.decode.generate`
 (cached decoding where the model's routing allows it, else a full causal
-forward pass per step).
+forward pass per step). `load_run(workdir)` rebuilds a run's model from its
+`config.json` and restores its newest (or a given) checkpoint; `sample_text`
+encodes a prompt with the run's tokenizer and decodes it with its continuation.
+
+From the command line (`moejax.cli.sample_flags`):
+
+  python -m moejax.sample --workdir=runs/tiny --prompt="def " --tokens=200
 """
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -37,3 +45,88 @@ def sample(model: nn.Module, params: Any, router_state: Any,
   """
   return decode.generate(model.config, params, router_state, prompt, num_new,
                          temperature=temperature, rng=rng)
+
+
+class Run(NamedTuple):
+  """A saved run: its config, model, restored state, step and tokenizer."""
+  config: Any
+  model: nn.Module
+  state: Any
+  step: int
+  tokenizer: Any
+
+
+def run_tokenizer(config: Any) -> Any:
+  """The tokenizer of a run config: the one it names (`config.tokenizer`),
+  else that of its prepared shards (`tokens:DIR`, their manifest), else
+  bytes (`moejax.data.tokenizers.load_tokenizer`)."""
+  from moejax.data import shards, tokenizers  # pylint: disable=g-import-not-at-top
+  spec = getattr(config, "tokenizer", None)
+  dataset = getattr(config, "dataset", "") or ""
+  if spec is None and dataset.startswith("tokens:"):
+    directory = os.path.expanduser(dataset.split(":", 1)[1])
+    spec = shards.manifest_tokenizer_spec(directory,
+                                          shards.load_manifest(directory))
+  return tokenizers.load_tokenizer(spec)
+
+
+def load_run(workdir: str, step: int | None = None) -> Run:
+  """The run in `workdir` (its `config.json`) restored from checkpoint `step`
+  (None: the newest readable one), on one device.
+
+  Raises:
+    FileNotFoundError: no config.json or no checkpoint.
+    ValueError: config.json does not parse; `step` is not saved.
+    DataError: the run's tokenizer cannot be loaded.
+    CheckpointError: no checkpoint is readable.
+  """
+  from moejax import aot, sharding  # pylint: disable=g-import-not-at-top
+  from moejax.train import checkpoint, config_file  # pylint: disable=g-import-not-at-top
+  config = config_file.load(workdir)
+  if not hasattr(config, "model") or not hasattr(config.model, "vocab_size"):
+    raise ValueError(f"{config_file.path(workdir)} holds a "
+                     f"{type(config).__name__}; allowed: an LM run's config")
+  tokenizer = run_tokenizer(config)
+  model = config.task().build_model()
+  mesh = sharding.make_mesh(None, jax.devices()[:1])
+  template = aot.abstract_state(config, mesh)
+  directory = os.path.join(workdir, "checkpoints")
+  ckpt = checkpoint.Checkpointer(directory)
+  try:
+    if step is None:
+      if ckpt.latest_step() is None:
+        raise FileNotFoundError(f"no checkpoint in {directory}")
+      state, step = ckpt.restore_latest(template)
+    else:
+      if step not in ckpt.all_steps():
+        raise ValueError(f"step={step} has no checkpoint in {directory}; "
+                         f"allowed: {', '.join(map(str, ckpt.all_steps()))}")
+      state = ckpt.restore(template, step)
+  finally:
+    ckpt.close()
+  return Run(config, model, state, step, tokenizer)
+
+
+def sample_text(run: Run, prompt: str, num_new: int, *,
+                temperature: float = 0.0, seed: int = 0) -> str:
+  """The prompt and its continuation by `num_new` tokens of the run's model,
+  decoded together; temperature sampling uses PRNGKey(seed)."""
+  tokens = np.asarray(run.tokenizer.encode(prompt), np.int32)
+  if tokens.size == 0:
+    raise ValueError(f"prompt={prompt!r} encodes to no tokens; allowed: a "
+                     "prompt of at least one token")
+  if num_new < 1:
+    raise ValueError(f"tokens={num_new} is out of range; allowed: >= 1")
+  if temperature < 0:
+    raise ValueError(f"temperature={temperature} is out of range; allowed: "
+                     ">= 0")
+  out = sample(run.model, run.state.params, run.state.router_state,
+               tokens[None], num_new, temperature=temperature,
+               rng=jax.random.PRNGKey(seed))
+  return run.tokenizer.decode(np.concatenate([tokens, np.asarray(out[0])]))
+
+
+if __name__ == "__main__":
+  from moejax.cli import app, sample_flags  # pylint: disable=g-import-not-at-top
+  sample_flags.define_flags()
+  app.run(sample_flags.run, sample_flags.__doc__, sample_flags.HELP_GROUPS)

@@ -166,3 +166,50 @@ def test_moe_mesh_paths_cost_a_chip_what_the_single_chip_path_does(tmp_path):
     # No gather of the expert weights (each chip keeps its experts).
     assert coll["all-gather"]["bytes"] < shard, (mode, coll)
     assert 0.9 < row["vs_single"]["flops"] < 1.1, (mode, row["vs_single"])
+
+
+def _compile_only(capsys, **flags):
+  from moejax.cli import lm_flags
+  values = {"config": "tiny", "router": "top_k", "batch_size": 4,
+            "seq_len": 32, **flags}
+  code = lm_flags.compile_only(values)
+  out = capsys.readouterr()
+  return code, out.out, out.err
+
+
+def test_compile_only_on_the_local_devices(capsys):
+  code, out, err = _compile_only(capsys, num_devices=1)
+  assert code == 0, err
+  assert "1 local cpu device(s), mesh data:1" in out and ": fits" in out
+  assert "temporaries" in out and "FLOPs per step per device" in out
+  assert "estimated step time: unknown" in out  # no peak for a CPU
+
+
+def test_compile_only_refuses_a_bad_topology_and_no_libtpu(capsys,
+                                                            monkeypatch):
+  code, out, err = _compile_only(capsys, topology="v9-1")
+  assert code == 2 and not out
+  assert err.count("\n") == 1 and "allowed: v5e-4" in err
+  monkeypatch.setitem(sys.modules, "libtpu", None)  # not importable
+  code, out, err = _compile_only(capsys, topology="v5e-4")
+  assert code == 2 and err.count("\n") == 1
+  assert 'pip install -e ".[tpu]"' in err
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip "
+                    "install -e '.[tpu]'): no TPU topology to compile for")
+def test_compile_only_for_a_tpu_slice_fits_or_not(capsys):
+  code, out, err = _compile_only(capsys, topology="v5e-4",
+                                 mesh="data:2,expert:2")
+  assert code == 0, err
+  lines = out.splitlines()
+  assert lines[0] == ("compiled for v5e-4 (4 x TPU v5e), mesh "
+                      "data:2,expert:2,model:1: fits")
+  assert "of 16.00 GiB" in lines[1] and "optimizer" in lines[1]
+  assert "estimated step time" in lines[3] and "MFU" in lines[3]
+  # 4 layers of 8 experts 128 x 2^20 wide: 12.9 GB of float32 params per
+  # chip with the experts over 2 chips, 3 x that with AdamW: no fit in 16 GiB.
+  code, out, err = _compile_only(capsys, topology="v5e-4",
+                                 mesh="data:2,expert:2", expert_width=2**20)
+  assert code == 1, err
+  assert "does NOT fit" in out.splitlines()[0]

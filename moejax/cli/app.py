@@ -139,16 +139,19 @@ def run(main: Callable[[Any], int], doc: str,
                                          footer))
 
 
-def train(build_config: Callable[[], Any], workdir: str
+def train(build_config: Callable[[], Any], workdir: str, **options: Any
           ) -> tuple[int, dict[str, Any] | None]:
   """(0, summary) of training the run config `build_config()` returns (its
-  routing line printed first); (2, None) after one line on bad input, flags or
-  files; (1, None) after one line when the run stopped early."""
+  routing line printed first; `options` go to `moejax.train.loop.train`);
+  (2, None) after one line on bad input, flags or files; (1, None) after one
+  line when the run stopped early."""
   try:
     cfg = build_config()
+    if isinstance(options.get("profile_steps"), str):
+      loop.parse_profile_steps(options["profile_steps"])
     moe = getattr(cfg.model, "moe", None)
     print(routing_line(moe.router if moe is not None else None), flush=True)
-    return 0, loop.train(cfg, workdir)
+    return 0, loop.train(cfg, workdir, **options)
   except (ValueError, DataError, FileNotFoundError, CheckpointError) as e:
     sys.stderr.write(f"error: {e}\n")
     return 2, None

@@ -70,6 +70,7 @@ RUN_FLAGS = defaults.table(TrainConfig, {
     "data_dir": "tensorflow-datasets data directory.",
     "seed": "Random seed (params, data order, routing).",
     "mesh": "Mesh, e.g. data:2,expert:4 (None: all devices on data).",
+    "num_devices": "Use the first n devices (None = all).",
     "log_every": "Log every n steps.",
     "eval_every": "Evaluate every n steps.",
     "eval_batches": "Validation batches per evaluation.",
@@ -138,7 +139,8 @@ HELP_GROUPS = {
                  "keep_checkpoints", "max_bad_steps", "sample_tokens",
                  "temperature", "progress", "workdir"),
     "scale-out": ("mesh", "num_devices", "expert_parallel",
-                  "coordinator_address", "num_processes", "process_id"),
+                  "coordinator_address", "num_processes", "process_id",
+                  "profile_steps", "compile_only", "topology"),
 }
 
 
@@ -188,6 +190,13 @@ def define_flags() -> None:
           "JAX_NUM_PROCESSES).")
   integer("process_id", None, "Multi-host: this process's id in "
           "[0, num_processes) (or env JAX_PROCESS_ID).")
+  string("profile_steps", None, "A:B: write a jax.profiler trace of steps "
+         "A..B into WORKDIR/profile.")
+  flags.DEFINE_bool("compile_only", False, "Compile the run's train step and "
+                    "report memory per device, FLOPs, step time and MFU; "
+                    "exit 0 if it fits, 1 if not.")
+  string("topology", None, "With --compile_only: the TPU slice to compile "
+         "for on this host (e.g. v5p-64; needs libtpu).")
 
 
 def router_names() -> tuple[str, ...]:
@@ -324,6 +333,24 @@ def build_optim(base: OptimConfig, pick) -> OptimConfig:
                              total_steps=steps)
 
 
+def compile_only(values: Mapping[str, Any]) -> int:
+  """`--compile_only`: compiles the run's step (`moejax.aot.compile_report`)
+  for `--topology` or the local devices and prints the report; 0 if it fits,
+  1 if not, 2 after one line on bad input or without libtpu."""
+  from moejax import aot  # pylint: disable=g-import-not-at-top
+  try:
+    cfg = build_train_config(values)
+    report = aot.compile_report(cfg, values.get("topology"))
+  except ValueError as e:
+    sys.stderr.write(f"error: {e}\n")
+    return 2
+  except ImportError as e:
+    sys.stderr.write(f"error: {str(e).splitlines()[0]}\n")
+    return 2
+  print(aot.format_report(report))
+  return 1 if report["fits"] is False else 0
+
+
 def run(flag_values) -> int:
   """Runs the job; returns the process exit code (2 on bad input)."""
   values = flag_values.flag_values_dict()
@@ -335,8 +362,14 @@ def run(flag_values) -> int:
   except ValueError as e:
     sys.stderr.write(f"error: {e}\n")
     return 2
+  if values.get("compile_only"):
+    return compile_only(values)
+  if values.get("topology"):
+    sys.stderr.write("error: topology is only used with --compile_only\n")
+    return 2
   code, summary = app.train(lambda: build_train_config(values),
-                            values["workdir"])
+                            values["workdir"],
+                            profile_steps=values.get("profile_steps"))
   if code:
     return code
   workdir = os.path.abspath(values["workdir"])

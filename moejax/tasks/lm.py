@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moejax import flops as flops_lib
 from moejax import sharding
 from moejax.checks import check_positive_ints
 from moejax.data import get_lm_data
@@ -118,6 +119,11 @@ class LMTask(Task):
 
   def items_per_step(self) -> int:
     return self.config.batch_size * self.config.seq_len
+
+  def flops_per_step(self) -> float:
+    """3 x the forward FLOPs of the global batch (`moejax.flops`)."""
+    cfg = self.config
+    return flops_lib.train_flops(cfg.model, cfg.batch_size, cfg.seq_len)
 
   def make_eval_step(self, model: nn.Module):
     return make_eval_step(model)

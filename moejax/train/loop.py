@@ -9,6 +9,16 @@ that names its task (`TrainConfig` -> the LM, `DiTTrainConfig` -> the DiT).
 The task owns the model, data, loss, evaluation, samples and plots; this
 module owns what every run shares.
 
+Throughput: each training record holds `tokens_per_s` (`rate_key`; over the
+whole run so far), `tokens_per_s_per_device` (over the steps since the
+previous record, the first step's compilation left out) and, where the
+devices' peak is known (`moejax.flops.peak_flops`) and the task counts its
+FLOPs, `mfu`; the progress bar shows them. The records also go to TensorBoard
+event files in `workdir/tensorboard` (`moejax.train.metrics`).
+
+Profiling: `train(..., profile_steps=(a, b))` writes a `jax.profiler` trace of
+steps a..b (1-based, as logged) into `workdir/profile`.
+
 Bad steps: a step whose loss or gradient is not finite changes nothing but
 the step counter and the data position (`moejax.train.step`); the loop counts
 them (`skipped_steps` in the log records), saves no periodic checkpoint right
@@ -28,8 +38,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moejax import flops as flops_lib
 from moejax import sharding
 from moejax.train import checkpoint as ckpt_lib
+from moejax.train import config_file
 from moejax.train import metrics as metrics_lib
 from moejax.train.state import TrainState
 from moejax.train.step import make_train_step
@@ -180,18 +192,124 @@ def select_devices(num_devices: int | None) -> list[Any]:
   return devices[:num_devices]
 
 
-def train(run: Any, workdir: str) -> dict[str, Any]:
+def _save_config(cfg: Any, workdir: str, resumed_from: int | None) -> None:
+  """Writes `workdir/config.json`; on a resumed run whose config differs
+  from the saved one, says which fields changed first (one line)."""
+  if resumed_from is not None and os.path.exists(config_file.path(workdir)):
+    try:
+      changed = config_file.changes(config_file.load(workdir), cfg)
+    except ValueError:
+      changed = ["config.json was unreadable"]
+    if changed:
+      print(f"note: resuming from step {resumed_from} with a changed "
+            f"configuration: {'; '.join(changed)}", flush=True)
+  config_file.save(cfg, workdir)
+
+
+def parse_profile_steps(spec: str | None) -> tuple[int, int] | None:
+  """`"A:B"` -> (A, B) with 1 <= A <= B (None or "" -> None)."""
+  if not spec:
+    return None
+  parts = spec.split(":")
+  try:
+    a, b = (int(p) for p in parts) if len(parts) == 2 else (0, -1)
+  except ValueError:
+    a, b = 0, -1
+  if not 1 <= a <= b:
+    raise ValueError(f"profile_steps={spec!r} is invalid; allowed: A:B with "
+                     "integers 1 <= A <= B (steps A..B are traced)")
+  return a, b
+
+
+class _Profile:
+  """A `jax.profiler` trace of steps a..b into `directory` (1-based steps)."""
+
+  def __init__(self, steps: tuple[int, int] | None, directory: str):
+    self.steps, self.directory, self.active = steps, directory, False
+
+  def before(self, step: int) -> None:
+    """Called before running step `step` (1-based)."""
+    if (self.steps and not self.active and
+        self.steps[0] <= step <= self.steps[1]):
+      os.makedirs(self.directory, exist_ok=True)
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+
+  def after(self, step: int, state: Any) -> None:
+    """Called after dispatching step `step`; ends the trace after step b."""
+    if self.active and step >= self.steps[1]:
+      self.stop(state)
+
+  def stop(self, state: Any = None) -> None:
+    if self.active:
+      if state is not None:
+        jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      self.active = False
+
+
+class _Throughput:
+  """Items per second per device and MFU over the steps since the last
+  record (`record`); `restart` leaves out what came before (compilation)."""
+
+  def __init__(self, task: Task, mesh):
+    self.devices = mesh.devices.size
+    self.peak = flops_lib.peak_flops(mesh.devices.flat[0].device_kind)
+    flops = task.flops_per_step()
+    self.flops_per_item = (flops / task.items_per_step() if flops else None)
+    self.key = f"{task.rate_key}_per_device"
+    self.restart()
+
+  def restart(self) -> None:
+    self.t, self.items = time.perf_counter(), 0
+
+  def add(self, items: int) -> None:
+    self.items += items
+
+  def record(self) -> dict[str, float]:
+    """{`<rate_key>_per_device`, `mfu` (where known)} since the last call."""
+    now = time.perf_counter()
+    out = {}
+    if self.items and now > self.t:
+      rate = self.items / (now - self.t) / self.devices
+      out[self.key] = rate
+      if self.peak and self.flops_per_item:
+        out["mfu"] = rate * self.flops_per_item / self.peak
+    self.t, self.items = now, 0
+    return out
+
+
+def postfix(record: dict[str, Any], loss_format: str, rate_key: str
+            ) -> dict[str, str]:
+  """The progress bar's fields of a training record: loss, items/s per
+  device, MFU (those it has)."""
+  out = {"loss": format(record["loss"], loss_format)}
+  rate = record.get(f"{rate_key}_per_device")
+  if rate is not None:
+    unit = "tok" if rate_key == "tokens_per_s" else rate_key.split("_per_")[0]
+    out[f"{unit}/s/dev"] = f"{rate:,.0f}" if rate >= 10 else f"{rate:.2f}"
+  if record.get("mfu") is not None:
+    out["mfu"] = f"{100 * record['mfu']:.1f}%"
+  return out
+
+
+def train(run: Any, workdir: str, *,
+          profile_steps: tuple[int, int] | str | None = None
+          ) -> dict[str, Any]:
   """Trains (or resumes) a run and returns a summary dict.
 
   Writes `workdir/metrics.jsonl` (records `step`, `loss`, the routing metrics,
   the throughput; eval records `eval_loss`, ...; a final record with
   `final: true`; other processes of a multi-host run write
   `metrics.process<i>.jsonl`; the first record, `step` 0, holds the
-  effective `routing` hyperparameters), `workdir/checkpoints/` (orbax; a
+  effective `routing` hyperparameters), `workdir/config.json` (the run's
+  config, `moejax.train.config_file`), `workdir/tensorboard/` (the same
+  records as TensorBoard scalars), `workdir/checkpoints/` (orbax; a
   second call with the same workdir resumes from the newest readable one, see
   `moejax.train.checkpoint`), `workdir/run.png`, `workdir/summary.json` and the
   task's samples. The summary also holds the final `state` and
-  `skipped_steps`.
+  `skipped_steps`. `profile_steps` (A, B) or "A:B": trace steps A..B into
+  `workdir/profile` (`parse_profile_steps`).
 
   Raises:
     ValueError: `workdir` is not a directory, or the run does not fit the
@@ -201,6 +319,8 @@ def train(run: Any, workdir: str) -> dict[str, Any]:
   """
   task = as_task(run)
   cfg = task.config
+  if isinstance(profile_steps, str) or profile_steps is None:
+    profile_steps = parse_profile_steps(profile_steps)
   try:
     os.makedirs(workdir, exist_ok=True)
   except (FileExistsError, NotADirectoryError):
@@ -228,11 +348,15 @@ def train(run: Any, workdir: str) -> dict[str, Any]:
         workdir, "metrics.jsonl" if main else
         f"metrics.process{jax.process_index()}.jsonl")
     state, resumed_from = checkpointer.restore_latest(state)
+    if main:
+      _save_config(cfg, workdir, resumed_from)
     if resumed_from is not None:
       metrics_lib.truncate_after(metrics_path, resumed_from)
     elif os.path.exists(metrics_path):
       os.remove(metrics_path)
-    writer = metrics_lib.MetricsWriter(metrics_path)
+    writer = metrics_lib.MetricsWriter(
+        metrics_path, os.path.join(workdir, "tensorboard") if main else None,
+        purge_step=None if resumed_from is None else resumed_from + 1)
     if resumed_from is None:
       writer.write({"step": 0, "routing": routing_settings(task.method)})
     train_step = make_step(task, model, mesh)
@@ -251,17 +375,23 @@ def train(run: Any, workdir: str) -> dict[str, Any]:
                       dynamic_ncols=True)
     t0, items_seen = time.perf_counter(), 0
     bad, t_first = _BadSteps(cfg.max_bad_steps), None
+    throughput = _Throughput(task, mesh)
+    profile = _Profile(profile_steps, os.path.join(workdir, "profile"))
     try:
       for step in range(start, cfg.steps):
+        profile.before(step + 1)
         state, metrics = train_step(state, put(data.batch(data_index)))
         data_index += 1
         items_seen += task.items_per_step()
+        throughput.add(task.items_per_step())
         done = step + 1
+        profile.after(done, state)
         bad.add(metrics["skipped"], done)
         if done - start in (1, 11):  # the duration, from steps 2..11
           bad.resolve()  # waits for this step
           if done - start == 1:
             t_first = time.perf_counter()
+            throughput.restart()  # without the compilation
           elif main:
             per_step = (time.perf_counter() - t_first) / 10
             _say(progress, f"about {per_step * (cfg.steps - done) / 60:.1f} "
@@ -271,10 +401,11 @@ def train(run: Any, workdir: str) -> dict[str, Any]:
           record = {"step": done, **jax.device_get(metrics),
                     "skipped_steps": bad.total}
           record[task.rate_key] = items_seen / (time.perf_counter() - t0)
+          record.update(throughput.record())
           writer.write(record)
           if progress is not None:
-            progress.set_postfix(loss=format(record["loss"],
-                                             task.loss_format), refresh=False)
+            progress.set_postfix(postfix(record, task.loss_format,
+                                         task.rate_key), refresh=False)
         if done % cfg.eval_every == 0 and done != cfg.steps:
           writer.write({"step": done, **run_eval()})
         if done % checkpointer.every == 0 and not bad.resolve():
@@ -289,8 +420,10 @@ def train(run: Any, workdir: str) -> dict[str, Any]:
                  else f"{e}; no checkpoint was saved")
       writer.write({"step": done, "stopped": message,
                     "skipped_steps": bad.total})
+      writer.close()
       raise TrainingStopped(message) from None
     finally:
+      profile.stop()
       if progress is not None:
         progress.close()
     elapsed = time.perf_counter() - t0
@@ -302,6 +435,7 @@ def train(run: Any, workdir: str) -> dict[str, Any]:
   if jax.process_count() == 1:
     final_extra, outputs = task.outputs(model, state, workdir)
   writer.write({"step": cfg.steps, **final, **final_extra, "final": True})
+  writer.close()
   method = task.method
   target = method.target_fanout if method is not None else None
   summary = {

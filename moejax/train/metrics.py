@@ -1,8 +1,15 @@
-"""Run logging: JSON lines and a loss/fanout plot."""
+"""Run logging: JSON lines, TensorBoard event files and a loss/fanout plot.
+
+`MetricsWriter` appends each log record to `metrics.jsonl` and, given a
+TensorBoard directory, writes its numbers there as scalars too
+(`TensorBoardWriter`, with tensorboardX: `tensorboard --logdir WORKDIR` shows
+them); without tensorboardX installed it says so once and writes JSON only.
+"""
 from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any, Iterable
 
 import numpy as np
@@ -18,16 +25,93 @@ def to_python(value: Any) -> Any:
   return arr.tolist()
 
 
-class MetricsWriter:
-  """Appends one JSON object per record to `path` (flushes every write)."""
+def scalars(record: dict[str, Any]) -> dict[str, float]:
+  """The TensorBoard scalars of a log record: {tag: value}.
 
-  def __init__(self, path: str):
+  Numbers of an evaluation record (one with `eval_loss`) are tagged
+  `eval/KEY`, others `train/KEY`; a list of numbers (e.g. `layer_fanout`)
+  gives `train/KEY/i`; `step`, strings, flags and dicts are left out.
+  """
+  group = "eval" if "eval_loss" in record else "train"
+  out = {}
+  for key, value in to_python(record).items():
+    if key == "step" or isinstance(value, (bool, str, dict)) or value is None:
+      continue
+    if isinstance(value, list):
+      for i, v in enumerate(value):
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+          out[f"{group}/{key}/{i}"] = float(v)
+    elif isinstance(value, (int, float)):
+      out[f"{group}/{key}"] = float(value)
+  return out
+
+
+_WARNED_NO_TENSORBOARD = False
+
+
+class TensorBoardWriter:
+  """Scalars of log records as TensorBoard event files in `logdir`
+  (tensorboardX's `SummaryWriter`, imported here: optional).
+
+  Args:
+    logdir: the event files' directory.
+    purge_step: on a resumed run, the first step logged again: TensorBoard
+      hides the earlier run's events from that step on.
+  Without tensorboardX, `enabled` is False, writes do nothing, and the first
+  such writer of the process says so in one line on stderr.
+  """
+
+  def __init__(self, logdir: str, purge_step: int | None = None):
+    global _WARNED_NO_TENSORBOARD
+    try:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      self._writer = None
+      if not _WARNED_NO_TENSORBOARD:
+        _WARNED_NO_TENSORBOARD = True
+        sys.stderr.write("warning: tensorboardX is not installed (pip install "
+                         "tensorboardX): no TensorBoard logs, metrics.jsonl "
+                         "only\n")
+      return
+    self._writer = SummaryWriter(logdir, purge_step=purge_step)
+
+  @property
+  def enabled(self) -> bool:
+    return self._writer is not None
+
+  def write(self, record: dict[str, Any]) -> None:
+    if self._writer is None or "step" not in record:
+      return
+    step = int(record["step"])
+    for tag, value in scalars(record).items():
+      self._writer.add_scalar(tag, value, step)
+    self._writer.flush()
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+
+
+class MetricsWriter:
+  """Appends one JSON object per record to `path` (flushes every write) and,
+  with `tensorboard_dir`, writes its scalars there (`TensorBoardWriter`)."""
+
+  def __init__(self, path: str, tensorboard_dir: str | None = None,
+               purge_step: int | None = None):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     self.path = path
+    self.tensorboard = (TensorBoardWriter(tensorboard_dir, purge_step)
+                        if tensorboard_dir else None)
 
   def write(self, record: dict[str, Any]) -> None:
     with open(self.path, "a") as f:
       f.write(json.dumps(to_python(record)) + "\n")
+    if self.tensorboard is not None:
+      self.tensorboard.write(record)
+
+  def close(self) -> None:
+    if self.tensorboard is not None:
+      self.tensorboard.close()
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:

@@ -71,6 +71,11 @@ class Task:
     """Items (tokens, images) of one training batch, for `rate_key`."""
     raise NotImplementedError
 
+  def flops_per_step(self) -> float | None:
+    """Model FLOPs of one training step over the global batch (for MFU;
+    None = not counted: the loop logs throughput only)."""
+    return None
+
   def loss_fn(self, model: nn.Module) -> Callable | None:
     """`loss_fn=` of `moejax.train.step.make_train_step` (None = LM loss)."""
     return None
