@@ -50,26 +50,31 @@ import time  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("libraries", ["maxtext", "moejax"], "maxtext, moejax.")
-flags.DEFINE_list("topology", ["v5p-64"], "TPU slices (moejax.aot.TOPOLOGIES).")
-flags.DEFINE_list("remat", ["full", "none"], "Remat settings: full, "
-                  "selective, none (REMAT maps each to both libraries).")
-flags.DEFINE_string("shape", "paper", "Model shape: " + ", ".join(
-    ("paper", "mixtral")))
-flags.DEFINE_list("moejax_variants", ["ep"], "moejax layouts (VARIANTS).")
-flags.DEFINE_integer("loss_chunk", 256, "moejax LMConfig.loss_chunk (0 = "
-                     "the plain cross-entropy).")
-flags.DEFINE_list("depths", ["1", "2"], "Compiled depths (extrapolated).")
-flags.DEFINE_string("out", "experiments/reports/tpu_peer.json", "JSON path.")
-flags.DEFINE_string("markdown", "", "Markdown report path ('' = none).")
-flags.DEFINE_bool("recompile", False, "Compile again what the JSON has.")
-flags.DEFINE_bool("compile", True, "Compile what the JSON lacks (False: "
-                  "write the report from the JSON's compiles alone).")
-flags.DEFINE_integer("nice", 10, "Niceness of the compile processes.")
-flags.DEFINE_integer("top_ops", 25, "Largest HLO instructions kept per "
-                     "compile (by bytes accessed).")
-flags.DEFINE_string("one", "", "Internal: compile one spec (JSON) and print "
-                    "its result as the last line.")
+
+
+def define_flags() -> None:
+  """The script's flags (defined when it runs, not when a test imports it:
+  another module loaded into the same process may own `--out`)."""
+  flags.DEFINE_list("libraries", ["maxtext", "moejax"], "maxtext, moejax.")
+  flags.DEFINE_list("topology", ["v5p-64"], "TPU slices (moejax.aot.TOPOLOGIES).")
+  flags.DEFINE_list("remat", ["full", "none"], "Remat settings: full, "
+                    "selective, none (REMAT maps each to both libraries).")
+  flags.DEFINE_string("shape", "paper", "Model shape: " + ", ".join(
+      ("paper", "mixtral")))
+  flags.DEFINE_list("moejax_variants", ["ep"], "moejax layouts (VARIANTS).")
+  flags.DEFINE_integer("loss_chunk", 256, "moejax LMConfig.loss_chunk (0 = "
+                       "the plain cross-entropy).")
+  flags.DEFINE_list("depths", ["1", "2"], "Compiled depths (extrapolated).")
+  flags.DEFINE_string("out", "experiments/reports/tpu_peer.json", "JSON path.")
+  flags.DEFINE_string("markdown", "", "Markdown report path ('' = none).")
+  flags.DEFINE_bool("recompile", False, "Compile again what the JSON has.")
+  flags.DEFINE_bool("compile", True, "Compile what the JSON lacks (False: "
+                    "write the report from the JSON's compiles alone).")
+  flags.DEFINE_integer("nice", 10, "Niceness of the compile processes.")
+  flags.DEFINE_integer("top_ops", 25, "Largest HLO instructions kept per "
+                       "compile (by bytes accessed).")
+  flags.DEFINE_string("one", "", "Internal: compile one spec (JSON) and print "
+                      "its result as the last line.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -690,4 +695,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
