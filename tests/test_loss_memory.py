@@ -144,3 +144,40 @@ def test_recompute_attention_remat_keeps_no_scores_and_equals_no_remat():
 def test_lm_config_rejects_an_unknown_remat_policy():
   with pytest.raises(ValueError, match="remat"):
     LMConfig(remat="attention_only")
+
+
+def _reference_attend(q, k, v, mask):
+  scale = q.shape[-1] ** -0.5
+  scores = jnp.einsum("blhk,bthk->bhlt", q, k).astype(jnp.float32) * scale
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhlt,bthk->blhk", probs, v)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-6),
+                                       (jnp.bfloat16, 2e-2)])
+def test_attend_keeps_probabilities_in_the_value_dtype_only(dtype, tol):
+  from moejax.nn.attention import attend, causal_mask
+  k = jax.random.split(jax.random.PRNGKey(5), 4)
+  q, kk, v = (jax.random.normal(k[i], (2, 8, 2, 4)).astype(dtype)
+              for i in range(3))
+  pos = jnp.broadcast_to(jnp.arange(8), (2, 8))
+  mask = causal_mask(pos, pos)
+  g = jax.random.normal(k[3], (2, 8, 2, 4)).astype(dtype)
+
+  def vjp(fn):
+    out, pull = jax.vjp(lambda a, b, c: fn(a, b, c, mask), q, kk, v)
+    return (out, *pull(g))
+
+  for got, want in zip(vjp(attend), vjp(_reference_attend)):
+    np.testing.assert_allclose(np.asarray(got, np.float32),
+                               np.asarray(want, np.float32), rtol=tol,
+                               atol=tol)
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    jax.ad_checkpoint.print_saved_residuals(
+        lambda a: attend(a, kk, v, mask), q)
+  saved = out.getvalue()
+  # the probabilities once, in the value dtype; no float32 [B, H, L, T]
+  assert ("f32[2,2,8,8]" in saved) == (dtype == jnp.float32)
+  assert saved.count("[2,2,8,8]") == 1  # the probabilities

@@ -64,9 +64,38 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
   kv = "bhtk" if heads_major else "bthk"
   scale = q.shape[-1] ** -0.5
   scores = jnp.einsum(f"blhk,{kv}->bhlt", q, k).astype(jnp.float32) * scale
-  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  probs = masked_softmax(scores, mask, v.dtype)
   return jnp.einsum(f"bhlt,{kv}->blhk", probs, v)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def masked_softmax(scores: jax.Array, mask: jax.Array, dtype: Any
+                   ) -> jax.Array:
+  """Softmax over the last axis of float32 scores where `mask` (elsewhere
+  the lowest float32), returned in `dtype`.
+
+  The backward pass keeps only that output (in bfloat16 models: bfloat16
+  probabilities float[B, H, L, T], not the float32 scores and probabilities
+  beside them) and computes the scores' cotangent from it in float32,
+  p * (g - sum(g * p)), the softmax's own derivative (exact when `dtype`
+  is float32).
+  """
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  return jax.nn.softmax(scores, axis=-1).astype(dtype)
+
+
+def _masked_softmax_fwd(scores, mask, dtype):
+  probs = masked_softmax(scores, mask, dtype)
+  return probs, probs
+
+
+def _masked_softmax_bwd(dtype, probs, g):
+  del dtype
+  p, g = probs.astype(jnp.float32), g.astype(jnp.float32)
+  return p * (g - jnp.sum(g * p, axis=-1, keepdims=True)), None
+
+
+masked_softmax.defvjp(_masked_softmax_fwd, _masked_softmax_bwd)
 
 
 def init_kv(batch: int, length: int, num_heads: int, head_width: int,
