@@ -66,8 +66,14 @@ LM_MODEL_FLAGS = defaults.table(LMConfig, {
                   "router.",
 })
 RUN_FLAGS = defaults.table(TrainConfig, {
-    "dataset": "stdlib, text:GLOB or tfds:NAME.",
+    "dataset": "stdlib, text:GLOB, tfds:NAME or tokens:DIR (a directory "
+               "prepared by python -m moejax.data.prepare).",
     "data_dir": "tensorflow-datasets data directory.",
+    "tokenizer": "bytes, a SentencePiece .model or a tokenizers .json file "
+                 "(None: bytes, or for tokens:DIR the shards' own). The "
+                 "model's vocabulary follows it, padded to a multiple of 128.",
+    "packing": "Packed token data (tokens:DIR, or a tokenizer other than "
+               "bytes): attention stays inside each document.",
     "seed": "Random seed (params, data order, routing).",
     "mesh": "Mesh, e.g. data:2,expert:4 (None: all devices on data).",
     "num_devices": "Use the first n devices (None = all).",
@@ -133,7 +139,8 @@ HELP_GROUPS = {
               *LM_MODEL_FLAGS),
     "routing": ("router", "k", "k_min", "k_max", "max_k", *ROUTER_FLAGS,
                 *(n for n in MOE_FLAGS if n != "expert_parallel")),
-    "data": ("dataset", "data_dir", "seq_len", "batch_size"),
+    "data": ("dataset", "data_dir", "tokenizer", "packing", "seq_len",
+             "batch_size"),
     "training": ("steps", "learning_rate", "warmup_steps", "seed",
                  "log_every", "eval_every", "eval_batches", "checkpoint_every",
                  "keep_checkpoints", "max_bad_steps", "sample_tokens",

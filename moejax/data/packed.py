@@ -263,6 +263,8 @@ class TokenData(BatchedData):
       raise ValueError(f"batch index must be >= 0, got {index}")
     return int(index) * self._batch_size
 
+  reads_rows = True  # `batch(index, rows=(lo, hi))` reads those rows alone
+
   def batch(self, index: int, rows: tuple[int, int] | None = None
             ) -> dict[str, np.ndarray]:
     """Train batch number `index` (>= 0), a pure function of (data, seed,

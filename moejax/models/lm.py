@@ -135,10 +135,15 @@ class TransformerLM(nn.Module):
   def __call__(self, tokens: jax.Array, *, train: bool = False,
                positions: jax.Array | None = None,
                mod_routing: str = "top_c", kv=None, skip: str = "cond",
-               hidden: bool = False):
+               hidden: bool = False,
+               segment_ids: jax.Array | None = None):
     """`mod_routing` picks the routed blocks' selection: "top_c" (training),
     "causal" (the config's `mod_causal` decisions, as in sampling),
     "predictor" or "router"; see `moejax.nn.mod.MoDBlock`.
+
+    `segment_ids` int32[B, L] (packed documents, e.g. with `positions` reset
+    per document): attention stays inside each segment; None = one sequence
+    per row.
 
     With `kv` (from `init_cache`) it decodes (see `decode`, which sets
     `positions` and a causal `mod_routing`; `skip` as in `MoDBlock`) and
@@ -159,7 +164,7 @@ class TransformerLM(nn.Module):
                      name="embed")
     x = embed(tokens)
 
-    def layer(module, x, positions, layer_kv, i):
+    def layer(module, x, positions, layer_kv, i, segment_ids):
       """Block i: (x, MoD decisions or None, the block's new kv or None)."""
       del module  # the blocks are created in this module's scope
       moe = cfg.moe if cfg.is_moe_layer(i) else None
@@ -167,12 +172,12 @@ class TransformerLM(nn.Module):
         out = MoDBlock(cfg.mod_config, cfg.num_heads, cfg.d_ff, moe,
                        dtype=dtype, name=f"layers_{i}")(
                            x, positions, train=train, routing=mod_routing,
-                           kv=layer_kv, skip=skip)
+                           kv=layer_kv, skip=skip, segment_ids=segment_ids)
         return out if kv is not None else (*out, None)
       x, layer_kv = Block(
           cfg.num_heads, cfg.d_ff, moe, dtype=dtype, name=f"layers_{i}",
           recompute_attention=policy == "recompute_attention")(
-              x, positions, train=train, kv=layer_kv)
+              x, positions, train=train, kv=layer_kv, segment_ids=segment_ids)
       return x, None, layer_kv
 
     policy = "block" if cfg.remat is True else cfg.remat
@@ -181,7 +186,8 @@ class TransformerLM(nn.Module):
     for i in range(cfg.num_layers):
       x = sharding.constrain(x, sharding.ACT_BLD)  # block boundary [B, L, D]
       x, chosen, layer_kv = layer(self, x, positions,
-                                  None if kv is None else kv[i], i)
+                                  None if kv is None else kv[i], i,
+                                  segment_ids)
       if cfg.is_mod_layer(i):
         decisions.append(chosen)
       new_kv.append(layer_kv)

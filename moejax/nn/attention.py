@@ -12,6 +12,11 @@ Positions are explicit (`int32[B, L]`): RoPE and the causal mask use each token'
 true position, so a routed block that runs on a gathered subset of tokens (MoD)
 attends exactly as the full sequence would among those tokens.
 
+Packed rows (several documents in one row) pass `segment_ids` int32[B, L]:
+a query sees only keys of its own segment (and, causal, at positions <= its
+own), so attention never crosses documents. None = one segment per row
+(today's behaviour exactly).
+
 Cached decoding passes a key/value cache `kv` (`init_kv`):
 `{"k": float[B, H, T, K], "v": float[B, H, T, K], "pos": int32[B, T]}` (heads
 major, so that the per-step attention products need no transposed copy of the
@@ -47,6 +52,12 @@ def rope(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array
 def causal_mask(q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
   """bool[B, 1, L, T]: query at position p sees keys at positions <= p."""
   return (k_positions[:, None, :] <= q_positions[:, :, None])[:, None]
+
+
+def segment_mask(q_segments: jax.Array, k_segments: jax.Array) -> jax.Array:
+  """bool[B, 1, L, T]: query sees keys of its own segment (int32[B, L] and
+  int32[B, T] segment ids)."""
+  return (k_segments[:, None, :] == q_segments[:, :, None])[:, None]
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
@@ -145,6 +156,8 @@ class Attention(nn.Module):
   `causal=False` lets every query see every key (encoders, DiT; no cache).
   `recompute`: the backward pass recomputes the attention scores instead of
   keeping them (see `attend`).
+  `segment_ids` int32[B, L] (packed documents; no cache) restricts every
+  query to the keys of its own segment.
   """
   num_heads: int
   dtype: Any = jnp.float32
@@ -154,7 +167,8 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, kv=None,
-               kv_mask: jax.Array | None = None):
+               kv_mask: jax.Array | None = None,
+               segment_ids: jax.Array | None = None):
     width = x.shape[-1]
     head = width // self.num_heads
 
@@ -170,6 +184,9 @@ class Attention(nn.Module):
     v = proj("value", (self.num_heads, head), -1, qkv_names)(x)
     q, k = rope(q, positions), rope(k, positions)
     if kv is not None:
+      if segment_ids is not None:
+        raise ValueError("segment_ids with a kv cache is not supported; cached "
+                         "decoding runs one document per row")
       if not self.causal:
         raise ValueError("causal=False attention has no cached decoding; "
                          "allowed: kv=None")
@@ -180,6 +197,8 @@ class Attention(nn.Module):
       mask = causal_mask(positions, positions)
       if not self.causal:  # every query sees every key
         mask = jnp.ones_like(mask)
+      if segment_ids is not None:
+        mask = mask & segment_mask(segment_ids, segment_ids)
       out = attend(q, k, v, mask, recompute=self.recompute)
     out = proj("out", width, (-2, -1), ("heads", "kv", "embed"))(out)
     return out, kv

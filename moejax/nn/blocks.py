@@ -107,11 +107,13 @@ class Block(BlockBase):
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, *, train: bool,
-               kv=None, kv_mask: jax.Array | None = None):
+               kv=None, kv_mask: jax.Array | None = None,
+               segment_ids: jax.Array | None = None):
     """Returns (x + Δ or Δ, the updated cache or None without `kv`).
 
     `kv` / `kv_mask` (bool[B, L], the tokens whose keys/values are stored):
-    cached decoding, evaluation only (see `Attention`).
+    cached decoding, evaluation only (see `Attention`). `segment_ids`
+    int32[B, L]: attention stays inside each segment (packed documents).
     """
     if kv is not None and train:
       raise ValueError("train=True with a kv cache is not supported; cached "
@@ -119,7 +121,7 @@ class Block(BlockBase):
     h, kv = Attention(self.num_heads, self.dtype, self.param_dtype,
                       recompute=self.recompute_attention, name="attn")(
         nn.RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype,
-                   name="attn_norm")(x), positions, kv, kv_mask)
+                   name="attn_norm")(x), positions, kv, kv_mask, segment_ids)
     y = x + h
     z = nn.RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype,
                    name="mlp_norm")(y)

@@ -193,11 +193,14 @@ class MoDBlock(BlockBase, _MoDConfigField):
   With `kv` (the wrapped block's cache; evaluation with a causal `routing`
   only) it decodes and returns (x', chosen, updated kv); `skip` is "cond" or
   "mask" (see the module docstring). Nothing is sown then.
+  `segment_ids` int32[B, L] (packed documents, no cache): the chosen tokens
+  attend only within their own segment (the top-C choice is per row).
   """
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, *, train: bool,
-               routing: str = "top_c", kv=None, skip: str = "cond"):
+               routing: str = "top_c", kv=None, skip: str = "cond",
+               segment_ids: jax.Array | None = None):
     cfg = self.config
     check_choice("routing", routing, ROUTINGS)
     if routing == "causal":
@@ -234,7 +237,9 @@ class MoDBlock(BlockBase, _MoDConfigField):
     xs = jax.vmap(lambda p, xb: p.dispatch(xb)[0])(plan, x)        # [B, C, D]
     slot_pos = jnp.take_along_axis(positions, plan.token_index[:, 0], axis=1)
     slot_pos = jnp.where(plan.slot_valid[:, 0], slot_pos, PAD_POSITION)
-    delta, _ = self._block()(xs, slot_pos, train=train)
+    slot_seg = None if segment_ids is None else jnp.take_along_axis(
+        segment_ids, plan.token_index[:, 0], axis=1)
+    delta, _ = self._block()(xs, slot_pos, train=train, segment_ids=slot_seg)
     update = jax.vmap(lambda p, d: p.combine(d[None]))(plan, delta)  # [B, L, D]
 
     # Causal routing: BCE of the router (A) and of the predictor (B).

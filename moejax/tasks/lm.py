@@ -1,4 +1,4 @@
-"""The language-model task: a routed Transformer LM on byte-level text.
+"""The language-model task: a routed Transformer LM on text.
 
 Axis legend:
   B  batch
@@ -7,10 +7,20 @@ Axis legend:
 `TrainConfig` is one LM run (its defaults are the defaults of
 `experiments/train_lm.py`); `LMTask` gives the loop (`moejax.train.loop`) the
 model, data, the cross-entropy eval, the final greedy sample and the plot.
+
+The tokenizer: ``bytes`` by default (byte tokens of `LMData`, vocabulary 256),
+else a SentencePiece or `tokenizers` file, and for ``tokens:DIR`` the one the
+shards were made with (`moejax.data.tokenizers`). The model's vocabulary
+follows it: `LMConfig.vocab_size` left at 256 becomes the tokenizer's
+vocabulary padded up to a multiple of 128 (`resolve_vocab`); any other value
+is kept and must hold the tokenizer's ids. A run records its data in
+``WORKDIR/data.json`` (and a copy of the tokenizer file next to it), and a
+resumed run must read the same prepared data with the same tokenizer.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -21,7 +31,12 @@ import numpy as np
 from moejax import flops as flops_lib
 from moejax import sharding
 from moejax.checks import check_positive_ints
-from moejax.data import get_lm_data
+from moejax.data import DataError, get_lm_data
+from moejax.data import shards as shard_lib
+from moejax.data.base import VOCAB_SIZE as BYTES_VOCAB
+from moejax.data.tokenizers import (BYTES, Tokenizer, check_model_vocab,
+                                    copy_tokenizer, load_tokenizer,
+                                    model_vocab_size)
 from moejax.models.lm import LMConfig, TransformerLM
 from moejax.sample import sample
 from moejax.train import metrics as metrics_lib
@@ -37,8 +52,14 @@ class TrainConfig:
   Attributes:
     model: the `LMConfig`.
     optim: optimizer and learning-rate schedule.
-    dataset: `stdlib`, `text:GLOB` or `tfds:NAME`.
+    dataset: `stdlib`, `text:GLOB`, `tfds:NAME` or `tokens:DIR` (prepared
+      by `python -m moejax.data.prepare`).
     data_dir: tensorflow-datasets directory.
+    tokenizer: ``bytes``, a SentencePiece ``.model`` or a tokenizers ``.json``
+      file; None: bytes, or for ``tokens:DIR`` the shards' own.
+    packing: packed token data (``tokens:DIR`` or a tokenizer other than
+      bytes): attention stays inside each document (segment ids) and
+      positions restart at each document; False: plain windows.
     batch_size: global batch B (a multiple of the data * expert mesh size).
     seq_len: L (<= model.max_len).
     steps: training steps.
@@ -60,6 +81,8 @@ class TrainConfig:
   optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
   dataset: str = "stdlib"
   data_dir: str | None = None
+  tokenizer: str | None = None
+  packing: bool = True
   batch_size: int = 16
   seq_len: int = 128
   steps: int = 500
@@ -91,13 +114,63 @@ class TrainConfig:
   def task(self) -> LMTask:
     return LMTask(self)
 
+  @property
+  def packed(self) -> bool:
+    """Whether the data is packed token data (`moejax.data.packed`)."""
+    return (self.dataset.strip().startswith("tokens:")
+            or self.tokenizer not in (None, BYTES))
+
+
+def run_tokenizer(cfg: TrainConfig) -> Tokenizer:
+  """The run's tokenizer: `cfg.tokenizer`, and for ``tokens:DIR`` (where
+  None means the shards' own) checked against the shards.
+
+  Raises:
+    DataError: a missing or unreadable tokenizer file or prepared directory,
+      shards made with another tokenizer.
+  """
+  if cfg.dataset.strip().startswith("tokens:"):
+    directory = os.path.expanduser(cfg.dataset.strip()[len("tokens:"):])
+    manifest = shard_lib.load_manifest(directory)
+    return shard_lib.resolve_tokenizer(directory, manifest, cfg.tokenizer)
+  return load_tokenizer(cfg.tokenizer)
+
+
+def resolve_vocab(cfg: TrainConfig, tokenizer: Tokenizer) -> TrainConfig:
+  """`cfg` with the model's vocabulary following the tokenizer: a
+  `vocab_size` of 256 (the default) becomes the tokenizer's padded to a
+  multiple of 128; another one is kept and checked.
+
+  Raises:
+    ValueError: the model's vocab_size is smaller than the tokenizer's.
+  """
+  if cfg.model.vocab_size == BYTES_VOCAB:
+    vocab = model_vocab_size(tokenizer.vocab_size)
+    if vocab != cfg.model.vocab_size:
+      return dataclasses.replace(
+          cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+    return cfg
+  check_model_vocab(tokenizer, cfg.model.vocab_size)
+  return cfg
+
+
+DATA_RECORD = "data.json"
+
 
 class LMTask(Task):
-  """Next-byte prediction: mean cross-entropy in nats per token."""
+  """Next-token prediction: mean cross-entropy in nats per token.
+
+  `config` is the run's config with the vocabulary resolved
+  (`resolve_vocab`); `tokenizer` the run's tokenizer.
+  """
   name = "train"
   rate_key = "tokens_per_s"
   loss_format = ".3f"
   config: TrainConfig
+
+  def __init__(self, config: TrainConfig):
+    self.tokenizer = run_tokenizer(config)
+    super().__init__(resolve_vocab(config, self.tokenizer))
 
   def build_model(self) -> nn.Module:
     return TransformerLM(self.config.model)
@@ -115,7 +188,43 @@ class LMTask(Task):
     cfg = self.config
     return get_lm_data(cfg.dataset, seq_len=cfg.seq_len,
                        batch_size=cfg.batch_size, seed=cfg.seed,
-                       data_dir=cfg.data_dir)
+                       data_dir=cfg.data_dir, tokenizer=cfg.tokenizer,
+                       packing=cfg.packing)
+
+  def start(self, workdir: str, data, resumed_from: int | None) -> None:
+    """Records the run's data in ``WORKDIR/data.json`` (with a copy of the
+    tokenizer file), or on resume checks that the prepared data and the
+    tokenizer are the ones the run started with."""
+    path = os.path.join(workdir, DATA_RECORD)
+    record = {"dataset": self.config.dataset,
+              "fingerprint": getattr(data, "fingerprint", None),
+              "tokenizer": self.tokenizer.spec,
+              "tokenizer_sha256": self.tokenizer.sha256,
+              "tokenizer_file": (
+                  BYTES if self.tokenizer.path is None else
+                  "tokenizer" + os.path.splitext(self.tokenizer.path)[1]),
+              "packing": bool(self.config.packed and self.config.packing),
+              "vocab_size": self.config.model.vocab_size}
+    if resumed_from is not None and os.path.isfile(path):
+      old = shard_lib.read_json(path)
+      if old.get("tokenizer_sha256") != record["tokenizer_sha256"]:
+        raise DataError(
+            f"workdir {workdir!r} was trained with tokenizer sha256 "
+            f"{old.get('tokenizer_sha256', '?')[:12]} ({old.get('tokenizer')})"
+            f", this run's is {self.tokenizer.short_hash} "
+            f"({self.tokenizer.spec}); resume with the same --tokenizer or "
+            "use a new --workdir")
+      if (record["dataset"].startswith("tokens:")
+          and old.get("fingerprint") != record["fingerprint"]):
+        raise DataError(
+            f"workdir {workdir!r} was trained on {old.get('dataset')} "
+            f"(manifest {old.get('fingerprint')}), this run reads "
+            f"{record['dataset']} (manifest {record['fingerprint']}); resume "
+            "on the same prepared data or use a new --workdir")
+    if sharding.is_main_process():
+      if self.tokenizer.path is not None:
+        copy_tokenizer(self.tokenizer, workdir)
+      shard_lib.write_json(path, record)
 
   def items_per_step(self) -> int:
     return self.config.batch_size * self.config.seq_len
@@ -133,26 +242,33 @@ class LMTask(Task):
 
   def outputs(self, model: nn.Module, state: TrainState, workdir: str
               ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """`sample`: the prompt and `sample_tokens` sampled bytes (UTF-8), and
-    `sample_note`: how it was sampled and from what model size."""
+    """`sample`: the prompt and `sample_tokens` sampled tokens (decoded by
+    the run's tokenizer), and `sample_note`: how it was sampled and from what
+    model size. Packed data's documents begin with EOS, so its prompt does
+    too."""
     del workdir
     cfg = self.config
     if not cfg.sample_tokens:
       return {}, {}
-    prompt = np.frombuffer(cfg.sample_prompt.encode(), np.uint8).astype(
-        np.int32)
+    tok = self.tokenizer
+    prompt = tok.encode(cfg.sample_prompt)
+    if cfg.packed:
+      prompt = np.concatenate([[tok.eos_id], prompt]).astype(np.int32)
     out = sample(model, state.params, state.router_state, prompt[None],
                  cfg.sample_tokens, temperature=cfg.temperature,
                  rng=jax.random.PRNGKey(cfg.seed))
+    ids = np.asarray(out[0])
+    ids = ids[ids < tok.vocab_size]  # padded vocabulary ids decode to nothing
     num_params = sum(int(np.prod(x.shape))
                      for x in jax.tree_util.tree_leaves(state.params))
     how = (f"temperature {cfg.temperature:g}" if cfg.temperature > 0
            else "greedy")
+    unit, kind = (("bytes", "byte-level") if tok.kind == BYTES else
+                  ("tokens", f"{tok.kind} ({tok.vocab_size} tokens)"))
     return {}, {
-        "sample": cfg.sample_prompt + bytes(
-            out[0].astype(np.uint8).tolist()).decode("utf-8", errors="replace"),
-        "sample_note": (f"{cfg.sample_tokens} bytes, {how}, from a "
-                        f"{num_params / 1e6:.2f}M-parameter byte-level model "
+        "sample": cfg.sample_prompt + tok.decode(ids),
+        "sample_note": (f"{cfg.sample_tokens} {unit}, {how}, from a "
+                        f"{num_params / 1e6:.2f}M-parameter {kind} model "
                         f"after {int(state.step)} steps")}
 
   def plot(self, records, path: str, target_fanout: float | None) -> str:

@@ -339,6 +339,17 @@ def train(run: Any, workdir: str, *,
   def put(batch):  # each process feeds its rows of the global batch
     return sharding.put_batch(batch, batch_sharding)
 
+  # Data that can read a process's rows alone (`rows=`) reads only those.
+  rows = (sharding.process_batch_rows(cfg.batch_size, batch_sharding)
+          if jax.process_count() > 1 and getattr(data, "reads_rows", False)
+          else None)
+
+  def train_batch(index):
+    if rows is None:
+      return put(data.batch(index))
+    return sharding.put_batch(data.batch(index, rows=rows), batch_sharding,
+                              local=True)
+
   with jax.set_mesh(mesh):
     state = build_state(task, model, mesh)
     checkpointer = ckpt_lib.Checkpointer(
@@ -350,6 +361,7 @@ def train(run: Any, workdir: str, *,
     state, resumed_from = checkpointer.restore_latest(state)
     if main:
       _save_config(cfg, workdir, resumed_from)
+    task.start(workdir, data, resumed_from)
     if resumed_from is not None:
       metrics_lib.truncate_after(metrics_path, resumed_from)
     elif os.path.exists(metrics_path):
@@ -380,7 +392,7 @@ def train(run: Any, workdir: str, *,
     try:
       for step in range(start, cfg.steps):
         profile.before(step + 1)
-        state, metrics = train_step(state, put(data.batch(data_index)))
+        state, metrics = train_step(state, train_batch(data_index))
         data_index += 1
         items_seen += task.items_per_step()
         throughput.add(task.items_per_step())

@@ -146,10 +146,12 @@ def make_loss_fn(model: nn.Module, train: bool):
   chunk = getattr(model.config, "loss_chunk", 0)
 
   def loss_fn(params, router_state, batch: Batch, rng):
+    # Packed batches carry segment ids and per-document positions.
     out, coll = model.apply(
         {"params": params, "router_state": router_state}, batch["inputs"],
         train=train, rngs={"router": rng}, mutable=["router"],
-        **({"hidden": True} if chunk else {}))
+        **({"hidden": True} if chunk else {}),
+        **{k: batch[k] for k in ("segment_ids", "positions") if k in batch})
     if chunk:
       ce_sum, count = chunked_cross_entropy(
           out, nn.meta.unbox(params["head"]["kernel"]), batch["targets"],

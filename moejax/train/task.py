@@ -67,6 +67,10 @@ class Task:
     """The data source: `.batch(i)` and `.eval_batches(n)` of numpy batches."""
     raise NotImplementedError
 
+  def start(self, workdir: str, data: Any, resumed_from: int | None) -> None:
+    """Called once the state is restored (`resumed_from`: the step, None on
+    a fresh run): record or check what the run depends on in `workdir`."""
+
   def items_per_step(self) -> int:
     """Items (tokens, images) of one training batch, for `rate_key`."""
     raise NotImplementedError
