@@ -69,6 +69,9 @@ def test_trained_tokenizers_round_trip(trained, kind):
   assert ids.size < 0.9 * len(code)  # it learnt merges
   np.testing.assert_array_equal(ids, tok.encode(code.decode()))
   assert tok_lib.model_vocab_size(tok.vocab_size) == 512
+  # ids of the padded model vocabulary decode to nothing
+  ids = tok.encode("x = 1")
+  assert tok.decode(np.concatenate([ids, [400, 511]])) == "x = 1"
 
 
 def test_model_vocab_size_pads_to_128():

@@ -92,8 +92,13 @@ class Tokenizer:
     raise NotImplementedError
 
   def decode(self, ids) -> str:
-    """Text of token ids int[N]."""
+    """Text of token ids int[N]; ids outside [0, V) (a padded model
+    vocabulary's) decode to nothing."""
     raise NotImplementedError
+
+  def _valid(self, ids) -> list[int]:
+    arr = np.asarray(ids).astype(np.int64).ravel()
+    return arr[(arr >= 0) & (arr < self.vocab_size)].tolist()
 
   def encode_documents(self, documents: Sequence[bytes]) -> list[np.ndarray]:
     """Token ids of raw documents (bytes; invalid UTF-8 becomes U+FFFD except
@@ -152,7 +157,7 @@ class SentencePieceTokenizer(Tokenizer):
     return np.asarray(self._sp.encode(text), np.int32)
 
   def decode(self, ids) -> str:
-    return self._sp.decode(np.asarray(ids).astype(int).tolist())
+    return self._sp.decode(self._valid(ids))
 
   def encode_documents(self, documents: Sequence[bytes]) -> list[np.ndarray]:
     texts = [d.decode("utf-8", errors="replace") for d in documents]
@@ -193,8 +198,7 @@ class HFTokenizer(Tokenizer):
                       np.int32)
 
   def decode(self, ids) -> str:
-    return self._tok.decode(np.asarray(ids).astype(int).tolist(),
-                            skip_special_tokens=False)
+    return self._tok.decode(self._valid(ids), skip_special_tokens=False)
 
   def encode_documents(self, documents: Sequence[bytes]) -> list[np.ndarray]:
     texts = [d.decode("utf-8", errors="replace") for d in documents]

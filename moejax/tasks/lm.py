@@ -198,7 +198,8 @@ class LMTask(Task):
     path = os.path.join(workdir, DATA_RECORD)
     record = {"dataset": self.config.dataset,
               "fingerprint": getattr(data, "fingerprint", None),
-              "tokenizer": self.tokenizer.spec,
+              "tokenizer": (BYTES if self.tokenizer.path is None else
+                            os.path.abspath(self.tokenizer.path)),
               "tokenizer_sha256": self.tokenizer.sha256,
               "tokenizer_file": (
                   BYTES if self.tokenizer.path is None else
