@@ -139,8 +139,7 @@ def ffn(plan: dispatch.Plan, x: jax.Array, weights: dict[str, jax.Array],
   Returns:
     float[S, D]: sum over each token's kept experts of gate * expert(x).
   """
-  if isinstance(plan, (dispatch.GatherPlan, dispatch.BlockPlan)) and (
-      plan.block_loop):  # CPU: the whole FFN in one loop over the row blocks
+  if plan.block_loop:  # CPU: the whole FFN in one loop over the row blocks
     act_fn, packed = packed_activation(activation)
     w_up = (weights[packed[0]] if len(packed) == 1 else
             jnp.concatenate([weights[name] for name in packed], axis=-1))

@@ -39,12 +39,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from moejax.dispatch.base import DROPLESS
 from moejax.models.lm import LMConfig
 from moejax.nn.moe import MoEConfig
 
-
-# Strategies that compute each kept assignment once (no capacity slots).
-DROPLESS = ("dropless", "sorted", "ragged")
+# `DROPLESS`: the strategies that compute each kept assignment once (no
+# capacity slots).
 
 
 def mlp_flops(d_model: int, width: int, activation: str = "swiglu") -> int:

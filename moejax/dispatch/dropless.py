@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.backend import use_loop_matmul
+from moejax.dispatch.base import Plan
 from moejax.dispatch.cpu import BLOCK_ROWS, RowBlocks
 from moejax.dispatch.kernels import gather_combine, gather_rows, grouped_matmul
 from moejax.dispatch.slots import (assignments, exclusive_cumsum,
@@ -30,7 +31,7 @@ from moejax.routing.base import Routing, take_rows
 
 
 @flax.struct.dataclass
-class DroplessPlan:
+class DroplessPlan(Plan):
   """Plan in the sorted-by-expert `[M, D]` layout ("dropless").
 
   Attributes:
@@ -87,7 +88,7 @@ def num_blocks(num_rows: int, num_experts: int, block_size: int) -> int:
 
 
 @flax.struct.dataclass
-class BlockPlan:
+class BlockPlan(Plan):
   """Dropless plan in the sorted-blocks `[R, D]` layout ("sorted").
 
   Rows are sorted by expert and each expert's rows padded to whole blocks of

@@ -56,24 +56,17 @@ All paths are jit-able with static shapes and no host synchronisation.
 from __future__ import annotations
 
 import math
-from typing import Union
 
 import jax
 import jax.numpy as jnp
 
 from moejax.backend import resolve_strategy
-from moejax.dispatch.dropless import (BlockPlan, DroplessPlan, block_plan,
-                                      dropless_plan)
-from moejax.dispatch.slots import GatherPlan, SlotPlan, gather_plan, slot_plan
+from moejax.dispatch.base import (DROPLESS, PLAN_STRATEGY, STRATEGIES, Plan,
+                                  Strategy)
+from moejax.dispatch.dropless import block_plan, dropless_plan
+from moejax.dispatch.slots import gather_plan, slot_plan
 # The capacity formula is the routing methods' (one definition, re-exported).
 from moejax.routing.base import Routing, capacity, check_int
-
-STRATEGIES = ("auto", "einsum", "index", "gather", "dropless", "sorted",
-              "ragged")
-# Strategies that ignore capacity and keep every assignment within max_fanout.
-DROPLESS = ("dropless", "sorted", "ragged")
-
-Plan = Union[SlotPlan, GatherPlan, BlockPlan, DroplessPlan]
 
 
 def ratio_capacity(num_tokens: int, ratio: float) -> int:
@@ -83,7 +76,8 @@ def ratio_capacity(num_tokens: int, ratio: float) -> int:
   return max(1, math.ceil(ratio * num_tokens))
 
 
-def plan(routing: Routing, capacity: int, *, strategy: str = "index",
+def plan(routing: Routing, capacity: int, *,
+         strategy: Strategy = PLAN_STRATEGY,
          max_fanout: int | None = None, block_size: int | None = None,
          num_groups: int = 1, expert_major: bool = False) -> Plan:
   """Builds a dispatch plan for one group.
@@ -92,7 +86,9 @@ def plan(routing: Routing, capacity: int, *, strategy: str = "index",
     routing: `Routing` with gates/priority float32[S, E].
     capacity: static integer C >= 1, slots per expert (see `capacity()`); ignored
       by the dropless strategies.
-    strategy: one of `STRATEGIES` (see the module docstring).
+    strategy: one of `STRATEGIES` (see the module docstring). The default,
+      "index" (`PLAN_STRATEGY`), is the public API's; the MoE layer's is
+      "auto" (`DEFAULT_STRATEGY`).
     max_fanout: static bound m on experts per token (the router's largest
       possible fanout; default E). The dropless strategies keep every
       assignment among each token's m largest gates; "gather" sizes its
@@ -110,7 +106,7 @@ def plan(routing: Routing, capacity: int, *, strategy: str = "index",
       instead of g * E + e; the same slots otherwise. Other strategies
       ignore it.
   Returns:
-    a plan pytree (`SlotPlan`, `GatherPlan`, `BlockPlan` or `DroplessPlan`).
+    a `Plan` pytree (`SlotPlan`, `GatherPlan`, `BlockPlan` or `DroplessPlan`).
   """
   if strategy not in STRATEGIES:
     raise ValueError(f"strategy={strategy!r} is not supported; allowed: "

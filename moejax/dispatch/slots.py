@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.backend import use_loop_matmul
+from moejax.dispatch.base import Plan
 from moejax.dispatch.cpu import BLOCK_ROWS, RowBlocks
 from moejax.dispatch.kernels import gather_combine, gather_rows, scatter_combine
 from moejax.routing.base import Routing, take_rows
@@ -49,7 +50,7 @@ def slot_ranks(routing: Routing) -> tuple[jax.Array, jax.Array]:
 
 
 @flax.struct.dataclass
-class SlotPlan:
+class SlotPlan(Plan):
   """Capacity-bounded plan in the `[E, C, D]` layout ("einsum" and "index").
 
   Attributes:
@@ -156,7 +157,7 @@ def slot_block_size(capacity_: int, target: int = BLOCK_ROWS) -> int:
 
 
 @flax.struct.dataclass
-class GatherPlan:
+class GatherPlan(Plan):
   """Capacity-bounded plan in the `[E, C, D]` layout ("gather").
 
   Same kept set and slots contents as "index" (each expert keeps its routed

@@ -58,7 +58,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+import typing
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -67,9 +68,10 @@ from jax.sharding import PartitionSpec as P
 from moejax import dispatch, experts, sharding
 from moejax.routing.base import Routing
 
-MODES = ("gspmd", "shard_map")
+Mode = Literal["gspmd", "shard_map"]
+MODES: tuple[str, ...] = typing.get_args(Mode)
 # Strategies whose plans use the capacity-bounded [E, C, D] layout.
-SLOT_STRATEGIES = ("einsum", "index", "gather")
+SLOT_STRATEGIES = dispatch.SLOT_STRATEGIES
 
 
 def _flat(routing: Routing) -> Routing:
@@ -158,9 +160,10 @@ def _one_device() -> bool:
 
 
 def routed_experts(routing: Routing, x: jax.Array, weights: dict[str, jax.Array],
-                   *, capacity: int, strategy: str = "index",
+                   *, capacity: int,
+                   strategy: dispatch.Strategy = dispatch.DEFAULT_STRATEGY,
                    max_fanout: int | None = None, activation: str = "swiglu",
-                   mode: str = "gspmd", remat: bool = False
+                   mode: Mode = "gspmd", remat: bool = False
                    ) -> tuple[jax.Array, jax.Array]:
   """All groups through their routed experts.
 
@@ -169,10 +172,11 @@ def routed_experts(routing: Routing, x: jax.Array, weights: dict[str, jax.Array]
     x: float[G, S, D] tokens.
     weights: expert weights (see `moejax.experts`).
     capacity: static C (slots per expert and group).
-    strategy: a `dispatch.STRATEGIES` name ("auto": the backend's choice,
-      `dispatch.choose_strategy`); slot strategies ("einsum", "index",
-      "gather") use the [G, E, C, D] buffers, the dropless ones
-      ("dropless", "sorted", "ragged") their own layouts (see above).
+    strategy: a `dispatch.STRATEGIES` name (default "auto"), resolved once
+      here (`dispatch.resolve_strategy`: "auto" is the backend's slot
+      strategy, "dropless" its rows strategy); slot strategies ("einsum",
+      "index", "gather") use the [G, E, C, D] buffers, the dropless ones
+      ("sorted", "ragged") their own layouts (see above).
     max_fanout: the router's static fanout bound (dropless layouts, "gather").
     activation: "swiglu" or "gelu".
     mode: "gspmd" or "shard_map" (see the module docstring).
@@ -184,17 +188,17 @@ def routed_experts(routing: Routing, x: jax.Array, weights: dict[str, jax.Array]
   if mode not in MODES:
     raise ValueError(f"expert_parallel={mode!r} is not supported; allowed: "
                      f"{', '.join(MODES)}")
-  strategy = dispatch.choose_strategy(strategy)  # "auto" -> the backend's
+  # "auto" -> the backend's slot strategy, "dropless" -> its rows strategy.
+  strategy = dispatch.resolve_strategy(strategy)
   if mode == "shard_map":
     return _shard_map_experts(routing, x, weights, capacity=capacity,
                               strategy=strategy, max_fanout=max_fanout,
                               activation=activation)
-  resolved = dispatch.resolve_strategy(strategy)
   num_groups, num_tokens, num_experts = routing.gates.shape
   shards = _batch_shards(num_groups)
-  if resolved == "ragged" or (resolved in ("gather", "sorted") and
+  if strategy == "ragged" or (strategy in ("gather", "sorted") and
                               _one_device()) or (
-                                  resolved == "sorted" and shards is None):
+                                  strategy == "sorted" and shards is None):
     # One plan over all G * S tokens: on one device nothing is sharded
     # ("gather" keeps capacity per group; the fused CPU block loop of
     # `experts.ffn`); the dropless layouts have no capacity, so groups do not
@@ -204,7 +208,7 @@ def routed_experts(routing: Routing, x: jax.Array, weights: dict[str, jax.Array]
         _flat(routing), capacity, strategy=strategy, max_fanout=max_fanout,
         num_groups=num_groups if strategy == "gather" else 1)
     y = experts.ffn(plan, x.reshape(-1, x.shape[-1]), weights, activation,
-                    remat=remat and resolved != "ragged")
+                    remat=remat and strategy != "ragged")
     return (y.reshape(x.shape),
             plan.kept.reshape(num_groups, num_tokens, num_experts))
   sizes = dict(sharding.current_mesh().shape) if shards else {}

@@ -146,7 +146,9 @@ def mod_routing(logits: jax.Array, chosen: jax.Array, score: str) -> Routing:
 
 def gather_plan(routing: Routing, capacity: int):
   """Per sequence, the dispatch plan of the chosen tokens (vmapped over B)."""
-  return jax.vmap(lambda r: dispatch.plan(r, capacity, strategy="index"))(
+  # PLAN_STRATEGY ("index"): a SlotPlan, whose token_index gives positions.
+  return jax.vmap(lambda r: dispatch.plan(r, capacity,
+                                          strategy=dispatch.PLAN_STRATEGY))(
       routing)
 
 

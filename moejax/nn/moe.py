@@ -77,14 +77,14 @@ class MoEConfig:
   shared_width: int | None = None
   capacity_factor: float = 1.25
   eval_capacity_factor: float = 2.0
-  strategy: str = "auto"
+  strategy: dispatch.Strategy = dispatch.DEFAULT_STRATEGY
   group_size: int | None = None
   activation: str = "swiglu"
   load_balance_weight: float | None = None
   z_loss_weight: float | None = None
   entropy_weight: float | None = None
   router_init_scale: float = 0.1
-  expert_parallel: str = "gspmd"
+  expert_parallel: expert_parallel.Mode = "gspmd"
   num_noop_experts: int = 0
   remat: bool = False
 
