@@ -303,6 +303,9 @@ class RouterMethod:
   # (other name, option, value) triples that `build` reads as this method,
   # e.g. ("top_k", "balance", "loss_free") for loss-free top-k.
   aliases: ClassVar[tuple[tuple[str, str, Any], ...]] = ()
+  # The metric each layer's controller (`self.controller`) reads in the
+  # default `update`; None = no per-layer controller.
+  controller_metric: ClassVar[str | None] = None
   # Default aux-loss weights (load_balance, z_loss, entropy) of the method.
   aux_weights: ClassVar[Mapping[str, float]] = {
       "load_balance": 1e-2, "z_loss": 1e-3, "entropy": 0.0}
@@ -375,13 +378,22 @@ class RouterMethod:
              step: jax.Array) -> dict[Path, Any]:
     """New controller states after a training step.
 
+    The default: with `controller_metric` set, each layer's state is
+    `self.controller.update(state, that layer's metrics[controller_metric])`;
+    else the states are unchanged.
+
     Args:
       states: {layer path: that layer's state} for every routed layer.
       metrics: {layer path: that layer's metrics, reduced over the global batch}.
       step: int32[] the step just taken (0-based).
     """
-    del metrics, step
-    return dict(states)
+    del step
+    if self.controller_metric is None:
+      return dict(states)
+    ctrl = self.controller
+    return {path: ctrl.update(states[path],
+                              metrics[path][self.controller_metric])
+            for path in states}
 
   def state_metrics(self, states: Mapping[Path, Any]) -> dict[str, jax.Array]:
     """Scalars worth logging from the controller states (e.g. the current p)."""

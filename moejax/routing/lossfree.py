@@ -131,6 +131,7 @@ class LossFreeTopK(RouterMethod):
       ("top_k", "balance", "loss_free"),)
   aux_weights: ClassVar[Mapping[str, float]] = {
       "load_balance": 0.0, "z_loss": 1e-3, "entropy": 0.0}
+  controller_metric: ClassVar[str] = "expert_load"  # `update`: a sign step
   normalize: bool = True
   bias_update_rate: float = 1e-3
   score_fn: ScoreFn = "softmax"
@@ -155,11 +156,6 @@ class LossFreeTopK(RouterMethod):
     del rng, train
     return biased_top_k(logits, self.k, state.get("bias") if state else None,
                         score_fn=self.score_fn, normalize=self.normalize)
-
-  def update(self, states, metrics, step):
-    ctrl = self.controller
-    return {path: ctrl.update(states[path], metrics[path]["expert_load"])
-            for path in states}
 
   def state_metrics(self, states):
     if not states:

@@ -289,6 +289,9 @@ class ExpertThreshold(RouterMethod):
   aux_weights: ClassVar = {"load_balance": 0.0, "z_loss": 0.0, "entropy": 0.0}
   default_num_shared: ClassVar[int] = 1
   causal_eval: ClassVar[bool] = True
+  # `update`: each layer's EMA from its cutoffs (the step is not needed: the
+  # state's own count says where warm-up ends).
+  controller_metric: ClassVar[str] = "et_cutoff"
 
   et_warmup_steps: int = 100
   et_beta: float = 0.999
@@ -355,12 +358,6 @@ class ExpertThreshold(RouterMethod):
              "et_bound_high": jnp.mean(n_pass > high).astype(jnp.float32)}
     out.metrics.update(_broadcast(extra, num_groups))
     return out
-
-  def update(self, states, metrics, step):
-    del step  # the state's own count says where warm-up ends
-    ctrl = self.controller
-    return {path: ctrl.update(states[path], metrics[path]["et_cutoff"])
-            for path in states}
 
   def state_metrics(self, states):
     if not states:
