@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 from absl import app, flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moejax.experiment import timing
 from moejax.routing import threshold  # noqa: E402
 
 flags.DEFINE_string("out", "experiments/reports/bench_cutoff.json", "JSON path.")
@@ -34,13 +34,8 @@ SIZES = [(2048, 8, 2), (4096, 16, 4), (16384, 64, 8)]
 
 
 def timeit(fn, *args, repeats):
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return 1e3 * float(np.median(times))
+  """Median milliseconds per call."""
+  return 1e3 * float(np.median(timing.time_calls(fn, *args, repeats=repeats)))
 
 
 def forms(k):

@@ -211,13 +211,8 @@ def with_router(cfg, method):
 def parse_runs(text: str, batch_tokens: int) -> list[experiment.RunSpec]:
   """`--runs`; values parsed by their flags' parsers, `BATCH` = batch tokens."""
 
-  def value(key, text):
-    if key not in FLAGS:
-      raise ValueError(f"unknown flag {key!r}")
-    return FLAGS[key].parser.parse(str(batch_tokens) if text == "BATCH"
-                                   else text)
-
-  return experiment.parse_runs(text, value_parser=value)
+  return experiment.parse_runs(text, value_parser=experiment.flag_parser(
+      FLAGS, substitute={"BATCH": str(batch_tokens)}))
 
 
 def run_one(label: str, router: str, options: dict, seed: int,

@@ -91,18 +91,6 @@ def settling(steps, values, target: float, band: float) -> dict[str, Any]:
           "max_dev_second_half": max(second) if second else None}
 
 
-def tail_mean(history, key: str, fraction: float = 0.25):
-  """Mean of a logged metric (scalar or per-layer list) over the last fraction
-  of the training records."""
-  rows = [r[key] for r in history if key in r and "loss" in r]
-  if not rows:
-    return None
-  rows = rows[-max(1, int(math.ceil(len(rows) * fraction))):]
-  if isinstance(rows[0], list):
-    return [sum(c) / len(c) for c in zip(*rows)]
-  return sum(rows) / len(rows)
-
-
 def router_params_per_layer(params, method, num_experts: int) -> dict[str, Any]:
   """{param name: {layer path: value}} for the method's `router_params`."""
   import flax.traverse_util
@@ -166,10 +154,10 @@ def run_one(spec: RunSpec, seed: int, base: dict[str, Any], workroot: str,
       "router_params": router_params_per_layer(
           state.params, method, moe.num_experts if moe else 0),
       "controller_state": controller,
-      "tail": {k: tail_mean(history, k) for k in (
+      "tail": {k: experiment.tail_mean(history, k) for k in (
           "experts_per_token", "fanout_std", "layer_fanout", "drop_fraction",
           "drop_fraction_above_mean", "p", "p_layer", "gamma", "max_vio",
-          "top_p_capped") if tail_mean(history, k) is not None},
+          "top_p_capped") if experiment.tail_mean(history, k) is not None},
       "history": history,
   }
   if target is not None and train_rows:
@@ -420,13 +408,8 @@ def parse_run_specs(text: str) -> list[RunSpec]:
   """`--runs`: every option must be a training flag; values parsed by its
   parser. Raises ValueError naming the spec and the unknown flag."""
 
-  def value(key, raw):
-    if key not in FLAGS or key in OWN_FLAGS:
-      raise ValueError(f"unknown flag {key!r}; allowed: the flags of "
-                       "experiments/train_lm.py")
-    return FLAGS[key].parser.parse(raw)
-
-  return parse_runs(text, value_parser=value)
+  return parse_runs(text, value_parser=experiment.flag_parser(
+      FLAGS, exclude=OWN_FLAGS))
 
 
 def main(argv):

@@ -70,15 +70,6 @@ def train_records(metrics_path: str) -> list[dict]:
   return [r for r in rows if "loss" in r] or [{}]
 
 
-def tail_mean(records: list[dict], key: str, fraction: float = 0.25):
-  """Mean of a scalar training metric over the last fraction of the records."""
-  values = [r[key] for r in records if isinstance(r.get(key), (int, float))]
-  if not values:
-    return None
-  values = values[-max(1, int(len(values) * fraction)):]
-  return sum(values) / len(values)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -125,7 +116,7 @@ def main(argv):
           record[f"train_{key}"] = last[key]
       # Training-capacity drops and balance, last 25% of the logged steps.
       for key in ("drop_fraction", "max_vio"):
-        value = tail_mean(history, key)
+        value = experiment.tail_mean(history, key, round_up=False)
         if value is not None:
           record[f"train_{key}_last25"] = value
       results.append(record)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +77,24 @@ def parse_runs(text: str, *, value_parser: Optional[Callable[[str, str], Any]]
   if not specs:
     raise ValueError("runs is empty; give at least one run spec")
   return specs
+
+
+def flag_parser(flag_values: Any, *, exclude: Iterable[str] = (),
+                substitute: Optional[Mapping[str, str]] = None
+                ) -> Callable[[str, str], Any]:
+  """A `parse_runs` value parser: each option must be a flag of
+  `flag_values` (absl `FlagValues`; not one of `exclude`, e.g. the driver's
+  own flags) and its value is parsed by that flag's parser, after replacing a
+  value equal to a key of `substitute` (e.g. `{"BATCH": "4096"}`)."""
+  exclude = frozenset(exclude)
+  substitute = dict(substitute or {})
+
+  def value(key: str, text: str) -> Any:
+    if key not in flag_values or key in exclude:
+      raise ValueError(f"unknown flag {key!r}; allowed: the flags of "
+                       "experiments/train_lm.py")
+    return flag_values[key].parser.parse(substitute.get(text, text))
+  return value
 
 
 def parse_seeds(text: str) -> list[int]:

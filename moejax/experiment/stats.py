@@ -76,3 +76,21 @@ def by_seed(records: Iterable[Mapping[str, Any]], key: str,
             seed_key: str = "seed") -> dict[Any, Optional[float]]:
   """{seed: record[key]} of the records of one run."""
   return {r[seed_key]: r.get(key) for r in records}
+
+
+def tail_mean(records: Iterable[Mapping[str, Any]], key: str,
+              fraction: float = 0.25, *, round_up: bool = True) -> Any:
+  """Mean of a logged training metric over the last `fraction` of the
+  training records (those with a "loss") that hold it: a scalar, or per
+  position for a per-layer list. The count of records is rounded up (or down
+  with `round_up=False`), at least 1. None where no record holds the metric.
+  """
+  rows = [r[key] for r in records if "loss" in r
+          and isinstance(r.get(key), (int, float, list))]
+  if not rows:
+    return None
+  count = len(rows) * fraction
+  rows = rows[-max(1, int(math.ceil(count) if round_up else count)):]
+  if isinstance(rows[0], list):
+    return [sum(c) / len(c) for c in zip(*rows)]
+  return sum(rows) / len(rows)
