@@ -133,7 +133,8 @@ print('d(m . c)/dr  custom VJP', np.round(grad, 5)); print('             Cov(z) 
 from moejax.routing import ExactK, TopK, DynamicK
 from moejax.models import LMConfig
 from moejax.nn import MoEConfig
-from moejax.train import OptimConfig, TrainConfig, train
+from moejax.tasks.lm import TrainConfig
+from moejax.train import OptimConfig, train
 from moejax.train.metrics import read_jsonl
 import tempfile
 def config(router):

@@ -140,7 +140,8 @@ print('token 5 routing unchanged:', bool(jnp.array_equal(a, b)))
 import tempfile
 from moejax.models import LMConfig
 from moejax.nn import MoEConfig
-from moejax.train.loop import TrainConfig, train
+from moejax.tasks.lm import TrainConfig
+from moejax.train.loop import train
 from moejax.train.state import OptimConfig
 from moejax.train.step import router_states
 

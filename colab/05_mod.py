@@ -82,7 +82,8 @@ for name, kw in [("tiny", dict(num_layers=4, d_model=128, num_heads=4, d_ff=512,
 # steps only: the numbers are illustrative; see `experiments/reports/mod.md`.)
 
 # %%
-from moejax.train.loop import TrainConfig, train
+from moejax.tasks.lm import TrainConfig
+from moejax.train.loop import train
 from moejax.train.state import OptimConfig
 from moejax.train.metrics import read_jsonl
 model_cfg = LMConfig(num_layers=2, d_model=64, num_heads=4, d_ff=128, max_len=64,

@@ -48,7 +48,7 @@ def build_config(preset_name, batch_size, num_layers, mode):
   from moejax import configs, routing
   from moejax.models.lm import LMConfig
   from moejax.nn.moe import MoEConfig
-  from moejax.train.loop import TrainConfig
+  from moejax.tasks.lm import TrainConfig
   from moejax.train.state import OptimConfig
   pre = configs.preset(preset_name)
   moe = MoEConfig(num_experts=pre["num_experts"],

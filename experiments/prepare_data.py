@@ -7,7 +7,9 @@ The same as `python -m moejax.data.prepare`; see `moejax.data.prepare`.
 """
 from __future__ import annotations
 
+from moejax.cli import app
 from moejax.data import prepare
 
 if __name__ == "__main__":
-  prepare.main()
+  prepare.define_flags()
+  app.run(prepare.run, prepare.__doc__, prepare.HELP_GROUPS)

@@ -44,8 +44,9 @@ from moejax import dispatch
 from moejax import flops as flops_lib
 from moejax import sharding
 from moejax.models.lm import TransformerLM
+from moejax.tasks.lm import TrainConfig
 from moejax.train import loop
-from moejax.train.loop import TrainConfig, init_state, state_shardings
+from moejax.train.loop import init_state, state_shardings
 
 
 def abstract_state(cfg: TrainConfig, mesh) -> Any:

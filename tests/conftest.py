@@ -48,7 +48,8 @@ def train_and_resume(tmp_path):
   """
 
   def run(model):
-    from moejax.train.loop import TrainConfig, train
+    from moejax.tasks.lm import TrainConfig
+    from moejax.train.loop import train
     from moejax.train.state import OptimConfig
     cfg = TrainConfig(
         model=model,

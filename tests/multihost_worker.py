@@ -20,7 +20,7 @@ def tiny_config(data: str, steps: int, mesh: str | None,
   from moejax import routing
   from moejax.models.lm import LMConfig
   from moejax.nn.moe import MoEConfig
-  from moejax.train.loop import TrainConfig
+  from moejax.tasks.lm import TrainConfig
   from moejax.train.state import OptimConfig
   moe = MoEConfig(num_experts=8, expert_width=16,
                   router=routing.build("top_k", {"k": 2}),

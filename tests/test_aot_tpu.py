@@ -16,7 +16,7 @@ import pytest
 from moejax import aot, dispatch, routing
 from moejax.models.lm import LMConfig, TransformerLM
 from moejax.nn.moe import MoEConfig
-from moejax.train.loop import TrainConfig
+from moejax.tasks.lm import TrainConfig
 from subprocess_env import one_device_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -132,6 +132,7 @@ def test_small_moe_step_compiles_for_a_v5e_2x2_slice():
   assert est["step_s"] > 0 and 0 < est["mfu"] <= 1
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip "
                     "install -e '.[tpu]'): no TPU topology to compile for")
 def test_moe_mesh_paths_cost_a_chip_what_the_single_chip_path_does(tmp_path):

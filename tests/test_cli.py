@@ -18,6 +18,7 @@ def run(*args, timeout=600, script=SCRIPT):
                         text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,needle", [
     (["--k=9"], "k=9 is larger than num_experts=8"),
     (["--p=1.5"], "p=1.5 is out of range; allowed: (0, 1]"),
@@ -50,6 +51,7 @@ def test_bad_input_fails_fast_with_clear_message(args, needle, tmp_path):
   assert "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["train_lm.py", "train_dit.py"])
 def test_help_lists_the_project_flags_by_group(script):
   out = run("--help", timeout=120,
@@ -85,6 +87,7 @@ def test_help_lists_the_project_flags_by_group(script):
   assert lm_only == (script == "train_lm.py")
 
 
+@pytest.mark.slow
 def test_effective_routing_is_printed_first(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("")
@@ -96,6 +99,7 @@ def test_effective_routing_is_printed_first(tmp_path):
       f"error: workdir='{blocker}' is not a directory ('{blocker}' is a file)")
 
 
+@pytest.mark.slow
 def test_config_file_then_overrides_then_flags(tmp_path):
   """--config (a YAML file), then the dotted overrides, then the flat flags:
   the routing line shows all three."""
@@ -126,6 +130,7 @@ def test_split_overrides_leaves_flags_and_their_values():
       "--override=optim.b2=0.9", "--noprogress", "--seed=1", "--", "c=d"]
 
 
+@pytest.mark.slow
 def test_train_and_resume(tmp_path):
   common = ["--config=tiny", "--batch_size=8", "--seq_len=32",
             "--checkpoint_every=2", "--log_every=1", "--eval_batches=1",
@@ -165,7 +170,7 @@ def test_unset_flags_take_the_dataclass_defaults():
   from moejax.models.lm import LMConfig
   from moejax.nn.moe import MoEConfig
   from moejax.tasks.dit import DiTTrainConfig
-  from moejax.train import TrainConfig
+  from moejax.tasks.lm import TrainConfig
 
   values = _flag_defaults(dit_flags.define_flags)
   tables = {**lm_flags.MOE_FLAGS, **lm_flags.LM_MODEL_FLAGS,

@@ -20,6 +20,7 @@ def _run(runs, out, *extra):
       env=one_device_env())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("runs, needle", [
     ("top_k;top_p,lerning_rate=0.1", "'lerning_rate'"),
     ("dtop_p,out=/tmp/x", "'out'"),   # a flag of the script, not of a run
@@ -33,6 +34,7 @@ def test_bad_run_option_exits_2_with_one_line(runs, needle, tmp_path):
   assert not os.path.exists(tmp_path / "results.json")
 
 
+@pytest.mark.slow
 def test_known_run_options_parse(tmp_path):
   proc = _run("t=top_k,learning_rate=0.1,steps=20;top_p,p=0.3", tmp_path)
   assert proc.returncode == 0, proc.stderr[-2000:]

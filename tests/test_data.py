@@ -357,6 +357,7 @@ def test_image_data_validation_too_small():
     ImageData(x, y, x[:2], y[:2], batch_size=4, num_classes=1)
 
 
+@pytest.mark.slow
 def test_import_is_light():
   code = ("import sys, moejax.data; "
           "print([m for m in ('tensorflow_datasets', 'tensorflow', 'sklearn')"

@@ -12,7 +12,8 @@ from moejax.routing import DTopP
 from moejax.models.lm import LMConfig
 from moejax.nn.moe import MoEConfig
 from moejax.routing import dtop_p, top_p
-from moejax.train.loop import TrainConfig, train
+from moejax.tasks.lm import TrainConfig
+from moejax.train.loop import train
 from moejax.train.state import OptimConfig
 from moejax.train.step import router_states
 

@@ -14,6 +14,8 @@ import pytest
 
 from moejax import sharding
 
+pytestmark = pytest.mark.slow  # two processes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "multihost_worker.py")
 

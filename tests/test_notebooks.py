@@ -41,6 +41,7 @@ def test_notebook_matches_its_source(path):
       "the first code cell installs moejax where it is not importable")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
 def test_notebook_executes(path, monkeypatch):
   nb = nbformat.read(path, as_version=4)

@@ -17,7 +17,8 @@ from moejax.models.lm import LMConfig, TransformerLM
 from moejax.nn.expert_parallel import routed_experts
 from moejax.nn.moe import MoEConfig
 from moejax.routing.base import Routing
-from moejax.train.loop import TrainConfig, build_state, state_shardings
+from moejax.tasks.lm import TrainConfig
+from moejax.train.loop import build_state, state_shardings
 from moejax.train.state import OptimConfig
 from moejax.train.step import make_train_step
 

@@ -14,7 +14,7 @@ from moejax import dispatch, routing, sharding
 from moejax.experts import ffn as expert_ffn
 from moejax.models.lm import LMConfig, TransformerLM
 from moejax.nn.moe import MoEConfig
-from moejax.train.loop import TrainConfig
+from moejax.tasks.lm import TrainConfig
 from moejax.train.state import TrainState
 from moejax.train.step import make_train_step, router_states
 

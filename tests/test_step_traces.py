@@ -10,7 +10,8 @@ from moejax import routing, sharding
 from moejax.data import get_lm_data
 from moejax.models.lm import LMConfig, TransformerLM
 from moejax.nn import MoEConfig
-from moejax.train import OptimConfig, TrainConfig
+from moejax.tasks.lm import TrainConfig
+from moejax.train import OptimConfig
 from moejax.train.loop import build_state, state_shardings
 from moejax.train.step import make_eval_step, make_train_step
 

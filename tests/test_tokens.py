@@ -216,6 +216,7 @@ def _cli(*args, script="prepare_data.py"):
       env=one_device_env(PYTHONPATH=root))
 
 
+@pytest.mark.slow
 def test_prepare_cli(tmp_path, capsys):
   args = ["--source=stdlib", f"--out={tmp_path}", f"--max_bytes={PREP_BYTES}",
           "--train_tokenizer=tokenizers_bpe", "--vocab_size=400",

@@ -10,7 +10,8 @@ import pytest
 from moejax.routing import TopK
 from moejax.models import LMConfig
 from moejax.nn import MoEConfig
-from moejax.train import OptimConfig, TrainConfig, train
+from moejax.tasks.lm import TrainConfig
+from moejax.train import OptimConfig, train
 from moejax.train.metrics import read_jsonl, routing_series
 
 

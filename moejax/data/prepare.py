@@ -328,14 +328,13 @@ def run(flag_values) -> int:
   return 0
 
 
-def main() -> None:
-  from moejax.cli import app  # pylint: disable=g-import-not-at-top
-  define_flags()
-  app.run(run, __doc__, HELP_GROUPS)
-
 
 if __name__ == "__main__":
   # Run as the importable module, so that its flags belong to
-  # moejax.data.prepare (`--help` lists the project's flags by module).
+  # moejax.data.prepare (`--help` lists the project's flags by module). The
+  # command line (`moejax.cli.app`) sits above this layer: only this script
+  # block imports it.
+  from moejax.cli import app  # pylint: disable=g-import-not-at-top
   from moejax.data import prepare as _prepare  # pylint: disable=g-import-not-at-top
-  _prepare.main()
+  _prepare.define_flags()
+  app.run(_prepare.run, _prepare.__doc__, _prepare.HELP_GROUPS)

@@ -468,11 +468,3 @@ def train(run: Any, workdir: str, *,
   summary["state"] = state
   return summary
 
-
-def __getattr__(name: str) -> Any:
-  # The LM's run config, importable from here as it always was (lazily: the
-  # tasks import this package).
-  if name == "TrainConfig":
-    from moejax.tasks.lm import TrainConfig  # pylint: disable=g-import-not-at-top
-    return TrainConfig
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
