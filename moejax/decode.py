@@ -20,11 +20,13 @@ causal decisions, MoE with token-local routers) are decoded with the cache.
 Otherwise (`supports` is False) each step reruns the causal forward pass over a
 fixed-size token buffer (prompt, tokens so far, zeros after; routing in
 evaluation mode, MoD blocks with their causal decisions, controllers frozen at
-their saved values) and reads the logits at the current position.
+their saved values) and reads the logits at the current position. `sample`
+is the tasks' entry point (the model object in, generated tokens out).
 """
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -203,6 +205,25 @@ def generate(cfg: LMConfig, params, router_state, prompt, num_new: int, *,
                           jnp.int32(plen), rng, num_steps=num_new - 1,
                           temperature=temperature, skip=skip)
   return np.asarray(out)
+
+
+def sample(model: nn.Module, params: Any, router_state: Any,
+           prompt: np.ndarray, num_new: int, *, temperature: float = 0.0,
+           rng: jax.Array | None = None) -> np.ndarray:
+  """Continues each prompt by `num_new` tokens.
+
+  Args:
+    model: the `TransformerLM`.
+    params, router_state: from the train state.
+    prompt: int32[B, P] prompt tokens (P >= 1).
+    num_new: tokens to generate.
+    temperature: 0 = greedy; > 0 samples from softmax(logits / temperature).
+    rng: PRNG key for temperature sampling.
+  Returns:
+    int32[B, num_new] generated tokens.
+  """
+  return generate(model.config, params, router_state, prompt, num_new,
+                         temperature=temperature, rng=rng)
 
 
 def calibrate_predictor(model, params, tokens, capacity: float):

@@ -12,7 +12,8 @@ from jax.sharding import PartitionSpec as P
 from moejax import routing, sharding
 from moejax.models.lm import LMConfig, TransformerLM
 from moejax.nn.moe import MoEConfig
-from moejax.train.loop import TrainConfig, build_state, state_shardings
+from moejax.tasks.lm import TrainConfig
+from moejax.train.loop import build_state, state_shardings
 from moejax.train.state import OptimConfig
 from moejax.train.step import make_train_step
 

@@ -10,25 +10,20 @@ import pytest
 
 from moejax import aot
 from moejax import flops as flops_lib
-from moejax.models import LMConfig
-from moejax.nn import MoEConfig
-from moejax.routing import TopK
-from moejax.train import OptimConfig, TrainConfig, loop, train
+from moejax.tasks.lm import TrainConfig
+from moejax.train import OptimConfig, loop, train
 from moejax.train import metrics as metrics_lib
 from moejax.train.metrics import read_jsonl
 
+import test_train
+
 
 def tiny_config(**kw) -> TrainConfig:
-  model = LMConfig(num_layers=2, d_model=32, num_heads=2, d_ff=64, max_len=32,
-                   moe=MoEConfig(num_experts=4, expert_width=32,
-                                 router=TopK(k=2)))
-  base = dict(model=model, optim=OptimConfig(learning_rate=3e-3, warmup_steps=2,
-                                             total_steps=4),
-              batch_size=8, seq_len=32, steps=4, log_every=1, eval_every=2,
-              eval_batches=1, checkpoint_every=4, sample_tokens=0,
-              progress=False, num_devices=1)
-  base.update(kw)
-  return TrainConfig(**base)
+  """test_train's tiny run, 4 steps, no sample."""
+  base = dict(optim=OptimConfig(learning_rate=3e-3, warmup_steps=2,
+                                total_steps=4),
+              steps=4, eval_every=2, eval_batches=1, sample_tokens=0)
+  return test_train.tiny_config(**{**base, **kw})
 
 
 def test_peak_flops_one_table_by_device_kind():

@@ -38,7 +38,7 @@ from moejax.data.tokenizers import (BYTES, Tokenizer, check_model_vocab,
                                     copy_tokenizer, load_tokenizer,
                                     model_vocab_size)
 from moejax.models.lm import LMConfig, TransformerLM
-from moejax.sample import sample
+from moejax.decode import sample
 from moejax.train import metrics as metrics_lib
 from moejax.train.state import OptimConfig, TrainState
 from moejax.train.step import evaluate, make_eval_step
