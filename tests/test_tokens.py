@@ -521,7 +521,8 @@ def test_packed_loss_is_the_per_document_loss():
 
 def _run_config(directory, **kw):
   from moejax.models import LMConfig
-  from moejax.train import OptimConfig, TrainConfig
+  from moejax.tasks.lm import TrainConfig
+  from moejax.train import OptimConfig
   model = LMConfig(num_layers=1, d_model=32, num_heads=2, d_ff=64, max_len=32,
                    vocab_size=kw.pop("vocab_size", 256))
   base = dict(model=model, optim=OptimConfig(learning_rate=3e-3,
