@@ -62,12 +62,16 @@ def abstract_state(cfg: TrainConfig, mesh) -> Any:
 
 
 def abstract_batch(cfg: TrainConfig, mesh) -> dict[str, jax.ShapeDtypeStruct]:
-  """inputs/targets int32[B, L], mask float32[B, L], batch-sharded."""
+  """inputs/targets int32[B, L], mask float32[B, L], batch-sharded; packed
+  token data (`TrainConfig.packed` with `packing`) adds segment_ids and
+  positions int32[B, L], as its batches have."""
   shape = (cfg.batch_size, cfg.seq_len)
   shard = sharding.batch_sharding(mesh)
-  return {"inputs": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=shard),
-          "targets": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=shard),
-          "mask": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=shard)}
+  keys = {"inputs": jnp.int32, "targets": jnp.int32, "mask": jnp.float32}
+  if getattr(cfg, "packed", False) and getattr(cfg, "packing", False):
+    keys.update(segment_ids=jnp.int32, positions=jnp.int32)
+  return {k: jax.ShapeDtypeStruct(shape, t, sharding=shard)
+          for k, t in keys.items()}
 
 
 def lower_train_step(cfg: TrainConfig, mesh):

@@ -551,6 +551,21 @@ def test_model_vocabulary_follows_the_tokenizer(prepared, trained):
     _run_config(out, dataset="stdlib", tokenizer="/x/no_such.json").task()
 
 
+def test_compiled_batch_of_packed_runs_has_segments(prepared):
+  import jax
+  from moejax import aot, sharding
+  out, _ = prepared
+  mesh = sharding.make_mesh(None, jax.devices()[:1])
+  cfg = _run_config(out)
+  want = {k: (v[0], v[1]) for k, v in
+          cfg.task().data().batch_shapes().items()}
+  got = {k: (v.shape, v.dtype) for k, v in
+         aot.abstract_batch(cfg, mesh).items()}
+  assert got == want and "segment_ids" in got
+  assert "segment_ids" not in aot.abstract_batch(
+      _run_config(out, packing=False), mesh)
+
+
 def test_train_on_prepared_shards_and_resume_checks(prepared, tmp_path):
   import json
   from moejax.train import train
