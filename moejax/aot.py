@@ -162,9 +162,9 @@ def all_to_all_bytes(cfg: TrainConfig, mesh_sizes: dict[str, int],
   """Bytes one device sends by all-to-all in one train step, from shapes.
 
   Each MoE layer moves its expert buffers `[G, E, C, D]` (activation dtype)
-  from the token layout (G over data x expert) to the expert layout (G over
-  data, E over expert) and back: per device a buffer of `G E C D / (data *
-  expert)` elements, of which the fraction `(X - 1) / X` leaves the device
+  from the token layout (G over data x fsdp x expert) to the expert layout
+  (G over data x fsdp, E over expert) and back: per device a buffer of
+  `G E C D / (data * fsdp * expert)` elements, of which the fraction `(X - 1) / X` leaves the device
   (X = expert axis size), twice in the forward pass and twice more in the
   backward (the transposed all-to-alls). Devices along `model` hold the same
   tokens and each sends its copy. Returns per-device bytes per layer and per
@@ -175,7 +175,7 @@ def all_to_all_bytes(cfg: TrainConfig, mesh_sizes: dict[str, int],
     return {"per_layer_per_device": 0.0, "per_step_per_device": 0.0,
             "per_step_total": 0.0}
   x_size = mesh_sizes.get("expert", 1)
-  shards = mesh_sizes.get("data", 1) * x_size
+  shards = mesh_sizes.get("data", 1) * mesh_sizes.get("fsdp", 1) * x_size
   group = moe.group_size or cfg.seq_len
   groups = cfg.batch_size * cfg.seq_len // group
   if dispatch.choose_strategy(moe.strategy) in ("einsum", "index", "gather"):
@@ -276,9 +276,9 @@ def topology_devices(name: str):
 
 
 def topology_mesh(spec: str, devices):
-  """A (data, expert, model) mesh over TPU topology devices, laid out on the
-  physical torus by `mesh_utils.create_device_mesh` (the model axis innermost,
-  on the nearest chips)."""
+  """A (data, fsdp, expert, model) mesh over TPU topology devices, laid out
+  on the physical torus by `mesh_utils.create_device_mesh` (the model axis
+  innermost, on the nearest chips)."""
   from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
   sizes = sharding.parse_mesh(spec, len(devices))
   shape = tuple(sizes[a] for a in sharding.MESH_AXES)

@@ -13,6 +13,7 @@ from moejax import routing, sharding
 from moejax.models.lm import LMConfig, TransformerLM
 from moejax.nn.moe import MoEConfig
 from moejax.tasks.lm import TrainConfig
+from moejax.train.checkpoint import Checkpointer
 from moejax.train.loop import build_state, state_shardings
 from moejax.train.state import OptimConfig
 from moejax.train.step import make_train_step
@@ -140,22 +141,32 @@ def test_every_param_and_moment_is_split_over_fsdp():
     assert leaf.sharding.is_fully_replicated
 
 
-def _run_steps(cfg, mesh, init, batch, steps=3):
-  """`steps` train steps of SGD with momentum (its trace is an optimizer
-  state sharded like the params; Adam's first steps turn float noise in
-  near-zero gradients into sign flips) -> (state, losses, grad norms)."""
+SGD = optax.sgd(0.5, momentum=0.9)
+
+
+def _place(cfg, mesh, host_state):
+  """A host state (SGD-with-momentum optimizer state) on `mesh`: the run's
+  state shardings, the momentum sharded like its params."""
+  shards = state_shardings(cfg, TransformerLM(cfg.model), mesh)
+  state = jax.device_put(host_state.replace(opt_state=()),
+                         shards.replace(opt_state=()))
+  return state.replace(opt_state=optax.tree_map_params(
+      SGD, jax.device_put, host_state.opt_state, shards.params,
+      transform_non_params=lambda x: jax.device_put(
+          x, sharding.replicated(mesh))))
+
+
+def _steps(cfg, mesh, state, steps):
+  """`steps` train steps of SGD with momentum on a placed state (the
+  momentum is an optimizer state sharded like the params; Adam's first steps
+  would turn float noise in near-zero gradients into sign flips) ->
+  (state, losses, grad norms)."""
   model = TransformerLM(cfg.model)
-  shards = state_shardings(cfg, model, mesh)
-  optimizer = optax.sgd(0.5, momentum=0.9)
   with jax.set_mesh(mesh):
-    state = jax.device_put(init.replace(opt_state=()),
-                           shards.replace(opt_state=()))
-    # The momentum starts as zeros_like(params): sharded like them.
-    state = state.replace(opt_state=optimizer.init(state.params))
-    step = make_train_step(model, optimizer, cfg.model.moe.router,
-                           donate=False, state_sharding=jax.tree.map(
-                               lambda x: x.sharding, state))
-    batch = sharding.put_batch(batch, sharding.batch_sharding(mesh))
+    step = make_train_step(model, SGD, cfg.model.moe.router, donate=False,
+                           state_sharding=jax.tree.map(lambda x: x.sharding,
+                                                       state))
+    batch = sharding.put_batch(_lm_batch(), sharding.batch_sharding(mesh))
     losses, norms = [], []
     for _ in range(steps):
       state, metrics = step(state, batch)
@@ -164,16 +175,20 @@ def _run_steps(cfg, mesh, init, batch, steps=3):
   return state, losses, norms
 
 
+def _run_steps(cfg, mesh, host_state, steps=3):
+  return _steps(cfg, mesh, _place(cfg, mesh, host_state), steps)
+
+
 @pytest.fixture(scope="module")
 def single_device_run():
   """(initial state, state after 3 steps, losses, grad norms) on one device."""
-  batch = _lm_batch()
   single = tiny_run(tiny_lm(), num_devices=1)
   mesh1 = sharding.make_mesh(None, jax.devices()[:1])
   with jax.set_mesh(mesh1):
     init = build_state(single, TransformerLM(single.model), mesh1)
   init = jax.device_get(init)
-  ref, losses, norms = _run_steps(single, mesh1, init, batch)
+  init = init.replace(opt_state=SGD.init(init.params))
+  ref, losses, norms = _run_steps(single, mesh1, init)
   return init, jax.device_get(ref), losses, norms
 
 
@@ -186,8 +201,7 @@ def test_fsdp_steps_match_single_device(single_device_run, spec, mode,
   params and momentum stay split over fsdp."""
   init, ref, ref_losses, ref_norms = single_device_run
   cfg = tiny_run(tiny_lm(expert_parallel=mode, strategy=strategy), mesh=spec)
-  state, losses, norms = _run_steps(cfg, sharding.make_mesh(spec), init,
-                                    _lm_batch())
+  state, losses, norms = _run_steps(cfg, sharding.make_mesh(spec), init)
   w_in = state.params["layers_0"]["mlp"]["experts"]["w_in"]
   assert "fsdp" in _axes(w_in.sharding.spec[1]), w_in.sharding
   trace = state.opt_state[0].trace["layers_0"]["mlp"]["experts"]["w_in"]
@@ -199,3 +213,44 @@ def test_fsdp_steps_match_single_device(single_device_run, spec, mode,
   chex.assert_trees_all_close(state.opt_state, ref.opt_state, rtol=1e-4,
                               atol=1e-5)
   assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("saved_on, restored_on", [
+    ("fsdp:4,expert:2", "data:8"), ("data:8", "fsdp:4,expert:2")])
+def test_checkpoint_restores_on_another_mesh(single_device_run, tmp_path,
+                                             saved_on, restored_on):
+  """2 steps on one mesh, a checkpoint, restored onto the other mesh's
+  shardings (each array read as the new mesh's shards), 1 more step there:
+  equal to 3 uninterrupted steps (the single-device run; same tolerances as
+  above)."""
+  init, ref, ref_losses, _ = single_device_run
+  cfg_a = tiny_run(tiny_lm(), mesh=saved_on)
+  mesh_a = sharding.make_mesh(saved_on)
+  state, losses, _ = _run_steps(cfg_a, mesh_a, init, steps=2)
+  checkpointer = Checkpointer(str(tmp_path / "ckpt"), every=1)
+  assert checkpointer.save(state)
+  checkpointer.wait()
+  saved = jax.device_get(state)
+
+  cfg_b = tiny_run(tiny_lm(), mesh=restored_on)
+  mesh_b = sharding.make_mesh(restored_on)
+  target = _place(cfg_b, mesh_b, init)
+  if saved_on == "data:8":  # the abstract target state restores as well
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=x.sharding), target)
+  restored, step = checkpointer.restore_latest(target)
+  checkpointer.close()
+  assert step == 2
+  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(target)):
+    assert got.sharding == want.sharding
+  chex.assert_trees_all_equal(jax.device_get(restored), saved)
+  w_in = restored.params["layers_0"]["mlp"]["experts"]["w_in"]
+  assert ("fsdp" in _axes(w_in.sharding.spec[1])) == ("fsdp" in restored_on)
+
+  state, more, _ = _steps(cfg_b, mesh_b, restored, 1)
+  np.testing.assert_allclose(losses + more, ref_losses, rtol=1e-5)
+  state = jax.device_get(state)
+  assert int(state.step) == 3
+  chex.assert_trees_all_close(state.params, ref.params, rtol=1e-4, atol=1e-5)
+  chex.assert_trees_all_close(state.opt_state, ref.opt_state, rtol=1e-4,
+                              atol=1e-5)

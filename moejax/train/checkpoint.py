@@ -1,5 +1,20 @@
 """orbax checkpoints of the whole `TrainState` (params, optimizer, controllers,
-rng, data position): periodic, keep-last-N, resume from the newest readable.
+rng, data position): periodic, keep-last-N, resume from the newest readable,
+written asynchronously, restored onto any mesh.
+
+Saving is asynchronous by default (orbax's async checkpointer): `save`
+returns once the state is copied off the devices, and a background thread
+writes it, so the train step does not wait on the disk (the next step may
+donate the state's buffers). orbax writes into a temporary directory and
+renames it when the write is complete; a save waits for the previous write
+in flight, `wait` and `close` wait for the last one, and a run killed during
+a write resumes from the checkpoint before it. `async_save=False` writes
+before `save` returns.
+
+Restoring reads each array onto the sharding of the template's leaf (the
+new run's state, or its abstract `jax.ShapeDtypeStruct`s with shardings):
+a checkpoint written on one mesh restores on another (e.g. written on
+`fsdp:4,expert:2`, restored on `data:8`), each device reading its shards.
 
 Every restore is verified: orbax must read every array into the template's
 shapes and dtypes, the restored step must be the checkpoint's, every float
@@ -67,18 +82,24 @@ class Checkpointer:
     directory: where checkpoints go (created if missing).
     every: save when `step % every == 0` (and always when `force`).
     keep: how many recent checkpoints to keep.
+    async_save: write in the background (module docstring); False: `save`
+      returns when the checkpoint is on disk.
   """
 
-  def __init__(self, directory: str, every: int = 100, keep: int = 3):
+  def __init__(self, directory: str, every: int = 100, keep: int = 3,
+               async_save: bool = True):
     if every < 1:
       raise ValueError(f"checkpoint every={every} is out of range; allowed: >= 1")
     if keep < 1:
       raise ValueError(f"checkpoint keep={keep} is out of range; allowed: >= 1")
     self.directory = os.path.abspath(directory)
     self.every = every
+    self.async_save = async_save
     self._manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True,
+            enable_async_checkpointing=async_save))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -87,6 +108,9 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def save(self, state: TrainState, *, force: bool = False) -> bool:
+    """Saves `state` when its step is due (or `force`) and not saved yet;
+    returns whether it started a save (asynchronous: see the module
+    docstring)."""
     step = int(jax.device_get(state.step))
     if not force and step % self.every:
       return False
@@ -97,7 +121,8 @@ class Checkpointer:
                               force=True)
 
   def restore(self, template: TrainState, step: int | None = None) -> TrainState:
-    """Restores into the structure, shapes and shardings of `template` and
+    """Restores into the structure, shapes, dtypes and shardings of
+    `template` (a state, or its `jax.ShapeDtypeStruct`s with shardings) and
     verifies the result (module docstring); raises on an unreadable one."""
     step = self.latest_step() if step is None else step
     if step is None:
@@ -159,8 +184,10 @@ class Checkpointer:
     return aside
 
   def wait(self) -> None:
+    """Waits for the write in flight (if any) to finish."""
     self._manager.wait_until_finished()
 
   def close(self) -> None:
+    """Waits for the write in flight, then releases orbax's threads."""
     self._manager.wait_until_finished()
     self._manager.close()
