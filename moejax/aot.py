@@ -164,9 +164,9 @@ def all_to_all_bytes(cfg: TrainConfig, mesh_sizes: dict[str, int],
   Each MoE layer moves its expert buffers `[G, E, C, D]` (activation dtype)
   from the token layout (G over data x fsdp x expert) to the expert layout
   (G over data x fsdp, E over expert) and back: per device a buffer of
-  `G E C D / (data * fsdp * expert)` elements, of which the fraction `(X - 1) / X` leaves the device
-  (X = expert axis size), twice in the forward pass and twice more in the
-  backward (the transposed all-to-alls). Devices along `model` hold the same
+  `G E C D / (data * fsdp * expert)` elements, of which the fraction
+  `(X - 1) / X` leaves the device (X = expert axis size), twice in the
+  forward pass and twice more in the backward (the transposed all-to-alls). Devices along `model` hold the same
   tokens and each sends its copy. Returns per-device bytes per layer and per
   step, and the total over all devices per step (0 when X = 1).
   """
