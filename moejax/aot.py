@@ -76,8 +76,7 @@ def abstract_batch(cfg: TrainConfig, mesh) -> dict[str, jax.ShapeDtypeStruct]:
 
 def lower_train_step(cfg: TrainConfig, mesh):
   """`jax.stages.Lowered` of one train step of `cfg` on `mesh` (abstract)."""
-  sharding.check_batch(cfg.batch_size, mesh)
-  sharding.check_model(cfg.model, mesh)
+  cfg.task().check(mesh)  # batch, grad_accum and model against the mesh
   model = TransformerLM(cfg.model)
   # Shapes first, outside the mesh context: anything evaluated eagerly there
   # would be placed on the mesh's devices, which this process may be unable

@@ -42,6 +42,9 @@ WEIGHT_AXES = {"w_in": ("expert", "embed", "mlp"),
                "w_gate": ("expert", "embed", "mlp"),
                "w_out": ("expert", "mlp", "embed")}
 HIDDEN = "expert_hidden"  # checkpoint name of the hidden activations
+# Checkpoint name of the routed experts' inputs (the dispatched rows `mlp`
+# gets; block remat policies may save them, `moejax.nn.blocks`).
+EXPERT_INPUTS = "expert_inputs"
 
 
 def activate(activation: str, up: jax.Array,
@@ -93,8 +96,8 @@ def batched_matmul(h: jax.Array, w: jax.Array) -> jax.Array:
 
 def mlp(h: jax.Array, weights: dict[str, Any], activation: str = "swiglu",
         matmul: Callable[[jax.Array, Any], jax.Array] = jnp.matmul,
-        remat: bool = False, hidden_names: tuple[str, ...] | None = None
-        ) -> jax.Array:
+        remat: bool = False, hidden_names: tuple[str, ...] | None = None,
+        input_name: str | None = EXPERT_INPUTS) -> jax.Array:
   """The expert MLP on any layout: act(h @ w_in [, h @ w_gate]) @ w_out.
 
   Args:
@@ -107,9 +110,13 @@ def mlp(h: jax.Array, weights: dict[str, Any], activation: str = "swiglu",
       backward instead of saving them.
     hidden_names: logical names to constrain the float[..., F] hidden
       activations with (GSPMD expert parallelism), or None.
+    input_name: checkpoint name of `h` (`EXPERT_INPUTS`; None: no name, the
+      dense FFN).
   Returns:
     float[..., D].
   """
+  if input_name is not None:
+    h = checkpoint_name(h, input_name)
   def hidden(h, weights):
     up = matmul(h, weights["w_in"])
     gate = matmul(h, weights["w_gate"]) if activation == "swiglu" else None
@@ -218,4 +225,5 @@ class DenseFFN(FFNBase):
               "w_out": dense("w_out", self.d_model)}
     if self.activation == "swiglu":
       layers["w_gate"] = dense("w_gate", self.width)
-    return mlp(x, layers, self.activation, matmul=lambda h, layer: layer(h))
+    return mlp(x, layers, self.activation, matmul=lambda h, layer: layer(h),
+               input_name=None)

@@ -55,6 +55,12 @@ MOE_FLAGS = defaults.table(MoEConfig, {
 })
 LM_MODEL_FLAGS = defaults.table(LMConfig, {
     "dtype": "Activation dtype: float32 or bfloat16.",
+    "param_dtype": "Parameter dtype: float32 or bfloat16 (params created and "
+                   "updated in it, computed with in --dtype; routing stays "
+                   "float32).",
+    "remat": "Block remat: none, block (recompute each block in the "
+             "backward) or save_expert_inputs (block remat keeping the "
+             "routed experts' dispatched inputs).",
     "mod_capacity": "Mixture-of-Depths capacity fraction in [0, 1] (0 = off; "
                     "the paper's setting is 0.125 with --mod_every=2).",
     "mod_every": "MoD: every n-th block is routed.",
@@ -74,6 +80,8 @@ RUN_FLAGS = defaults.table(TrainConfig, {
                  "model's vocabulary follows it, padded to a multiple of 128.",
     "packing": "Packed token data (tokens:DIR, or a tokenizer other than "
                "bytes): attention stays inside each document.",
+    "grad_accum": "Gradient accumulation: microbatches per step (the batch "
+                  "is split into N run one after the other, one update).",
     "seed": "Random seed (params, data order, routing).",
     "mesh": "Mesh, e.g. data:2,expert:4 (None: all devices on data).",
     "num_devices": "Use the first n devices (None = all).",
@@ -141,8 +149,9 @@ HELP_GROUPS = {
                 *(n for n in MOE_FLAGS if n != "expert_parallel")),
     "data": ("dataset", "data_dir", "tokenizer", "packing", "seq_len",
              "batch_size"),
-    "training": ("steps", "learning_rate", "warmup_steps", "seed",
-                 "log_every", "eval_every", "eval_batches", "checkpoint_every",
+    "training": ("steps", "learning_rate", "warmup_steps", "grad_accum",
+                 "seed", "log_every", "eval_every", "eval_batches",
+                 "checkpoint_every",
                  "keep_checkpoints", "max_bad_steps", "sample_tokens",
                  "temperature", "progress", "workdir"),
     "scale-out": ("mesh", "num_devices", "expert_parallel",

@@ -33,7 +33,7 @@ def _train(model: LMConfig, batch_size: int, steps: int,
 
 def mixtral_8x7b(batch_size: int = 256, num_layers: int = 32,
                  expert_parallel: str = "gspmd",
-                 remat: bool | str = True) -> TrainConfig:
+                 remat: bool | str = "block") -> TrainConfig:
   """Mixtral-8x7B-like: 32 layers, D=4096, 32 heads, 8 SwiGLU experts of
   width 14336 in every layer, top-2 (softmax over the chosen two), vocab
   32000, seq 4096, bfloat16 activations, block remat.
@@ -55,7 +55,7 @@ def mixtral_8x7b(batch_size: int = 256, num_layers: int = 32,
 
 def deepseek_moe_16b(batch_size: int = 1024, num_layers: int = 28,
                      expert_parallel: str = "gspmd",
-                     remat: bool | str = True) -> TrainConfig:
+                     remat: bool | str = "block") -> TrainConfig:
   """DeepSeekMoE-16B-like: 28 layers, D=2048, 16 heads, the first block
   dense (SwiGLU width 10944), the others with 64 fine-grained SwiGLU experts
   of width 1408, top-6 (softmax weights, not renormalised) plus 2 shared

@@ -29,17 +29,9 @@ import jax.numpy as jnp
 from moejax import sharding
 from moejax.checks import check_choice, check_positive_ints
 from moejax.nn.attention import init_kv
-from moejax.nn.blocks import DTYPES, Block, StackConfig
+from moejax.nn.blocks import (DTYPES, REMAT_POLICIES, Block, StackConfig,
+                              remat_mode)
 from moejax.nn.mod import SKIPS, MoDBlock, MoDConfig
-
-# The remat policies of the blocks (`LMConfig.remat`): what each block keeps
-# for the backward pass; the rest is recomputed there.
-REMAT_POLICIES = {
-    "block": "the block's input only (nn.remat of every block)",
-    "recompute_attention": "everything but the attention scores and "
-                           "probabilities (recomputed from queries and keys)",
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class LMConfig(StackConfig):
@@ -58,13 +50,20 @@ class LMConfig(StackConfig):
     mod_causal: causal decision used for sampling: "predictor" or "router".
     first_dense_layers: the first n blocks have a dense MLP whatever
       `moe_every` says (DeepSeekMoE's dense first block).
-    remat: recompute block activations in the backward pass (`nn.remat` per
-      block, with a policy of `REMAT_POLICIES`): False = none; True or
-      "block" = only the block inputs are kept between the forward and the
-      backward pass, at about one extra forward of compute;
-      "recompute_attention" = everything is kept but the attention scores
-      and probabilities (float[B, H, L, L], the largest activations at long
-      sequences), recomputed from the saved queries and keys.
+    remat: block rematerialisation, a name of
+      `moejax.nn.blocks.REMAT_POLICIES` or "none": "block" (`nn.remat` per
+      block: only the block inputs are kept between the forward and the
+      backward pass, at about one extra forward of compute);
+      "save_expert_inputs" (block remat that also keeps the routed experts'
+      dispatched inputs); "recompute_attention" (no block remat: everything
+      is kept but the attention scores and probabilities, float[B, H, L, L],
+      the largest activations at long sequences, recomputed from the saved
+      queries and keys). True / False are accepted as "block" / "none" (and
+      stored as those names).
+    param_dtype: parameter dtype name ("float32" or "bfloat16"): params are
+      created (and updated) in it, computed with in `dtype`; routing math
+      stays float32 (router params are cast up; DTop-p's gamma stays
+      float32).
     loss_chunk: tokens of each sequence per chunk of the training loss: the
       output head and the cross-entropy run chunk by chunk and the chunk's
       logits are recomputed in the backward pass
@@ -81,14 +80,15 @@ class LMConfig(StackConfig):
   mod_predictor_weight: float = 1.0
   mod_causal: str = "predictor"
   first_dense_layers: int = 0
-  remat: bool | str = False
+  remat: str = "none"
+  param_dtype: str = "float32"
   loss_chunk: int = 0
 
   def __post_init__(self):
     super().__post_init__()
+    object.__setattr__(self, "remat", remat_mode(self.remat))
+    check_choice("param_dtype", self.param_dtype, DTYPES)
     check_positive_ints(self, ("vocab_size", "max_len", "mod_every"))
-    if not isinstance(self.remat, bool):
-      check_choice("remat", self.remat, REMAT_POLICIES)
     if isinstance(self.loss_chunk, bool) or not (
         isinstance(self.loss_chunk, int) and self.loss_chunk >= 0):
       raise ValueError(f"loss_chunk={self.loss_chunk!r} is out of range; "
@@ -154,11 +154,12 @@ class TransformerLM(nn.Module):
     (params "head", kernel float32[D, V]) itself.
     """
     cfg = self.config
-    dtype = DTYPES[cfg.dtype]
+    dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     new_kv, decisions = [], []
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype,
+                     param_dtype=param_dtype,
                      embedding_init=nn.with_logical_partitioning(
                          nn.initializers.normal(1.0), ("vocab", "embed")),
                      name="embed")
@@ -170,19 +171,20 @@ class TransformerLM(nn.Module):
       moe = cfg.moe if cfg.is_moe_layer(i) else None
       if cfg.is_mod_layer(i):
         out = MoDBlock(cfg.mod_config, cfg.num_heads, cfg.d_ff, moe,
-                       dtype=dtype, name=f"layers_{i}")(
+                       dtype=dtype, param_dtype=param_dtype,
+                       name=f"layers_{i}")(
                            x, positions, train=train, routing=mod_routing,
                            kv=layer_kv, skip=skip, segment_ids=segment_ids)
         return out if kv is not None else (*out, None)
       x, layer_kv = Block(
-          cfg.num_heads, cfg.d_ff, moe, dtype=dtype, name=f"layers_{i}",
-          recompute_attention=policy == "recompute_attention")(
+          cfg.num_heads, cfg.d_ff, moe, dtype=dtype, param_dtype=param_dtype,
+          name=f"layers_{i}", recompute_attention=policy.recompute_attention)(
               x, positions, train=train, kv=layer_kv, segment_ids=segment_ids)
       return x, None, layer_kv
 
-    policy = "block" if cfg.remat is True else cfg.remat
-    if policy == "block" and kv is None:  # decoding has no backward pass
-      layer = nn.remat(layer, static_argnums=(4,))
+    policy = REMAT_POLICIES[cfg.remat]
+    if policy.block and kv is None:  # decoding has no backward pass
+      layer = nn.remat(layer, static_argnums=(4,), policy=policy.saved)
     for i in range(cfg.num_layers):
       x = sharding.constrain(x, sharding.ACT_BLD)  # block boundary [B, L, D]
       x, chosen, layer_kv = layer(self, x, positions,
@@ -192,11 +194,12 @@ class TransformerLM(nn.Module):
         decisions.append(chosen)
       new_kv.append(layer_kv)
     x = sharding.constrain(x, sharding.ACT_BLD)
-    x = nn.RMSNorm(dtype=dtype, name="final_norm")(x)
+    x = nn.RMSNorm(dtype=dtype, param_dtype=param_dtype, name="final_norm")(x)
     if hidden and kv is None:
       return x
     logits = nn.DenseGeneral(
-        cfg.vocab_size, use_bias=False, dtype=jnp.float32, name="head",
+        cfg.vocab_size, use_bias=False, dtype=jnp.float32,
+        param_dtype=param_dtype, name="head",
         kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
                                                  ("embed", "vocab")))(x)
     logits = logits.astype(jnp.float32)

@@ -8,22 +8,74 @@ Axis legend:
 With a key/value cache (`kv`, see `moejax.nn.attention`) the block decodes:
 attention reads and extends the cache, and an MoE MLP routes in evaluation
 mode with `decode_moe`'s config (each token on its own, none dropped).
+
+Block rematerialisation (`REMAT_POLICIES`, the models' `remat` settings):
+what each block keeps for the backward pass; the rest is recomputed there.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from moejax.checks import check_choice, check_heads, check_positive_ints
-from moejax.experts import DenseFFN
+from moejax.experts import EXPERT_INPUTS, DenseFFN
 from moejax.nn.attention import Attention
 from moejax.nn.moe import MoE, MoEConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+@dataclasses.dataclass(frozen=True)
+class RematPolicy:
+  """How each block is rematerialised (an entry of `REMAT_POLICIES`).
+
+  Attributes:
+    block: `nn.remat` of every block: its forward is recomputed in the
+      backward pass from the block's inputs.
+    saved: with `block`, the `jax.checkpoint` policy of what else is kept
+      (None: nothing).
+    recompute_attention: the attention recomputes its scores and
+      probabilities in the backward pass from the saved queries and keys
+      (`moejax.nn.attention`), everything else kept.
+  """
+  block: bool = False
+  saved: Callable[..., bool] | None = None
+  recompute_attention: bool = False
+
+
+# The models' `remat` settings by name; adding one is one line here.
+REMAT_POLICIES: dict[str, RematPolicy] = {
+    "none": RematPolicy(),
+    # recompute the whole block: the least memory, one more forward
+    "block": RematPolicy(block=True),
+    # block remat keeping the routed experts' inputs (the dispatched rows,
+    # `EXPERT_INPUTS`): the backward recomputes attention and the expert MLPs
+    # but not the dispatch (nor, with expert parallelism, its all-to-all).
+    # The fused CPU block loop has no dispatched rows: there it is "block".
+    "save_expert_inputs": RematPolicy(
+        block=True,
+        saved=jax.checkpoint_policies.save_only_these_names(EXPERT_INPUTS)),
+    # keep everything but the attention scores / probabilities float[B, H, L,
+    # L], the largest activations at long sequences
+    "recompute_attention": RematPolicy(recompute_attention=True),
+}
+REMAT_MODES = tuple(REMAT_POLICIES)
+# Aliases of the boolean `remat` of earlier versions.
+_REMAT_ALIASES = {True: "block", False: "none"}
+
+
+def remat_mode(value: Any) -> str:
+  """The remat mode of `value` (a `REMAT_MODES` name, or True / False for
+  "block" / "none"); ValueError naming the field otherwise."""
+  if isinstance(value, bool):
+    return _REMAT_ALIASES[value]
+  if value not in REMAT_MODES:
+    raise ValueError(f"remat={value!r} is not supported; allowed: "
+                     f"{', '.join(REMAT_MODES)} (True / False: block / none)")
+  return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +89,9 @@ class StackConfig:
     d_ff: width of the dense MLPs (dense model, or blocks between MoE blocks).
     moe: the MoE layer config, or None for a dense model.
     moe_every: every `moe_every`-th block (1-based) has an MoE MLP.
-    dtype: activation dtype name ("float32" or "bfloat16"); params stay float32
-      and routing math is float32 whatever this is.
+    dtype: activation dtype name ("float32" or "bfloat16"); routing math is
+      float32 whatever this is (params: float32, or the model config's
+      `param_dtype` where it has one).
   """
   num_layers: int = 4
   d_model: int = 128

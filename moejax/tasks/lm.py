@@ -20,6 +20,7 @@ resumed run must read the same prepared data with the same tokenizer.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any
 
@@ -60,9 +61,14 @@ class TrainConfig:
     packing: packed token data (``tokens:DIR`` or a tokenizer other than
       bytes): attention stays inside each document (segment ids) and
       positions restart at each document; False: plain windows.
-    batch_size: global batch B (a multiple of the data * expert mesh size).
+    batch_size: global batch B (a multiple of grad_accum x the data * expert
+      mesh size).
     seq_len: L (<= model.max_len).
     steps: training steps.
+    grad_accum: microbatches per step (gradient accumulation): the batch is
+      split into grad_accum microbatches run one after the other in the
+      step, for one update equal to that of the whole batch
+      (`moejax.train.step`).
     seed: params, data order and routing.
     log_every, eval_every: log / evaluate every n steps.
     eval_batches: validation batches per evaluation.
@@ -86,6 +92,7 @@ class TrainConfig:
   batch_size: int = 16
   seq_len: int = 128
   steps: int = 500
+  grad_accum: int = 1
   seed: int = 0
   log_every: int = 10
   eval_every: int = 200
@@ -101,9 +108,13 @@ class TrainConfig:
   progress: bool = True
 
   def __post_init__(self):
-    check_positive_ints(self, ("batch_size", "seq_len", "steps", "log_every",
+    check_positive_ints(self, ("batch_size", "seq_len", "steps", "grad_accum",
+                               "log_every",
                                "eval_every", "eval_batches", "checkpoint_every",
                                "keep_checkpoints", "max_bad_steps"))
+    if self.batch_size % self.grad_accum:
+      raise ValueError(f"batch_size={self.batch_size} must be divisible by "
+                       f"grad_accum={self.grad_accum}")
     if self.seq_len > self.model.max_len:
       raise ValueError(f"seq_len={self.seq_len} exceeds model max_len="
                        f"{self.model.max_len}")
@@ -157,6 +168,15 @@ def resolve_vocab(cfg: TrainConfig, tokenizer: Tokenizer) -> TrainConfig:
 DATA_RECORD = "data.json"
 
 
+def check_grad_accum(batch_size: int, grad_accum: int, mesh) -> None:
+  """Raises ValueError unless each microbatch splits over the batch shards."""
+  shards = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+  if grad_accum > 1 and batch_size % (grad_accum * shards):
+    raise ValueError(f"batch_size={batch_size} must be divisible by "
+                     f"grad_accum={grad_accum} x the data-parallel mesh size "
+                     f"{shards} (mesh {sharding.mesh_spec(mesh)})")
+
+
 class LMTask(Task):
   """Next-token prediction: mean cross-entropy in nats per token.
 
@@ -182,6 +202,7 @@ class LMTask(Task):
 
   def check(self, mesh) -> None:
     super().check(mesh)
+    check_grad_accum(self.config.batch_size, self.config.grad_accum, mesh)
     sharding.check_model(self.config.model, mesh)
 
   def data(self):

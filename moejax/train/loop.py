@@ -165,13 +165,15 @@ def make_step(run: Any, model: nn.Module, mesh=None, donate: bool = True
   shardings of `build_state`."""
   task = as_task(run)
   cfg = task.config
+  grad_accum = getattr(cfg, "grad_accum", 1)
   return _cached(
-      ("train", model, cfg.optim, task.step_key(), donate, mesh),
+      ("train", model, cfg.optim, task.step_key(), donate, mesh, grad_accum),
       lambda: make_train_step(
           model, cfg.optim.optimizer(), task.method, cfg.optim.schedule(),
           donate=donate, loss_fn=task.loss_fn(model),
           state_sharding=(None if mesh is None else
-                          state_shardings(task, model, mesh))))
+                          state_shardings(task, model, mesh)),
+          grad_accum=grad_accum))
 
 
 def make_eval(run: Any, model: nn.Module) -> Callable:

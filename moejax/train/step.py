@@ -18,6 +18,21 @@ program; `optax.apply_if_finite` would guard the optimizer alone) while the step
 counter and the data position advance, so the run moves past the bad batch.
 The metrics say so: `skipped` (1.0 when the update was dropped) and
 `nonfinite_loss` (1.0 when the objective itself was not finite).
+
+Gradient accumulation (`grad_accum=N`): the global batch B is split into N
+microbatches of B/N rows (microbatch j holds rows j, j+N, ...: each device
+keeps its own rows when B is a multiple of N x the batch shards), run one
+after the other (`lax.scan`) in the same compiled step, their gradients
+summed in float32. Each microbatch's objective is scaled so that the sum is
+the full batch's: the LM's summed cross-entropy over the whole batch's token
+count plus 1/N of its aux loss (aux losses are means over equal-sized
+groups); a custom loss is averaged. The router metrics are combined over
+the microbatches (means; `max_*` maxima, `nonfinite_tokens` sums) before the
+controllers read them, so a controller sees the whole batch's statistics
+(e.g. DTop-p's mean fanout). One optimizer update and one non-finite check
+follow. The update equals that of one step on the whole batch up to float
+reassociation, for routers whose training routing draws no random numbers
+(with an rng, microbatch j folds j into the step's key).
 """
 from __future__ import annotations
 
@@ -140,6 +155,29 @@ def summarize(layers: dict[tuple[str, ...], dict[str, Any]]) -> dict[str, Any]:
   return out
 
 
+# Router metrics combined over microbatches by max / sum (others: mean).
+SUM_METRICS = ("nonfinite_tokens",)
+
+
+def _combine_metric(key: str, stacked: jax.Array) -> jax.Array:
+  """One metric [N, ...] of N equal microbatches as the whole batch's."""
+  if key.startswith("max_"):
+    return jnp.max(stacked, axis=0)
+  if key in SUM_METRICS:
+    return jnp.sum(stacked, axis=0)
+  return jnp.mean(stacked, axis=0)
+
+
+def split_microbatches(batch: Batch, n: int) -> Batch:
+  """Every leaf [B, ...] as [n, B/n, ...]; microbatch j = rows j, j+n, ..."""
+  def split(x):
+    if x.shape[0] % n:
+      raise ValueError(f"batch_size={x.shape[0]} must be divisible by "
+                       f"grad_accum={n}")
+    return jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
+
+
 def make_loss_fn(model: nn.Module, train: bool):
   """The LM objective; with the model config's `loss_chunk` the head and the
   cross-entropy run chunk by chunk (`chunked_cross_entropy`)."""
@@ -171,8 +209,12 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule | None = None,
                     donate: bool = True,
                     loss_fn: Callable | None = None,
-                    state_sharding: Any = None) -> Callable:
+                    state_sharding: Any = None,
+                    grad_accum: int = 1) -> Callable:
   """Returns jitted `train_step(state, batch) -> (state, metrics)`.
+
+  `grad_accum`: microbatches per step (see the module docstring; 1 = the
+  whole batch at once).
 
   `state_sharding` (NamedShardings of every TrainState leaf, e.g. from
   `moejax.train.loop.state_shardings`) pins the new state to the shardings the
@@ -187,12 +229,58 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
   if not custom:
     loss_fn = make_loss_fn(model, train=True)
 
+  if isinstance(grad_accum, bool) or not isinstance(grad_accum, int) or (
+      grad_accum < 1):
+    raise ValueError(f"grad_accum={grad_accum!r} is out of range; allowed: "
+                     "integer >= 1")
+
+  def whole_batch(params, router_state, batch, rng):
+    """(objective, ce, aux_loss, extra metrics, layers, grads)."""
+    (objective, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, router_state, batch, rng)
+    return (objective, out[0], out[1], out[2] if custom else {}, out[-1],
+            grads)
+
+  def accumulated(params, router_state, batch, rng):
+    """`whole_batch`'s results from `grad_accum` microbatches."""
+    n = grad_accum
+    tokens = (None if custom else
+              jnp.maximum(jnp.sum(batch["mask"]).astype(jnp.float32), 1.0))
+
+    def micro_loss(p, micro, micro_rng):
+      objective, out = loss_fn(p, router_state, micro, micro_rng)
+      metrics = {path: v["metrics"] for path, v in out[-1].items()}
+      if custom:  # a mean over the microbatch's items
+        return objective / n, (out[0], out[1], out[2], metrics)
+      ce_sum, aux_loss = out[2], out[1]
+      return ce_sum / tokens + aux_loss / n, (ce_sum, aux_loss, {}, metrics)
+
+    def body(acc, xs):
+      micro, i = xs
+      (objective, out), grads = jax.value_and_grad(micro_loss, has_aux=True)(
+          params, micro, jax.random.fold_in(rng, i))
+      acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
+      return acc, (objective, out)
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    if state_sharding is not None:
+      zeros = jax.lax.with_sharding_constraint(zeros, state_sharding.params)
+    total, (objectives, (first, aux, extra, metrics)) = jax.lax.scan(
+        body, zeros, (split_microbatches(batch, n), jnp.arange(n)))
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), total, params)
+    ce = jnp.mean(first) if custom else jnp.sum(first) / tokens
+    extra = {k: jnp.mean(v, axis=0) for k, v in extra.items()}
+    layers = {path: {"metrics": {k: _combine_metric(k, v)
+                                 for k, v in m.items()}}
+              for path, m in metrics.items()}
+    return (jnp.sum(objectives), ce, jnp.mean(aux), extra, layers, grads)
+
+  gradients = whole_batch if grad_accum == 1 else accumulated
+
   def train_step(state: TrainState, batch: Batch):
     rng = jax.random.fold_in(state.rng, state.step)
-    (objective, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    objective, ce, aux_loss, extra, layers, grads = gradients(
         state.params, state.router_state, batch, rng)
-    ce, aux_loss, layers = out[0], out[1], out[-1]
-    extra = out[2] if custom else {}
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
