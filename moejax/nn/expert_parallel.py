@@ -53,6 +53,10 @@ Two ways behind one switch (`MoEConfig.expert_parallel`):
 
 Without a mesh (`jax.set_mesh`) both run the same local computation, so models
 are unchanged on one device.
+
+`routed_experts` resolves the strategy and chooses its path once
+(`_choose_path`): `_single_device_path`, `_per_device_path`, `_gspmd_path` or
+`_shard_map_path`.
 """
 from __future__ import annotations
 
@@ -190,45 +194,73 @@ def routed_experts(routing: Routing, x: jax.Array, weights: dict[str, jax.Array]
                      f"{', '.join(MODES)}")
   # "auto" -> the backend's slot strategy, "dropless" -> its rows strategy.
   strategy = dispatch.resolve_strategy(strategy)
+  path = _choose_path(strategy, mode, routing.gates.shape[0])
+  return path(routing, x, weights, capacity=capacity, strategy=strategy,
+              max_fanout=max_fanout, activation=activation, remat=remat)
+
+
+def _choose_path(strategy: str, mode: str, num_groups: int):
+  """The path of a resolved strategy, chosen once: `_shard_map_path`, else
+  (gspmd) `_single_device_path` (one plan over all groups: on one device,
+  "ragged", and "sorted" where the groups do not split over the mesh),
+  `_per_device_path` ("sorted", and "gather" on a mesh without expert and
+  model axes: each device runs the single-device path on its groups) or
+  `_gspmd_path` (slot buffers with sharding constraints)."""
   if mode == "shard_map":
-    return _shard_map_experts(routing, x, weights, capacity=capacity,
-                              strategy=strategy, max_fanout=max_fanout,
-                              activation=activation)
-  num_groups, num_tokens, num_experts = routing.gates.shape
+    return _shard_map_path
   shards = _batch_shards(num_groups)
   if strategy == "ragged" or (strategy in ("gather", "sorted") and
                               _one_device()) or (
                                   strategy == "sorted" and shards is None):
-    # One plan over all G * S tokens: on one device nothing is sharded
-    # ("gather" keeps capacity per group; the fused CPU block loop of
-    # `experts.ffn`); the dropless layouts have no capacity, so groups do not
-    # change what is kept (and `ragged_dot` has no batching rule for a G
-    # axis).
-    plan = dispatch.plan(
-        _flat(routing), capacity, strategy=strategy, max_fanout=max_fanout,
-        num_groups=num_groups if strategy == "gather" else 1)
-    y = experts.ffn(plan, x.reshape(-1, x.shape[-1]), weights, activation,
-                    remat=remat and strategy != "ragged")
-    return (y.reshape(x.shape),
-            plan.kept.reshape(num_groups, num_tokens, num_experts))
+    return _single_device_path
   sizes = dict(sharding.current_mesh().shape) if shards else {}
   data_only = sizes.get("expert", 1) == 1 and sizes.get("model", 1) == 1
   if strategy not in SLOT_STRATEGIES or (strategy == "gather" and shards and
                                          data_only):
-    # "sorted", and "gather" on a data-parallel mesh (experts replicated):
-    # each device runs the single-device path on its groups.
-    def local_ffn(r, xg, w):  # one layout over a device's groups
-      plan = dispatch.plan(
-          _flat(r), capacity, strategy=strategy, max_fanout=max_fanout,
-          num_groups=r.gates.shape[0] if strategy == "gather" else 1)
-      y = experts.ffn(plan, xg.reshape(-1, xg.shape[-1]), w, activation,
-                      remat=remat)
-      return y.reshape(xg.shape), plan.kept.reshape(r.gates.shape)
-    mesh, axes = shards
-    # check_vma=False: the CPU block loop's carries start replicated.
-    return jax.shard_map(local_ffn, mesh=mesh, in_specs=(P(axes), P(axes), P()),
-                         out_specs=(P(axes), P(axes)),
-                         check_vma=False)(routing, x, weights)
+    return _per_device_path
+  return _gspmd_path
+
+
+def _single_device_path(routing, x, weights, *, capacity, strategy,
+                        max_fanout, activation, remat):
+  """One plan over all G * S tokens: on one device nothing is sharded
+  ("gather" keeps capacity per group; the fused CPU block loop of
+  `experts.ffn`); the dropless layouts have no capacity, so groups do not
+  change what is kept (and `ragged_dot` has no batching rule for a G axis)."""
+  num_groups, num_tokens, num_experts = routing.gates.shape
+  plan = dispatch.plan(
+      _flat(routing), capacity, strategy=strategy, max_fanout=max_fanout,
+      num_groups=num_groups if strategy == "gather" else 1)
+  y = experts.ffn(plan, x.reshape(-1, x.shape[-1]), weights, activation,
+                  remat=remat and strategy != "ragged")
+  return (y.reshape(x.shape),
+          plan.kept.reshape(num_groups, num_tokens, num_experts))
+
+
+def _per_device_path(routing, x, weights, *, capacity, strategy, max_fanout,
+                     activation, remat):
+  """"sorted", and "gather" on a data-parallel mesh (experts replicated):
+  each device runs the single-device path on its groups."""
+  def local_ffn(r, xg, w):  # one layout over a device's groups
+    plan = dispatch.plan(
+        _flat(r), capacity, strategy=strategy, max_fanout=max_fanout,
+        num_groups=r.gates.shape[0] if strategy == "gather" else 1)
+    y = experts.ffn(plan, xg.reshape(-1, xg.shape[-1]), w, activation,
+                    remat=remat)
+    return y.reshape(xg.shape), plan.kept.reshape(r.gates.shape)
+  mesh, axes = _batch_shards(routing.gates.shape[0])
+  # check_vma=False: the CPU block loop's carries start replicated.
+  return jax.shard_map(local_ffn, mesh=mesh, in_specs=(P(axes), P(axes), P()),
+                       out_specs=(P(axes), P(axes)),
+                       check_vma=False)(routing, x, weights)
+
+
+def _gspmd_path(routing, x, weights, *, capacity, strategy, max_fanout,
+                activation, remat):
+  """Slot buffers with sharding constraints; GSPMD inserts the all-to-all
+  (see the module docstring)."""
+  del remat  # the slot buffers' MLP (`experts.mlp`) saves its activations
+  shards = _batch_shards(routing.gates.shape[0])
   if strategy == "gather" and shards is not None:
     # Each device plans its groups at once, expert-major ([E, Gl, C, D]: each
     # expert's slots of all groups together, the blocks the all-to-all
@@ -315,8 +347,10 @@ def _local_experts(routing: Routing, x: jax.Array, weights: dict[str, Any], *,
   return _expert_major_combine(plans, y)
 
 
-def _shard_map_experts(routing, x, weights, *, capacity, strategy, max_fanout,
-                       activation):
+def _shard_map_path(routing, x, weights, *, capacity, strategy, max_fanout,
+                    activation, remat):
+  """The explicit all-to-all path (see the module docstring)."""
+  del remat  # the slot buffers' MLP (`experts.mlp`) saves its activations
   num_groups, num_tokens, num_experts = routing.gates.shape
   if strategy not in SLOT_STRATEGIES:  # static dropless bound: C = S
     strategy, capacity = "index", num_tokens
