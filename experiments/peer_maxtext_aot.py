@@ -108,8 +108,8 @@ SHAPES = {
 }
 
 # remat setting -> (MaxText remat_policy, moejax LMConfig.remat).
-REMAT = {"full": ("full", True), "selective": ("minimal", "recompute_attention"),
-         "none": ("none", False)}
+REMAT = {"full": ("full", "block"), "selective": ("minimal", "recompute_attention"),
+         "none": ("none", "none")}
 
 # moejax layouts: (mesh on a slice of n chips with E experts, fields).
 VARIANTS = {
@@ -582,7 +582,7 @@ bf16 activations, float32 params and AdamW state, capacity factor
   `top_k` routing, GSPMD expert parallelism; layouts `ep` =
   data x expert, `fsdp` = fsdp x expert (params and AdamW state sharded over
   `fsdp` too); `LMConfig.loss_chunk` (chunked cross-entropy); remat full =
-  `remat=True` (every block), selective = `remat="recompute_attention"`
+  `remat="block"` (every block), selective = `remat="recompute_attention"`
   (everything kept but the attention scores and probabilities), none.
 - Depth: each row compiled at {" and ".join(FLAGS.depths)} layers, each
   compile in its own process, and extrapolated linearly to the full depth.
