@@ -504,6 +504,7 @@ def compile_report(cfg: TrainConfig, topology: str | None = None
     ValueError: unknown topology, or the run does not fit the mesh.
     ImportError: a topology without libtpu installed.
   """
+  cfg = cfg.task().config  # as the loop trains it (e.g. the tokenizer's vocab)
   if topology:
     chip, devices = topology_devices(topology)
     mesh = topology_mesh(cfg.mesh, devices)

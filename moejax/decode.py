@@ -85,7 +85,12 @@ def decode_step(cfg: LMConfig, params, router_state, token, position, cache, *,
   return logits[:, 0], cache, dec[..., 0]
 
 
-def _pick(logits, key, temperature):
+def _pick(logits, key, temperature, vocab=None):
+  """A token per row of `logits` [B, V], among the first `vocab` ids (all
+  when None: a tokenizer's ids below the model's padded vocabulary)."""
+  if vocab is not None and vocab < logits.shape[-1]:
+    logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab, logits,
+                       -jnp.inf)
   if temperature == 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   return jax.random.categorical(key, logits / temperature,
@@ -93,7 +98,7 @@ def _pick(logits, key, temperature):
 
 
 def _loop(step, logits, state, start, rng, num_steps, temperature,
-          num_decisions):
+          num_decisions, vocab=None):
   """The sampling loop.
 
   Picks a token from `logits` float32[B, V], then `num_steps` times runs it
@@ -109,7 +114,7 @@ def _loop(step, logits, state, start, rng, num_steps, temperature,
     sub = key
     if temperature != 0.0:  # greedy decoding needs no random numbers
       key, sub = jax.random.split(key)
-    token = _pick(logits, sub, temperature)
+    token = _pick(logits, sub, temperature, vocab)
     out = out.at[:, i].set(token)
     logits, state, d = step(token, start + i, state)
     dec = dec.at[:, :, i].set(d)
@@ -120,14 +125,15 @@ def _loop(step, logits, state, start, rng, num_steps, temperature,
   logits, state, out, dec, key = jax.lax.fori_loop(
       0, num_steps, body, (logits, state, out, dec, rng))
   last = jax.random.split(key)[1] if temperature != 0.0 else key
-  out = out.at[:, num_steps].set(_pick(logits, last, temperature))
+  out = out.at[:, num_steps].set(_pick(logits, last, temperature, vocab))
   return out, state, dec[:, :, :num_steps]
 
 
-@partial(jax.jit, static_argnames=("cfg", "num_steps", "temperature", "skip"))
+@partial(jax.jit, static_argnames=("cfg", "num_steps", "temperature", "skip",
+                                   "vocab"))
 def decode_loop(cfg: LMConfig, params, router_state, logits, cache, start, rng,
                 *, num_steps: int, temperature: float = 0.0,
-                skip: str = "cond"):
+                skip: str = "cond", vocab: int | None = None):
   """Picks a token from `logits` float32[B, V], then `num_steps` cached steps.
 
   Returns (tokens int32[B, num_steps + 1], cache, decisions bool[B, M, steps]).
@@ -138,12 +144,12 @@ def decode_loop(cfg: LMConfig, params, router_state, logits, cache, start, rng,
     return logits[:, 0], cache, dec[..., 0]
   num_mod = sum(cfg.is_mod_layer(i) for i in range(cfg.num_layers))
   return _loop(step, logits, cache, start, rng, num_steps, temperature,
-               num_mod)
+               num_mod, vocab)
 
 
-@partial(jax.jit, static_argnames=("cfg", "num_new", "temperature"))
+@partial(jax.jit, static_argnames=("cfg", "num_new", "temperature", "vocab"))
 def _recompute(cfg: LMConfig, params, router_state, buffer, prompt_len, rng, *,
-               num_new: int, temperature: float):
+               num_new: int, temperature: float, vocab: int | None = None):
   """Sampling without a cache: the causal forward pass over the whole buffer
   int32[B, T] each step. Returns the buffer with the new tokens."""
   extra = {"mod_routing": "causal"} if cfg.mod_capacity else {}
@@ -161,13 +167,13 @@ def _recompute(cfg: LMConfig, params, router_state, buffer, prompt_len, rng, *,
             jnp.zeros((buffer.shape[0], 0), bool))
 
   out, _, _ = _loop(step, logits_at(buffer, prompt_len - 1), buffer,
-                    prompt_len, rng, num_new - 1, temperature, 0)
+                    prompt_len, rng, num_new - 1, temperature, 0, vocab)
   return out
 
 
 def generate(cfg: LMConfig, params, router_state, prompt, num_new: int, *,
              temperature: float = 0.0, rng: jax.Array | None = None,
-             skip: str = "cond") -> np.ndarray:
+             skip: str = "cond", vocab: int | None = None) -> np.ndarray:
   """Continues each prompt by `num_new` tokens.
 
   Args:
@@ -178,6 +184,8 @@ def generate(cfg: LMConfig, params, router_state, prompt, num_new: int, *,
     temperature: 0 = greedy; > 0 samples from softmax(logits / temperature).
     rng: PRNG key for temperature sampling (default `PRNGKey(0)`).
     skip: "cond" or "mask" (cached decoding of MoD blocks, `moejax.nn.mod`).
+    vocab: pick only ids below it (a tokenizer's vocabulary, smaller than
+      the model's padded one); None: any id.
   Returns:
     int32[B, num_new] generated tokens.
   """
@@ -197,19 +205,20 @@ def generate(cfg: LMConfig, params, router_state, prompt, num_new: int, *,
         prompt)
     return np.asarray(_recompute(cfg, params, router_state, buffer,
                                  jnp.int32(plen), rng, num_new=num_new,
-                                 temperature=temperature))
+                                 temperature=temperature, vocab=vocab))
   cache = init_cache(cfg, batch, plen + num_new)
   logits, cache, _ = prefill(cfg, params, router_state, prompt, cache,
                              skip=skip)
   out, _, _ = decode_loop(cfg, params, router_state, logits[:, -1], cache,
                           jnp.int32(plen), rng, num_steps=num_new - 1,
-                          temperature=temperature, skip=skip)
+                          temperature=temperature, skip=skip, vocab=vocab)
   return np.asarray(out)
 
 
 def sample(model: nn.Module, params: Any, router_state: Any,
            prompt: np.ndarray, num_new: int, *, temperature: float = 0.0,
-           rng: jax.Array | None = None) -> np.ndarray:
+           rng: jax.Array | None = None, vocab: int | None = None
+           ) -> np.ndarray:
   """Continues each prompt by `num_new` tokens.
 
   Args:
@@ -219,11 +228,13 @@ def sample(model: nn.Module, params: Any, router_state: Any,
     num_new: tokens to generate.
     temperature: 0 = greedy; > 0 samples from softmax(logits / temperature).
     rng: PRNG key for temperature sampling.
+    vocab: sample only ids below it (the tokenizer's vocabulary, when the
+      model's is padded beyond it); None: any id.
   Returns:
     int32[B, num_new] generated tokens.
   """
   return generate(model.config, params, router_state, prompt, num_new,
-                         temperature=temperature, rng=rng)
+                  temperature=temperature, rng=rng, vocab=vocab)
 
 
 def calibrate_predictor(model, params, tokens, capacity: float):

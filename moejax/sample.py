@@ -93,8 +93,9 @@ def load_run(workdir: str, step: int | None = None) -> Run:
 
 def sample_text(run: Run, prompt: str, num_new: int, *,
                 temperature: float = 0.0, seed: int = 0) -> str:
-  """The prompt and its continuation by `num_new` tokens of the run's model,
-  decoded together; temperature sampling uses PRNGKey(seed)."""
+  """The prompt and its continuation by `num_new` tokens of the run's model
+  (ids of the tokenizer's vocabulary only), decoded together; temperature
+  sampling uses PRNGKey(seed)."""
   tokens = np.asarray(run.tokenizer.encode(prompt), np.int32)
   if tokens.size == 0:
     raise ValueError(f"prompt={prompt!r} encodes to no tokens; allowed: a "
@@ -106,7 +107,7 @@ def sample_text(run: Run, prompt: str, num_new: int, *,
                      ">= 0")
   out = sample(run.model, run.state.params, run.state.router_state,
                tokens[None], num_new, temperature=temperature,
-               rng=jax.random.PRNGKey(seed))
+               rng=jax.random.PRNGKey(seed), vocab=run.tokenizer.vocab_size)
   return run.tokenizer.decode(np.concatenate([tokens, np.asarray(out[0])]))
 
 

@@ -141,6 +141,11 @@ def test_sample_from_a_workdir_equals_the_in_memory_state(tmp_path, capsys):
       temperature=0.8, rng=jax.random.PRNGKey(3))
   assert text == (b"def f" + bytes(want[0].astype(np.uint8).tolist())).decode(
       "utf-8", errors="replace")
+  # Only ids below `vocab` (a tokenizer smaller than the padded vocabulary).
+  low = sample_lib.sample(saved.model, state.params, state.router_state,
+                          np.array([[100, 101]], np.int32), 6,
+                          temperature=2.0, vocab=7)
+  assert low.shape == (1, 6) and low.max() < 7
   # An older checkpoint by step; a missing one is named.
   assert sample_lib.load_run(str(tmp_path), step=2).step == 2
   with pytest.raises(ValueError, match="step=3 has no checkpoint"):

@@ -75,6 +75,14 @@ def _stderr(message: str) -> None:
   sys.stderr.flush()
 
 
+@jax.jit
+def _all_finite(arrays) -> jax.Array:
+  """Whether every element of every array is finite: one program (one set of
+  collectives over sharded arrays; an eager op per array dispatches as many
+  collective programs at once, which can stall XLA:CPU's host devices)."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in arrays]))
+
+
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` for `TrainState`.
 
@@ -139,8 +147,7 @@ class Checkpointer:
       raise ValueError(f"holds step {int(jax.device_get(state.step))}")
     floats = [x for x in jax.tree.leaves(state)
               if jnp.issubdtype(x.dtype, jnp.inexact)]
-    if floats and not bool(jnp.all(jnp.stack(
-        [jnp.all(jnp.isfinite(x)) for x in floats]))):
+    if floats and not bool(_all_finite(floats)):
       raise ValueError("holds non-finite values")
     return state
 
