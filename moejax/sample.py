@@ -40,20 +40,6 @@ class Run(NamedTuple):
   tokenizer: Any
 
 
-def run_tokenizer(config: Any) -> Any:
-  """The tokenizer of a run config: the one it names (`config.tokenizer`),
-  else that of its prepared shards (`tokens:DIR`, their manifest), else
-  bytes (`moejax.data.tokenizers.load_tokenizer`)."""
-  from moejax.data import shards, tokenizers  # pylint: disable=g-import-not-at-top
-  spec = getattr(config, "tokenizer", None)
-  dataset = getattr(config, "dataset", "") or ""
-  if spec is None and dataset.startswith("tokens:"):
-    directory = os.path.expanduser(dataset.split(":", 1)[1])
-    spec = shards.manifest_tokenizer_spec(directory,
-                                          shards.load_manifest(directory))
-  return tokenizers.load_tokenizer(spec)
-
-
 def load_run(workdir: str, step: int | None = None) -> Run:
   """The run in `workdir` (its `config.json`) restored from checkpoint `step`
   (None: the newest readable one), on one device.
@@ -70,8 +56,8 @@ def load_run(workdir: str, step: int | None = None) -> Run:
   if not hasattr(config, "model") or not hasattr(config.model, "vocab_size"):
     raise ValueError(f"{config_file.path(workdir)} holds a "
                      f"{type(config).__name__}; allowed: an LM run's config")
-  tokenizer = run_tokenizer(config)
-  model = config.task().build_model()
+  task = config.task()  # the run's tokenizer (`moejax.tasks.lm.run_tokenizer`)
+  model = task.build_model()
   mesh = sharding.make_mesh(None, jax.devices()[:1])
   template = aot.abstract_state(config, mesh)
   directory = os.path.join(workdir, "checkpoints")
@@ -88,7 +74,7 @@ def load_run(workdir: str, step: int | None = None) -> Run:
       state = ckpt.restore(template, step)
   finally:
     ckpt.close()
-  return Run(config, model, state, step, tokenizer)
+  return Run(config, model, state, step, task.tokenizer)
 
 
 def sample_text(run: Run, prompt: str, num_new: int, *,

@@ -38,12 +38,13 @@ def test_prepare_check_train_resume_sample_on_fsdp_x_expert(tmp_path, capsys):
   values = {"config": "tiny", "dataset": f"tokens:{data}",
             "mesh": "fsdp:4,expert:2", "override": (
                 "model.num_layers=2", "model.d_model=64", "model.d_ff=128",
-                "model.moe.expert_width=64", "model.vocab_size=384"),
+                "model.moe.expert_width=64"),
             "batch_size": 8, "seq_len": 32, "steps": 4, "warmup_steps": 1,
             "log_every": 1, "eval_every": 100, "eval_batches": 1,
             "checkpoint_every": 2, "sample_tokens": 0, "progress": False}
   cfg = lm_flags.build_train_config(values)
   assert cfg.model.num_layers == 2 and cfg.mesh == "fsdp:4,expert:2"
+  assert cfg.task().config.model.vocab_size == 384  # 300 padded to 128s
 
   # The compile-only check of this exact run on the local devices.
   assert lm_flags.compile_only(values) == 0
