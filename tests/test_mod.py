@@ -340,8 +340,9 @@ def _full_recompute(model, params, rs, prompt, num_new):
 
 
 @pytest.mark.parametrize("moe", [MOE, MoEConfig(num_experts=4, expert_width=32,
-                                                router=ExpertChoice())],
-                         ids=["top_k", "expert_choice"])
+                                                router=ExpertChoice()),
+                                 dataclasses.replace(MOE, num_noop_experts=2)],
+                         ids=["top_k", "expert_choice", "staged_mode"])
 def test_sample_matches_full_recompute(moe):
   cfg, model, params, rs, tokens = _lm(mod_capacity=0.25, moe=moe)
   prompt = np.asarray(tokens[:, :5])
@@ -420,3 +421,26 @@ def test_config_validation_and_flags():
   with pytest.raises(ValueError, match="mod_capacity"):
     lm_flags.build_train_config(dict(config="tiny", router="dense",
                                      mod_capacity=2.0))
+
+
+# Staged MoDE at the default evaluation capacity: the routed block's MoE must
+# not route (and give capacity to) the zero rows of the tokens that skip it,
+# or an earlier token's output depends on later tokens.
+@pytest.mark.parametrize("causal", ["predictor", "router"])
+def test_mode_block_causal_at_default_capacity(causal):
+  moe = MoEConfig(num_experts=4, expert_width=32, router=TopK(k=2),
+                  num_noop_experts=2)
+  block = MoDBlock(MoDConfig(capacity=0.25, causal=causal), HEADS, FF, moe=moe)
+  x, pos = _inputs(4)
+  params = _init_block(block, x, pos)
+  apply = jax.jit(lambda x: block.apply({"params": params}, x, pos,
+                                        train=False, routing="causal"))
+  y, chosen = apply(x)
+  assert 0 < float(jnp.mean(chosen)) < 1  # some tokens skip the block
+  for t in range(2, 12, 2):  # later tokens change: earlier outputs may not
+    for seed in range(2):
+      later = x.at[:, t + 1:].set(3 * jax.random.normal(
+          jax.random.PRNGKey(10 + seed + t), (B, L - t - 1, D)))
+      y2, _ = apply(later)
+      np.testing.assert_array_equal(np.asarray(y2[:, :t + 1]),
+                                    np.asarray(y[:, :t + 1]))

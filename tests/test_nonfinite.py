@@ -291,3 +291,184 @@ def test_dispatch_strategies_agree_on_kept_with_bad_priority():
            for s in STRATEGIES]
   for m in masks[1:]:
     np.testing.assert_array_equal(m, masks[0])
+
+
+# Every registered method: a NaN / +inf token is routed nowhere, takes no slot,
+# stays out of aux losses and metrics, and its own row of the logits' gradient
+# is finite (one bad token costs one token, not the step).
+
+def _method_cases():
+  from moejax import routing
+  cases = []
+  for name in routing.available():
+    cases.append((name, {}))
+  cases.append(("loss_free", {"score_fn": "sigmoid"}))
+  cases.append(("top_k", {"score_fn": "sigmoid"}))
+  return cases
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("name,options", _method_cases(),
+                         ids=lambda v: v if isinstance(v, str) else
+                         ",".join(f"{k}={x}" for k, x in v.items()))
+def test_every_router_nonfinite_token_routed_nowhere_finite_grad(
+    name, options, train):
+  from moejax import routing
+  method = routing.build(name, {"k": 2, **options})
+  num_experts, bad_row = 4, 2
+  state = {**method.init_state(num_experts),
+           **method.router_params(num_experts)}
+  if name == "expert_threshold":
+    state = {"ema": jnp.full((num_experts,), -0.5),
+             "count": jnp.asarray(1000, jnp.int32)}
+  logits = jax.random.normal(jax.random.PRNGKey(4), (1, 8, num_experts))
+  rng = jax.random.PRNGKey(5) if method.uses_rng else None
+
+  def route(logits):
+    return method.route_groups(logits, state, rng=rng, train=train)
+
+  def objective(logits):
+    out = route(logits)
+    w = jnp.arange(1.0, num_experts + 1.0)
+    return (jnp.sum(out.routing.gates * w)
+            + sum(jnp.sum(v) for v in out.aux.values()))
+
+  run = jax.jit(lambda l: (route(l), jax.grad(objective)(l)))
+  for bad in (NAN, INF):
+    out, grad = run(logits.at[0, bad_row, 1].set(bad))
+    gates = np.asarray(out.routing.gates)[0]
+    assert np.all(np.isfinite(gates)), (bad, gates)
+    assert np.all(gates[bad_row] == 0), (bad, gates[bad_row])
+    assert np.all(np.isfinite(np.asarray(grad))), (bad, grad)
+    for key, v in list(out.aux.items()) + list(out.metrics.items()):
+      assert np.all(np.isfinite(np.asarray(v))), (bad, key, v)
+
+
+def test_dtop_p_inf_token_takes_no_slot():
+  from moejax import dispatch
+  from moejax.routing.dtopp import dtop_p, standardize
+  logits = jnp.array([[INF, 0.0], [3.0, 0.0], [2.0, 0.0]])
+  out = jax.jit(functools.partial(dtop_p, p=0.5))(logits)
+  gates = np.asarray(out.routing.gates)
+  assert np.all(gates[0] == 0) and gates[1, 0] > 0 and gates[2, 0] > 0
+  kept = dispatch.plan(out.routing, 1, strategy="index").kept
+  assert bool(kept[1, 0]) and not bool(kept[0].any())
+  assert np.all(np.isnan(np.asarray(standardize(logits))[0]))
+
+
+def test_biased_top_k_sigmoid_nonfinite_token():
+  from moejax.routing.lossfree import biased_top_k
+  for bad in (NAN, INF):
+    out = biased_top_k(jnp.array([[0.5, bad, -0.3, 1.0], [0.5, 0.2, -0.3, 1.0]]),
+                       2, score_fn="sigmoid")
+    gates = np.asarray(out.routing.gates)
+    assert np.all(gates[0] == 0) and np.count_nonzero(gates[1]) == 2
+
+
+@pytest.mark.parametrize("router", ["exact_k", "dynamic_k"])
+def test_probmoe_metrics_over_finite_tokens(router):
+  from moejax import routing
+  method = routing.build(router, {"k": 2})
+  logits = jax.random.normal(jax.random.PRNGKey(6), (1, 6, 4))
+  route = jax.jit(lambda l: method.route_groups(
+      l, {}, rng=jax.random.PRNGKey(7), train=True).metrics)
+  metrics = route(logits.at[0, 0, 2].set(NAN))
+  keys = ["marginal_max"] + (["expected_k"] if router == "dynamic_k" else [])
+  from moejax.routing import probmoe
+  m = (probmoe.exact_k_marginals(logits[0, 1:], 2) if router == "exact_k"
+       else probmoe.dynamic_k_marginals(logits[0, 1:], method.k_min,
+                                        method.k_max))
+  want = {"marginal_max": float(jnp.mean(m.max(-1))),
+          "expected_k": float(jnp.mean(m.sum(-1)))}
+  for key in keys:
+    np.testing.assert_allclose(float(metrics[key][0]), want[key], rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [NAN, INF])
+def test_mod_top_c_skips_nonfinite_token(bad):
+  from moejax.nn.mod import top_c_mask
+  mask = np.asarray(jax.jit(top_c_mask, static_argnums=1)(
+      jnp.array([[bad, 3.0, 2.0, 1.0]]), 2))
+  np.testing.assert_array_equal(mask, [[False, True, True, False]])
+
+
+def test_expert_cutoffs_nonfinite_scores():
+  from moejax.routing.threshold import expert_cutoffs
+  scores = jax.random.normal(jax.random.PRNGKey(8), (64, 4))
+  bad = scores.at[3, 0].set(NAN).at[5, 1].set(INF).at[7, 2].set(-NAN)
+  cut = np.asarray(jax.jit(expert_cutoffs, static_argnums=1)(bad, 8))
+  want = np.asarray(expert_cutoffs(
+      scores.at[3, 0].set(-INF).at[5, 1].set(-INF).at[7, 2].set(-INF), 8))
+  assert np.all(np.isfinite(cut)), cut
+  np.testing.assert_array_equal(cut, want)
+
+
+@pytest.mark.parametrize("router", ["top_k", "dtop_p"])
+def test_moe_layer_bad_token_costs_one_token(router):
+  """A NaN in one token's input: the layer's metrics count the other tokens,
+  and the gradient of the other tokens' outputs is finite for every param
+  (the router kernel included), so the step need not be skipped."""
+  import flax.linen as nn
+  from moejax import routing
+  from moejax.nn import MoE, MoEConfig
+  from moejax.train.step import router_outputs
+  cfg = MoEConfig(num_experts=4, expert_width=8, num_shared=0,
+                  router=routing.build(router, {"k": 2}))
+  layer = MoE(cfg, d_model=8)
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 8, 8))
+  variables = jax.jit(lambda x: layer.init(jax.random.PRNGKey(1), x,
+                                           train=True))(x)
+  params = nn.meta.unbox(variables["params"])
+  others = np.arange(8) != 3
+
+  @jax.jit
+  def run(params, x):
+    def loss(params):
+      y, coll = layer.apply({**variables, "params": params}, x, train=True,
+                            mutable=["router"])
+      (m,) = [v["metrics"] for v in router_outputs(coll["router"]).values()]
+      return jnp.sum(jnp.where(others[None, :, None], y, 0.0) ** 2), m
+    return jax.grad(loss, has_aux=True)(params)
+
+  grads, metrics = run(params, x.at[0, 3, 2].set(NAN))
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    assert np.all(np.isfinite(np.asarray(g))), path
+  assert float(metrics["nonfinite_tokens"]) == 1.0
+  _, clean = run(params, x)
+  if router == "top_k":
+    assert float(metrics["experts_per_token"]) == 2.0
+  for key in ("experts_per_token", "fanout_std", "zero_expert_fraction"):
+    assert np.isfinite(float(metrics[key])), key
+
+
+@pytest.mark.parametrize("score", ["raw", "sigmoid"])
+def test_mod_block_nonfinite_token(score):
+  """A NaN token skips a MoD block (the top-C go to clean tokens); the BCE
+  losses and metrics stay finite, and so do the gradients of the other
+  tokens' outputs."""
+  import flax.linen as nn
+  from moejax.nn.mod import MoDBlock, MoDConfig
+  from moejax.train.step import router_outputs
+  block = MoDBlock(MoDConfig(capacity=0.5, score=score), 2, 16)
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 8, 8))
+  pos = jnp.arange(8)[None]
+  params = nn.meta.unbox(jax.jit(lambda x: block.init(
+      jax.random.PRNGKey(1), x, pos, train=True))(x)["params"])
+  others = np.arange(8) != 2
+
+  @jax.jit
+  def run(params, x):
+    def loss(params):
+      (y, chosen), coll = block.apply({"params": params}, x, pos, train=True,
+                                      mutable=["router"])
+      (layer,) = router_outputs(coll["router"]).values()
+      objective = jnp.sum(jnp.where(others[None, :, None], y, 0.0) ** 2)
+      return objective + layer["aux_loss"], (chosen, layer)
+    return jax.grad(loss, has_aux=True)(params)
+
+  grads, (chosen, layer) = run(params, x.at[0, 2, 1].set(NAN))
+  assert not bool(chosen[0, 2]) and int(chosen.sum()) == 4
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    assert np.all(np.isfinite(np.asarray(g))), path
+  for key, v in list(layer["aux"].items()) + list(layer["metrics"].items()):
+    assert np.isfinite(float(v)), key

@@ -141,17 +141,19 @@ class BlockBase(nn.Module):
   param_dtype: Any = jnp.float32
   recompute_attention: bool = False
 
-  def _mlp(self, z: jax.Array, *, train: bool, decode: bool = False
-           ) -> jax.Array:
+  def _mlp(self, z: jax.Array, *, train: bool, decode: bool = False,
+           token_mask: jax.Array | None = None) -> jax.Array:
     """The MLP "mlp": float[..., D] -> float[..., D], dense without `moe`,
-    else the MoE layer (with `decode_moe`'s config when `decode`)."""
+    else the MoE layer (with `decode_moe`'s config when `decode`).
+    `token_mask` (bool[B, L]): the MoE routes only these tokens (the others,
+    e.g. a MoD block's empty slots, take no capacity)."""
     width = z.shape[-1]
     if self.moe is None:
       return DenseFFN(width, self.d_ff, self.activation, self.dtype,
                       self.param_dtype, name="mlp")(z)
     moe = decode_moe(self.moe) if decode else self.moe
     return MoE(moe, width, self.dtype, self.param_dtype, name="mlp")(
-        z, train=train)
+        z, train=train, token_mask=token_mask)
 
 
 class Block(BlockBase):
@@ -161,12 +163,14 @@ class Block(BlockBase):
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, *, train: bool,
                kv=None, kv_mask: jax.Array | None = None,
-               segment_ids: jax.Array | None = None):
+               segment_ids: jax.Array | None = None,
+               token_mask: jax.Array | None = None):
     """Returns (x + Δ or Δ, the updated cache or None without `kv`).
 
     `kv` / `kv_mask` (bool[B, L], the tokens whose keys/values are stored):
     cached decoding, evaluation only (see `Attention`). `segment_ids`
     int32[B, L]: attention stays inside each segment (packed documents).
+    `token_mask` (bool[B, L]): the tokens an MoE MLP routes (default all).
     """
     if kv is not None and train:
       raise ValueError("train=True with a kv cache is not supported; cached "
@@ -178,6 +182,7 @@ class Block(BlockBase):
     y = x + h
     z = nn.RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype,
                    name="mlp_norm")(y)
-    m = self._mlp(z, train=train, decode=kv is not None)
+    m = self._mlp(z, train=train, decode=kv is not None,
+                  token_mask=token_mask)
     delta = h + m
     return (x + delta if self.residual else delta), kv

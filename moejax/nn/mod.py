@@ -121,9 +121,14 @@ def top_c_mask(logits: jax.Array, capacity: int) -> jax.Array:
   """bool[B, L]: per sequence the `capacity` highest logits (ties: lower index).
 
   Expert choice with one expert: `select_top_tokens` on float32[L, 1] per row.
+  A token with a NaN or +inf logit is never chosen and takes no slot (fewer
+  than `capacity` tokens enter when the others are not enough).
   """
-  return jax.vmap(lambda r: select_top_tokens(r[:, None], capacity)[:, 0])(
-      logits)
+  finite = jnp.isfinite(logits) | (logits == -jnp.inf)
+  ranked = jnp.where(finite, logits, -jnp.inf)
+  chosen = jax.vmap(lambda r: select_top_tokens(r[:, None], capacity)[:, 0])(
+      ranked)
+  return chosen & finite
 
 
 def mod_routing(logits: jax.Array, chosen: jax.Array, score: str) -> Routing:
@@ -138,7 +143,8 @@ def mod_routing(logits: jax.Array, chosen: jax.Array, score: str) -> Routing:
     tokens (never exactly 0 there), priority = -index, so that the dispatcher
     keeps the chosen tokens in their original order.
   """
-  gates = jnp.where(chosen, gate_score(logits, score), 0.0)[..., None]
+  gates = jnp.where(chosen, gate_score(jnp.where(chosen, logits, 0.0), score),
+                    0.0)[..., None]
   order = -jnp.arange(logits.shape[-1], dtype=jnp.float32)
   priority = jnp.broadcast_to(order, logits.shape)[..., None]
   return Routing(gates=gates, priority=priority)
@@ -162,6 +168,14 @@ def selection_metrics(pred: jax.Array, target: jax.Array) -> dict[str, jax.Array
       "recall": hits / jnp.maximum(jnp.sum(target), 1.0),
       "capacity": jnp.mean(pred),
   }
+
+
+def _finite_bce(logits: jax.Array, target: jax.Array) -> jax.Array:
+  """Mean sigmoid BCE float32[] over the finite entries of float32[B, L]
+  logits (the others contribute neither value nor gradient)."""
+  ok = jnp.isfinite(logits)
+  bce = optax.sigmoid_binary_cross_entropy(jnp.where(ok, logits, 0.0), target)
+  return jnp.sum(jnp.where(ok, bce, 0.0)) / jnp.maximum(jnp.sum(ok), 1)
 
 
 class Predictor(nn.Module):
@@ -218,10 +232,16 @@ class MoDBlock(BlockBase, _MoDConfigField):
                                              "truncated_normal", in_axis=0,
                                              out_axis=()),
             ("embed",)), (x.shape[-1],), self.param_dtype)
-    logits = jnp.einsum("bld,d->bl", x.astype(jnp.float32),
-                        w.astype(jnp.float32))
-    pred_logits = Predictor(self.param_dtype, name="predictor")(
-        jax.lax.stop_gradient(x))
+    # A token with a NaN / inf input gets NaN logits (never chosen, left out
+    # of the BCE losses and metrics) computed from zeros, so that the router's
+    # and the predictor's gradients stay finite.
+    x32 = x.astype(jnp.float32)
+    x_ok = jnp.all(jnp.isfinite(x32), axis=-1)
+    x_safe = jnp.where(x_ok[..., None], x32, 0.0)
+    logits = jnp.where(x_ok, jnp.einsum("bld,d->bl", x_safe,
+                                        w.astype(jnp.float32)), jnp.nan)
+    pred_logits = jnp.where(x_ok, Predictor(self.param_dtype, name="predictor")(
+        jax.lax.stop_gradient(x_safe)), jnp.nan)
     if kv is not None:
       chosen = (pred_logits if routing == "predictor" else logits) > 0
       return self._decode(x, positions, gate_score(logits, cfg.score), chosen,
@@ -241,19 +261,23 @@ class MoDBlock(BlockBase, _MoDConfigField):
     slot_pos = jnp.where(plan.slot_valid[:, 0], slot_pos, PAD_POSITION)
     slot_seg = None if segment_ids is None else jnp.take_along_axis(
         segment_ids, plan.token_index[:, 0], axis=1)
-    delta, _ = self._block()(xs, slot_pos, train=train, segment_ids=slot_seg)
+    # The empty slots (tokens that skip the block) are zero rows: an MoE MLP
+    # must not route them (they would take capacity from processed tokens and
+    # make an earlier token's output depend on later ones).
+    delta, _ = self._block()(xs, slot_pos, train=train, segment_ids=slot_seg,
+                             token_mask=plan.slot_valid[:, 0])
     update = jax.vmap(lambda p, d: p.combine(d[None]))(plan, delta)  # [B, L, D]
 
-    # Causal routing: BCE of the router (A) and of the predictor (B).
+    # Causal routing: BCE of the router (A) and of the predictor (B), means
+    # over the tokens whose logits are finite.
     t = target.astype(jnp.float32)
-    aux = {"mod_router_bce": optax.sigmoid_binary_cross_entropy(logits, t).mean(),
-           "mod_predictor_bce": optax.sigmoid_binary_cross_entropy(
-               pred_logits, t).mean()}
+    aux = {"mod_router_bce": _finite_bce(logits, t),
+           "mod_predictor_bce": _finite_bce(pred_logits, t)}
     aux_loss = (cfg.aux_weight * aux["mod_router_bce"]
                 + cfg.predictor_weight * aux["mod_predictor_bce"])
+    score = router_score(jnp.where(chosen, logits, 0.0), cfg.score)
     metrics = {"mod_capacity": jnp.mean(chosen.astype(jnp.float32)),
-               "mod_score_mean": jnp.sum(
-                   jnp.where(chosen, router_score(logits, cfg.score), 0.0))
+               "mod_score_mean": jnp.sum(jnp.where(chosen, score, 0.0))
                / jnp.maximum(jnp.sum(chosen), 1)}
     for name, pred in (("pred", pred_logits > 0), ("router", logits > 0)):
       for key, value in selection_metrics(pred, target).items():
@@ -276,7 +300,7 @@ class MoDBlock(BlockBase, _MoDConfigField):
     are stored in `kv`. Returns (x', chosen, kv)."""
     def run(mdl, x, kv):
       delta, kv = mdl._block()(x, positions, train=train, kv=kv,
-                               kv_mask=chosen)
+                               kv_mask=chosen, token_mask=chosen)
       update = (delta * score[..., None].astype(delta.dtype)).astype(x.dtype)
       return jnp.where(chosen[..., None], x + update, x), kv
 

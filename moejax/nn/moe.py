@@ -141,12 +141,15 @@ def to_groups(x: jax.Array, group_size: int | None) -> jax.Array:
 
 
 def layer_metrics(gates: jax.Array, kept: jax.Array,
-                  group_metrics: dict[str, jax.Array]) -> dict[str, jax.Array]:
+                  group_metrics: dict[str, jax.Array],
+                  tokens: jax.Array | None = None) -> dict[str, jax.Array]:
   """Metrics of a whole layer.
 
   Args:
     gates: float32[G, S, E]; kept: bool[G, S, E]; group_metrics: the routers'
       per-group metrics with a leading G axis.
+    tokens: optional bool[G, S], the tokens the statistics count (default
+      all): the finite ones, which the routers route.
   Returns:
     group metrics averaged over groups, with the load statistics recomputed
     over all groups together, plus `drop_fraction`,
@@ -157,7 +160,8 @@ def layer_metrics(gates: jax.Array, kept: jax.Array,
   num_experts = gates.shape[-1]
   flat = Routing(gates=gates.reshape(-1, num_experts),
                  priority=jnp.zeros_like(gates.reshape(-1, num_experts)))
-  metrics.update(losses.routing_metrics(flat))
+  metrics.update(losses.routing_metrics(
+      flat, tokens=None if tokens is None else tokens.reshape(-1)))
   routed = flat.routed & jnp.isfinite(flat.gates)  # dispatch skips NaN gates
   kept = kept.reshape(routed.shape)
   metrics["drop_fraction"] = (routed & ~kept).sum() / jnp.maximum(routed.sum(), 1)
@@ -180,7 +184,15 @@ class MoE(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, *, train: bool,
+               token_mask: jax.Array | None = None) -> jax.Array:
+    """x float[B, L, D] -> float[B, L, D].
+
+    `token_mask` (bool[B, L], default all): the tokens to route. The others
+    are routed nowhere (their output is 0 plus the shared experts'), take no
+    capacity and stay out of the aux losses and metrics: a MoD block's empty
+    slots, which must not change the routing of the tokens it processes.
+    """
     cfg = self.config
     method = cfg.router
     batch, length, width = x.shape
@@ -193,8 +205,16 @@ class MoE(nn.Module):
                                              "truncated_normal"),
             ("embed", "expert")),
         (width, cfg.router_experts), self.param_dtype)
-    logits = jnp.einsum("gsd,de->gse", groups.astype(jnp.float32),
+    # A token with a NaN / inf input: its logits are NaN (routed nowhere, left
+    # out of the statistics), computed from zeros so that the router kernel's
+    # gradient stays finite (the bad token costs itself, not the step).
+    x32 = groups.astype(jnp.float32)
+    x_ok = jnp.all(jnp.isfinite(x32), axis=-1, keepdims=True)
+    if token_mask is not None:  # masked tokens: routed nowhere, like NaN ones
+      x_ok = x_ok & to_groups(token_mask[..., None], cfg.group_size)
+    logits = jnp.einsum("gsd,de->gse", jnp.where(x_ok, x32, 0.0),
                         router_kernel.astype(jnp.float32))
+    logits = jnp.where(x_ok, logits, jnp.nan)
 
     init_state = method.init_state(cfg.router_experts)
     state = (self.variable("router_state", "state", lambda: init_state).value
@@ -244,12 +264,14 @@ class MoE(nn.Module):
     if cfg.num_noop_experts:  # no-op assignments are never dropped
       noop = out.routing.routed[..., cfg.num_experts:]
       kept = jnp.concatenate([kept, noop], axis=-1)
-    metrics = layer_metrics(out.routing.gates, kept, out.metrics)
+    finite = finite_tokens(logits)
+    metrics = layer_metrics(out.routing.gates, kept, out.metrics, finite)
+    if token_mask is not None:  # masked tokens are not counted as non-finite
+      finite = finite | ~to_groups(token_mask[..., None], cfg.group_size)[..., 0]
     metrics["capacity"] = jnp.asarray(cap, jnp.float32)
     # Tokens with a NaN / +inf router logit: routed nowhere by the routers that
     # check (`routing.finite_tokens`), left out of aux losses and metrics.
-    metrics["nonfinite_tokens"] = jnp.sum(
-        ~finite_tokens(logits)).astype(jnp.float32)
+    metrics["nonfinite_tokens"] = jnp.sum(~finite).astype(jnp.float32)
     if cfg.num_noop_experts:
       routed = out.routing.routed
       metrics["noop_fraction"] = (noop.sum() / jnp.maximum(routed.sum(), 1)

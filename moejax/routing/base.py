@@ -120,6 +120,27 @@ def finite_tokens(logits: jax.Array) -> jax.Array:
   return jnp.all(ok, axis=-1) & jnp.any(jnp.isfinite(logits), axis=-1)
 
 
+def guard_tokens(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(safe float32[S, E], ok bool[S]): `logits` with non-finite tokens zeroed.
+
+  Routers compute on `safe` and route the tokens where `ok` is False nowhere.
+  The replacement comes before any differentiated operation (the "double
+  where"): a NaN that entered a softmax would make that token's row of the
+  gradient NaN even where its output is masked later, and with it the router
+  kernel's gradient and the whole step. With the guard the bad token's row of
+  the gradient is 0 and every other token's is unchanged.
+  """
+  ok = finite_tokens(logits)
+  return jnp.where(ok[..., None], logits, 0.0), ok
+
+
+def stats_probs(probs: jax.Array, ok: jax.Array) -> jax.Array:
+  """float32[S, E] probabilities with NaN rows where bool[S] `ok` is False,
+  so that aux losses and metrics (means over finite rows) leave those tokens
+  out; the NaN is a constant of the select, so no gradient is NaN."""
+  return jnp.where(ok[..., None], probs, jnp.nan)
+
+
 def check_number(name: str, value, low: float, high: float | None = None,
                  low_open: bool = False) -> None:
   """Validates a real hyperparameter in [low, high] (or (low, ...] if low_open)."""

@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from moejax.routing.base import (Path, RouterMethod, RouterOutput, check_logits,
-                                 check_number, check_p, mean_metric, register)
+                                 check_number, check_p, guard_tokens,
+                                 mean_metric, register)
 from moejax.routing.topp import check_max_k, resolve_max_k, select_top_p
 
 SCOPES = ("global", "layer")
@@ -49,9 +50,15 @@ def standardize(logits: jax.Array, eps: float = STD_EPS) -> jax.Array:
   Population variance (ddof = 0); invariant to adding a per-token constant and,
   up to eps, to multiplying by a positive one. The mean and variance are over
   the finite logits, clipped to +-`LOGIT_CLIP`; a -inf logit (masked expert)
-  stays -inf. NaN / +inf rows give NaN (a non-finite token).
+  stays -inf. Rows of a non-finite token (a NaN or +inf logit,
+  `finite_tokens`) give NaN.
   """
-  logits = logits.astype(jnp.float32)
+  safe, ok = guard_tokens(logits.astype(jnp.float32))
+  return jnp.where(ok[..., None], _standardize(safe, eps), jnp.nan)
+
+
+def _standardize(logits: jax.Array, eps: float) -> jax.Array:
+  """`standardize` of finite tokens' logits float32[S, E] (no NaN, no +inf)."""
   masked = logits == -jnp.inf
   clipped = jnp.clip(jnp.where(masked, 0.0, logits), -LOGIT_CLIP, LOGIT_CLIP)
   count = jnp.maximum(jnp.sum(~masked, axis=-1, keepdims=True), 1)
@@ -79,7 +86,10 @@ def dtop_p(logits: jax.Array, p, *, scale=1.0,
   logits = check_logits(logits)
   check_p("p", p)
   max_k = resolve_max_k(max_k, logits.shape[-1])
-  scaled = jnp.asarray(scale, jnp.float32) * standardize(logits)
+  # Standardised from the guarded logits: a non-finite token (routed nowhere
+  # by `select_top_p`) gets a finite gradient row.
+  scaled = jnp.asarray(scale, jnp.float32) * _standardize(
+      guard_tokens(logits)[0], STD_EPS)
   probs = jax.nn.softmax(scaled, axis=-1)
   return select_top_p(logits, probs, p, max_k, normalize=True)
 

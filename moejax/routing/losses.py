@@ -91,13 +91,17 @@ def load_stats(load: jax.Array) -> dict[str, jax.Array]:
 
 
 def routing_metrics(routing: Routing, probs: jax.Array | None = None,
-                    logits: jax.Array | None = None) -> dict[str, jax.Array]:
+                    logits: jax.Array | None = None,
+                    tokens: jax.Array | None = None) -> dict[str, jax.Array]:
   """Metrics every router reports, for one group.
 
   Args:
     routing: the group's `Routing` (gates float32[S, E]).
     probs: optional float32[S, E] router probabilities (for `router_entropy`).
-    logits: optional float32[S, E] logits (for `mean_logsumexp`).
+    logits: optional float32[S, E] logits (for `mean_logsumexp`); tokens with
+      a non-finite logit (`finite_tokens`) are left out.
+    tokens: optional bool[S], the tokens to count (default all with finite
+      gates and logits).
   Returns:
     dict with `experts_per_token` [], `fanout_std` [], `zero_expert_fraction` [],
     `expert_load` [E] (fraction of assignments, sums to 1; uniform if none),
@@ -107,6 +111,8 @@ def routing_metrics(routing: Routing, probs: jax.Array | None = None,
   ok = _finite_rows(routing.gates)
   if logits is not None:
     ok = ok & finite_tokens(logits)
+  if tokens is not None:
+    ok = ok & tokens
   routed = (routing.routed & ok[:, None]).astype(jnp.float32)
   fanout = routed.sum(axis=-1)
   counts = routed.sum(axis=0)

@@ -26,8 +26,8 @@ from moejax.checks import check_choice
 from moejax.routing import losses
 from moejax.routing.base import (Routing, RouterMethod, RouterOutput,
                                  check_int, check_logits, check_number,
-                                 choice_priority, register, scatter_choices,
-                                 take_rows)
+                                 choice_priority, guard_tokens, register,
+                                 scatter_choices, stats_probs, take_rows)
 
 ScoreFn = Literal["softmax", "sigmoid"]
 SCORE_FNS: tuple[str, ...] = typing.get_args(ScoreFn)
@@ -57,11 +57,14 @@ def biased_top_k(logits: jax.Array, k: int, bias: jax.Array | None = None, *,
   Returns:
     RouterOutput; priority puts first choices (by biased score) before second
     choices. aux: the standard losses with `probs` = scores normalised over E
-    (for sigmoid scores `s / sum(s)`).
+    (for sigmoid scores `s / sum(s)`). A token with a NaN or +inf logit is
+    routed nowhere and left out of aux and metrics (`guard_tokens`).
   """
   logits = check_logits(logits)
   num_experts = logits.shape[-1]
   k = check_int("k", k, 1, num_experts)
+  raw = logits
+  logits, ok = guard_tokens(logits)
   scores = router_scores(logits, score_fn)
   biased = scores if bias is None else scores + jnp.asarray(
       bias, jnp.float32)[None, :]
@@ -76,11 +79,12 @@ def biased_top_k(logits: jax.Array, k: int, bias: jax.Array | None = None, *,
   elif normalize:
     weights = chosen / jnp.maximum(jnp.sum(chosen, axis=-1, keepdims=True),
                                    1e-30)
-  gates = scatter_choices(weights, index, num_experts)
+  gates = scatter_choices(weights, index, num_experts,
+                          jnp.broadcast_to(ok[:, None], index.shape))
   routing = Routing(gates=gates, priority=choice_priority(index, num_experts))
   probs = scores if score_fn == "softmax" else jax.nn.softmax(
       jax.nn.log_sigmoid(logits), axis=-1)
-  return losses.standard_output(logits, probs, routing)
+  return losses.standard_output(raw, stats_probs(probs, ok), routing)
 
 
 @dataclasses.dataclass(frozen=True)

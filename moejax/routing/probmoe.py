@@ -58,8 +58,9 @@ import jax.numpy as jnp
 
 from moejax.routing import losses
 from moejax.routing.base import (Routing, RouterMethod, RouterOutput,
-                                 check_int, check_logits, register,
-                                 scatter_choices, take_rows)
+                                 check_int, check_logits, finite_tokens,
+                                 guard_tokens, register, scatter_choices,
+                                 stats_probs, take_rows)
 from moejax.routing.topk import top_k
 
 NEG = -1e30  # finite log(0): NEG + x == NEG for every |x| < 1e22
@@ -396,9 +397,15 @@ def _straight_through(logits, k_min, k_max, rng):
 
 
 def _output(logits, probs, gates, extra) -> RouterOutput:
+  """RouterOutput from the raw logits float32[S, E] and the probs and gates
+  computed from the guarded ones: a non-finite token is routed nowhere and left
+  out of aux and metrics."""
+  ok = finite_tokens(logits)
+  gates = jnp.where(ok[:, None], gates, 0.0)
   routed = gates != 0
   priority = jnp.where(routed, jax.lax.stop_gradient(probs), 0.0)
   routing = Routing(gates=gates, priority=priority)
+  probs = stats_probs(probs, ok)
   metrics = losses.routing_metrics(routing, probs, logits)
   metrics.update(extra)
   return RouterOutput(routing=routing,
@@ -406,10 +413,14 @@ def _output(logits, probs, gates, extra) -> RouterOutput:
                       metrics=metrics)
 
 
-def _extra_metrics(m, k_min, k_max):
-  extra = {"marginal_max": jnp.mean(jnp.max(m, axis=-1))}
+def _extra_metrics(m, k_min, k_max, ok):
+  """Marginal statistics (float32[]) over the finite tokens bool[S] `ok`."""
+  nan = jnp.full(ok.shape, jnp.nan)
+  extra = {"marginal_max": losses.finite_mean(
+      jnp.where(ok, jnp.max(m, axis=-1), nan))}
   if k_min != k_max:
-    extra["expected_k"] = jnp.mean(jax.lax.stop_gradient(m).sum(axis=-1))
+    extra["expected_k"] = losses.finite_mean(
+        jnp.where(ok, jax.lax.stop_gradient(m).sum(axis=-1), nan))
   return extra
 
 
@@ -433,12 +444,13 @@ def sampled_groups(logits: jax.Array, k_min: int, k_max: int,
   groups, tokens, num_experts = logits.shape
   k_min = check_int("k_min", k_min, 1, num_experts)
   k_max = check_int("k_max", k_max, k_min, num_experts)
-  flat = logits.reshape(groups * tokens, num_experts)
+  flat, ok = guard_tokens(logits.reshape(groups * tokens, num_experts))
   gates, probs, m, _ = _straight_through(flat, k_min, k_max, rng)
   shape = logits.shape
-  return jax.vmap(lambda l, p, g, mm: _output(
-      l, p, g, _extra_metrics(mm, k_min, k_max)))(
-          logits, probs.reshape(shape), gates.reshape(shape), m.reshape(shape))
+  return jax.vmap(lambda l, p, g, mm, o: _output(
+      l, p, g, _extra_metrics(mm, k_min, k_max, o)))(
+          logits, probs.reshape(shape), gates.reshape(shape), m.reshape(shape),
+          ok.reshape(shape[:2]))
 
 
 def exact_k(logits: jax.Array, k: int, *,
@@ -462,8 +474,9 @@ def exact_k(logits: jax.Array, k: int, *,
   k = check_int("k", k, 1, logits.shape[-1])
   if rng is None:
     return top_k(logits, k, normalize=False)
-  gates, probs, m, _ = _straight_through(logits, k, k, rng)
-  return _output(logits, probs, gates, _extra_metrics(m, k, k))
+  safe, ok = guard_tokens(logits)
+  gates, probs, m, _ = _straight_through(safe, k, k, rng)
+  return _output(logits, probs, gates, _extra_metrics(m, k, k, ok))
 
 
 def dynamic_k_map(logits: jax.Array, k_min: int, k_max: int) -> jax.Array:
@@ -494,16 +507,17 @@ def dynamic_k(logits: jax.Array, k_min: int, k_max: int, *,
   """
   logits, k_min, k_max = _check_range(logits, k_min, k_max)
   num_experts = logits.shape[-1]
+  safe, ok = guard_tokens(logits)
   if rng is None:
-    size = dynamic_k_map(logits, k_min, k_max)
-    probs = jax.nn.softmax(logits, axis=-1)
-    _, index = jax.lax.top_k(logits, k_max)
+    size = dynamic_k_map(safe, k_min, k_max)
+    probs = jax.nn.softmax(safe, axis=-1)
+    _, index = jax.lax.top_k(safe, k_max)
     weights = take_rows(probs, index)
     keep = jnp.arange(k_max)[None, :] < size[:, None]
     gates = scatter_choices(weights, index, num_experts, keep)
     return _output(logits, probs, gates, {})
-  gates, probs, m, _ = _straight_through(logits, k_min, k_max, rng)
-  return _output(logits, probs, gates, _extra_metrics(m, k_min, k_max))
+  gates, probs, m, _ = _straight_through(safe, k_min, k_max, rng)
+  return _output(logits, probs, gates, _extra_metrics(m, k_min, k_max, ok))
 
 
 def _route_groups(method, k_min, k_max, logits, state, rng, train):

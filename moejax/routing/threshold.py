@@ -82,13 +82,16 @@ def expert_cutoffs(scores: jax.Array, k) -> jax.Array:
   count with their multiplicity).
 
   Args:
-    scores: float32[N, E].
+    scores: float32[N, E]; a NaN or +inf score counts as -inf (below every
+      finite score), so the cutoffs are finite while an expert has at least
+      k finite scores.
     k: int or int32[E], 1 <= k <= N (may be traced).
   """
   scores = check_logits(scores)
   num_tokens, num_experts = scores.shape
   if isinstance(k, int):
     check_int("k", k, 1, num_tokens)
+  scores = jnp.where(jnp.isnan(scores) | (scores == jnp.inf), -jnp.inf, scores)
   x = scores.T  # [E, N]
   keys = _sortable_keys(x)
   kth = _kth_key(keys, jnp.clip(_as_counts(k, num_experts), 1, num_tokens))

@@ -22,7 +22,8 @@ from moejax.checks import check_choice
 from moejax.routing import losses
 from moejax.routing.base import (Routing, RouterMethod, RouterOutput,
                                  check_int, check_logits, choice_priority,
-                                 register, scatter_choices, top_k_rows)
+                                 guard_tokens, register, scatter_choices,
+                                 stats_probs, top_k_rows)
 from moejax.routing.lossfree import SCORE_FNS, ScoreFn, biased_top_k
 
 Balance = Literal["aux", "none"]
@@ -46,17 +47,20 @@ def top_k(logits: jax.Array, k: int, *, normalize: bool = True,
       probability min(1, 2 * g2), g2 its weight renormalised over the top two.
   Returns:
     RouterOutput; `routing.priority` puts every first choice before every second
-    choice (k - rank), ties broken by the dispatcher toward earlier tokens.
+    choice (k - rank), ties broken by the dispatcher toward earlier tokens. A
+    token with a NaN or +inf logit (`finite_tokens`) is routed nowhere, with a
+    gradient row of 0 (`guard_tokens`).
   """
   logits = check_logits(logits)
   num_experts = logits.shape[-1]
   k = check_int("k", k, 1, num_experts)
-  probs = jax.nn.softmax(logits, axis=-1)
+  safe, ok = guard_tokens(logits)
+  probs = jax.nn.softmax(safe, axis=-1)
   top_p, index = top_k_rows(probs, k)  # [S, K]
   weights = top_p
   if normalize:
     weights = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
-  keep = None
+  keep = jnp.broadcast_to(ok[:, None], index.shape)
   if random_second:
     if rng is None:
       raise ValueError("random_second=True needs rng")
@@ -64,11 +68,11 @@ def top_k(logits: jax.Array, k: int, *, normalize: bool = True,
       g2 = top_p[:, 1] / (top_p[:, 0] + top_p[:, 1])
       u = jax.random.uniform(rng, g2.shape)
       keep_second = u < jnp.minimum(1.0, 2.0 * g2)
-      keep = jnp.ones(index.shape, bool).at[:, 1].set(keep_second)
+      keep = keep.at[:, 1].set(keep[:, 1] & keep_second)
   gates = scatter_choices(weights, index, num_experts, keep)
   priority = choice_priority(index, num_experts)
   routing = Routing(gates=gates, priority=priority)
-  return losses.standard_output(logits, probs, routing)
+  return losses.standard_output(logits, stats_probs(probs, ok), routing)
 
 
 @register

@@ -32,7 +32,8 @@ import jax.numpy as jnp
 from moejax.routing import losses
 from moejax.routing.base import (Routing, RouterMethod, RouterOutput,
                                  check_int, check_logits, check_p,
-                                 choice_priority, register, scatter_choices,
+                                 choice_priority, finite_tokens, guard_tokens,
+                                 register, scatter_choices, stats_probs,
                                  top_k_rows)
 
 
@@ -75,8 +76,11 @@ def select_top_p(logits: jax.Array, probs: jax.Array, p, max_k: int,
   """Top-p selection of given probabilities (shared by `top_p` and `dtop_p`).
 
   Args:
-    logits: float32[S, E] raw router logits (for the z-loss and its metric).
-    probs: float32[S, E] routing probabilities.
+    logits: float32[S, E] raw router logits (for the z-loss and its metric;
+      a token with a NaN or +inf logit is routed nowhere and left out of the
+      aux losses and metrics).
+    probs: float32[S, E] routing probabilities, computed from the guarded
+      logits (`guard_tokens`) so that their gradient is finite.
     p: threshold in (0, 1] (may be traced).
     max_k: static K.
     normalize: renormalise the kept weights to sum to 1 per token.
@@ -87,16 +91,22 @@ def select_top_p(logits: jax.Array, probs: jax.Array, p, max_k: int,
     `selected_mass` (mean kept probability per token).
   """
   num_experts = probs.shape[-1]
+  ok = finite_tokens(logits)
   values, index, keep, capped = top_p_prefix(probs, p, max_k)
+  keep = keep & ok[:, None]
   kept_values = jnp.where(keep, values, 0.0)
   mass = kept_values.sum(axis=-1, keepdims=True)
-  weights = kept_values / mass if normalize else values
+  weights = kept_values / jnp.where(ok[:, None], mass, 1.0) if normalize \
+      else values
   gates = scatter_choices(weights, index, num_experts, keep)
   priority = choice_priority(index, num_experts)
   routing = Routing(gates=gates, priority=priority)
+  probs = stats_probs(probs, ok)
   metrics = losses.routing_metrics(routing, probs, logits)
-  metrics["top_p_capped"] = capped.mean().astype(jnp.float32)
-  metrics["selected_mass"] = losses.finite_mean(mass[:, 0])
+  metrics["top_p_capped"] = losses.finite_mean(
+      jnp.where(ok, capped.astype(jnp.float32), jnp.nan))
+  metrics["selected_mass"] = losses.finite_mean(
+      jnp.where(ok, mass[:, 0], jnp.nan))
   return RouterOutput(routing=routing,
                       aux=losses.standard_aux(logits, probs, routing),
                       metrics=metrics)
@@ -118,7 +128,7 @@ def top_p(logits: jax.Array, p, *, max_k: int | None = None,
   logits = check_logits(logits)
   check_p("p", p)
   max_k = resolve_max_k(max_k, logits.shape[-1])
-  probs = jax.nn.softmax(logits, axis=-1)
+  probs = jax.nn.softmax(guard_tokens(logits)[0], axis=-1)
   return select_top_p(logits, probs, p, max_k, normalize)
 
 
