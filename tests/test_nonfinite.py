@@ -472,3 +472,48 @@ def test_mod_block_nonfinite_token(score):
     assert np.all(np.isfinite(np.asarray(g))), path
   for key, v in list(layer["aux"].items()) + list(layer["metrics"].items()):
     assert np.isfinite(float(v)), key
+
+
+# Zero tokens: one clear ValueError naming what is empty.
+
+@pytest.mark.parametrize("strategy", STRATEGIES + ("dropless",))
+def test_plan_with_zero_tokens_is_a_clear_error(strategy):
+  from moejax import dispatch
+  from moejax.routing import Routing
+  empty = Routing(gates=jnp.zeros((0, 4)), priority=jnp.zeros((0, 4)))
+  with pytest.raises(ValueError, match=r"^routing has S=0 tokens; allowed: "
+                     r"S >= 1"):
+    dispatch.plan(empty, 4, strategy=strategy)
+
+
+@pytest.mark.parametrize("name", ["top_k", "expert_choice", "expert_threshold",
+                                  "dtop_p", "exact_k"])
+def test_router_with_zero_tokens_is_a_clear_error(name):
+  from moejax import routing
+  method = routing.build(name, {"k": 2})
+  state = {**method.init_state(4), **method.router_params(4)}
+  with pytest.raises(ValueError, match=r"^logits have S=0 tokens; allowed: "
+                     r"S >= 1"):
+    method.route(jnp.zeros((0, 4)), state, rng=None, train=False)
+
+
+def test_moe_layer_with_zero_length_is_a_clear_error():
+  from moejax.nn import MoE, MoEConfig
+  layer = MoE(MoEConfig(num_experts=4, expert_width=8), d_model=8)
+  with pytest.raises(ValueError, match=r"^x has L=0 tokens per sequence; "
+                     r"allowed: L >= 1"):
+    layer.init(jax.random.PRNGKey(0), jnp.zeros((2, 0, 8)), train=False)
+
+
+@pytest.mark.parametrize("name", ["expert_choice", "expert_threshold",
+                                  "top_k"])
+@pytest.mark.parametrize("factor", [0.0, -1.0, NAN])
+def test_capacity_factor_checked_by_every_method(name, factor):
+  from moejax import routing
+  method = routing.build(name, {"k": 2})
+  with pytest.raises(ValueError, match=r"^capacity_factor=.* is out of "
+                     r"range; allowed: > 0"):
+    method.capacity(16, 4, factor)
+  with pytest.raises(ValueError, match=r"^num_tokens=0 is out of range; "
+                     r"allowed: >= 1"):
+    method.capacity(0, 4, 1.0)

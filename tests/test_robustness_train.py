@@ -157,3 +157,36 @@ def test_workdir_that_is_a_file(tmp_path, below):
   with pytest.raises(ValueError, match=f"workdir='{workdir}' is not a "
                      "directory"):
     loop.train(tiny_config(), workdir)
+
+
+@pytest.mark.parametrize("field", ["learning_rate", "weight_decay",
+                                   "clip_norm", "b1", "b2", "min_lr_ratio"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_optim_config_refuses_nonfinite(field, value):
+  from moejax.train.state import OptimConfig
+  with pytest.raises(ValueError, match=f"^{field}={value} "):
+    OptimConfig(**{field: value})
+
+
+def test_step_with_nonfinite_update_is_skipped():
+  """Finite loss and gradient, but the update (here an infinite learning
+  rate, which OptimConfig refuses) makes the params non-finite: skipped."""
+  import optax
+  from moejax.train.step import make_train_step
+  cfg = tiny_config()
+  task = cfg.task()
+  model = task.build_model()
+  state = loop.nn.meta.unbox(jax.jit(lambda rng: loop.init_state(
+      cfg, model, rng))(jax.random.PRNGKey(0)))
+  opt = optax.sgd(float("inf"))
+  state = state.replace(opt_state=opt.init(state.params))
+  step = make_train_step(model, opt, task.method, donate=False,
+                         loss_fn=task.loss_fn(model))
+  new, metrics = step(state, task.data().batch(0))
+  assert np.isfinite(float(metrics["loss"]))
+  assert np.isfinite(float(metrics["grad_norm"]))
+  assert float(metrics["skipped"]) == 1.0
+  assert float(metrics["nonfinite_update"]) == 1.0
+  assert float(metrics["nonfinite_loss"]) == 0.0
+  assert params_equal(new.params, state.params)
+  assert int(new.step) == 1

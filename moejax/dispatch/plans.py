@@ -111,6 +111,12 @@ def plan(routing: Routing, capacity: int, *,
   if strategy not in STRATEGIES:
     raise ValueError(f"strategy={strategy!r} is not supported; allowed: "
                      f"{', '.join(STRATEGIES)}")
+  if routing.gates.ndim != 2 or min(routing.gates.shape) < 1:
+    num_tokens, num_experts = (routing.gates.shape + (0, 0))[:2]
+    axis, size = ("S", num_tokens) if num_tokens < 1 else ("E", num_experts)
+    raise ValueError(f"routing has {axis}={size} "
+                     f"{'tokens' if axis == 'S' else 'experts'}; allowed: "
+                     f"{axis} >= 1 (gates float32[S, E], one group)")
   num_experts = routing.gates.shape[-1]
   max_fanout = num_experts if max_fanout is None else check_int(
       "max_fanout", max_fanout, 1, num_experts)

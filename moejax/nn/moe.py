@@ -196,6 +196,11 @@ class MoE(nn.Module):
     cfg = self.config
     method = cfg.router
     batch, length, width = x.shape
+    if length < 1 or batch < 1:
+      axis, size = ("L", length) if length < 1 else ("B", batch)
+      raise ValueError(f"x has {axis}={size} "
+                       f"{'tokens per sequence' if axis == 'L' else 'sequences'}"
+                       f"; allowed: {axis} >= 1")
     groups = sharding.constrain(to_groups(x, cfg.group_size), sharding.ACT_GSD)
     num_tokens = groups.shape[1]
 

@@ -100,11 +100,16 @@ def check_p(name: str, value) -> None:
 
 
 def check_logits(logits: jax.Array) -> jax.Array:
-  """Checks `[S, E]` and returns float32 logits."""
+  """Checks `[S, E]` with S, E >= 1 and returns float32 logits."""
   if logits.ndim != 2:
     raise ValueError(
         f"logits must have shape [S, E] (one group); got shape {logits.shape}. "
         "Use jax.vmap for several groups.")
+  for axis, size in zip("SE", logits.shape):
+    if size < 1:
+      raise ValueError(f"logits have {axis}={size} "
+                       f"{'tokens' if axis == 'S' else 'experts'}; allowed: "
+                       f"{axis} >= 1")
   return logits.astype(jnp.float32)
 
 
@@ -270,13 +275,21 @@ def capacity(num_tokens: int, k: float, num_experts: int,
     capacity_factor: > 0.
     multiple: round up to a multiple of this (4 by default).
   """
-  if not capacity_factor > 0:
-    raise ValueError(
-        f"capacity_factor={capacity_factor} is out of range; allowed: > 0")
+  check_capacity_args(num_tokens, capacity_factor)
   if not k > 0:
     raise ValueError(f"k={k} is out of range; allowed: > 0")
   c = math.ceil(capacity_factor * num_tokens * k / num_experts)
   return max(multiple, multiple * math.ceil(c / multiple))
+
+
+def check_capacity_args(num_tokens: int, capacity_factor: float) -> None:
+  """Validates the arguments every method's `capacity` takes: S >= 1 tokens
+  and a finite capacity factor > 0 (also where a method ignores it)."""
+  if isinstance(num_tokens, bool) or not num_tokens >= 1:
+    raise ValueError(f"num_tokens={num_tokens} is out of range; allowed: >= 1")
+  if not (capacity_factor > 0 and math.isfinite(capacity_factor)):
+    raise ValueError(
+        f"capacity_factor={capacity_factor} is out of range; allowed: > 0")
 
 
 def ceil_div(a: float, b: float) -> int:

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 
 from moejax.routing import losses
 from moejax.routing.base import (Routing, RouterMethod, RouterOutput,
-                                 ceil_div, check_int, check_logits, finite_tokens,
+                                 ceil_div, check_capacity_args, check_int,
+                                 check_logits, finite_tokens,
                                  register,
                                  scatter_rows)
 
@@ -77,11 +78,12 @@ class ExpertChoice(RouterMethod):
   aux_weights: ClassVar = {"load_balance": 0.0, "z_loss": 1e-3, "entropy": 0.0}
 
   def capacity(self, num_tokens, num_experts, capacity_factor):
-    del capacity_factor  # the routing itself fixes the load
+    # Checked, then unused: the routing itself fixes the load.
+    check_capacity_args(num_tokens, capacity_factor)
     return min(num_tokens, ceil_div(num_tokens * self.k, num_experts))
 
   def route(self, logits, state, *, rng, train):
     del state, rng, train
-    num_tokens, num_experts = logits.shape
+    num_tokens, num_experts = check_logits(logits).shape
     return expert_choice(logits,
                          self.capacity(num_tokens, num_experts, 1.0))

@@ -42,8 +42,8 @@ import jax.numpy as jnp
 
 from moejax.routing import losses
 from moejax.routing.base import (Routing, RouterMethod, RouterOutput, capacity,
-                                 check_int, check_logits, check_number,
-                                 finite_tokens, register)
+                                 check_capacity_args, check_int, check_logits,
+                                 check_number, finite_tokens, register)
 
 _TINY = float(jnp.finfo(jnp.float32).tiny)
 
@@ -319,6 +319,7 @@ class ExpertThreshold(RouterMethod):
 
   def capacity(self, num_tokens, num_experts, capacity_factor):
     # The training bounds allow (1 + C) k per expert: slots for that many.
+    check_capacity_args(num_tokens, capacity_factor)
     return capacity(num_tokens, self.target_fanout, num_experts,
                     max(capacity_factor, 1.0 + self.et_capacity_bound))
 

@@ -8,6 +8,7 @@ the next training batch). orbax checkpoints save and restore all of it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -32,13 +33,13 @@ class OptimConfig:
   """AdamW with linear warmup and cosine decay, gradient clipping.
 
   Attributes:
-    learning_rate: peak learning rate (> 0).
+    learning_rate: peak learning rate (finite, > 0).
     warmup_steps: linear warmup steps (>= 0).
     total_steps: steps of the cosine schedule (>= 1).
     min_lr_ratio: final learning rate / peak, in [0, 1].
-    weight_decay: decoupled weight decay (>= 0), on matrices only.
-    clip_norm: global gradient-norm clip (> 0).
-    b1, b2: Adam betas.
+    weight_decay: decoupled weight decay (finite, >= 0), on matrices only.
+    clip_norm: global gradient-norm clip (finite, > 0).
+    b1, b2: Adam betas, in [0, 1).
   """
   learning_rate: float = 3e-3
   warmup_steps: int = 50
@@ -50,13 +51,19 @@ class OptimConfig:
   b2: float = 0.95
 
   def __post_init__(self):
+    finite = lambda v: math.isfinite(v)
     checks = {
-        "learning_rate": (self.learning_rate > 0, "> 0"),
+        "learning_rate": (finite(self.learning_rate)
+                          and self.learning_rate > 0, "finite > 0"),
         "warmup_steps": (self.warmup_steps >= 0, ">= 0"),
         "total_steps": (self.total_steps >= 1, ">= 1"),
         "min_lr_ratio": (0 <= self.min_lr_ratio <= 1, "[0, 1]"),
-        "weight_decay": (self.weight_decay >= 0, ">= 0"),
-        "clip_norm": (self.clip_norm > 0, "> 0"),
+        "weight_decay": (finite(self.weight_decay)
+                         and self.weight_decay >= 0, "finite >= 0"),
+        "clip_norm": (finite(self.clip_norm) and self.clip_norm > 0,
+                      "finite > 0"),
+        "b1": (0 <= self.b1 < 1, "[0, 1)"),
+        "b2": (0 <= self.b2 < 1, "[0, 1)"),
     }
     for name, (ok, allowed) in checks.items():
       if not ok:

@@ -11,13 +11,15 @@ params with optax, then updates every controller from that step's router metrics
 which are already reduced over the whole global batch (the step is one SPMD
 program over the mesh).
 
-Non-finite steps: when the objective or the global gradient norm is not
-finite, the step keeps params, optimizer state and controller state as they
-were (one predicate selects old or new for all three, inside the one compiled
-program; `optax.apply_if_finite` would guard the optimizer alone) while the step
-counter and the data position advance, so the run moves past the bad batch.
-The metrics say so: `skipped` (1.0 when the update was dropped) and
-`nonfinite_loss` (1.0 when the objective itself was not finite).
+Non-finite steps: when the objective, the global gradient norm or the new
+params are not finite (`step_is_finite`, the one predicate), the step keeps
+params, optimizer state and controller state as they were (one select of old
+or new for all three, inside the one compiled program; `optax.apply_if_finite`
+would guard the optimizer alone) while the step counter and the data position
+advance, so the run moves past the bad batch. The metrics say so: `skipped`
+(1.0 when the update was dropped), `nonfinite_loss` (1.0 when the objective
+itself was not finite) and `nonfinite_update` (1.0 when loss and gradient
+were finite but the update was not, e.g. an overflowing learning rate).
 
 Gradient accumulation (`grad_accum=N`): the global batch B is split into N
 microbatches of B/N rows (microbatch j holds rows j, j+N, ...: each device
@@ -204,6 +206,25 @@ def make_loss_fn(model: nn.Module, train: bool):
   return loss_fn
 
 
+def all_finite(tree: Any) -> jax.Array:
+  """bool[]: every floating leaf of `tree` is finite (one reduction each)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def step_is_finite(objective: jax.Array, grad_norm: jax.Array,
+                   new_params: Any) -> tuple[jax.Array, jax.Array]:
+  """The skip predicate of a train step: (finite bool[], grads_finite bool[]).
+
+  `finite`: the objective, the global gradient norm and every new param are
+  finite (the update is applied); `grads_finite`: the first two alone (False
+  with a finite update = a non-finite update, counted apart).
+  """
+  grads_finite = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
+  return grads_finite & all_finite(new_params), grads_finite
+
+
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
                     method: RouterMethod | None,
                     schedule: optax.Schedule | None = None,
@@ -282,9 +303,9 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
     objective, ce, aux_loss, extra, layers, grads = gradients(
         state.params, state.router_state, batch, rng)
     grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    finite, grads_finite = step_is_finite(objective, grad_norm, params)
     router_state = update_router_state(method, state.router_state, layers,
                                        state.step)
     # A non-finite step changes nothing but the step and the data position.
@@ -295,6 +316,8 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
     metrics = {"loss": ce, "aux_loss": aux_loss, "grad_norm": grad_norm,
                "skipped": 1.0 - finite.astype(jnp.float32),
                "nonfinite_loss": 1.0 - jnp.isfinite(objective).astype(
+                   jnp.float32),
+               "nonfinite_update": (grads_finite & ~finite).astype(
                    jnp.float32),
                **summarize(layers), **extra}
     if method is not None and router_state:
