@@ -46,6 +46,7 @@ import sys
 import time
 
 from absl import app, flags
+import moejax  # noqa: F401,E402  (before jax: moejax.platform)
 import jax
 import jax.numpy as jnp
 

@@ -1,0 +1,65 @@
+"""Quiet JAX start-up on machines without a TPU (imported before jax).
+
+With `libtpu` installed (the `tpu` and `test` extras install it), every JAX
+program tries the TPU backend first. On a machine without a TPU that prints
+libtpu's initialisation errors (`Failed to find host bounds...`, `E0000 ...
+unexpected worker hostname...`) and, with several programs at once, a libtpu
+lockfile error. `quiet_tpu_defaults` (called when `moejax` is imported, before
+jax is) sets environment defaults only where nothing is set already, and only
+on Linux with libtpu installed and no TPU device (`/dev/accel*`, `/dev/vfio/*`):
+
+  - no GPU device either (`/dev/nvidia*`, `/dev/kfd`): `JAX_PLATFORMS=cpu`, so
+    libtpu is never loaded;
+  - a GPU: `TPU_WORKER_HOSTNAMES` / `TPU_ACCELERATOR_TYPE` defaults, with which
+    libtpu gives up quietly and JAX picks the GPU.
+
+A TPU machine is left alone, and so is any process that set `JAX_PLATFORMS`
+(an empty value included). Ahead-of-time compiles for TPU topologies
+(`moejax.aot`) load libtpu's compiler whatever the platform, so they keep
+working. Import `moejax` before `jax` in a new program for this to apply.
+"""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import sys
+from typing import MutableMapping
+
+TPU_DEVICE_GLOBS = ("/dev/accel*", "/dev/vfio/*")
+GPU_DEVICE_GLOBS = ("/dev/nvidia[0-9]*", "/dev/kfd")
+# libtpu's own discovery of a non-existent slice, answered in advance.
+QUIET_TPU_ENV = {"TPU_WORKER_HOSTNAMES": "localhost",
+                 "TPU_ACCELERATOR_TYPE": "v5litepod-1"}
+
+
+def _any(patterns) -> bool:
+  return any(glob.glob(p) for p in patterns)
+
+
+def quiet_tpu_defaults(environ: MutableMapping[str, str] | None = None, *,
+                       platform: str = sys.platform,
+                       has_libtpu: bool | None = None,
+                       has_tpu: bool | None = None,
+                       has_gpu: bool | None = None) -> dict[str, str]:
+  """Sets the defaults above in `environ` (default `os.environ`).
+
+  The keyword arguments override the probes (for tests). Returns the
+  variables it set ({} when it left everything alone).
+  """
+  environ = os.environ if environ is None else environ
+  if not platform.startswith("linux") or "JAX_PLATFORMS" in environ:
+    return {}
+  if has_libtpu is None:
+    has_libtpu = importlib.util.find_spec("libtpu") is not None
+  if has_tpu is None:
+    has_tpu = _any(TPU_DEVICE_GLOBS)
+  if not has_libtpu or has_tpu:
+    return {}
+  if has_gpu is None:
+    has_gpu = _any(GPU_DEVICE_GLOBS)
+  wanted = dict(QUIET_TPU_ENV) if has_gpu else {"JAX_PLATFORMS": "cpu"}
+  if has_gpu and any(k in environ for k in QUIET_TPU_ENV):
+    return {}  # someone configured libtpu on purpose
+  environ.update(wanted)
+  return wanted
