@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -15,6 +15,8 @@
 
 # %% [markdown]
 # # Balance without aux losses: loss-free bias and Expert Threshold
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/moejax/moejax/blob/main/colab/04_balance.ipynb)
 #
 # Two controllers keep experts evenly loaded without an auxiliary loss:
 #
@@ -30,15 +32,30 @@
 # `experiments/compare_balance.py` (report: `experiments/reports/balance.md`).
 
 # %%
-# Colab: pip installs moejax from MOEJAX_SOURCE, the path of a moejax checkout or
-# its git URL; set it first, e.g. in a cell above: `%env MOEJAX_SOURCE=/content/moejax`.
-# Locally: `pip install -e .` in the repository.
-try:
-  import moejax  # noqa: F401
-except ImportError:
-  import os
-  assert os.getenv("MOEJAX_SOURCE"), "moejax is missing: set MOEJAX_SOURCE (see the comment above)"
-  # %pip install -q {os.environ["MOEJAX_SOURCE"]}
+# Installs moejax where it is missing (Colab CPU, GPU or TPU runtimes) without
+# touching the runtime's jax: moejax itself with --no-deps, then only the
+# dependencies the runtime lacks, with jax pinned to the installed version.
+# MOEJAX_SOURCE may name another source (a checkout's path, a git+https URL).
+# Locally (`pip install -e .` in the repository) this cell does nothing.
+import importlib.util
+if importlib.util.find_spec("moejax") is None:
+  import importlib.metadata, os, subprocess, sys
+  pip = [sys.executable, "-m", "pip", "install", "-q"]
+  subprocess.check_call(pip + ["--no-deps", os.getenv(
+      "MOEJAX_SOURCE", "git+https://github.com/moejax/moejax")])
+  def has(module):
+    try:
+      return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+      return False
+  needed = {"flax": "flax", "optax": "optax", "chex": "chex",
+            "orbax.checkpoint": "orbax-checkpoint", "absl": "absl-py",
+            "tqdm": "tqdm", "sklearn": "scikit-learn", "yaml": "pyyaml",
+            "matplotlib": "matplotlib"}
+  missing = [pkg for module, pkg in needed.items() if not has(module)]
+  if missing:
+    subprocess.check_call(
+        pip + [f"jax=={importlib.metadata.version('jax')}"] + missing)
 
 # %%
 import jax, jax.numpy as jnp, numpy as np

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -15,6 +15,8 @@
 
 # %% [markdown]
 # # Mixture-of-Depths (MoD) and MoDE
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/moejax/moejax/blob/main/colab/05_mod.ipynb)
 #
 # A routed block (Raposo et al. 2024) gives each token a scalar score `r = w·x`;
 # per sequence only the top-C tokens (C = 12.5% of the sequence) go through
@@ -26,15 +28,30 @@
 # auxiliary BCE on the router) makes the decision causal.
 
 # %%
-# Colab: pip installs moejax from MOEJAX_SOURCE, the path of a moejax checkout or
-# its git URL; set it first, e.g. in a cell above: `%env MOEJAX_SOURCE=/content/moejax`.
-# Locally: `pip install -e .` in the repository.
-try:
-  import moejax  # noqa: F401
-except ImportError:
-  import os
-  assert os.getenv("MOEJAX_SOURCE"), "moejax is missing: set MOEJAX_SOURCE (see the comment above)"
-  # %pip install -q {os.environ["MOEJAX_SOURCE"]}
+# Installs moejax where it is missing (Colab CPU, GPU or TPU runtimes) without
+# touching the runtime's jax: moejax itself with --no-deps, then only the
+# dependencies the runtime lacks, with jax pinned to the installed version.
+# MOEJAX_SOURCE may name another source (a checkout's path, a git+https URL).
+# Locally (`pip install -e .` in the repository) this cell does nothing.
+import importlib.util
+if importlib.util.find_spec("moejax") is None:
+  import importlib.metadata, os, subprocess, sys
+  pip = [sys.executable, "-m", "pip", "install", "-q"]
+  subprocess.check_call(pip + ["--no-deps", os.getenv(
+      "MOEJAX_SOURCE", "git+https://github.com/moejax/moejax")])
+  def has(module):
+    try:
+      return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+      return False
+  needed = {"flax": "flax", "optax": "optax", "chex": "chex",
+            "orbax.checkpoint": "orbax-checkpoint", "absl": "absl-py",
+            "tqdm": "tqdm", "sklearn": "scikit-learn", "yaml": "pyyaml",
+            "matplotlib": "matplotlib"}
+  missing = [pkg for module, pkg in needed.items() if not has(module)]
+  if missing:
+    subprocess.check_call(
+        pip + [f"jax=={importlib.metadata.version('jax')}"] + missing)
 
 # %%
 import time
@@ -92,7 +109,8 @@ cfg = TrainConfig(model=model_cfg, optim=OptimConfig(learning_rate=3e-3, warmup_
                   batch_size=8, seq_len=64, steps=40, log_every=10, eval_every=20,
                   eval_batches=2, checkpoint_every=1000, num_devices=1,
                   sample_tokens=32, progress=False)
-summary = train(cfg, "/tmp/moejax_05_mod")
+import tempfile
+summary = train(cfg, tempfile.mkdtemp(prefix="moejax_05_mod_"))  # a fresh workdir
 for r in read_jsonl(summary["metrics"]):
     if "loss" in r:
         print(f"step {r['step']:3d} loss {r['loss']:.3f} predictor acc {r['mod_pred_accuracy']:.3f} "

@@ -7,7 +7,12 @@ libtpu installed, ahead of time for a real TPU slice.
   python experiments/paper_configs.py                 # counts + bytes
   python experiments/paper_configs.py --compile --compile_layers=1
   python experiments/paper_configs.py --topology=v5p-64,v5e-256 \
-      --out=experiments/reports/tpu_aot.json          # TPU AOT report
+      --out=/tmp/tpu_aot.json                         # TPU AOT report
+
+Counts take seconds; --compile a few minutes; --topology about 15-25 min per
+slice for the four paper configs on 2 CPU cores (one line per plan tried).
+JSON goes to --out only when given (the committed reports are regenerated
+with an explicit --out=experiments/reports/...).
 
 With --topology, each config is compiled for each slice (TPU HLO from
 `jax.experimental.topologies`, no TPU needed) on the mesh of its registry entry
@@ -38,7 +43,7 @@ import dataclasses  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from moejax import configs as configs_lib  # noqa: E402
 
@@ -62,8 +67,9 @@ flags.DEFINE_integer("max_tries", 4, "With --topology: plans tried per config "
 flags.DEFINE_integer("first_plan", 0, "With --topology: index of the first "
                      "plan tried (resumes a run whose earlier plans' rows are "
                      "in --tables_from).")
-flags.DEFINE_string("out", "experiments/reports/paper_configs.json",
-                    "JSON output path ('' = none).")
+flags.DEFINE_string("out", "", "JSON output path ('' = none; e.g. "
+                    "experiments/reports/paper_configs.json to regenerate "
+                    "the committed one).")
 flags.DEFINE_string("markdown", "", "With --topology: markdown report path.")
 flags.DEFINE_list("tables_from", [], "JSON outputs of earlier --topology runs "
                   "whose rows join this report (e.g. one run per slice).")
@@ -209,7 +215,10 @@ def topology_rows(names: list[str], topologies: list[str],
     for name in names:
       mod = CONFIGS[name]
       tries = plans(mod, len(devices), chip.hbm_bytes)[:FLAGS.max_tries]
-      for plan in tries[FLAGS.first_plan:]:
+      for i, plan in enumerate(tries[FLAGS.first_plan:], FLAGS.first_plan):
+        print(f"compiling {name} for {topology}: plan {i + 1}/{len(tries)} "
+              f"(remat {'on' if plan['remat'] else 'off'}, "
+              f"{plan['shard_batch']} per shard)...", flush=True)
         try:
           row = compile_plan(mod, topology, plan)
         except Exception as e:  # noqa: BLE001 - a plan that does not compile
@@ -408,12 +417,26 @@ def count_markdown(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def main(argv):
-  del argv
+def main(flag_values) -> int:
+  """Exit code: 0, or 2 after one line on bad input or a missing libtpu."""
+  del flag_values
+  try:
+    run()
+  except (ValueError, ImportError, FileNotFoundError) as e:
+    sys.stderr.write(f"error: {e}\n")
+    return 2
+  return 0
+
+
+def run() -> None:
   unknown = [n for n in FLAGS.configs if n not in CONFIGS]
   if unknown:
-    raise ValueError(f"configs={unknown} unknown; allowed: "
+    raise ValueError(f"configs={','.join(unknown)} is unknown; allowed: "
                      f"{', '.join(CONFIGS)}")
+  if FLAGS.topology:
+    from moejax import aot
+    for topology in FLAGS.topology:  # unknown names and no libtpu: now
+      aot.topology_devices(topology)
   rows = []
   for name in FLAGS.configs:
     row = count_row(name, CONFIGS[name])
@@ -453,5 +476,11 @@ def main(argv):
     print(f"wrote {FLAGS.out}")
 
 
+HELP_GROUPS = {"configs": ["configs", "out"],
+               "stand-in compile": ["compile", "compile_layers"],
+               "TPU ahead of time": ["topology", "full_depth", "max_tries",
+                                     "first_plan", "markdown", "tables_from"]}
+
 if __name__ == "__main__":
-  app.run(main)
+  from moejax.cli import app as cli_app  # noqa: E402
+  cli_app.run(main, __doc__, HELP_GROUPS)

@@ -37,16 +37,23 @@ def test_notebook_matches_its_source(path):
   assert _cells(nb, "code") == _cells(from_py, "code"), hint
   assert _cells(nb, "markdown") == _cells(from_py, "markdown"), hint
   first = _cells(nb, "code")[0]
-  assert "except ImportError" in first and "pip" in first, (
-      "the first code cell installs moejax where it is not importable")
+  assert ('if importlib.util.find_spec("moejax") is None' in first
+          and "--no-deps" in first
+          and "git+https://github.com/moejax/moejax" in first), (
+      "the first code cell installs moejax where it is not importable, "
+      "without touching the runtime's jax")
+  name = os.path.basename(path)
+  assert (f"https://colab.research.google.com/github/moejax/moejax/blob/main/"
+          f"colab/{name}" in _cells(nb, "markdown")[0]), "an Open in Colab link"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
-def test_notebook_executes(path, monkeypatch):
+def test_notebook_executes(path, monkeypatch, tmp_path):
   nb = nbformat.read(path, as_version=4)
-  # The kernel inherits this environment: a CPU runtime's one device, Agg.
-  env = one_device_env(MPLBACKEND="Agg")
+  # The kernel inherits this environment: a CPU runtime's one device, Agg,
+  # and a temporary folder of its own (its runs leave nothing behind).
+  env = one_device_env(MPLBACKEND="Agg", TMPDIR=str(tmp_path))
   for name in set(os.environ) - set(env):
     monkeypatch.delenv(name)
   for name, value in env.items():

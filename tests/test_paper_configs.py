@@ -49,3 +49,29 @@ def test_paper_train_step_lowers_and_compiles_abstractly(name, expert_parallel):
   assert w_in.spec == P("expert", None, "model")
   summary = aot.compiled_summary(compiled)
   assert summary.get("argument_size_in_bytes", 1) > 0
+
+
+def _script(*args):
+  import os
+  import subprocess
+  import sys
+  from subprocess_env import one_device_env
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return subprocess.run(
+      [sys.executable, "experiments/paper_configs.py", *args], cwd=root,
+      env=one_device_env(PYTHONPATH=root), capture_output=True, text=True,
+      timeout=600)
+
+
+def test_script_help_and_one_line_errors():
+  out = _script("--help")
+  assert out.returncode == 0, out.stderr
+  assert "--topology" in out.stdout and "15-25 min" in out.stdout
+  assert "--out  JSON output path ('' = none" in out.stdout
+  for args, says in ((["--configs=nope"], "configs=nope is unknown"),
+                     (["--topology=v9z-1"], "topology='v9z-1' is unknown"),
+                     (["--max_tries=x"], "max_tries")):
+    out = _script(*args)
+    assert out.returncode == 2, (args, out.stderr)
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0], (args, out.stderr)

@@ -28,10 +28,12 @@ HELP_ARGS = ("-h", "-help", "--help", "--helpshort", "-?")
 
 
 def project_flags(flag_values: flags.FlagValues) -> set[str]:
-  """Names of the flags defined by moejax's own modules."""
+  """Names of the flags defined by moejax's own modules and by the script
+  being run (absl files a script's flags under `sys.argv[0]`)."""
   return {flag.name for module, defined in
           flag_values.flags_by_module_dict().items()
-          if module.split(".")[0] == "moejax" for flag in defined}
+          if module.split(".")[0] == "moejax" or module == sys.argv[0]
+          for flag in defined}
 
 
 def format_help(doc: str, groups: Mapping[str, Iterable[str]],

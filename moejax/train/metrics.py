@@ -139,7 +139,14 @@ def plot_loss(ax, records: list[dict[str, Any]], ylabel: str) -> None:
             label="validation")
   ax.set_xlabel("step")
   ax.set_ylabel(ylabel)
-  ax.legend()
+  _legend_below(ax)
+
+
+def _legend_below(ax) -> None:
+  """The axes' legend under its x label, outside the curves."""
+  handles, _ = ax.get_legend_handles_labels()
+  ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2),
+            ncol=min(3, max(1, len(handles))), frameon=False)
 
 
 def routing_series(records: list[dict[str, Any]]
@@ -172,16 +179,19 @@ def routing_series(records: list[dict[str, Any]]
 
 def plot_fanout(ax, records: list[dict[str, Any]],
                 target_fanout: float | None = None) -> None:
-  """Experts per token over steps (mean, kept, per layer), with the target."""
+  """Experts per token over steps (mean, kept, per layer), with the target
+  (a grey dashed line under the curves: a fixed-k router's mean fanout lies
+  on it and stays visible)."""
+  if target_fanout is not None:
+    ax.axhline(target_fanout, color="0.6", ls="--", lw=1.5, label="target",
+               zorder=1)
   for name, (steps, values) in routing_series(records).items():
     if "fanout" in name or name == "kept per token":
-      ax.plot(steps, values, label=name,
+      ax.plot(steps, values, label=name, zorder=3,
               lw=0.8 if name.startswith("layer") else 1.5)
-  if target_fanout is not None:
-    ax.axhline(target_fanout, color="k", ls="--", lw=1, label="target")
   ax.set_xlabel("step")
   ax.set_ylabel("experts per token")
-  ax.legend(fontsize=7)
+  _legend_below(ax)
 
 
 def plot_balance(ax, records: list[dict[str, Any]]) -> None:
@@ -191,26 +201,49 @@ def plot_balance(ax, records: list[dict[str, Any]]) -> None:
     if name in series:
       ax.plot(*series[name], label=name)
   ax.set_xlabel("step")
-  ax.legend(fontsize=7)
+  _legend_below(ax)
 
 
-def plot_run(records: Iterable[dict[str, Any]], path: str,
-             target_fanout: float | None = None) -> str:
-  """Writes a PNG: training/eval loss; experts per token (mean, kept, per
-  layer); drop fraction and MaxVio, over steps."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
+def run_title(records: list[dict[str, Any]], name: str = "") -> str:
+  """`NAME: ROUTER field=value ...` from the run's first record (its routing
+  settings), or NAME alone."""
+  routing = next((r["routing"] for r in records if "routing" in r), None)
+  if not routing:
+    return name
+  settings = dict(routing)
+  text = " ".join([str(settings.pop("router", "dense"))]
+                  + [f"{k}={v}" for k, v in settings.items()])
+  return f"{name}: {text}" if name else text
+
+
+def run_figure(records: Iterable[dict[str, Any]],
+               target_fanout: float | None = None, title: str = ""):
+  """The run's figure: training/eval loss; experts per token (mean, kept,
+  per layer); drop fraction and MaxVio, over steps; `run_title` above."""
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   records = list(records)
   has_fanout = any("loss" in r and "experts_per_token" in r for r in records)
   fig, axes = plt.subplots(1, 3 if has_fanout else 1,
-                           figsize=(15 if has_fanout else 5, 3.5), squeeze=False)
+                           figsize=(15 if has_fanout else 5, 4), squeeze=False)
   plot_loss(axes[0, 0], records, "loss (nats/byte)")
   if has_fanout:
     plot_fanout(axes[0, 1], records, target_fanout)
     plot_balance(axes[0, 2], records)
+  fig.suptitle(run_title(records, title), fontsize=10)
   fig.tight_layout()
+  return fig
+
+
+def plot_run(records: Iterable[dict[str, Any]], path: str,
+             target_fanout: float | None = None) -> str:
+  """Writes `run_figure` as a PNG at `path`, titled with the workdir."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  workdir = os.path.dirname(os.path.abspath(path))
+  fig = run_figure(records, target_fanout, os.path.basename(workdir))
   fig.savefig(path, dpi=100)
   plt.close(fig)
   return path
