@@ -155,9 +155,12 @@ def parse_mesh(spec: str | None, num_devices: int) -> dict[str, int]:
                        "out of range; allowed: >= 1")
   total = math.prod(sizes.values())
   if total != num_devices:
+    hint = (f" (on a CPU, XLA_FLAGS=--xla_force_host_platform_device_count="
+            f"{total} gives {total} host devices)" if total > num_devices
+            else "")
     raise ValueError(f"--mesh={spec!r} uses {total} devices but {num_devices} "
                      f"are available; the axis sizes must multiply to "
-                     f"{num_devices}")
+                     f"{num_devices}{hint}")
   return sizes
 
 

@@ -77,11 +77,16 @@ def test_nonfinite_step_changes_only_step_and_data_index():
 
 
 def test_loop_counts_skipped_steps_and_logs_routing(tmp_path, capsys):
-  cfg = tiny_config(max_bad_steps=2, steps=12, sample_tokens=0)
+  cfg = tiny_config(max_bad_steps=2, steps=12, sample_tokens=0, progress=True)
   out = loop.train(PoisonedTask(cfg, lambda i: i in (2, 5)), str(tmp_path))
   # The expected duration, from steps 2..11, after step 11.
+  captured = capsys.readouterr()
   assert re.fullmatch(r"about \d+\.\d min remaining \(\d+\.\d\d s/step\)\n",
-                      capsys.readouterr().out)
+                      captured.out)
+  # Progress into a file (not a terminal): a plain line per logged step.
+  assert "\r" not in captured.err
+  lines = [l for l in captured.err.splitlines() if l.startswith("train: step")]
+  assert [l.split()[2] for l in lines] == [f"{i}/12" for i in range(1, 13)]
   records = read_jsonl(out["metrics"])
   assert records[0] == {"step": 0, "routing": {
       "router": "top_k", "k": 2, "normalize": True, "random_second": False,
@@ -98,8 +103,8 @@ def test_loop_stops_after_max_bad_steps_keeping_last_good_checkpoint(
   with pytest.raises(loop.TrainingStopped) as e:
     loop.train(PoisonedTask(cfg, lambda i: i >= 4), str(tmp_path))
   assert str(e.value) == (
-      "stopped at step 6: 2 consecutive steps had a non-finite loss or "
-      "gradient (max_bad_steps=2); the last checkpoint is step 4")
+      "stopped at step 6: 2 consecutive steps had a non-finite loss, "
+      "gradient or update (max_bad_steps=2); the last checkpoint is step 4")
   assert Checkpointer(str(tmp_path / "checkpoints")).all_steps() == [2, 4]
   assert read_jsonl(str(tmp_path / "metrics.jsonl"))[-1]["stopped"]
 
@@ -190,3 +195,24 @@ def test_step_with_nonfinite_update_is_skipped():
   assert float(metrics["nonfinite_loss"]) == 0.0
   assert params_equal(new.params, state.params)
   assert int(new.step) == 1
+
+
+def test_mesh_larger_than_the_devices_names_the_cpu_flag():
+  from moejax import sharding
+  with pytest.raises(ValueError, match=r"uses 3 devices but 1 are available.*"
+                     r"XLA_FLAGS=--xla_force_host_platform_device_count=3"):
+    sharding.parse_mesh("data:3", 1)
+
+
+def test_workdir_that_cannot_be_created_names_the_flag():
+  with pytest.raises(ValueError, match=r"^workdir='/proc/nope' cannot be "
+                     r"created \(.*\); allowed: a writable directory$"):
+    loop.train(tiny_config(), "/proc/nope")
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf")])
+def test_temperature_checked_before_training(value):
+  with pytest.raises(ValueError, match=f"^temperature={value} is out of "
+                     "range; allowed: finite >= 0"):
+    tiny_config(temperature=value)
+

@@ -121,6 +121,9 @@ class TrainConfig:
     if self.sample_tokens < 0:
       raise ValueError(f"sample_tokens={self.sample_tokens} is out of range; "
                        "allowed: >= 0")
+    if not 0 <= self.temperature < float("inf"):  # checked before training
+      raise ValueError(f"temperature={self.temperature} is out of range; "
+                       "allowed: finite >= 0 (0 = greedy)")
 
   def task(self) -> LMTask:
     return LMTask(self)

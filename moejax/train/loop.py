@@ -31,6 +31,7 @@ import collections
 import dataclasses
 import json
 import os
+import sys
 import time
 from typing import Any, Callable
 
@@ -76,7 +77,7 @@ class _BadSteps:
       if self.streak >= self.limit:
         raise TrainingStopped(
             f"stopped at step {step}: {self.streak} consecutive steps had a "
-            f"non-finite loss or gradient (max_bad_steps={self.limit})")
+            f"non-finite loss, gradient or update (max_bad_steps={self.limit})")
     else:
       self.streak = 0
     return self.streak > 0
@@ -331,6 +332,9 @@ def train(run: Any, workdir: str, *,
       blocker = os.path.dirname(blocker)
     raise ValueError(f"workdir={workdir!r} is not a directory ({blocker!r} "
                      "is a file)") from None
+  except OSError as e:  # e.g. a read-only or virtual file system, no access
+    raise ValueError(f"workdir={workdir!r} cannot be created ({e.strerror}); "
+                     "allowed: a writable directory") from None
   mesh = sharding.make_mesh(cfg.mesh, select_devices(cfg.num_devices))
   task.check(mesh)
   main = sharding.is_main_process()  # multi-host: process 0 logs and plots
@@ -382,11 +386,14 @@ def train(run: Any, workdir: str, *,
 
     start = int(jax.device_get(state.step))
     data_index = int(jax.device_get(state.data_index))
-    progress = None
+    progress, progress_lines = None, False
     if cfg.progress and main:
-      from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-      progress = tqdm(total=cfg.steps, initial=start, desc=task.name,
-                      dynamic_ncols=True)
+      if sys.stderr.isatty():
+        from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+        progress = tqdm(total=cfg.steps, initial=start, desc=task.name,
+                        dynamic_ncols=True)
+      else:  # a log file: one plain line per logged step, not a redrawn bar
+        progress_lines = True
     t0, items_seen = time.perf_counter(), 0
     bad, t_first = _BadSteps(cfg.max_bad_steps), None
     throughput = _Throughput(task, mesh)
@@ -420,6 +427,11 @@ def train(run: Any, workdir: str, *,
           if progress is not None:
             progress.set_postfix(postfix(record, task.loss_format,
                                          task.rate_key), refresh=False)
+          elif progress_lines:
+            fields = postfix(record, task.loss_format, task.rate_key)
+            line = " ".join(f"{k}={v}" for k, v in fields.items())
+            sys.stderr.write(f"{task.name}: step {done}/{cfg.steps} {line}\n")
+            sys.stderr.flush()
         if done % cfg.eval_every == 0 and done != cfg.steps:
           writer.write({"step": done, **run_eval()})
         if done % checkpointer.every == 0 and not bad.resolve():
