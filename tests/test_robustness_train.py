@@ -216,3 +216,17 @@ def test_temperature_checked_before_training(value):
                      "range; allowed: finite >= 0"):
     tiny_config(temperature=value)
 
+
+
+def test_workdir_of_another_configuration_is_one_clear_error(tmp_path):
+  cfg = tiny_config(steps=2, checkpoint_every=2, sample_tokens=0)
+  loop.train(cfg, str(tmp_path))
+  other = dataclasses.replace(cfg, model=dataclasses.replace(
+      cfg.model, moe=dataclasses.replace(cfg.model.moe, num_experts=8)))
+  with pytest.raises(ValueError, match=(
+      r"^workdir='.*' holds a run of another configuration \(stored -> new: "
+      r"model\.moe\.num_experts: 4 -> 8\); its checkpoints do not fit this "
+      r"run: use a new --workdir")):
+    loop.train(other, str(tmp_path))
+  assert Checkpointer(str(tmp_path / "checkpoints")).all_steps() == [2]
+  assert not os.path.exists(tmp_path / "checkpoints.unreadable")

@@ -209,6 +209,23 @@ def _save_config(cfg: Any, workdir: str, resumed_from: int | None) -> None:
   config_file.save(cfg, workdir)
 
 
+def _refuse_other_config(cfg: Any, workdir: str) -> None:
+  """When no checkpoint of `workdir` restores into this run's state and its
+  `config.json` holds another configuration: a ValueError saying so (stored
+  against new, first fields) and what to do. The checkpoints stay put."""
+  try:
+    changed = config_file.changes(config_file.load(workdir), cfg)
+  except (FileNotFoundError, ValueError):
+    return
+  if changed:
+    more = f"; and {len(changed) - 4} more" if len(changed) > 4 else ""
+    raise ValueError(
+        f"workdir={workdir!r} holds a run of another configuration (stored -> "
+        f"new: {'; '.join(changed[:4])}{more}); its checkpoints do not fit "
+        "this run: use a new --workdir (or the stored configuration to "
+        "resume)")
+
+
 def parse_profile_steps(spec: str | None) -> tuple[int, int] | None:
   """`"A:B"` -> (A, B) with 1 <= A <= B (None or "" -> None)."""
   if not spec:
@@ -364,7 +381,11 @@ def train(run: Any, workdir: str, *,
     metrics_path = os.path.join(
         workdir, "metrics.jsonl" if main else
         f"metrics.process{jax.process_index()}.jsonl")
-    state, resumed_from = checkpointer.restore_latest(state)
+    try:
+      state, resumed_from = checkpointer.restore_latest(state)
+    except ckpt_lib.CheckpointError:
+      _refuse_other_config(cfg, workdir)
+      raise
     if main:
       _save_config(cfg, workdir, resumed_from)
     task.start(workdir, data, resumed_from)
