@@ -64,7 +64,7 @@ import sys
 import time
 
 from absl import app, flags  # noqa: E402
-import moejax  # noqa: F401,E402  (before jax: moejax.platform)
+import moejax  # noqa: F401,E402  (before jax: moejax.platforms)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

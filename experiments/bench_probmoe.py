@@ -33,7 +33,7 @@ import os
 import time
 
 from absl import app, flags
-import moejax  # noqa: F401,E402  (before jax: moejax.platform)
+import moejax  # noqa: F401,E402  (before jax: moejax.platforms)
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -36,7 +36,7 @@ import sys
 import time
 
 from absl import app, flags
-import moejax  # noqa: F401,E402  (before jax: moejax.platform)
+import moejax  # noqa: F401,E402  (before jax: moejax.platforms)
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

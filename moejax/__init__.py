@@ -1,8 +1,8 @@
 """moejax: Mixture-of-Experts and Mixture-of-Depths routing in JAX/Flax.
 
 Importing the package first sets quiet JAX platform defaults on a machine
-without a TPU (`moejax.platform`); nothing else happens at import.
+without a TPU (`moejax.platforms`); nothing else happens at import.
 """
-from moejax import platform as _platform
+from moejax import platforms as _platforms
 
-_platform.quiet_tpu_defaults()
+_platforms.quiet_tpu_defaults()

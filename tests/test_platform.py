@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from moejax import platform
+from moejax import platforms as platform
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
