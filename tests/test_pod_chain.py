@@ -50,6 +50,11 @@ def test_prepare_check_train_resume_sample_on_fsdp_x_expert(tmp_path, capsys):
   assert lm_flags.compile_only(values) == 0
   report = capsys.readouterr().out
   assert "mesh data:1,fsdp:4,expert:2,model:1: fits" in report
+  # The compiled step's batch has the keys of the run's packed batches.
+  from moejax import aot, sharding
+  batch = aot.abstract_batch(cfg, sharding.make_mesh(cfg.mesh))
+  assert set(batch) == set(cfg.task().data().batch(0))
+  assert {"segment_ids", "positions"} <= set(batch)
 
   full = train(cfg, str(tmp_path / "full"))
   # Killed after the step-2 checkpoint: a copy of the run without the later
