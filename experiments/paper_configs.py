@@ -71,6 +71,13 @@ flags.DEFINE_string("out", "", "JSON output path ('' = none; e.g. "
                     "experiments/reports/paper_configs.json to regenerate "
                     "the committed one).")
 flags.DEFINE_string("markdown", "", "With --topology: markdown report path.")
+flags.DEFINE_string("mesh", "", "With --topology: this mesh (e.g. "
+                    "fsdp:4,expert:8) instead of the entry's tpu_mesh(chips).")
+flags.DEFINE_integer("shard_batch", 0, "With --topology: sequences per batch "
+                     "shard (data x fsdp x expert) of the first plan instead "
+                     "of the entry's shard_batch (0).")
+flags.DEFINE_bool("keep_going", False, "With --topology: compile the later "
+                  "plans (up to --max_tries) also after one fits.")
 flags.DEFINE_list("tables_from", [], "JSON outputs of earlier --topology runs "
                   "whose rows join this report (e.g. one run per slice).")
 
@@ -104,9 +111,10 @@ def stand_in_compile(mod, row: dict) -> dict:
   import jax
   from moejax import aot, sharding
   mesh = sharding.make_mesh(mod.test_mesh)
-  shards = mesh.shape["data"] * mesh.shape["expert"]
+  shards = sharding.batch_shards(mesh)
   pod = sharding.parse_mesh(mod.pod_mesh, mod.pod_devices)
-  per_shard = max(1, row["batch"] // (pod["data"] * pod["expert"]))
+  per_shard = max(1, row["batch"] // (pod["data"] * pod["fsdp"] *
+                                      pod["expert"]))
   small = mod.config(batch_size=per_shard * shards,
                      num_layers=FLAGS.compile_layers or row["layers"])
   t0 = time.perf_counter()
@@ -148,8 +156,10 @@ def plans(mod, chips: int, hbm_bytes: int) -> list[dict]:
   """Plans tried in order for one config on a slice of `chips` chips: no
   remat, remat, then remat at the batch per shard halved again and again
   (down to 1); on chips with less than 32 GiB of HBM the first is skipped
-  (block remat is the usual choice there)."""
-  mesh, batch = mod.tpu_mesh(chips), mod.shard_batch
+  (block remat is the usual choice there). --mesh and --shard_batch replace
+  the entry's mesh and batch per shard."""
+  mesh = FLAGS.mesh or mod.tpu_mesh(chips)
+  batch = FLAGS.shard_batch or mod.shard_batch
   base = {"mesh": mesh, "shard_batch": batch, "remat": False,
           "expert_parallel": "gspmd"}
   tries = [base, {**base, "remat": True}]
@@ -165,7 +175,7 @@ def compile_plan(mod, topology: str, plan: dict) -> dict:
   chip, devices = aot.topology_devices(topology)
   mesh = aot.topology_mesh(plan["mesh"], devices)
   sizes = sharding.parse_mesh(plan["mesh"], len(devices))
-  batch = plan["shard_batch"] * sizes["data"] * sizes["expert"]
+  batch = plan["shard_batch"] * sizes["data"] * sizes["fsdp"] * sizes["expert"]
   full = mod.config(batch_size=batch, remat=plan["remat"],
                     expert_parallel=plan["expert_parallel"])
   depth = full.model.num_layers
@@ -229,7 +239,7 @@ def topology_rows(names: list[str], topologies: list[str],
         rows.append(row)
         save(rows)
         print(_row_line(row), flush=True)
-        if row.get("fits"):
+        if row.get("fits") and not FLAGS.keep_going:
           break
         if (row.get("compiles") and row["params_bytes"] +
             row["optimizer_bytes"] > chip.hbm_bytes):
@@ -307,7 +317,7 @@ def topology_markdown(rows: list[dict]) -> str:
           f"- {topology}: {best['config']} ({totals[best['config']] / 1e9:.2f}B"
           f" parameters) on {best['mesh']}, remat "
           f"{'on' if best['remat'] else 'off'}, {best['shard_batch']} "
-          f"sequences per data x expert shard; fitting: "
+          f"sequences per batch shard; fitting: "
           + ", ".join(f"{r['config']} (remat {'on' if r['remat'] else 'off'},"
                       f" b/shard {r['shard_batch']})" for r in fit) + ".")
     lines.append(line + "".join(_misfit(here, name) for name in
@@ -351,9 +361,10 @@ def report_markdown(rows: list[dict], command: str) -> str:
 Each paper config's full train step (forward, backward, AdamW, controller
 update; `moejax.aot.lower_train_step`) is compiled by XLA:TPU for the devices
 of a TPU slice from `jax.experimental.topologies.get_topology_desc` (libtpu,
-no TPU attached), on the mesh of its registry entry (`tpu_mesh(chips)`) with
-its sequences per data x expert shard (`shard_batch`; global batch = shards x
-that), GSPMD expert parallelism. Plans are tried in order until one fits:
+no TPU attached), on the mesh of its registry entry (`tpu_mesh(chips)`, or
+the run's `--mesh`) with its sequences per batch shard (`shard_batch`, or
+`--shard_batch`; batch shards = data x fsdp x expert; global batch = shards
+x that), GSPMD expert parallelism. Plans are tried in order until one fits:
 no remat, remat of every block (`LMConfig.remat`), remat at the batch per
 shard halved and halved again, 4 plans at most (on chips with < 32 GiB of
 HBM the no-remat plan is skipped);

@@ -83,7 +83,8 @@ RUN_FLAGS = defaults.table(TrainConfig, {
     "grad_accum": "Gradient accumulation: microbatches per step (the batch "
                   "is split into N run one after the other, one update).",
     "seed": "Random seed (params, data order, routing).",
-    "mesh": "Mesh, e.g. data:2,expert:4 (None: all devices on data).",
+    "mesh": "Mesh over data, fsdp, expert, model, e.g. data:2,expert:4 or "
+            "fsdp:4,expert:2 (None: all devices on data).",
     "num_devices": "Use the first n devices (None = all).",
     "log_every": "Log every n steps.",
     "eval_every": "Evaluate every n steps.",

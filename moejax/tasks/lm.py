@@ -61,8 +61,8 @@ class TrainConfig:
     packing: packed token data (``tokens:DIR`` or a tokenizer other than
       bytes): attention stays inside each document (segment ids) and
       positions restart at each document; False: plain windows.
-    batch_size: global batch B (a multiple of grad_accum x the data * expert
-      mesh size).
+    batch_size: global batch B (a multiple of grad_accum x the data * fsdp *
+      expert mesh size).
     seq_len: L (<= model.max_len).
     steps: training steps.
     grad_accum: microbatches per step (gradient accumulation): the batch is
@@ -75,7 +75,8 @@ class TrainConfig:
     checkpoint_every, keep_checkpoints: checkpoint cadence, how many to keep.
     max_bad_steps: stop after this many consecutive steps with a non-finite
       loss or gradient (each is skipped: no update).
-    mesh: e.g. "data:2,expert:4" (None = every device on `data`).
+    mesh: e.g. "data:2,expert:4" or "fsdp:4,expert:2" (None = every device
+      on `data`).
     num_devices: use the first n devices (None = all).
     sample_tokens: tokens sampled after training (>= 0; 0 = none).
     sample_prompt: the sample's prompt.
