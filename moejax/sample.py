@@ -91,8 +91,12 @@ def sample_text(run: Run, prompt: str, num_new: int, *,
   if temperature < 0:
     raise ValueError(f"temperature={temperature} is out of range; allowed: "
                      ">= 0")
+  # Packed training documents begin with EOS (`moejax.data.packed`), and so
+  # does the model's context here, as in the run's own final sample.
+  context = (np.concatenate([[run.tokenizer.eos_id], tokens]).astype(np.int32)
+             if run.config.packed else tokens)
   out = sample(run.model, run.state.params, run.state.router_state,
-               tokens[None], num_new, temperature=temperature,
+               context[None], num_new, temperature=temperature,
                rng=jax.random.PRNGKey(seed), vocab=run.tokenizer.vocab_size)
   return run.tokenizer.decode(np.concatenate([tokens, np.asarray(out[0])]))
 

@@ -64,6 +64,7 @@ def test_prepare_check_train_resume_sample_on_fsdp_x_expert(tmp_path, capsys):
   shutil.rmtree(os.path.join(resumed_dir, "checkpoints", "4"))
   resumed = train(cfg, resumed_dir)
   assert resumed["resumed_from"] == 2
+  assert full["loss_unit"] == "token"  # the CLI says nats/token, not /byte
   losses = lambda out: [(r["step"], r["loss"]) for r in
                         read_jsonl(out["metrics"]) if "loss" in r]
   assert [s for s, _ in losses(resumed)] == [1, 2, 3, 4]
@@ -78,9 +79,10 @@ def test_prepare_check_train_resume_sample_on_fsdp_x_expert(tmp_path, capsys):
   assert run.step == 4 and run.tokenizer.vocab_size == 300
   text = sample_lib.sample_text(run, "the quick", 8, temperature=0.0)
   prompt = np.asarray(run.tokenizer.encode("the quick"), np.int32)
-  want = sample_lib.sample(run.model, full["state"].params,
-                           full["state"].router_state, prompt[None], 8,
-                           vocab=300)
+  context = np.concatenate([[run.tokenizer.eos_id], prompt]).astype(np.int32)
+  want = sample_lib.sample(run.model, full["state"].params,  # EOS first, as
+                           full["state"].router_state,  # packed documents
+                           context[None], 8, vocab=300)
   assert want.max() < 300  # ids of the padded vocabulary are never picked
   assert text == run.tokenizer.decode(np.concatenate([prompt, want[0]]))
   assert text.startswith("the quick")

@@ -133,6 +133,7 @@ def test_sample_from_a_workdir_equals_the_in_memory_state(tmp_path, capsys):
   assert config_file.load(str(tmp_path)) == cfg
   saved = sample_lib.load_run(str(tmp_path))
   assert saved.step == 4 and saved.config == cfg
+  assert out["loss_unit"] == "byte"
   text = sample_lib.sample_text(saved, "def f", 12, temperature=0.8, seed=3)
   state = out["state"]
   want = sample_lib.sample(

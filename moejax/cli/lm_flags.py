@@ -390,9 +390,10 @@ def run(flag_values) -> int:
   if code:
     return code
   workdir = os.path.abspath(values["workdir"])
+  unit = summary.get("loss_unit", "byte")  # per token with a tokenizer
   lines = [
-      f"validation loss: {summary['eval_loss']:.4f} nats/byte "
-      f"({summary['eval_loss'] / 0.6931471805599453:.3f} bits/byte)",
+      f"validation loss: {summary['eval_loss']:.4f} nats/{unit} "
+      f"({summary['eval_loss'] / 0.6931471805599453:.3f} bits/{unit})",
   ]
   if summary["tokens_per_s"]:
     lines.append(f"throughput: {summary['tokens_per_s']:.0f} tokens/s over "

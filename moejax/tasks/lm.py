@@ -274,9 +274,10 @@ class LMTask(Task):
     too."""
     del workdir
     cfg = self.config
-    if not cfg.sample_tokens:
-      return {}, {}
     tok = self.tokenizer
+    unit = {"loss_unit": "byte" if tok.kind == BYTES else "token"}
+    if not cfg.sample_tokens:
+      return {}, unit
     prompt = tok.encode(cfg.sample_prompt)
     if cfg.packed:
       prompt = np.concatenate([[tok.eos_id], prompt]).astype(np.int32)
@@ -292,6 +293,7 @@ class LMTask(Task):
     unit, kind = (("bytes", "byte-level") if tok.kind == BYTES else
                   ("tokens", f"{tok.kind} ({tok.vocab_size} tokens)"))
     return {}, {
+        **unit,
         "sample": cfg.sample_prompt + tok.decode(ids),
         "sample_note": (f"{cfg.sample_tokens} {unit}, {how}, from a "
                         f"{num_params / 1e6:.2f}M-parameter {kind} model "
