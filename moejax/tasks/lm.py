@@ -275,9 +275,9 @@ class LMTask(Task):
     del workdir
     cfg = self.config
     tok = self.tokenizer
-    unit = {"loss_unit": "byte" if tok.kind == BYTES else "token"}
+    loss_unit = {"loss_unit": "byte" if tok.kind == BYTES else "token"}
     if not cfg.sample_tokens:
-      return {}, unit
+      return {}, loss_unit
     prompt = tok.encode(cfg.sample_prompt)
     if cfg.packed:
       prompt = np.concatenate([[tok.eos_id], prompt]).astype(np.int32)
@@ -293,7 +293,7 @@ class LMTask(Task):
     unit, kind = (("bytes", "byte-level") if tok.kind == BYTES else
                   ("tokens", f"{tok.kind} ({tok.vocab_size} tokens)"))
     return {}, {
-        **unit,
+        **loss_unit,
         "sample": cfg.sample_prompt + tok.decode(ids),
         "sample_note": (f"{cfg.sample_tokens} {unit}, {how}, from a "
                         f"{num_params / 1e6:.2f}M-parameter {kind} model "
