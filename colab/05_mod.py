@@ -28,30 +28,14 @@
 # auxiliary BCE on the router) makes the decision causal.
 
 # %%
-# Installs moejax where it is missing (Colab CPU, GPU or TPU runtimes) without
-# touching the runtime's jax: moejax itself with --no-deps, then only the
-# dependencies the runtime lacks, with jax pinned to the installed version.
-# MOEJAX_SOURCE may name another source (a checkout's path, a git+https URL).
-# Locally (`pip install -e .` in the repository) this cell does nothing.
-import importlib.util
+# Installs moejax where it is missing (Colab CPU, GPU or TPU runtimes), then only the
+# packages the runtime lacks, keeping its jax (`moejax/colab.py` says how); locally
+# (`pip install -e .`) this does nothing. MOEJAX_SOURCE may name another source.
+import importlib.util, os, subprocess, sys
 if importlib.util.find_spec("moejax") is None:
-  import importlib.metadata, os, subprocess, sys
-  pip = [sys.executable, "-m", "pip", "install", "-q"]
-  subprocess.check_call(pip + ["--no-deps", os.getenv(
-      "MOEJAX_SOURCE", "git+https://github.com/moejax/moejax")])
-  def has(module):
-    try:
-      return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:  # its parent package is missing
-      return False
-  needed = {"flax": "flax", "optax": "optax", "chex": "chex",
-            "orbax.checkpoint": "orbax-checkpoint", "absl": "absl-py",
-            "tqdm": "tqdm", "sklearn": "scikit-learn", "yaml": "pyyaml",
-            "matplotlib": "matplotlib"}
-  missing = [pkg for module, pkg in needed.items() if not has(module)]
-  if missing:
-    subprocess.check_call(
-        pip + [f"jax=={importlib.metadata.version('jax')}"] + missing)
+  subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                         os.getenv("MOEJAX_SOURCE", "git+https://github.com/moejax/moejax")])
+  from moejax import colab; colab.install_requirements()
 
 # %%
 import time

@@ -39,7 +39,8 @@ def test_notebook_matches_its_source(path):
   first = _cells(nb, "code")[0]
   assert ('if importlib.util.find_spec("moejax") is None' in first
           and "--no-deps" in first
-          and "git+https://github.com/moejax/moejax" in first), (
+          and "git+https://github.com/moejax/moejax" in first
+          and "colab.install_requirements()" in first), (
       "the first code cell installs moejax where it is not importable, "
       "without touching the runtime's jax")
   name = os.path.basename(path)
