@@ -23,7 +23,8 @@ Each try compiles the step at two depths (one and two repeats of the block
 pattern) and extrapolates memory, FLOPs and collectives linearly to the full
 depth (the blocks are identical; a plan that does not fit at the first depth
 is not compiled further, and when the parameters and optimizer state alone
-exceed the HBM no later plan is tried); --first_plan resumes a run;
+exceed the HBM no later plan is tried); --first_plan resumes a run (the
+--max_tries plans are counted from it);
 --full_depth compiles the full depth instead (slow on a small CPU host).
 Writes JSON and a markdown report (--markdown).
 """
@@ -63,7 +64,7 @@ flags.DEFINE_list("topology", [], "TPU slices to compile for ahead of time "
 flags.DEFINE_bool("full_depth", False, "With --topology: compile the full "
                   "depth instead of extrapolating from two shallow compiles.")
 flags.DEFINE_integer("max_tries", 4, "With --topology: plans tried per config "
-                     "and slice until one fits.")
+                     "and slice, counted from --first_plan, until one fits.")
 flags.DEFINE_integer("first_plan", 0, "With --topology: index of the first "
                      "plan tried (resumes a run whose earlier plans' rows are "
                      "in --tables_from).")
@@ -169,6 +170,18 @@ def plans(mod, chips: int, hbm_bytes: int) -> list[dict]:
   return tries[1:] if hbm_bytes < 32 * 2**30 else tries
 
 
+def plan_window(tries: list[dict], name: str,
+                topology: str) -> list[tuple[int, dict]]:
+  """(index, plan) of the plans to compile: --max_tries of them from
+  --first_plan on. ValueError (one line) where that window is empty."""
+  first, count = FLAGS.first_plan, FLAGS.max_tries
+  if not 0 <= first < len(tries):
+    raise ValueError(f"first_plan={first} compiles nothing: {name} on "
+                     f"{topology} has {len(tries)} plans; allowed: 0 to "
+                     f"{len(tries) - 1}")
+  return list(enumerate(tries))[first:first + count]
+
+
 def compile_plan(mod, topology: str, plan: dict) -> dict:
   """Compiles (or extrapolates) one config x slice x plan; returns its row."""
   from moejax import aot, sharding
@@ -224,8 +237,8 @@ def topology_rows(names: list[str], topologies: list[str],
     chip, devices = aot.topology_devices(topology)
     for name in names:
       mod = CONFIGS[name]
-      tries = plans(mod, len(devices), chip.hbm_bytes)[:FLAGS.max_tries]
-      for i, plan in enumerate(tries[FLAGS.first_plan:], FLAGS.first_plan):
+      tries = plans(mod, len(devices), chip.hbm_bytes)
+      for i, plan in plan_window(tries, name, topology):
         print(f"compiling {name} for {topology}: plan {i + 1}/{len(tries)} "
               f"(remat {'on' if plan['remat'] else 'off'}, "
               f"{plan['shard_batch']} per shard)...", flush=True)
@@ -440,14 +453,20 @@ def main(flag_values) -> int:
 
 
 def run() -> None:
+  if FLAGS.max_tries < 1:
+    raise ValueError(f"max_tries={FLAGS.max_tries} compiles nothing; "
+                     "allowed: >= 1")
   unknown = [n for n in FLAGS.configs if n not in CONFIGS]
   if unknown:
     raise ValueError(f"configs={','.join(unknown)} is unknown; allowed: "
                      f"{', '.join(CONFIGS)}")
   if FLAGS.topology:
     from moejax import aot
-    for topology in FLAGS.topology:  # unknown names and no libtpu: now
-      aot.topology_devices(topology)
+    for topology in FLAGS.topology:  # unknown names, no libtpu, no plan: now
+      chip, devices = aot.topology_devices(topology)
+      for name in FLAGS.configs:
+        plan_window(plans(CONFIGS[name], len(devices), chip.hbm_bytes), name,
+                    topology)
   rows = []
   for name in FLAGS.configs:
     row = count_row(name, CONFIGS[name])

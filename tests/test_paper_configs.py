@@ -2,6 +2,8 @@
 larger public ones): parameter counts from shapes, and one train step lowered
 at full depth and compiled (one block deep, same widths/experts) on abstract
 sharded inputs over 8 forced host devices standing in for the pod mesh."""
+import importlib.util
+
 import jax
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -70,8 +72,28 @@ def test_script_help_and_one_line_errors():
   assert "--out  JSON output path ('' = none" in out.stdout
   for args, says in ((["--configs=nope"], "configs=nope is unknown"),
                      (["--topology=v9z-1"], "topology='v9z-1' is unknown"),
-                     (["--max_tries=x"], "max_tries")):
+                     (["--max_tries=x"], "max_tries"),
+                     (["--max_tries=0"], "max_tries=0 compiles nothing")):
     out = _script(*args)
     assert out.returncode == 2, (args, out.stderr)
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and says in lines[0], (args, out.stderr)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu is not installed")
+def test_max_tries_counts_plans_from_first_plan():
+  # paper_et on v5p-64 has 3 plans (no remat, remat, remat at half batch).
+  # A mesh of the wrong size makes the one plan compiled fail at once: the
+  # log names which plan the window holds.
+  out = _script("--configs=paper_et", "--topology=v5p-64", "--mesh=data:3",
+                "--first_plan=1", "--max_tries=1")
+  assert out.returncode == 0, out.stderr
+  tried = [l for l in out.stdout.splitlines() if l.startswith("compiling")]
+  assert tried == ["compiling paper_et for v5p-64: plan 2/3 (remat on, 2 per "
+                   "shard)..."], out.stdout
+  out = _script("--configs=paper_et", "--topology=v5p-64", "--first_plan=3")
+  assert out.returncode == 2, out.stderr
+  assert out.stderr.strip().splitlines()[-1] == (
+      "error: first_plan=3 compiles nothing: paper_et on v5p-64 has 3 plans; "
+      "allowed: 0 to 2")
