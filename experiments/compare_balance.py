@@ -38,6 +38,7 @@ from typing import Any
 from absl import app, flags
 
 from moejax import experiment
+from moejax.cli import app as cli_app
 from moejax.cli import lm_flags
 from moejax.experiment import format_ms, mean_std
 from moejax.experiment.tables import markdown_table
@@ -212,7 +213,26 @@ def parse_runs(text: str, batch_tokens: int) -> list[experiment.RunSpec]:
   """`--runs`; values parsed by their flags' parsers, `BATCH` = batch tokens."""
 
   return experiment.parse_runs(text, value_parser=experiment.flag_parser(
-      FLAGS, substitute={"BATCH": str(batch_tokens)}))
+      FLAGS, exclude=OWN, substitute={"BATCH": str(batch_tokens)}))
+
+
+def run_values(label: str, router: str, options: dict, seed: int,
+               base: dict[str, Any]) -> dict[str, Any]:
+  """The training flag values of one (run, seed)."""
+  values = dict(base, **options, router=router, seed=seed)
+  values["workdir"] = experiment.workdir(FLAGS.workroot, label, seed)
+  return values
+
+
+def check_runs(specs, base: dict[str, Any]) -> None:
+  """Builds every run's config before the first step (an unknown router or a
+  bad value is refused now, not after the runs before it have trained)."""
+  for spec in specs:
+    try:
+      lm_flags.build_train_config(run_values(spec.label, spec.router,
+                                             spec.options, 0, base))
+    except ValueError as e:
+      raise ValueError(f"run {spec.label!r}: {e}") from None
 
 
 def run_one(label: str, router: str, options: dict, seed: int,
@@ -224,8 +244,7 @@ def run_one(label: str, router: str, options: dict, seed: int,
   from moejax.train import metrics as metrics_lib
   from moejax.train.loop import train
 
-  values = dict(base, **options, router=router, seed=seed)
-  values["workdir"] = experiment.workdir(FLAGS.workroot, label, seed)
+  values = run_values(label, router, options, seed, base)
   cfg = lm_flags.build_train_config(values)
   t0 = time.perf_counter()
   summary = train(cfg, values["workdir"])
@@ -492,11 +511,20 @@ def main(argv):
       base["eval_capacity_factor"] = pick("num_experts") / pick("k")
     base["sample_tokens"] = 0
     batch_tokens = pick("batch_size") * pick("seq_len")
-    only = set(FLAGS.only.split(",")) if FLAGS.only else None
-    specs = {s.label: s for s in parse_runs(FLAGS.runs, batch_tokens)
-             if only is None or s.label in only}
-    for spec in specs.values():
-      spec.options.setdefault("et_warmup_steps", base["et_warmup_steps"])
+    try:
+      parsed = parse_runs(FLAGS.runs, batch_tokens)
+      labels = [s.label for s in parsed]
+      only = FLAGS.only.split(",") if FLAGS.only else labels
+      unknown = [label for label in only if label not in labels]
+      if unknown:
+        cli_app.fail(f"--only={FLAGS.only!r}: {', '.join(unknown)} not a label "
+                     f"of --runs; allowed: {', '.join(labels)}")
+      specs = {s.label: s for s in parsed if s.label in only}
+      for spec in specs.values():
+        spec.options.setdefault("et_warmup_steps", base["et_warmup_steps"])
+      check_runs(specs.values(), base)
+    except ValueError as e:
+      cli_app.fail(f"--runs: {e}")
 
     def run(label, seed):
       spec = specs[label]
