@@ -2,7 +2,7 @@
 
 Reads the per-run JSON records that the comparison runners write (one file per
 run and seed: `compare_balance.py`'s `balance/records/` and
-`balance/matched/records/`, `compare_routers.py`'s
+`balance/matched/records/` and the other `balance/` sets, `compare_routers.py`'s
 `dtop_p/tiny_dropless/records/` and `finegrained/small_600/records/`) and
 tabulates, per router and record set,
 mean ± std over seeds of: validation loss, training drop fraction (the last
@@ -35,6 +35,11 @@ SETS = {
                         "steps, ET at matched fanout (`balance.md`)"),
     "balance_matched_2000": ("balance/matched_2000/records", "the same, "
                              "2000 steps (`balance.md`)"),
+    "balance_paper_shape": ("balance/paper_shape/records", "ET's routing "
+                            "shape: 16 routed experts + 1 shared, ET at mean "
+                            "fanout 1 vs token-choice top-1 (Switch gate, aux "
+                            "loss), otherwise as `balance`, 1000 steps "
+                            "(`balance.md`)"),
     "dropless": ("dtop_p/tiny_dropless/records", "`tiny` (4 layers, D = 128, "
                  "E = 8, target fanout 2), 300 steps, batch 8 x 128 bytes, "
                  "dropless (`dtop_p.md`)"),
