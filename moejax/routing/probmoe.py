@@ -1,12 +1,7 @@
 """ProbMoE: exact-k and dynamic-k probabilistic routing with exact marginals.
 
-Axis legend:
-  S  tokens in one group
-  E  experts
-  K  subset sizes 0..k_max (K = k_max + 1 rows of the tables)
-  J  prefix sizes used by a marginal (0..k_max-1)
-  W  width of the size range (k_max - k_min + 1)
-  L  rows of the size-reversed suffix table (k_max + W - 1)
+Axis legend (the tables' own axes: `subsets.py`):
+  S  tokens in one group        E  experts
   G  groups (sampled_groups only)
 
 The distribution: per token independent inclusions with `p_e = sigmoid(r_e)`,
