@@ -45,25 +45,46 @@ class CheckpointError(Exception):
 
 
 def _reason(error: BaseException) -> str:
-  """The first line of an error, prefixed by its type."""
+  """The first line of an error, prefixed by its type. orbax reports a failed
+  array read with the TensorStore spec (a multi-line repr of a bound method);
+  the error it wraps says what failed (e.g. `Error reading "params.w/0.0" ...:
+  ZSTD_decompressStream() failed`), so that one is reported."""
+  while error.__cause__ is not None and "TensorStore" in str(error):
+    error = error.__cause__
   lines = str(error).strip().splitlines()
-  text = lines[0] if lines else ""
-  if len(text) > 160:
-    text = text[:160] + "..."
+  text = lines[0].split(" See full TensorStore details")[0] if lines else ""
+  if len(text) > 200:
+    text = text[:200] + "..."
   return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-def _quiet_closed_loops() -> None:
-  """Silences the 'Event loop is closed' errors that the reads of a failed
-  orbax restore still raise in their callbacks after it returned (each
-  printed as a traceback); other unraisable errors go to the previous hook."""
+def _from_orbax(unraisable) -> bool:
+  """Whether an unraisable error was raised in orbax's (or tensorstore's)
+  code: a read of a damaged checkpoint failing after the restore gave up, or
+  the 'Event loop is closed' of such a read's callback."""
+  error = unraisable.exc_value
+  if isinstance(error, RuntimeError) and "Event loop is closed" in str(error):
+    return True
+  tb = unraisable.exc_traceback or getattr(error, "__traceback__", None)
+  while tb is not None:
+    parts = tb.tb_frame.f_code.co_filename.split(os.sep)
+    if "orbax" in parts or "tensorstore" in parts:
+      return True
+    tb = tb.tb_next
+  return False
+
+
+def _quiet_failed_reads() -> None:
+  """Silences the errors that the reads of a failed orbax restore still raise
+  after it returned (each printed as a traceback when its coroutine or
+  callback is collected, a timing matter: none to hundreds of lines); other
+  unraisable errors go to the previous hook."""
   previous = sys.unraisablehook
   if getattr(previous, "_moejax_quiet", False):
     return
 
   def hook(unraisable):
-    if not (isinstance(unraisable.exc_value, RuntimeError) and
-            "Event loop is closed" in str(unraisable.exc_value)):
+    if not _from_orbax(unraisable):
       previous(unraisable)
 
   hook._moejax_quiet = True
@@ -166,7 +187,7 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except
         # orbax and tensorstore raise many types for a damaged file.
         unreadable.append((step, _reason(e)))
-        _quiet_closed_loops()
+        _quiet_failed_reads()
         continue
       for bad, reason in unreadable:
         warn(f"warning: checkpoint at step {bad} is unreadable ({reason}); "
