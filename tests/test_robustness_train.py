@@ -5,6 +5,7 @@ import dataclasses
 import glob
 import os
 import re
+import shutil
 
 import jax
 import numpy as np
@@ -230,3 +231,34 @@ def test_workdir_of_another_configuration_is_one_clear_error(tmp_path):
     loop.train(other, str(tmp_path))
   assert Checkpointer(str(tmp_path / "checkpoints")).all_steps() == [2]
   assert not os.path.exists(tmp_path / "checkpoints.unreadable")
+
+
+def test_resume_with_more_steps_keeps_the_learning_rate_schedule(tmp_path,
+                                                                  capsys):
+  """The schedule depends on optim.total_steps (the CLI's --steps sets it): a
+  resume keeps the stored one, says so in one line, and trains the steps
+  past its end at its final rate."""
+  from moejax.train.state import OptimConfig
+
+  def run(steps):
+    optim = OptimConfig(learning_rate=3e-3, warmup_steps=2, total_steps=steps)
+    cfg = tiny_config(steps=steps, optim=optim, checkpoint_every=2,
+                      eval_every=100, sample_tokens=0)
+    out = loop.train(cfg, str(tmp_path))
+    return out, {r["step"]: r["learning_rate"]
+                 for r in read_jsonl(out["metrics"]) if "loss" in r}
+
+  _, first = run(6)
+  # Killed before step 6's checkpoint, resumed with a larger --steps.
+  shutil.rmtree(tmp_path / "checkpoints" / "6")
+  capsys.readouterr()
+  out, second = run(8)
+  assert out["resumed_from"] == 4
+  assert ("note: resuming from step 4 on the stored learning-rate schedule "
+          "and optimizer (optim.total_steps: stored 6, given 8); steps after "
+          "6 train at its final learning rate 0.0003; a new --workdir starts "
+          "another\n") in capsys.readouterr().out
+  assert [second[s] for s in (1, 2, 3, 4, 5, 6)] == [
+      first[s] for s in (1, 2, 3, 4, 5, 6)]
+  assert second[7] == second[8] == pytest.approx(3e-4)
+  assert loop.config_file.load(str(tmp_path)).optim.total_steps == 6

@@ -209,6 +209,36 @@ def _save_config(cfg: Any, workdir: str, resumed_from: int | None) -> None:
   config_file.save(cfg, workdir)
 
 
+def _keep_stored_optim(cfg: Any, workdir: str, resumed_from: int,
+                       say: bool = True) -> Any:
+  """On a resume: `cfg` with the optimizer settings of `workdir/config.json`
+  (the learning-rate schedule depends on `optim.total_steps`, so a resume with
+  a larger `--steps` would otherwise change the rate at steps already
+  trained). Says so in one line when they differ from `cfg`'s; steps past the
+  stored schedule's end train at its final learning rate."""
+  try:
+    stored = getattr(config_file.load(workdir), "optim", None)
+  except (FileNotFoundError, ValueError):
+    return cfg
+  given = getattr(cfg, "optim", None)
+  if stored is None or type(stored) is not type(given) or stored == given:
+    return cfg
+  kept = "; ".join(
+      f"optim.{f.name}: stored {getattr(stored, f.name)!r}, given "
+      f"{getattr(given, f.name)!r}" for f in dataclasses.fields(stored)
+      if getattr(stored, f.name) != getattr(given, f.name))
+  past = ""
+  if cfg.steps > stored.total_steps:
+    final = stored.learning_rate * stored.min_lr_ratio
+    past = (f"; steps after {stored.total_steps} train at its final learning "
+            f"rate {final:.3g}")
+  if say:
+    print(f"note: resuming from step {resumed_from} on the stored "
+          f"learning-rate schedule and optimizer ({kept}){past}; a new "
+          "--workdir starts another", flush=True)
+  return dataclasses.replace(cfg, optim=stored)
+
+
 def _refuse_other_config(cfg: Any, workdir: str) -> None:
   """When no checkpoint of `workdir` restores into this run's state and its
   `config.json` holds another configuration: a ValueError saying so (stored
@@ -326,7 +356,8 @@ def train(run: Any, workdir: str, *,
   config, `moejax.train.config_file`), `workdir/tensorboard/` (the same
   records as TensorBoard scalars), `workdir/checkpoints/` (orbax; a
   second call with the same workdir resumes from the newest readable one, see
-  `moejax.train.checkpoint`), `workdir/run.png`, `workdir/summary.json` and the
+  `moejax.train.checkpoint`, on the stored optimizer settings and
+  learning-rate schedule, `_keep_stored_optim`), `workdir/run.png`, `workdir/summary.json` and the
   task's samples. The summary also holds the final `state` and
   `skipped_steps`. `profile_steps` (A, B) or "A:B": trace steps A..B into
   `workdir/profile` (`parse_profile_steps`).
@@ -386,6 +417,9 @@ def train(run: Any, workdir: str, *,
     except ckpt_lib.CheckpointError:
       _refuse_other_config(cfg, workdir)
       raise
+    if resumed_from is not None:
+      cfg = task.config = _keep_stored_optim(cfg, workdir, resumed_from,
+                                            main)
     if main:
       _save_config(cfg, workdir, resumed_from)
     task.start(workdir, data, resumed_from)
