@@ -36,15 +36,21 @@ def moe_reference(params, x, k, num_shared=0):
   return jnp.einsum("se,esd->sd", gates, y).reshape(x.shape)
 
 
+def _init_apply(cfg, x, train):
+  """(params, y, router collection) of an `MoE(cfg, 16)` layer on x, jitted."""
+  layer = MoE(cfg, d_model=16)
+  params = nn.meta.unbox(jax.jit(lambda x: layer.init(
+      {"params": jax.random.PRNGKey(1)}, x, train=train)["params"])(x))
+  y, coll = jax.jit(lambda p, x: layer.apply({"params": p}, x, train=train,
+                                             mutable=["router"]))(params, x)
+  return params, y, coll
+
+
 def _train_outputs(cfg, x=None):
   """The router outputs of one training forward pass of an `MoE(cfg, 16)` layer."""
   if x is None:
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16))
-  layer = MoE(cfg, d_model=16)
-  params = jax.jit(lambda x: layer.init({"params": jax.random.PRNGKey(1)}, x,
-                                        train=True)["params"])(x)
-  _, coll = jax.jit(lambda p, x: layer.apply({"params": p}, x, train=True,
-                                             mutable=["router"]))(params, x)
+  _, _, coll = _init_apply(cfg, x, train=True)
   (out,) = router_outputs(coll["router"]).values()
   return out
 
@@ -53,12 +59,8 @@ def _train_outputs(cfg, x=None):
 def test_moe_layer_matches_dense_reference(strategy):
   cfg = MoEConfig(num_experts=4, expert_width=8, router=TopK(k=2),
                   capacity_factor=4.0, strategy=strategy)
-  layer = MoE(cfg, d_model=16)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 12, 16))
-  params = nn.meta.unbox(jax.jit(lambda x: layer.init(
-      {"params": jax.random.PRNGKey(1)}, x, train=True)["params"])(x))
-  y, coll = jax.jit(lambda p, x: layer.apply({"params": p}, x, train=True,
-                                             mutable=["router"]))(params, x)
+  params, y, coll = _init_apply(cfg, x, train=True)
   np.testing.assert_allclose(np.asarray(y), np.asarray(moe_reference(params, x, 2)),
                              rtol=1e-4, atol=1e-5)
   layers = router_outputs(coll["router"])
@@ -86,12 +88,8 @@ def test_moe_aux_loss_uses_configured_weights():
 def test_shared_expert_adds_dense_ffn():
   cfg = MoEConfig(num_experts=4, expert_width=8, num_shared=1,
                   capacity_factor=4.0)
-  layer = MoE(cfg, d_model=16)
   x = jax.random.normal(jax.random.PRNGKey(0), (1, 8, 16))
-  params = nn.meta.unbox(jax.jit(lambda x: layer.init(
-      {"params": jax.random.PRNGKey(1)}, x, train=False)["params"])(x))
-  y, _ = jax.jit(lambda p, x: layer.apply({"params": p}, x, train=False,
-                                          mutable=["router"]))(params, x)
+  params, y, _ = _init_apply(cfg, x, train=False)
 
   @jax.jit
   def reference(params, x):

@@ -69,17 +69,15 @@ def _preset(name: str) -> Callable[..., TrainConfig]:
   return build
 
 
+# ProbMoE is compared at the DTop-p paper's shape, so it shares its layout.
+_DTOP_P_LAYOUT = dict(pod_mesh=paper.DTOP_P_POD_MESH, pod_devices=256,
+                      test_mesh=paper.STAND_IN_MESH, shard_batch=8,
+                      tpu_mesh=paper.dtop_p_tpu_mesh)
 REGISTRY: dict[str, NamedConfig] = {c.name: c for c in (
     NamedConfig("tiny", _preset("tiny")),
     NamedConfig("small", _preset("small")),
-    NamedConfig("paper_dtop_p", paper.paper_dtop_p,
-                pod_mesh=paper.DTOP_P_POD_MESH, pod_devices=256,
-                test_mesh=paper.STAND_IN_MESH, shard_batch=8,
-                tpu_mesh=paper.dtop_p_tpu_mesh),
-    NamedConfig("paper_probmoe", paper.paper_probmoe,
-                pod_mesh=paper.DTOP_P_POD_MESH, pod_devices=256,
-                test_mesh=paper.STAND_IN_MESH, shard_batch=8,
-                tpu_mesh=paper.dtop_p_tpu_mesh),
+    NamedConfig("paper_dtop_p", paper.paper_dtop_p, **_DTOP_P_LAYOUT),
+    NamedConfig("paper_probmoe", paper.paper_probmoe, **_DTOP_P_LAYOUT),
     NamedConfig("paper_et", paper.paper_et,
                 pod_mesh=paper.ET_POD_MESH, pod_devices=128,
                 test_mesh=paper.STAND_IN_MESH, shard_batch=2,

@@ -329,9 +329,7 @@ class LMData(BatchedData):
   def num_val_windows(self) -> int:
     return len(self._val_windows)
 
-  @property
-  def _num_val(self) -> int:
-    return len(self._val_windows)
+  _num_val = num_val_windows  # BatchedData's count of validation examples
 
   @property
   def train_tokens(self) -> np.ndarray:

@@ -91,9 +91,7 @@ class ImageData(BatchedData):
   def num_val(self) -> int:
     return len(self._val_x)
 
-  @property
-  def _num_val(self) -> int:
-    return len(self._val_x)
+  _num_val = num_val  # BatchedData's count of validation examples
 
   def batch_shapes(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """(shape, dtype) of each batch entry."""

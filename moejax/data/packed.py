@@ -219,6 +219,8 @@ class TokenData(BatchedData):
   def num_val_windows(self) -> int:
     return self._num_windows[1]
 
+  _num_val = num_val_windows  # BatchedData's count of validation examples
+
   @property
   def num_train_tokens(self) -> int:
     return self.train_stream.num_tokens
@@ -226,10 +228,6 @@ class TokenData(BatchedData):
   @property
   def num_val_tokens(self) -> int:
     return self.val_stream.num_tokens
-
-  @property
-  def _num_val(self) -> int:
-    return self._num_windows[1]
 
   @property
   def fingerprint(self) -> str:
