@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.checks import check_choice
+from moejax.checks import check_choice, check_int_fields
 
 SCHEDULES = ("cosine", "linear")
 PREDICTIONS = ("epsilon", "v")
@@ -51,10 +51,7 @@ class DiffusionConfig:
   prediction: str = "epsilon"
 
   def __post_init__(self):
-    t = self.num_timesteps
-    if isinstance(t, bool) or not isinstance(t, int) or t < 2:
-      raise ValueError(f"num_timesteps={t!r} is out of range; allowed: "
-                       "integer >= 2")
+    check_int_fields(self, ("num_timesteps",), 2)
     check_choice("schedule", self.schedule, SCHEDULES)
     check_choice("prediction", self.prediction, PREDICTIONS)
     if not 0 < self.beta_start < 1:

@@ -27,6 +27,8 @@ from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+from moejax.checks import check_int
+
 VOCAB_SIZE = 256
 SEPARATOR = 0  # byte placed between documents
 
@@ -50,18 +52,12 @@ class SplitDocuments(NamedTuple):
 
 def check_positive_int(name: str, value) -> int:
   """Returns `value` as int, or raises ValueError naming the argument."""
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-    raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-  if value < 1:
-    raise ValueError(f"{name} must be >= 1, got {value}")
-  return int(value)
+  return check_int(name, value, 1)
 
 
 def check_seed(seed) -> int:
   """Returns `seed` as int, or raises ValueError (seeds are integers >= 0)."""
-  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-    raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-  return int(seed)
+  return check_int("seed", seed, 0)
 
 
 def check_val_percent(val_percent) -> float:

@@ -61,12 +61,13 @@ import jax
 import jax.numpy as jnp
 
 from moejax.backend import resolve_strategy
+from moejax.checks import check_int
 from moejax.dispatch.base import (DROPLESS, PLAN_STRATEGY, STRATEGIES, Plan,
                                   Strategy)
 from moejax.dispatch.dropless import block_plan, dropless_plan
 from moejax.dispatch.slots import gather_plan, slot_plan
 # The capacity formula is the routing methods' (one definition, re-exported).
-from moejax.routing.base import Routing, capacity, check_int
+from moejax.routing.base import Routing, capacity
 
 
 def ratio_capacity(num_tokens: int, ratio: float) -> int:

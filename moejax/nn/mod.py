@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import optax
 
 from moejax import dispatch
-from moejax.checks import check_choice
+from moejax.checks import check_choice, check_number
 from moejax.nn.attention import PAD_POSITION
 from moejax.nn.blocks import Block, BlockBase
 from moejax.routing.base import Routing
@@ -93,13 +93,10 @@ class MoDConfig:
                        "(0, 1]")
     check_choice("score", self.score, SCORES)
     check_choice("causal", self.causal, CAUSAL)
-    for name in ("aux_weight", "predictor_weight"):
-      if not getattr(self, name) >= 0:
-        raise ValueError(f"{name}={getattr(self, name)!r} is out of range; "
-                         "allowed: >= 0")
-    if not self.router_init_scale > 0:
-      raise ValueError(f"router_init_scale={self.router_init_scale!r} is out "
-                       "of range; allowed: > 0")
+    check_number("aux_weight", self.aux_weight, 0)
+    check_number("predictor_weight", self.predictor_weight, 0)
+    check_number("router_init_scale", self.router_init_scale, 0,
+                 low_open=True)
 
   def num_selected(self, length: int) -> int:
     """C for a sequence of `length` tokens."""

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax import dispatch, sharding
+from moejax.checks import check_choice
 from moejax.experts import ACTIVATIONS, DenseFFN, Experts
 from moejax.routing import RouterMethod, TopK
 from moejax.nn import expert_parallel
@@ -105,15 +106,10 @@ class MoEConfig:
                        "range; allowed: >= 0")
     if self.group_size is not None:
       positive("group_size", self.group_size)
-    if self.expert_parallel not in expert_parallel.MODES:
-      raise ValueError(f"expert_parallel={self.expert_parallel!r} is not "
-                       f"supported; allowed: {', '.join(expert_parallel.MODES)}")
-    if self.strategy not in dispatch.STRATEGIES:
-      raise ValueError(f"strategy={self.strategy!r} is not supported; allowed: "
-                       f"{', '.join(dispatch.STRATEGIES)}")
-    if self.activation not in ACTIVATIONS:
-      raise ValueError(f"activation={self.activation!r} is not supported; "
-                       f"allowed: {', '.join(ACTIVATIONS)}")
+    check_choice("expert_parallel", self.expert_parallel,
+                 expert_parallel.MODES)
+    check_choice("strategy", self.strategy, dispatch.STRATEGIES)
+    check_choice("activation", self.activation, ACTIVATIONS)
     for key in AUX_KEYS:
       w = getattr(self, f"{key}_weight")
       if w is not None and w < 0:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from typing import Any, ClassVar, Mapping
 
 import flax.struct
@@ -76,27 +75,6 @@ class RouterOutput:
   routing: Routing
   aux: dict[str, Any]
   metrics: dict[str, Any]
-
-
-def _is_concrete(x) -> bool:
-  return isinstance(x, numbers.Number) and not isinstance(x, bool)
-
-
-def check_int(name: str, value, low: int, high: int | None = None) -> int:
-  """Validates a static integer argument; raises ValueError naming it."""
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-    raise ValueError(f"{name} must be an integer, got {value!r}")
-  value = int(value)
-  if value < low or (high is not None and value > high):
-    allowed = f"[{low}, {high}]" if high is not None else f">= {low}"
-    raise ValueError(f"{name}={value} is out of range; allowed: {allowed}")
-  return value
-
-
-def check_p(name: str, value) -> None:
-  """Validates a probability threshold in (0, 1] when it is a concrete number."""
-  if _is_concrete(value) and not 0.0 < float(value) <= 1.0:
-    raise ValueError(f"{name}={value} is out of range; allowed: (0, 1]")
 
 
 def check_logits(logits: jax.Array) -> jax.Array:
@@ -144,21 +122,6 @@ def stats_probs(probs: jax.Array, ok: jax.Array) -> jax.Array:
   so that aux losses and metrics (means over finite rows) leave those tokens
   out; the NaN is a constant of the select, so no gradient is NaN."""
   return jnp.where(ok[..., None], probs, jnp.nan)
-
-
-def check_number(name: str, value, low: float, high: float | None = None,
-                 low_open: bool = False) -> None:
-  """Validates a real hyperparameter in [low, high] (or (low, ...] if low_open)."""
-  if isinstance(value, bool) or not isinstance(value, numbers.Real):
-    raise ValueError(f"{name}={value!r} must be a real number")
-  bad = value <= low if low_open else value < low
-  if high is not None:
-    bad = bad or value > high
-  if bad:
-    lo = "(" if low_open else "["
-    allowed = f"{lo}{low}, {high}]" if high is not None else (
-        f"> {low}" if low_open else f">= {low}")
-    raise ValueError(f"{name}={value} is out of range; allowed: {allowed}")
 
 
 # ---------------------------------------------------------------------------

@@ -19,11 +19,10 @@ import jax
 import jax.numpy as jnp
 
 from moejax.routing import losses
+from moejax.checks import check_int
 from moejax.routing.base import (Routing, RouterMethod, RouterOutput,
-                                 ceil_div, check_capacity_args, check_int,
-                                 check_logits, finite_tokens,
-                                 register,
-                                 scatter_rows)
+                                 ceil_div, check_capacity_args, check_logits,
+                                 finite_tokens, register, scatter_rows)
 
 _TINY = float(jnp.finfo(jnp.float32).tiny)
 

@@ -27,9 +27,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from moejax.routing.base import (Path, RouterMethod, RouterOutput, check_logits,
-                                 check_number, check_p, guard_tokens,
-                                 mean_metric, register)
+from moejax.checks import check_number, check_p
+from moejax.routing.base import (Path, RouterMethod, RouterOutput,
+                                 check_logits, guard_tokens, mean_metric,
+                                 register)
 from moejax.routing.topp import check_max_k, resolve_max_k, select_top_p
 
 SCOPES = ("global", "layer")

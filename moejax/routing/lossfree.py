@@ -22,12 +22,12 @@ from typing import ClassVar, Literal, Mapping
 import jax
 import jax.numpy as jnp
 
-from moejax.checks import check_choice
+from moejax.checks import check_choice, check_int, check_number
 from moejax.routing import losses
 from moejax.routing.base import (Routing, RouterMethod, RouterOutput,
-                                 check_int, check_logits, check_number,
-                                 choice_priority, guard_tokens, register,
-                                 scatter_choices, stats_probs, take_rows)
+                                 check_logits, choice_priority, guard_tokens,
+                                 register, scatter_choices, stats_probs,
+                                 take_rows)
 
 ScoreFn = Literal["softmax", "sigmoid"]
 SCORE_FNS: tuple[str, ...] = typing.get_args(ScoreFn)

@@ -32,11 +32,12 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
+from moejax.checks import check_int
 from moejax.routing import losses
 from moejax.routing.base import (Routing, RouterMethod, RouterOutput,
-                                 check_int, check_logits, finite_tokens,
-                                 guard_tokens, register, scatter_choices,
-                                 stats_probs, take_rows)
+                                 check_logits, finite_tokens, guard_tokens,
+                                 register, scatter_choices, stats_probs,
+                                 take_rows)
 from moejax.routing.subsets import NEG, marginals, prefix_table, sample, sampled
 from moejax.routing.topk import top_k
 

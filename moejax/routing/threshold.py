@@ -41,9 +41,10 @@ import jax
 import jax.numpy as jnp
 
 from moejax.routing import losses
-from moejax.routing.base import (Routing, RouterMethod, RouterOutput, capacity,
-                                 check_capacity_args, check_int, check_logits,
-                                 check_number, finite_tokens, register)
+from moejax.checks import check_int, check_number
+from moejax.routing.base import (Routing, RouterMethod, RouterOutput,
+                                 capacity, check_capacity_args, check_logits,
+                                 finite_tokens, register)
 
 _TINY = float(jnp.finfo(jnp.float32).tiny)
 

@@ -18,12 +18,12 @@ from typing import ClassVar, Literal
 import jax
 import jax.numpy as jnp
 
-from moejax.checks import check_choice
+from moejax.checks import check_choice, check_int
 from moejax.routing import losses
 from moejax.routing.base import (Routing, RouterMethod, RouterOutput,
-                                 check_int, check_logits, choice_priority,
-                                 guard_tokens, register, scatter_choices,
-                                 stats_probs, top_k_rows)
+                                 check_logits, choice_priority, guard_tokens,
+                                 register, scatter_choices, stats_probs,
+                                 top_k_rows)
 from moejax.routing.lossfree import SCORE_FNS, ScoreFn, biased_top_k
 
 Balance = Literal["aux", "none"]

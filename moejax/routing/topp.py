@@ -30,11 +30,11 @@ import jax
 import jax.numpy as jnp
 
 from moejax.routing import losses
+from moejax.checks import check_int, check_p
 from moejax.routing.base import (Routing, RouterMethod, RouterOutput,
-                                 check_int, check_logits, check_p,
-                                 choice_priority, finite_tokens, guard_tokens,
-                                 register, scatter_choices, stats_probs,
-                                 top_k_rows)
+                                 check_logits, choice_priority, finite_tokens,
+                                 guard_tokens, register, scatter_choices,
+                                 stats_probs, top_k_rows)
 
 
 def resolve_max_k(max_k: int | None, num_experts: int) -> int:

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax import diffusion as diffusion_lib
-from moejax.checks import check_positive_ints
+from moejax.checks import check_int_fields, check_positive_ints
 from moejax.data import get_image_data
 from moejax.models.dit import DiT, DiTConfig, batch_multiple, sample
 from moejax.train import metrics as metrics_lib
@@ -110,11 +110,8 @@ class DiTTrainConfig:
                                "checkpoint_every", "keep_checkpoints",
                                "max_bad_steps", "timestep_buckets",
                                "sample_steps", "upsample"))
-    for name in ("samples_per_class", "quality_samples_per_class"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name}={value!r} is out of range; allowed: "
-                         "integer >= 0")
+    check_int_fields(self, ("samples_per_class", "quality_samples_per_class"),
+                     0)
     unit = batch_multiple(self.model)
     if self.batch_size % unit:
       raise ValueError(f"batch_size={self.batch_size} is out of range; "

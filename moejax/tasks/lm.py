@@ -31,7 +31,7 @@ import numpy as np
 
 from moejax import flops as flops_lib
 from moejax import sharding
-from moejax.checks import check_positive_ints
+from moejax.checks import check_int_fields, check_positive_ints
 from moejax.data import DataError, get_lm_data
 from moejax.data import shards as shard_lib
 from moejax.data.base import VOCAB_SIZE as BYTES_VOCAB
@@ -119,9 +119,7 @@ class TrainConfig:
     if self.seq_len > self.model.max_len:
       raise ValueError(f"seq_len={self.seq_len} exceeds model max_len="
                        f"{self.model.max_len}")
-    if self.sample_tokens < 0:
-      raise ValueError(f"sample_tokens={self.sample_tokens} is out of range; "
-                       "allowed: >= 0")
+    check_int_fields(self, ("sample_tokens",), 0)
     if not 0 <= self.temperature < float("inf"):  # checked before training
       raise ValueError(f"temperature={self.temperature} is out of range; "
                        "allowed: finite >= 0 (0 = greedy)")
