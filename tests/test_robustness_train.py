@@ -82,7 +82,8 @@ def test_loop_counts_skipped_steps_and_logs_routing(tmp_path, capsys):
   out = loop.train(PoisonedTask(cfg, lambda i: i in (2, 5)), str(tmp_path))
   # The expected duration, from steps 2..11, after step 11.
   captured = capsys.readouterr()
-  assert re.fullmatch(r"about \d+\.\d min remaining \(\d+\.\d\d s/step\)\n",
+  assert re.fullmatch(r"about \d+\.\d min remaining: training \d+\.\d, 1 "
+                      r"evaluation \d+\.\d \(\d+\.\d\d s/step\)\n",
                       captured.out)
   # Progress into a file (not a terminal): a plain line per logged step.
   assert "\r" not in captured.err
@@ -262,3 +263,24 @@ def test_resume_with_more_steps_keeps_the_learning_rate_schedule(tmp_path,
       first[s] for s in (1, 2, 3, 4, 5, 6)]
   assert second[7] == second[8] == pytest.approx(3e-4)
   assert loop.config_file.load(str(tmp_path)).optim.total_steps == 6
+
+
+def test_duration_estimate_counts_evaluations_and_samples(monkeypatch):
+  """After step 11 of 71: the training steps, the 4 evaluations still to come
+  (one batch timed after compiling it) and the sample (LMTask: its programs
+  compile like the evaluation step, twice; a token costs a sequence's share
+  of an evaluation batch)."""
+  clock = [0.0]
+  monkeypatch.setattr(loop.time, "perf_counter", lambda: clock[0])
+  costs = iter([10.0, 2.0])  # the first evaluation compiles (8 s)
+
+  def evaluate():
+    clock[0] += next(costs)
+
+  task = LMTask(tiny_config(steps=71, eval_every=20, eval_batches=3,
+                            sample_tokens=160, batch_size=16))
+  # training 60 s; evaluations 4 x 3 x 2 s = 24 s; samples 2 x 8 + 160 x
+  # 2 / 16 = 36 s.
+  assert loop._remaining(task, 1.0, 11, evaluate) == (
+      "about 2.0 min remaining: training 1.0, 4 evaluations 0.4, samples 0.6 "
+      "(1.00 s/step)")

@@ -484,5 +484,18 @@ class DiTTask(Task):
     quality["sample_seconds"] = sample_seconds
     return quality, grids
 
+  def output_seconds(self, eval_batch_seconds: float,
+                     eval_compile_seconds: float) -> float:
+    """The sampler compiles like the evaluation step and runs `sample_steps`
+    model passes over the samples (an evaluation batch's cost per batch of
+    images); the classifier's fit is left out."""
+    cfg = self.config
+    per_class = max(cfg.samples_per_class, cfg.quality_samples_per_class)
+    if not per_class:
+      return 0.0
+    images = per_class * len(cfg.classes)
+    return eval_compile_seconds + cfg.sample_steps * max(
+        images / cfg.batch_size, 1.0) * eval_batch_seconds
+
   def plot(self, records, path: str, target_fanout: float | None) -> str:
     return plot_dit_run(records, path, target_fanout)

@@ -297,5 +297,16 @@ class LMTask(Task):
                         f"{num_params / 1e6:.2f}M-parameter {kind} model "
                         f"after {int(state.step)} steps")}
 
+  def output_seconds(self, eval_batch_seconds: float,
+                     eval_compile_seconds: float) -> float:
+    """The sample's prefill and decoding programs compile like the
+    evaluation step (twice its compilation); a token costs at most a
+    sequence's share of an evaluation batch."""
+    cfg = self.config
+    if not cfg.sample_tokens:
+      return 0.0
+    return (2 * eval_compile_seconds +
+            cfg.sample_tokens * eval_batch_seconds / cfg.batch_size)
+
   def plot(self, records, path: str, target_fanout: float | None) -> str:
     return metrics_lib.plot_run(records, path, target_fanout)

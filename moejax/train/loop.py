@@ -256,6 +256,30 @@ def _refuse_other_config(cfg: Any, workdir: str) -> None:
         "resume)")
 
 
+def _remaining(task: Task, per_step: float, done: int,
+               evaluate: Callable[[], Any]) -> str:
+  """The line announcing the rest of a run after step `done`: its training
+  steps at `per_step` seconds, the evaluations still to come (one evaluation
+  batch timed here with `evaluate`, after compiling it) and the task's
+  outputs (`Task.output_seconds`)."""
+  cfg = task.config
+  t = time.perf_counter()
+  evaluate()  # compiles the evaluation step (a cost the run has anyway)
+  first = time.perf_counter() - t
+  t = time.perf_counter()
+  evaluate()
+  batch = time.perf_counter() - t
+  evals = (cfg.steps - 1) // cfg.eval_every - done // cfg.eval_every + 1
+  parts = {"training": per_step * (cfg.steps - done),
+           f"{evals} evaluation{'s' if evals > 1 else ''}":
+               evals * cfg.eval_batches * batch,
+           "samples": task.output_seconds(batch, max(first - batch, 0.0))}
+  detail = ", ".join(f"{name} {seconds / 60:.1f}"
+                     for name, seconds in parts.items() if seconds)
+  return (f"about {sum(parts.values()) / 60:.1f} min remaining: {detail} "
+          f"({per_step:.2f} s/step)")
+
+
 def parse_profile_steps(spec: str | None) -> tuple[int, int] | None:
   """`"A:B"` -> (A, B) with 1 <= A <= B (None or "" -> None)."""
   if not spec:
@@ -435,9 +459,9 @@ def train(run: Any, workdir: str, *,
     train_step = make_step(task, model, mesh)
     eval_step = make_eval(task, model)
 
-    def run_eval():
+    def run_eval(batches=None):
       return task.evaluate(eval_step, state, (
-          put(b) for b in data.eval_batches(cfg.eval_batches)))
+          put(b) for b in data.eval_batches(batches or cfg.eval_batches)))
 
     start = int(jax.device_get(state.step))
     data_index = int(jax.device_get(state.data_index))
@@ -468,10 +492,14 @@ def train(run: Any, workdir: str, *,
           if done - start == 1:
             t_first = time.perf_counter()
             throughput.restart()  # without the compilation
-          elif main:
+          else:
             per_step = (time.perf_counter() - t_first) / 10
-            _say(progress, f"about {per_step * (cfg.steps - done) / 60:.1f} "
-                 f"min remaining ({per_step:.2f} s/step)")
+            t = time.perf_counter()
+            estimate = _remaining(task, per_step, done,
+                                  lambda: run_eval(1))
+            throughput.t += time.perf_counter() - t  # not the timed evaluation
+            if main:
+              _say(progress, estimate)
         if done % cfg.log_every == 0 or done == cfg.steps:
           bad.resolve()
           record = {"step": done, **jax.device_get(metrics),

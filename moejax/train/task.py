@@ -98,6 +98,14 @@ class Task:
     fields). Single-process runs only."""
     return {}, {}
 
+  def output_seconds(self, eval_batch_seconds: float,
+                     eval_compile_seconds: float) -> float:
+    """A rough estimate of the seconds of `outputs` (for the duration the
+    loop announces), from the measured seconds of one evaluation batch and of
+    compiling the evaluation step; 0 when there are none."""
+    del eval_batch_seconds, eval_compile_seconds
+    return 0.0
+
   def plot(self, records: list[dict[str, Any]], path: str,
            target_fanout: float | None) -> str:
     """Writes the run's PNG plot from its log records; returns `path`."""
