@@ -16,7 +16,8 @@ on Linux with libtpu installed and no TPU device (`/dev/accel*`, `/dev/vfio/*`):
 A TPU machine is left alone, and so is any process that set `JAX_PLATFORMS`
 (an empty value included). Ahead-of-time compiles for TPU topologies
 (`moejax.aot`) load libtpu's compiler whatever the platform, so they keep
-working. Import `moejax` before `jax` in a new program for this to apply.
+working. Importing `moejax` after `jax` works too, as long as no JAX
+computation or device query came before.
 """
 from __future__ import annotations
 
@@ -62,4 +63,16 @@ def quiet_tpu_defaults(environ: MutableMapping[str, str] | None = None, *,
   if has_gpu and any(k in environ for k in QUIET_TPU_ENV):
     return {}  # someone configured libtpu on purpose
   environ.update(wanted)
+  if environ is os.environ and "JAX_PLATFORMS" in wanted:
+    _tell_imported_jax(wanted["JAX_PLATFORMS"])
   return wanted
+
+
+def _tell_imported_jax(platforms: str) -> None:
+  """jax reads `JAX_PLATFORMS` when it is imported: where it came first (a
+  notebook's `import jax` before moejax) and has not started a backend yet,
+  its setting is updated too (a started backend keeps its platform)."""
+  jax = sys.modules.get("jax")
+  config = getattr(jax, "config", None)
+  if config is not None:
+    config.update("jax_platforms", platforms)

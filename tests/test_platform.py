@@ -57,6 +57,10 @@ def test_entry_point_prints_no_tpu_noise():
           "assert jax.devices()[0].platform in ('cpu', 'gpu'), jax.devices()")
   err = _stderr(code)
   assert not [l for l in err.splitlines() if any(n in l for n in NOISE)], err
-  # Without moejax first, jax alone loads libtpu (the noise this prevents).
+  # jax imported first (the notebooks do), moejax before any computation.
+  err = _stderr("import jax, jax.numpy as jnp; import moejax; jnp.ones(2); "
+                "assert jax.devices()[0].platform == 'cpu', jax.devices()")
+  assert not [l for l in err.splitlines() if any(n in l for n in NOISE)], err
+  # Without moejax, jax alone loads libtpu (the noise this prevents).
   noisy = _stderr("import jax; jax.devices()")
   assert any(n in noisy for n in NOISE), noisy
