@@ -45,6 +45,11 @@ HIDDEN = "expert_hidden"  # checkpoint name of the hidden activations
 # Checkpoint name of the routed experts' inputs (the dispatched rows `mlp`
 # gets; block remat policies may save them, `moejax.nn.blocks`).
 EXPERT_INPUTS = "expert_inputs"
+# Checkpoint names of the up-projections h @ w_in / h @ w_gate (the
+# pre-activations float[..., F]) and of the routed experts' outputs where the
+# combine reads them (token side, after any all-to-all back).
+EXPERT_PRE = "expert_pre_activations"
+EXPERT_OUTPUTS = "expert_outputs"
 
 
 def activate(activation: str, up: jax.Array,
@@ -118,8 +123,9 @@ def mlp(h: jax.Array, weights: dict[str, Any], activation: str = "swiglu",
   if input_name is not None:
     h = checkpoint_name(h, input_name)
   def hidden(h, weights):
-    up = matmul(h, weights["w_in"])
-    gate = matmul(h, weights["w_gate"]) if activation == "swiglu" else None
+    up = checkpoint_name(matmul(h, weights["w_in"]), EXPERT_PRE)
+    gate = (checkpoint_name(matmul(h, weights["w_gate"]), EXPERT_PRE)
+            if activation == "swiglu" else None)
     return checkpoint_name(activate(activation, up, gate), HIDDEN)
   if remat:
     hidden = jax.checkpoint(
@@ -153,7 +159,8 @@ def ffn(plan: dispatch.Plan, x: jax.Array, weights: dict[str, jax.Array],
     return dispatch.block_ffn(x, plan.row_blocks(), w_up, weights["w_out"],
                               act_fn, remat)
   h = plan.dispatch(x)
-  return plan.combine(mlp(h, weights, activation, plan.matmul, remat=remat))
+  y = mlp(h, weights, activation, plan.matmul, remat=remat)
+  return plan.combine(checkpoint_name(y, EXPERT_OUTPUTS))
 
 
 def weight_shapes(num_experts: int, d_model: int, width: int,

@@ -77,6 +77,32 @@ def test_remat_modes_keep_loss_and_grads_and_save_what_they_name():
     assert named == (0 if mode == "block" else 1), mode
 
 
+def test_save_moe_operands_keeps_only_the_expert_matmul_operands():
+  # Of the MoE layer's activations only the dispatched rows, the two
+  # up-projections and the experts' outputs are saved (routing, dispatch
+  # masks, activation, combine products are recomputed); with
+  # "recompute_attention" alone they are all kept.
+  model = TransformerLM(small_model(remat="save_moe_operands"))
+  variables = init(model)
+  moe_files = ("moejax/nn/moe.py", "moejax/routing/", "moejax/dispatch/",
+               "moejax/experts.py", "moejax/nn/expert_parallel.py")
+
+  def moe_residuals(mode):
+    model = TransformerLM(small_model(remat=mode))
+    saved = io.StringIO()
+    with contextlib.redirect_stdout(saved):
+      jax.ad_checkpoint.print_saved_residuals(lm_loss(model, variables),
+                                              variables["params"])
+    return [l for l in saved.getvalue().splitlines()
+            if any(f in l for f in moe_files)]
+
+  kept = moe_residuals("save_moe_operands")
+  names = sorted(l.split("named '")[1].split("'")[0] for l in kept)
+  assert names == ["expert_inputs", "expert_outputs", "expert_pre_activations",
+                   "expert_pre_activations"], kept
+  assert len(moe_residuals("recompute_attention")) > 3 * len(kept)
+
+
 def test_remat_accepts_the_old_booleans_and_names_bad_values():
   assert small_model(remat=True).remat == "block"
   assert small_model(remat=False).remat == "none"

@@ -58,9 +58,11 @@ LM_MODEL_FLAGS = defaults.table(LMConfig, {
     "param_dtype": "Parameter dtype: float32 or bfloat16 (params created and "
                    "updated in it, computed with in --dtype; routing stays "
                    "float32).",
-    "remat": "Block remat: none, block (recompute each block in the "
-             "backward) or save_expert_inputs (block remat keeping the "
-             "routed experts' dispatched inputs).",
+    "remat": "Remat: none, block (recompute each block in the backward), "
+             "save_expert_inputs (block remat keeping the routed experts' "
+             "dispatched inputs), recompute_attention (recompute only the "
+             "attention scores) or save_moe_operands (recompute_attention, "
+             "and the MoE layer keeps only its expert matmuls' operands).",
     "mod_capacity": "Mixture-of-Depths capacity fraction in [0, 1] (0 = off; "
                     "the paper's setting is 0.125 with --mod_every=2).",
     "mod_every": "MoD: every n-th block is routed.",

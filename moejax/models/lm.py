@@ -58,7 +58,11 @@ class LMConfig(StackConfig):
       dispatched inputs); "recompute_attention" (no block remat: everything
       is kept but the attention scores and probabilities, float[B, H, L, L],
       the largest activations at long sequences, recomputed from the saved
-      queries and keys). True / False are accepted as "block" / "none" (and
+      queries and keys); "save_moe_operands" ("recompute_attention", and
+      the MoE layer keeps only its expert matmuls' operands: dispatched
+      rows, up-projections, token-side expert outputs; routing, gathers,
+      layout copies and the activation are recomputed). True / False are
+      accepted as "block" / "none" (and
       stored as those names).
     param_dtype: parameter dtype name ("float32" or "bfloat16"): params are
       created (and updated) in it, computed with in `dtype`; routing math
@@ -178,7 +182,8 @@ class TransformerLM(nn.Module):
         return out if kv is not None else (*out, None)
       x, layer_kv = Block(
           cfg.num_heads, cfg.d_ff, moe, dtype=dtype, param_dtype=param_dtype,
-          name=f"layers_{i}", recompute_attention=policy.recompute_attention)(
+          name=f"layers_{i}", recompute_attention=policy.recompute_attention,
+          moe_saved=policy.moe_saved)(
               x, positions, train=train, kv=layer_kv, segment_ids=segment_ids)
       return x, None, layer_kv
 

@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from moejax.checks import check_choice, check_heads, check_positive_ints
-from moejax.experts import EXPERT_INPUTS, DenseFFN
+from moejax.experts import (EXPERT_INPUTS, EXPERT_OUTPUTS, EXPERT_PRE,
+                            DenseFFN)
 from moejax.nn.attention import Attention
 from moejax.nn.moe import MoE, MoEConfig
 
@@ -40,10 +41,15 @@ class RematPolicy:
     recompute_attention: the attention recomputes its scores and
       probabilities in the backward pass from the saved queries and keys
       (`moejax.nn.attention`), everything else kept.
+    moe_saved: without `block`, the MoE layer runs under `jax.checkpoint`
+      with this policy (None: not rematerialised): what it does not save
+      (routing, dispatch gathers, layout copies, the activation) is
+      recomputed in the backward pass from the layer's input.
   """
   block: bool = False
   saved: Callable[..., bool] | None = None
   recompute_attention: bool = False
+  moe_saved: Callable[..., bool] | None = None
 
 
 # The models' `remat` settings by name; adding one is one line here.
@@ -61,6 +67,15 @@ REMAT_POLICIES: dict[str, RematPolicy] = {
     # keep everything but the attention scores / probabilities float[B, H, L,
     # L], the largest activations at long sequences
     "recompute_attention": RematPolicy(recompute_attention=True),
+    # "recompute_attention", and of the MoE layer keep only the expert
+    # matmuls' operands: the dispatched rows, the up-projections and the
+    # experts' token-side outputs (`moejax.experts` names); its router,
+    # dispatch gathers, layout copies around the all-to-alls, activation and
+    # combine products are recomputed (no all-to-all is redone)
+    "save_moe_operands": RematPolicy(
+        recompute_attention=True,
+        moe_saved=jax.checkpoint_policies.save_only_these_names(
+            EXPERT_INPUTS, EXPERT_PRE, EXPERT_OUTPUTS)),
 }
 REMAT_MODES = tuple(REMAT_POLICIES)
 # Aliases of the boolean `remat` of earlier versions.
@@ -132,6 +147,8 @@ class BlockBase(nn.Module):
     param_dtype: parameter dtype.
     recompute_attention: the backward pass recomputes the attention scores
       instead of keeping them (`moejax.nn.attention.attend`).
+    moe_saved: the MoE MLP under `jax.checkpoint` with this policy (see
+      `RematPolicy.moe_saved`), or None.
   """
   num_heads: int
   d_ff: int
@@ -140,6 +157,7 @@ class BlockBase(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   recompute_attention: bool = False
+  moe_saved: Callable[..., bool] | None = None
 
   def _mlp(self, z: jax.Array, *, train: bool, decode: bool = False,
            token_mask: jax.Array | None = None) -> jax.Array:
@@ -152,8 +170,14 @@ class BlockBase(nn.Module):
       return DenseFFN(width, self.d_ff, self.activation, self.dtype,
                       self.param_dtype, name="mlp")(z)
     moe = decode_moe(self.moe) if decode else self.moe
-    return MoE(moe, width, self.dtype, self.param_dtype, name="mlp")(
-        z, train=train, token_mask=token_mask)
+
+    def routed(module, z, token_mask):
+      del module  # the layer is created in this module's scope
+      return MoE(moe, width, self.dtype, self.param_dtype, name="mlp")(
+          z, train=train, token_mask=token_mask)
+    if self.moe_saved is not None and not decode:
+      routed = nn.remat(routed, policy=self.moe_saved)
+    return routed(self, z, token_mask)
 
 
 class Block(BlockBase):

@@ -67,6 +67,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from moejax import dispatch, experts, sharding
@@ -297,7 +298,7 @@ def _gspmd_path(routing, x, weights, *, capacity, strategy, max_fanout,
   y = experts.mlp(h, weights, activation, matmul, hidden_names=hidden)
   y = sharding.constrain(y, slots)
   y = sharding.constrain(y, tokens)  # all-to-all back
-  return combine(stacked, y)
+  return combine(stacked, checkpoint_name(y, experts.EXPERT_OUTPUTS))
 
 
 def _source_major_matmul(h: jax.Array, w: jax.Array) -> jax.Array:
@@ -344,7 +345,8 @@ def _local_experts(routing: Routing, x: jax.Array, weights: dict[str, Any], *,
   if collectives:
     y = jax.lax.psum(y, "model")  # complete the F-sharded contraction
     y = jax.lax.all_to_all(y, "expert", 0, 0, tiled=True)  # [E, Gl, C, D]
-  return _expert_major_combine(plans, y)
+  return _expert_major_combine(plans, checkpoint_name(y,
+                                                      experts.EXPERT_OUTPUTS))
 
 
 def _shard_map_path(routing, x, weights, *, capacity, strategy, max_fanout,
