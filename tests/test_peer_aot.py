@@ -41,11 +41,12 @@ def test_largest_instructions_ranks_scheduled_ops_by_bytes():
 def test_extrapolate_is_linear_in_depth_and_nested():
   a = {"x": 10.0, "n": {"y": 3}, "s": "a"}
   b = {"x": 14.0, "n": {"y": 5}, "s": "b"}
-  out = peer._extrapolate(a, b, 1, 2, 16)
+  out = peer.extrapolate(a, b, 1, 2, 16)
   assert out == {"x": 10.0 + 4.0 * 15, "n": {"y": 3 + 2 * 15}, "s": "b"}
 
 
-@pytest.mark.parametrize("remat", ["full", "selective", "none"])
+@pytest.mark.parametrize("remat", ["full", "selective", "selective_moe",
+                                   "none"])
 def test_moejax_config_of_a_spec(remat):
   spec = {"library": "moejax", "topology": "v5p-64", "shape": "paper",
           "remat": remat, "variant": "ep", "data": 4, "expert": 8,
@@ -56,3 +57,27 @@ def test_moejax_config_of_a_spec(remat):
   assert cfg.model.loss_chunk == 256 and cfg.seq_len == 2048
   assert cfg.model.remat == peer.REMAT[remat][1]
   assert peer.spec_key(spec).endswith("remat=" + remat + "/loss_chunk=256/L2")
+
+
+def test_a_spec_with_a_strategy_keys_and_configures_it():
+  spec = {"library": "moejax", "topology": "v5p-64", "shape": "paper",
+          "remat": "selective_moe", "variant": "fsdp", "data": 4,
+          "expert": 8, "depth": 1, "loss_chunk": 256, "strategy": "gather"}
+  cfg = peer.moejax_config(spec)
+  assert cfg.model.moe.strategy == "gather"
+  assert cfg.model.remat == "save_moe_operands"
+  assert peer.spec_key(spec).endswith("/loss_chunk=256/strategy=gather/L1")
+  default = peer.moejax_config({**spec, "strategy": ""})
+  assert default.model.moe.strategy == "index"  # the paper config's
+
+
+def test_one_depth_rows_report_that_depth_without_extrapolating():
+  spec = {"library": "moejax", "topology": "v5p-64", "shape": "paper",
+          "remat": "full", "variant": "ep", "data": 4, "expert": 8,
+          "depth": 1, "loss_chunk": 0}
+  one = {"ok": True, "state_bytes": 2**30, "temp_bytes": 2**31,
+         "peak_bytes": 3 * 2**30, "flops": 1e12,
+         "bytes_accessed": 5 * 2**30}
+  row = peer.row_of({peer.spec_key(spec): one}, spec, ["1"])
+  assert row["status"] == "only 1 layer compiled"
+  assert "peak 3.00 GiB" in row["error"] and "5 GiB accessed" in row["error"]
