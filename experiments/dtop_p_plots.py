@@ -6,8 +6,8 @@ Reads `REPORT/{main,variants,long}/runs/*.json` (written by
 `experiments/compare_routers.py`) and writes `REPORT/controller_small.png`:
 (a) the mean fanout of the first 300 steps (per step and 50-step mean) from
 p_init 0.5 and 0.9, (b) a window of the 2000-step run where the gains
-kp 0.5 / ki 0.2 ring once p ~ 0.9, (c) the per-layer p of the layer scope.
-Prints the numbers quoted in the report.
+kp 0.5 / ki 0.2 ring once p ~ 0.9, (c) the per-layer p of the layer scope;
+each panel's legend under it. Prints the numbers quoted in the report.
 
 Axis legend:
   L  routed layers
@@ -20,9 +20,15 @@ from absl import app, flags
 
 from moejax import experiment
 from moejax.experiment.plots import pyplot, save
+from moejax.train.metrics import legend_below
 
-flags.DEFINE_string("report", "experiments/reports/dtop_p", "Report directory.")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The script's flag (defined when it runs, not when a test imports it)."""
+  flags.DEFINE_string("report", "experiments/reports/dtop_p",
+                      "Report directory.")
 
 
 def load(directory):
@@ -41,15 +47,20 @@ def moving(values, w):
 
 def main(argv):
   del argv
-  import numpy as np
-  plt = pyplot()
-
   rep = FLAGS.report
   runs = {}
   for sub in ("main", "variants", "long"):
     runs.update(load(os.path.join(rep, sub, "runs")))
+  print("plot:", save(controller_figure(runs),
+                      os.path.join(rep, "controller_small.png")))
+
+
+def controller_figure(runs):
+  """The three panels (module docstring) of {(label, seed): record}."""
+  import numpy as np
+  plt = pyplot()
   target = 4.0
-  fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+  fig, axes = plt.subplots(1, 3, figsize=(16, 5))
   ax = axes[0]
   for (label, color) in (("dtop_p_global", "C4"), ("dtop_p_pinit0.9", "C1")):
     for seed in (0, 1):
@@ -74,7 +85,7 @@ def main(argv):
   ax.set_xlabel("step")
   ax.set_ylabel("mean experts per token (thin: per step)")
   ax.set_title("(a) settling, small config, kp 0.5 / ki 0.2")
-  ax.legend(fontsize=7)
+  legend_below(ax, ncol=2)
 
   ax = axes[1]
   run = runs.get(("dtop_p_2000", 1))
@@ -90,7 +101,7 @@ def main(argv):
     ax2.plot([steps[i] for i in keep], [ps[i] for i in keep], color="C3",
              lw=0.8, label="p")
     ax2.set_ylabel("p", color="C3")
-    ax.legend(fontsize=7, loc="upper left")
+    legend_below(ax, ax2)
     sd = lambda lo, hi: np.std([f for s, f in zip(steps, fan) if lo < s <= hi])
     print(f"dtop_p_2000 seed 1: step-to-step sd of the fanout, steps 300-600 "
           f"{sd(300, 600):.3f}, 1000-1300 {sd(1000, 1300):.3f}, "
@@ -112,9 +123,10 @@ def main(argv):
   ax.set_xlabel("step")
   ax.set_ylabel("p of each layer")
   ax.set_title("(c) layer scope: deep layers reach p ~ 0.9 and ring")
-  ax.legend(fontsize=7)
-  print("plot:", save(fig, os.path.join(rep, "controller_small.png")))
+  legend_below(ax)
+  return fig
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -35,3 +35,38 @@ def test_run_figure_title_zorder_and_legends(tmp_path):
     assert not box.overlaps(ax.get_window_extent(renderer)), ax.get_ylabel()
   path = metrics.plot_run(_records(), str(tmp_path / "run.png"), 2.0)
   assert (tmp_path / "run.png").stat().st_size > 0 and path.endswith("run.png")
+
+
+def _assert_legends_outside(fig, count):
+  fig.canvas.draw()
+  renderer = fig.canvas.get_renderer()
+  legends = [(ax, ax.get_legend()) for ax in fig.axes if ax.get_legend()]
+  assert len(legends) == count
+  for ax, legend in legends:
+    box = legend.get_window_extent(renderer)
+    assert not box.overlaps(ax.get_window_extent(renderer)), ax.get_title()
+
+
+def test_dtop_p_report_figure_legends_below_the_curves():
+  """experiments/dtop_p_plots.py: each panel's legend under it (the twin
+  axis' p curve in panel (b)'s legend too)."""
+  import os
+  from moejax.experiment import load_module
+  plots = load_module(os.path.join(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), "experiments", "dtop_p_plots.py"))
+
+  def run(n, **extra):
+    return {"history": [{"step": s, "loss": 1.0,
+                         "experts_per_token": 4.0 + (s % 10) / 100,
+                         "p": 0.5 + 0.4 * s / n, **extra}
+                        for s in range(5, n + 1, 5)]}
+
+  runs = {(label, seed): run(600) for seed in (0, 1)
+          for label in ("dtop_p_global", "dtop_p_pinit0.9")}
+  runs.update({("dtop_p_layer", s): run(600, p_layer=[0.5, 0.7, 0.9])
+               for s in (0, 1)})
+  runs[("dtop_p_2000", 1)] = run(2000)
+  fig = plots.controller_figure(runs)
+  _assert_legends_outside(fig, 3)
+  labels = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
+  assert labels == ["mean fanout (every 5th step)", "p"]

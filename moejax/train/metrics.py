@@ -139,14 +139,19 @@ def plot_loss(ax, records: list[dict[str, Any]], ylabel: str) -> None:
             label="validation")
   ax.set_xlabel("step")
   ax.set_ylabel(ylabel)
-  _legend_below(ax)
+  legend_below(ax)
 
 
-def _legend_below(ax) -> None:
-  """The axes' legend under its x label, outside the curves."""
-  handles, _ = ax.get_legend_handles_labels()
-  ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2),
-            ncol=min(3, max(1, len(handles))), frameon=False)
+def legend_below(ax, *twins, ncol: int = 3) -> None:
+  """The legend of `ax` (and of its twin axes `twins`) under its x label,
+  outside the curves."""
+  handles, labels = ax.get_legend_handles_labels()
+  for twin in twins:
+    more = twin.get_legend_handles_labels()
+    handles, labels = handles + more[0], labels + more[1]
+  ax.legend(handles, labels, fontsize=7, loc="upper center",
+            bbox_to_anchor=(0.5, -0.2), ncol=min(ncol, max(1, len(handles))),
+            frameon=False)
 
 
 def routing_series(records: list[dict[str, Any]]
@@ -191,7 +196,7 @@ def plot_fanout(ax, records: list[dict[str, Any]],
               lw=0.8 if name.startswith("layer") else 1.5)
   ax.set_xlabel("step")
   ax.set_ylabel("experts per token")
-  _legend_below(ax)
+  legend_below(ax)
 
 
 def plot_balance(ax, records: list[dict[str, Any]]) -> None:
@@ -201,7 +206,7 @@ def plot_balance(ax, records: list[dict[str, Any]]) -> None:
     if name in series:
       ax.plot(*series[name], label=name)
   ax.set_xlabel("step")
-  _legend_below(ax)
+  legend_below(ax)
 
 
 def run_title(records: list[dict[str, Any]], name: str = "") -> str:
