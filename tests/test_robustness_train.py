@@ -263,6 +263,11 @@ def test_resume_with_more_steps_keeps_the_learning_rate_schedule(tmp_path,
       first[s] for s in (1, 2, 3, 4, 5, 6)]
   assert second[7] == second[8] == pytest.approx(3e-4)
   assert loop.config_file.load(str(tmp_path)).optim.total_steps == 6
+  # Fewer steps than the newest checkpoint's: nothing to train, refused.
+  with pytest.raises(ValueError, match=(
+      r"^steps=6 is below the step of the newest checkpoint in workdir='.*' "
+      r"\(8\); allowed: >= 8, or a new --workdir$")):
+    run(6)
 
 
 def test_duration_estimate_counts_evaluations_and_samples(monkeypatch):

@@ -381,14 +381,14 @@ def train(run: Any, workdir: str, *,
   records as TensorBoard scalars), `workdir/checkpoints/` (orbax; a
   second call with the same workdir resumes from the newest readable one, see
   `moejax.train.checkpoint`, on the stored optimizer settings and
-  learning-rate schedule, `_keep_stored_optim`), `workdir/run.png`, `workdir/summary.json` and the
-  task's samples. The summary also holds the final `state` and
-  `skipped_steps`. `profile_steps` (A, B) or "A:B": trace steps A..B into
-  `workdir/profile` (`parse_profile_steps`).
+  learning-rate schedule, `_keep_stored_optim`), `workdir/run.png`,
+  `workdir/summary.json` and the task's samples. The summary also holds the
+  final `state` and `skipped_steps`. `profile_steps` (A, B) or "A:B": trace
+  steps A..B into `workdir/profile` (`parse_profile_steps`).
 
   Raises:
-    ValueError: `workdir` is not a directory, or the run does not fit the
-      devices.
+    ValueError: `workdir` is not a directory, the run does not fit the
+      devices, or its newest checkpoint is past `steps`.
     CheckpointError: checkpoints exist but none is readable.
     TrainingStopped: `max_bad_steps` consecutive non-finite steps.
   """
@@ -441,6 +441,12 @@ def train(run: Any, workdir: str, *,
     except ckpt_lib.CheckpointError:
       _refuse_other_config(cfg, workdir)
       raise
+    if resumed_from is not None and resumed_from > cfg.steps:
+      checkpointer.close()
+      raise ValueError(
+          f"steps={cfg.steps} is below the step of the newest checkpoint in "
+          f"workdir={workdir!r} ({resumed_from}); allowed: >= {resumed_from}, "
+          "or a new --workdir")
     if resumed_from is not None:
       cfg = task.config = _keep_stored_optim(cfg, workdir, resumed_from,
                                             main)
