@@ -28,6 +28,7 @@ reports each in one line; when none is readable it raises and moves nothing.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 from typing import Callable
@@ -53,6 +54,7 @@ def _reason(error: BaseException) -> str:
     error = error.__cause__
   lines = str(error).strip().splitlines()
   text = lines[0].split(" See full TensorStore details")[0] if lines else ""
+  text = re.sub(r' in OCDBT database at local file "[^"]*"', "", text)
   if len(text) > 200:
     text = text[:200] + "..."
   return f"{type(error).__name__}: {text}" if text else type(error).__name__
