@@ -264,6 +264,7 @@ def plot_all(results, specs, out: str) -> list[str]:
   import numpy as np
 
   from moejax.experiment.plots import pyplot, save
+  from moejax.train.metrics import legend_below
   plt = pyplot()
   ok = [r for r in results if "error" not in r]
   labels = [s.label for s in specs if any(r["label"] == s.label for r in ok)]
@@ -272,7 +273,7 @@ def plot_all(results, specs, out: str) -> list[str]:
   seeds_of = lambda lab: [r for r in ok if r["label"] == lab]
 
   # Loss: training curves and final validation loss ± std.
-  fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
   for lab in labels:
     for j, r in enumerate(seeds_of(lab)):
       tr = [h for h in r["history"] if "loss" in h]
@@ -284,7 +285,7 @@ def plot_all(results, specs, out: str) -> list[str]:
                    lw=1, label=lab if j == 0 else None)
   axes[0].set_xlabel("step")
   axes[0].set_ylabel("train loss (nats/byte, smoothed)")
-  axes[0].legend(fontsize=8)
+  legend_below(axes[0])
   means = [mean_std([r["eval_loss"] for r in seeds_of(lab)]) for lab in labels]
   axes[1].bar(range(len(labels)), [m[0] for m in means],
               yerr=[m[1] for m in means], capsize=4,
@@ -307,24 +308,25 @@ def plot_all(results, specs, out: str) -> list[str]:
   has_p = [lab for lab in routed
            if any("p" in h for h in seeds_of(lab)[0]["history"])]
   fig, axes = plt.subplots(1, 2 if has_p else 1, figsize=(12 if has_p else 6,
-                                                          4), squeeze=False)
+                                                          4.8), squeeze=False)
   ax = axes[0, 0]
   targets = set()
   for lab in routed:
     for j, r in enumerate(seeds_of(lab)):
       tr = [h for h in r["history"] if "experts_per_token" in h and "loss" in h]
       ax.plot([h["step"] for h in tr], [h["experts_per_token"] for h in tr],
-              color=colors[lab], lw=1, alpha=0.8, ls="-" if j == 0 else ":",
-              label=lab if j == 0 else None)
+              color=colors[lab], lw=1.5 if j == 0 else 1, alpha=0.8,
+              ls="-" if j == 0 else ":", label=lab if j == 0 else None,
+              zorder=3)
       targets.add(r["config"]["target_fanout"])
-  for t in targets:
-    ax.axhline(t, color="k", ls="--", lw=1)
+  for t in targets:  # under the curves: a fixed-k router's lies on it
+    ax.axhline(t, color="0.5", ls="--", lw=1, zorder=1)
     ax.axhspan(t * (1 - FLAGS.band), t * (1 + FLAGS.band), color="k",
-               alpha=0.08)
+               alpha=0.08, zorder=0)
   ax.set_xlabel("step")
-  ax.set_ylabel("mean experts per token (dashed: target, band ±%g%%)"
+  ax.set_ylabel("mean experts per token\n(dashed: target ±%g%%)"
                 % (100 * FLAGS.band))
-  ax.legend(fontsize=8)
+  legend_below(ax)
   if has_p:
     ax = axes[0, 1]
     for lab in has_p:
@@ -341,11 +343,11 @@ def plot_all(results, specs, out: str) -> list[str]:
                     color=colors[lab], lw=0.5, alpha=0.5)
     ax.set_xlabel("step")
     ax.set_ylabel("controller threshold p (thin: per layer)")
-    ax.legend(fontsize=8)
+    legend_below(ax)
   paths.append(save(fig, os.path.join(out, "fanout.png")))
 
   # Per-layer fanout and per-token fanout std (last quarter of training).
-  fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
   width = 0.8 / len(routed)
   for i, lab in enumerate(routed):
     layer = np.array([r["tail"]["layer_fanout"] for r in seeds_of(lab)])
@@ -357,7 +359,7 @@ def plot_all(results, specs, out: str) -> list[str]:
     axes[0].axhline(t, color="k", ls="--", lw=1)
   axes[0].set_xlabel("MoE layer")
   axes[0].set_ylabel("mean experts per token (last 25% of steps)")
-  axes[0].legend(fontsize=8)
+  legend_below(axes[0])
   for lab in routed:
     for j, r in enumerate(seeds_of(lab)):
       tr = [h for h in r["history"] if "fanout_std" in h and "loss" in h]
@@ -366,7 +368,7 @@ def plot_all(results, specs, out: str) -> list[str]:
                    label=lab if j == 0 else None)
   axes[1].set_xlabel("step")
   axes[1].set_ylabel("per-token fanout std (mean over layers)")
-  axes[1].legend(fontsize=8)
+  legend_below(axes[1])
   paths.append(save(fig, os.path.join(out, "layer_fanout.png")))
 
   fig, ax = plt.subplots(figsize=(6, 3.6))
@@ -387,7 +389,7 @@ def plot_all(results, specs, out: str) -> list[str]:
   if with_params:
     names = sorted({n for lab in with_params
                     for n in seeds_of(lab)[0]["router_params"]})
-    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 3.6),
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.4),
                              squeeze=False)
     for k, name in enumerate(names):
       ax = axes[0, k]
@@ -399,7 +401,7 @@ def plot_all(results, specs, out: str) -> list[str]:
                   label=lab if j == 0 else None)
       ax.set_xlabel("MoE layer")
       ax.set_ylabel(f"learned {name} (end of training)")
-      ax.legend(fontsize=8)
+      legend_below(ax)
     paths.append(save(fig, os.path.join(out, "router_params.png")))
   return paths
 
