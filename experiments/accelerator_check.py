@@ -218,8 +218,8 @@ def mod_worker(spec_path: str) -> int:
   """Trains the runs of a JSON spec {"base", "runs": [{label, seed, fields,
   steps, workdir, record}]} one after another; writes each run's record."""
   import dataclasses  # pylint: disable=g-import-not-at-top
+  from moejax import experiment  # pylint: disable=g-import-not-at-top
   from moejax.cli import lm_flags  # pylint: disable=g-import-not-at-top
-  from moejax.train import loop  # pylint: disable=g-import-not-at-top
   with open(spec_path) as f:
     spec = json.load(f)
   for run in spec["runs"]:
@@ -229,14 +229,13 @@ def mod_worker(spec_path: str) -> int:
     cfg = lm_flags.build_train_config(values)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(
         cfg.model, **run["fields"]))
-    t0 = time.perf_counter()
-    summary = loop.train(cfg, run["workdir"])
+    trained = experiment.train_record(cfg, run["workdir"])
     record = {"label": run["label"], "seed": run["seed"],
               "steps": run["steps"], "fields": run["fields"],
               "train_flops": run["train_flops"],
-              "eval_loss": float(summary["eval_loss"]),
-              "tokens_per_s": summary.get("tokens_per_s"),
-              "wall_seconds": time.perf_counter() - t0}
+              "eval_loss": float(trained.summary["eval_loss"]),
+              "tokens_per_s": trained.summary.get("tokens_per_s"),
+              "wall_seconds": trained.wall_seconds}
     with open(run["record"], "w") as f:
       json.dump(record, f, indent=1)
     print(f"[{run['label']} s{run['seed']}] eval loss "

@@ -28,15 +28,16 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 from absl import app, flags  # noqa: E402
+
+from moejax.experiment import timing
 
 flags.DEFINE_string("config", "tiny", "Model preset (tiny or small).")
 flags.DEFINE_string("batch_sizes", "1,8", "Comma-separated batch sizes.")
 flags.DEFINE_integer("prompt_len", 32, "Prompt tokens (P).")
 flags.DEFINE_integer("new_tokens", 128, "Decode steps timed (N).")
-flags.DEFINE_integer("repeats", 5, "Timed repeats per model (best is kept).")
+timing.define_flags(repeats=5)  # the best round is kept
 flags.DEFINE_float("mod_capacity", 0.125, "MoD capacity fraction.")
 flags.DEFINE_integer("mod_every", 2, "Every n-th block routed.")
 flags.DEFINE_string("mod_causal", "predictor", "predictor or router.")
@@ -132,12 +133,9 @@ def main(argv):
       _, _, dec = run()  # compile
       prepared[label] = (run, float(np.asarray(dec).mean()) if dec.size
                          else 1.0)
-    best = {label: float("inf") for label in prepared}
-    for _ in range(FLAGS.repeats):
-      for label, (run, _) in prepared.items():
-        t0 = time.perf_counter()
-        run()
-        best[label] = min(best[label], time.perf_counter() - t0)
+    best = {label: min(t.wall) for label, t in timing.interleaved(
+        {label: run for label, (run, _) in prepared.items()},
+        FLAGS.repeats).items()}
     for label, (_, realised) in prepared.items():
       tps = batch * FLAGS.new_tokens / best[label]
       rows.append({"model": label, "batch": batch, "tokens_per_s": tps,

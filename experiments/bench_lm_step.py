@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 
 from absl import app, flags  # noqa: E402
 import moejax  # noqa: F401,E402  (before jax: moejax.platforms)
@@ -28,6 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from moejax import flops, routing  # noqa: E402
+from moejax.experiment import timing  # noqa: E402
 from moejax.models import LMConfig, TransformerLM  # noqa: E402
 from moejax.nn import MoEConfig  # noqa: E402
 from moejax.train import OptimConfig, create_train_state, make_train_step  # noqa: E402
@@ -69,18 +69,17 @@ def time_model(cfg: LMConfig, batch: int, seq_len: int) -> dict:
       "inputs": jnp.asarray(rng.integers(0, 256, (batch, seq_len)), jnp.int32),
       "targets": jnp.asarray(rng.integers(0, 256, (batch, seq_len)), jnp.int32),
       "mask": jnp.ones((batch, seq_len), jnp.float32)}
-  t0 = time.perf_counter()
-  state, metrics = step(state, batch_data)
-  jax.block_until_ready(metrics["loss"])
-  compile_s = time.perf_counter() - t0
-  for _ in range(FLAGS.warmup):
-    state, metrics = step(state, batch_data)
-  jax.block_until_ready(metrics["loss"])
-  t0 = time.perf_counter()
-  for _ in range(FLAGS.steps):
-    state, metrics = step(state, batch_data)
-  jax.block_until_ready(metrics["loss"])
-  step_s = (time.perf_counter() - t0) / FLAGS.steps
+  run = {"state": state}
+
+  def advance():
+    """One train step, carrying the state; its loss (to wait on)."""
+    run["state"], run["metrics"] = step(run["state"], batch_data)
+    return run["metrics"]["loss"]
+
+  _, compile_s = timing.timed(advance)
+  (step_s,) = timing.time_calls(advance, repeats=1, warmup=FLAGS.warmup,
+                                calls=FLAGS.steps)
+  state, metrics = run["state"], run["metrics"]
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   train_flops = flops.train_flops(cfg, batch, seq_len)
   row = {"params": n_params, "compile_s": compile_s, "step_s": step_s,

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -71,6 +72,7 @@ import numpy as np  # noqa: E402
 
 from moejax import dispatch, routing  # noqa: E402
 from moejax import sharding  # noqa: E402
+from moejax.experiment import timing  # noqa: E402
 from moejax.experts import ffn as expert_ffn  # noqa: E402
 from moejax.nn.expert_parallel import routed_experts  # noqa: E402
 from moejax.routing.base import Routing  # noqa: E402
@@ -95,8 +97,7 @@ flags.DEFINE_string("router_sizes", "first",
 flags.DEFINE_list("dtype", ["float32", "bfloat16"], "payload dtypes")
 flags.DEFINE_list("bf16_strategies", ["gather", "sorted"],
                   "strategies run in bfloat16 (top_k only; 'all' = every one)")
-flags.DEFINE_integer("repeats", 3, "timed rounds (median)")
-flags.DEFINE_integer("warmup", 1, "untimed calls after compilation")
+timing.define_flags(repeats=3, warmup=1)  # the median round is reported
 flags.DEFINE_float("capacity_factor", 1.25, "training capacity factor")
 flags.DEFINE_integer("group_size", None, "tokens per routing group (default T)")
 flags.DEFINE_list("seq_groups", ["2048", "512"],
@@ -287,15 +288,11 @@ def time_block(entries, repeats: int, warmup: int):
     entry["compile_s"] = time.perf_counter() - t0
     entry["peak_mib"] = peak_memory(compiled)
     entry["fn"] = compiled
-    for _ in range(warmup):
-      jax.block_until_ready(compiled(*entry["args"]))
-    entry["times"], entry["cpu_times"] = [], []
-  for _ in range(repeats):
-    for entry in entries:
-      t0, c0 = time.perf_counter(), time.process_time()
-      jax.block_until_ready(entry["fn"](*entry["args"]))
-      entry["times"].append(time.perf_counter() - t0)
-      entry["cpu_times"].append(time.process_time() - c0)
+  timings = timing.interleaved(
+      {i: functools.partial(e["fn"], *e["args"]) for i, e in enumerate(entries)},
+      repeats, warmup=warmup)
+  for i, entry in enumerate(entries):
+    entry["times"], entry["cpu_times"] = timings[i].wall, timings[i].cpu
 
 
 def skip_reason(strategy: str, size: Size) -> str | None:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 from absl import app, flags
 import moejax  # noqa: F401,E402  (before jax: moejax.platforms)
@@ -39,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax import routing
-from moejax.routing import ExactK, TopK
+from moejax.experiment import timing
+from moejax.routing import ExactK, TopK, probmoe
 from moejax.nn.moe import MoE, MoEConfig
 
 
@@ -48,7 +48,7 @@ flags.DEFINE_integer("d_model", 512, "Model width D.")
 flags.DEFINE_integer("expert_width", 256, "Expert width F.")
 flags.DEFINE_integer("num_experts", 64, "Experts E.")
 flags.DEFINE_integer("k", 8, "Subset size k.")
-flags.DEFINE_integer("reps", 15, "Timed repetitions per variant.")
+timing.define_flags(repeats=15)
 flags.DEFINE_string("strategy", "gather", "Dispatch strategy of the layer.")
 flags.DEFINE_string("out", "experiments/reports/probmoe_bench.json",
                     "JSON output path ('' = none).")
@@ -104,24 +104,15 @@ def plain_route(logits, k, rng):
 
 
 # ------------------------------- timing -----------------------------------
-def timed(fns: dict, reps: int) -> dict:
+def timed(fns: dict, repeats: int) -> dict:
   """Interleaved timing: {name: (wall min ms, wall median ms, cpu min ms)}.
 
   CPU = process time (all threads); on a shared, overloaded machine it is the
   steadier measure of the work done.
   """
-  for f in fns.values():
-    jax.block_until_ready(f())
-  wall = {name: [] for name in fns}
-  cpu = {name: [] for name in fns}
-  for _ in range(reps):
-    for name, f in fns.items():
-      t0, c0 = time.perf_counter(), time.process_time()
-      jax.block_until_ready(f())
-      wall[name].append(1e3 * (time.perf_counter() - t0))
-      cpu[name].append(1e3 * (time.process_time() - c0))
-  return {n: (float(np.min(wall[n])), float(np.median(wall[n])),
-              float(np.min(cpu[n]))) for n in fns}
+  res = timing.interleaved(fns, repeats, warmup=1)
+  return {n: (1e3 * min(t.wall), 1e3 * float(np.median(t.wall)),
+              1e3 * min(t.cpu)) for n, t in res.items()}
 
 
 def main(argv):
@@ -169,7 +160,7 @@ def main(argv):
 
   res = timed({"fast": fast, "fast_forward_only": fast_fwd, "scan": plain,
                "top_k": topk, "layer_top_k": layer_vg(TopK(k=k)),
-               "layer_exact_k": layer_vg(ExactK(k=k))}, FLAGS.reps)
+               "layer_exact_k": layer_vg(ExactK(k=k))}, FLAGS.repeats)
   layer, layer_cpu = res["layer_top_k"][0], res["layer_top_k"][2]
   rows = []
   for name, (best, med, cpu) in res.items():
@@ -177,7 +168,7 @@ def main(argv):
                  "cpu_min_ms": cpu, "wall_fraction": best / layer,
                  "cpu_fraction": cpu / layer_cpu})
   print(f"S={s} D={d} F={f} E={e} k={k}  device={jax.devices()[0].platform}  "
-        f"reps={FLAGS.reps}; min over interleaved reps; fractions of the "
+        f"reps={FLAGS.repeats}; min over interleaved reps; fractions of the "
         f"top-k MoE layer fwd+bwd")
   print(f"{'variant':<20}{'wall min':>10}{'wall med':>10}{'cpu min':>10}"
         f"{'wall %':>8}{'cpu %':>8}")
@@ -197,7 +188,7 @@ def main(argv):
     os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
     with open(FLAGS.out, "w") as fh:
       json.dump({"config": {"tokens": s, "d_model": d, "expert_width": f,
-                            "num_experts": e, "k": k, "reps": FLAGS.reps,
+                            "num_experts": e, "k": k, "reps": FLAGS.repeats,
                             "device": jax.devices()[0].device_kind},
                  "rows": rows, "grad_rel_diff_fast_vs_scan": grad_rel,
                  "xla_flags": os.environ.get("XLA_FLAGS", ""),

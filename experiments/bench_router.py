@@ -14,22 +14,23 @@ Axis legend:
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
 import sys
-import time
 
 from absl import app, flags, logging
 
 from moejax.cli import lm_flags
+from moejax.experiment import timing
 
 lm_flags.define_flags()
 flags.DEFINE_string("routers", "top_k;dtop_p;top_p",
                     "';'-separated [LABEL=]ROUTER[,FLAG=VALUE...]; the first is "
                     "the baseline.")
 flags.DEFINE_integer("bench_steps", 10, "Timed steps per repeat.")
-flags.DEFINE_integer("repeats", 7, "Interleaved repeats (median reported).")
+timing.define_flags(repeats=7)  # the median round is reported
 flags.DEFINE_string("json_out", "experiments/out/bench_router.json",
                     "Where to write the JSON results.")
 FLAGS = flags.FLAGS
@@ -91,20 +92,17 @@ def time_routers(specs, base, runs):
           jnp.mean(v) for v in out.aux.values())
 
     fn = jax.jit(jax.grad(loss))
-    jax.block_until_ready(fn(logits))
-    fns[spec.label] = (fn, logits, cfg.model.num_moe_layers, [])
-  for _ in range(FLAGS.repeats):
-    for label, (fn, logits, layers, times) in fns.items():
-      t0 = time.perf_counter()
-      for _ in range(FLAGS.bench_steps * 4):
-        out = fn(logits)
-      jax.block_until_ready(out)
-      times.append(layers * (time.perf_counter() - t0) / (FLAGS.bench_steps * 4))
+    fns[spec.label] = (functools.partial(fn, logits), cfg.model.num_moe_layers)
+  timings = timing.interleaved({label: fn for label, (fn, _) in fns.items()},
+                               FLAGS.repeats, warmup=1,
+                               calls=FLAGS.bench_steps * 4)
+  fns = {label: (fn, layers, [layers * t for t in timings[label].wall])
+         for label, (fn, layers) in fns.items()}
   base_label = specs[0].label
   base_step = statistics.median(runs[base_label]["times"])
-  base_router = statistics.median(fns[base_label][3]) if base_label in fns else 0
+  base_router = statistics.median(fns[base_label][2]) if base_label in fns else 0
   rows = []
-  for label, (_, _, _, times) in fns.items():
+  for label, (_, _, times) in fns.items():
     med = float(np.median(times))
     rows.append({"label": label, "median_s_per_step": med,
                  "fraction_of_base_step": med / base_step,
@@ -128,27 +126,28 @@ def main(argv):
     values = dict(base, router=spec.router, **spec.options)
     cfg, mesh, step, state, batch = build(values)
     with mesh:
-      t0 = time.perf_counter()
-      state, metrics = step(state, batch)
-      jax.block_until_ready(metrics)
-      compile_s = time.perf_counter() - t0
-      state, metrics = step(state, batch)
-      jax.block_until_ready(metrics)
+      (state, metrics), compile_s = timing.timed(step, state, batch)
+      state, metrics = jax.block_until_ready(step(state, batch))
     runs[spec.label] = {"step": step, "state": state, "batch": batch,
-                        "mesh": mesh, "times": [], "compile_s": compile_s,
+                        "mesh": mesh, "compile_s": compile_s,
                         "fanout": float(metrics.get("experts_per_token",
                                                     float("nan")))}
-  for _ in range(FLAGS.repeats):
-    for spec in specs:
-      r = runs[spec.label]
-      with r["mesh"]:
-        state = r["state"]
-        t0 = time.perf_counter()
-        for _ in range(FLAGS.bench_steps):
-          state, metrics = r["step"](state, r["batch"])
-        jax.block_until_ready((state, metrics))
-        r["times"].append((time.perf_counter() - t0) / FLAGS.bench_steps)
-        r["state"] = state
+
+  def steps(r):
+    """`--bench_steps` train steps of one router, advancing its state."""
+    with r["mesh"]:
+      out = r["state"], None
+      for _ in range(FLAGS.bench_steps):
+        out = r["step"](out[0], r["batch"])
+      r["state"] = out[0]
+      return out
+
+  timings = timing.interleaved(
+      {spec.label: functools.partial(steps, runs[spec.label]) for spec in specs},
+      FLAGS.repeats, calls=1)
+  for spec in specs:
+    runs[spec.label]["times"] = [t / FLAGS.bench_steps
+                                 for t in timings[spec.label].wall]
   router_only = time_routers(specs, base, runs)
   base_label = specs[0].label
   base_time = statistics.median(runs[base_label]["times"])

@@ -70,6 +70,7 @@ def main(argv):
   import jax
   import numpy as np
   from moejax import aot, sharding
+  from moejax.experiment import timing
   from moejax.models.lm import TransformerLM
   from moejax.train.loop import build_state, state_shardings
   from moejax.train.step import make_train_step
@@ -107,14 +108,9 @@ def main(argv):
         compile_s = time.perf_counter() - t0
         compile_cpu_s = time.process_time() - c0
         hlo = compiled.as_text()
-        new_state, metrics = compiled(state, b)  # warm-up
-        jax.block_until_ready(new_state)
-        times = []
-        for _ in range(FLAGS.steps):
-          t0 = time.perf_counter()
-          out = compiled(state, b)
-          jax.block_until_ready(out)
-          times.append(time.perf_counter() - t0)
+        _, metrics = jax.block_until_ready(compiled(state, b))  # warm-up
+        times = timing.time_calls(compiled, state, b, repeats=FLAGS.steps,
+                                  warmup=0)
       a2a = aot.all_to_all_bytes(cfg, sizes)
       run = {
           "layout": "1 device" if layout == "1" else layout,

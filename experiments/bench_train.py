@@ -28,6 +28,7 @@ runs (E*C slots for capacity strategies). MFU = active FLOPs/s / --peak_tflops
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -43,6 +44,7 @@ import jax.numpy as jnp
 
 from moejax import flops, routing
 from moejax.cli import lm_flags
+from moejax.experiment import timing
 from moejax.models.lm import TransformerLM
 from moejax.train.state import TrainState
 from moejax.train.step import make_train_step
@@ -63,8 +65,7 @@ flags.DEFINE_integer("d_ff", None, "override the preset's dense MLP width")
 flags.DEFINE_integer("num_experts", None, "override the preset's experts")
 flags.DEFINE_integer("expert_width", None, "override the preset's F")
 flags.DEFINE_integer("k", None, "override the preset's k")
-flags.DEFINE_integer("repeats", 5, "timed rounds (median)")
-flags.DEFINE_integer("warmup", 2, "untimed steps after compilation")
+timing.define_flags(repeats=5, warmup=2)  # the median round is reported
 flags.DEFINE_float("peak_tflops", None,
                    "device peak TFLOP/s for MFU (GPU/TPU; ignored on CPU "
                    "unless --mfu_on_cpu)")
@@ -149,21 +150,19 @@ def main(argv):
     out = step(state, batch)  # compile
     jax.block_until_ready(out)
     compile_s = time.perf_counter() - t0
-    for _ in range(FLAGS.warmup):
-      jax.block_until_ready(step(state, batch))
     active, computed = count_flops(cfg)
     params = sum(int(v.size) for v in jax.tree.leaves(state.params))
     entries.append({"router": router, "cfg": cfg, "step": step,
                     "params": params,
-                    "state": state, "batch": batch, "times": [],
+                    "state": state, "batch": batch,
                     "compile_s": compile_s, "train_flops_per_token": active,
                     "computed_train_flops_per_token": computed})
     print(f"compiled {router} in {compile_s:.0f} s", flush=True)
-  for _ in range(FLAGS.repeats):
-    for e in entries:
-      t0 = time.perf_counter()
-      jax.block_until_ready(e["step"](e["state"], e["batch"]))
-      e["times"].append(time.perf_counter() - t0)
+  timings = timing.interleaved(
+      {i: functools.partial(e["step"], e["state"], e["batch"])
+       for i, e in enumerate(entries)}, FLAGS.repeats, warmup=FLAGS.warmup)
+  for i, e in enumerate(entries):
+    e["times"] = timings[i].wall
   dense = next((e for e in entries if e["router"] == "dense"), None)
   peak = FLAGS.peak_tflops
   show_mfu = peak is not None and (backend != "cpu" or FLAGS.mfu_on_cpu)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from typing import Any
 
 from absl import app, flags
@@ -241,14 +240,11 @@ def run_one(label: str, router: str, options: dict, seed: int,
   import jax
   import numpy as np
   from moejax.data import get_lm_data
-  from moejax.train import metrics as metrics_lib
-  from moejax.train.loop import train
 
   values = run_values(label, router, options, seed, base)
   cfg = lm_flags.build_train_config(values)
-  t0 = time.perf_counter()
-  summary = train(cfg, values["workdir"])
-  wall = time.perf_counter() - t0
+  run = experiment.train_record(cfg, values["workdir"])
+  summary, wall = run.summary, run.wall_seconds
   state = summary["state"]
   method = cfg.model.moe.router
   data = get_lm_data(cfg.dataset, seq_len=cfg.seq_len,
@@ -276,8 +272,7 @@ def run_one(label: str, router: str, options: dict, seed: int,
     evals["eval_causal"] = evaluate_routing(
         with_router(cfg, _same_fields(ECThreshold, method)), params, ec_state,
         val)
-  records = metrics_lib.read_jsonl(summary["metrics"])
-  history = [{k: r[k] for k in HISTORY_KEYS if k in r} for r in records]
+  history = run.history(HISTORY_KEYS)
   return {
       "label": label, "router": router, "seed": seed,
       "options": {k: v for k, v in options.items()},
@@ -411,23 +406,10 @@ def paired_table(results, labels, ref: str) -> str:
   """Same-seed differences of the evaluation loss against run `ref`."""
   loss = lambda label: {r["seed"]: r["evals"]["eval"]["loss"]
                         for r in results if r["label"] == label}
-  base = loss(ref)
-  body = []
-  for label in labels:
-    if label == ref:
-      continue
-    d = experiment.paired_delta(base, loss(label))
-    if not d["seeds"]:
-      continue
-    body.append([label, ",".join(map(str, d["seeds"])),
-                 " / ".join(f"{x:+.4f}" for x in d["deltas"]),
-                 format_ms((d["mean"], d["std"] or 0.0), "+.4f", ".4f"),
-                 f"{d['sem']:.4f}" if d["sem"] is not None else "—",
-                 f"{sum(x < 0 for x in d['deltas'])} of {len(d['deltas'])}"])
   return (f"Paired eval loss differences, run − {ref} of the same seed "
-          "(nats/byte):\n\n" + markdown_table(
-              ["run", "seeds", "per seed", "mean ± std", "sem",
-               "seeds where run is lower"], body))
+          "(nats/byte):\n\n" + experiment.paired_table(
+              [(label, loss(ref), loss(label)) for label in labels
+               if label != ref], sem=True))
 
 
 def position_table(rows) -> str:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import time
 from typing import Any
 
 from absl import app, flags
@@ -111,7 +110,6 @@ def run_one(spec: RunSpec, seed: int, base: dict[str, Any], workroot: str,
   """Trains one (run, seed) and returns its JSON-able result."""
   import jax
   from moejax.train import metrics as metrics_lib
-  from moejax.train.loop import train
   from moejax.train.step import router_states
 
   values = dict(base)
@@ -121,15 +119,12 @@ def run_one(spec: RunSpec, seed: int, base: dict[str, Any], workroot: str,
   workdir = experiment.workdir(workroot, spec.label, seed)
   values["workdir"] = workdir
   cfg = lm_flags.build_train_config(values)
-  t0 = time.perf_counter()
-  summary = train(cfg, workdir)
-  wall = time.perf_counter() - t0
+  run = experiment.train_record(cfg, workdir)
+  summary, wall = run.summary, run.wall_seconds
   moe = cfg.model.moe
   method = moe.router if moe is not None else None
-  history = [{k: r[k] for k in HISTORY_KEYS if k in r}
-             for r in metrics_lib.read_jsonl(summary["metrics"])]
-  final = [r for r in metrics_lib.read_jsonl(summary["metrics"])
-           if r.get("final")]
+  history = run.history(HISTORY_KEYS)
+  final = [r for r in run.log if r.get("final")]
   state = jax.device_get(summary["state"])
   controller = {"/".join(k): metrics_lib.to_python(v) for k, v in
                 router_states(state.router_state).items()}

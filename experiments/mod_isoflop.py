@@ -37,10 +37,10 @@ import dataclasses
 import glob
 import json
 import os
-import time
 
 from absl import app, flags, logging
 
+from moejax import experiment
 from moejax.cli import lm_flags
 from moejax.experiment.stats import mean_std
 
@@ -94,18 +94,13 @@ def train_one(arm: str, seed: int, base: dict) -> dict:
   import jax
 
   from moejax import flops
-  from moejax.train.loop import train
-  from moejax.train.metrics import read_jsonl
 
   cfg = dataclasses.replace(arm_config(arm, base), seed=seed)
-  workdir = os.path.join(FLAGS.workroot, f"{arm}_s{seed}")
-  t0 = time.time()
-  summary = train(cfg, workdir)
-  wall = time.time() - t0
+  run = experiment.train_record(cfg, experiment.workdir(FLAGS.workroot, arm,
+                                                        seed))
+  summary, wall = run.summary, run.wall_seconds
   per_token = flops.flops_per_token(cfg.model, cfg.seq_len)
-  history = [{k: v for k, v in r.items()
-              if k == "step" or k.startswith(("eval_", "loss"))}
-             for r in read_jsonl(summary["metrics"])]
+  history = run.history(("step",), prefixes=("eval_", "loss"))
   result = {
       "label": arm, "seed": seed, "steps": cfg.steps, "config": base["config"],
       "device": jax.devices()[0].device_kind,
@@ -119,9 +114,8 @@ def train_one(arm: str, seed: int, base: dict) -> dict:
       "tokens_per_s": summary["tokens_per_s"], "history": history,
       "model": {k: v for k, v in vars(cfg.model).items() if k != "moe"},
   }
-  os.makedirs(os.path.join(FLAGS.out, "records"), exist_ok=True)
-  with open(os.path.join(FLAGS.out, "records", f"{arm}_s{seed}.json"), "w") as f:
-    json.dump(result, f, indent=1)
+  experiment.save_json(experiment.record_path(
+      os.path.join(FLAGS.out, "records"), arm, seed), result, indent=1)
   print(f"{arm} seed {seed}: {cfg.steps} steps, d_ff {cfg.model.d_ff}, "
         f"eval_loss {summary['eval_loss']:.4f} ({wall:.0f} s)", flush=True)
   return result

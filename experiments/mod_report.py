@@ -152,16 +152,13 @@ def train_one(label: str, seed: int, base: dict) -> dict:
   from moejax import flops
   from moejax.data import get_lm_data
   from moejax.models.lm import TransformerLM
-  from moejax.train.loop import train
-  from moejax.train.metrics import read_jsonl
 
   values = run_values(label, base)
   values["seed"] = seed
   cfg = lm_flags.build_train_config(values)
-  workdir = experiment.workdir(FLAGS.workroot, label, seed)
-  t0 = time.time()
-  summary = train(cfg, workdir)
-  wall = time.time() - t0
+  run = experiment.train_record(
+      cfg, experiment.workdir(FLAGS.workroot, label, seed))
+  summary, wall = run.summary, run.wall_seconds
   model = TransformerLM(cfg.model)
   data = get_lm_data(cfg.dataset, seq_len=cfg.seq_len,
                      batch_size=cfg.batch_size, seed=seed,
@@ -170,10 +167,9 @@ def train_one(label: str, seed: int, base: dict) -> dict:
   evals = evaluate_modes(model, summary["state"], data, cfg.eval_batches,
                          modes)
   per_token = flops.flops_per_token(cfg.model, cfg.seq_len)
-  history = [{k: v for k, v in r.items() if k == "step" or k.startswith(
-      ("eval_", "loss", "mod_", "experts_per_token", "noop_fraction",
-       "mlp_skip_fraction", "drop_fraction"))}
-             for r in read_jsonl(summary["metrics"])]
+  history = run.history(("step",), prefixes=(
+      "eval_", "loss", "mod_", "experts_per_token", "noop_fraction",
+      "mlp_skip_fraction", "drop_fraction"))
   result = {
       "label": label, "seed": seed, "steps": cfg.steps,
       "config": values["config"], "device": jax.devices()[0].device_kind,

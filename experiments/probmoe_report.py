@@ -46,7 +46,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 
 from absl import app, flags
 import moejax  # noqa: F401,E402  (before jax: moejax.platforms)
@@ -61,8 +60,6 @@ from moejax.data import get_lm_data
 from moejax.experiment import format_values, parse_seeds
 from moejax.models.lm import TransformerLM
 from moejax.nn.moe import MoE, to_groups
-from moejax.train.loop import train
-from moejax.train.metrics import read_jsonl
 from moejax.train.step import make_loss_fn
 
 lm_flags.define_flags()
@@ -255,11 +252,9 @@ def run_one(label, values, workdir, source=None):
     os.makedirs(workdir)
     shutil.copytree(os.path.join(source, "checkpoints"),
                     os.path.join(workdir, "checkpoints"))
-  t0 = time.time()
-  summary = train(cfg, workdir)
-  wall = time.time() - t0
-  history = read_jsonl(summary["metrics"])
-  logged = [r for r in history if "loss" in r and "experts_per_token" in r]
+  run = experiment.train_record(cfg, workdir)
+  summary, wall = run.summary, run.wall_seconds
+  logged = [r for r in run.log if "loss" in r and "experts_per_token" in r]
   tail = logged[-max(1, len(logged) // 4):]
   record = {
       "label": label, "router": values["router"], "seed": values["seed"],
@@ -272,9 +267,8 @@ def run_one(label, values, workdir, source=None):
       "method": repr(cfg.model.moe.router),
       **analyse(cfg, summary["state"], FLAGS.analysis_batches,
                 values["seed"]),
-      "history": [{k: r.get(k) for k in ("step", "loss", "eval_loss",
-                                         "experts_per_token")}
-                  for r in history],
+      "history": run.history(("step", "loss", "eval_loss",
+                              "experts_per_token"), fill=True),
   }
   with open(done, "w") as fh:
     json.dump(record, fh)
@@ -326,16 +320,10 @@ def paired_table(records, pairs):
   """Same-seed differences of the validation loss, run − reference."""
   loss = lambda label: experiment.by_seed(
       [r for r in records if r["label"] == label], "eval_loss")
-  body = []
-  for label, ref in pairs:
-    d = experiment.paired_delta(loss(ref), loss(label))
-    if d["seeds"]:
-      body.append([f"{label} − {ref}", ",".join(map(str, d["seeds"])),
-                   " / ".join(f"{x:+.4f}" for x in d["deltas"]),
-                   f"{d['mean']:+.4f} ± {d['std'] or 0.0:.4f}"])
   return ("Paired validation-loss differences (same seed, nats/byte):\n\n"
-          + experiment.markdown_table(["runs", "seeds", "per seed",
-                                       "mean ± std"], body))
+          + experiment.paired_table([(f"{label} − {ref}", loss(ref),
+                                      loss(label)) for label, ref in pairs],
+                                    first="runs"))
 
 
 def main(argv):

@@ -42,3 +42,53 @@ def test_time_calls_times_each_repeat():
                                        calls=3)
   assert len(times) == 4 and all(t > 0 for t in times)
   assert len(calls) == 2 + 4 * 3
+
+
+def test_interleaved_rounds_visit_every_variant_in_order():
+  order = []
+  fns = {name: (lambda name=name: order.append(name) or jnp.ones(2))
+         for name in ("a", "b")}
+  out = experiment.timing.interleaved(fns, repeats=3, warmup=1, calls=2)
+  # warm-up of each variant, then rounds of a, a, b, b (calls=2)
+  assert order == ["a", "b"] + ["a", "a", "b", "b"] * 3
+  assert set(out) == {"a", "b"}
+  for t in out.values():
+    assert len(t.wall) == len(t.cpu) == 3
+    assert all(w > 0 and c >= 0 for w, c in zip(t.wall, t.cpu))
+
+
+def test_timed_returns_the_ready_result():
+  out, seconds = experiment.timing.timed(lambda x: x * 2, jnp.arange(3))
+  assert out.tolist() == [0, 2, 4] and seconds > 0
+
+
+def test_define_flags_adds_the_shared_timing_flags():
+  values = flags.FlagValues()
+  experiment.timing.define_flags(repeats=4, warmup=2, flag_values=values)
+  values(["prog"])
+  assert values.repeats == 4 and values.warmup == 2
+
+
+def test_history_keeps_named_and_prefixed_metrics():
+  rows = [{"step": 1, "loss": 2.0, "eval_loss": 3.0, "p": 0.5},
+          {"step": 2, "p": 0.4}]
+  assert experiment.history(rows, ("step", "loss")) == [
+      {"step": 1, "loss": 2.0}, {"step": 2}]
+  assert experiment.history(rows, ("loss", "step"), fill=True) == [
+      {"loss": 2.0, "step": 1}, {"loss": None, "step": 2}]
+  assert experiment.history(rows, ("step",), prefixes=("eval_", "loss")) == [
+      {"step": 1, "loss": 2.0, "eval_loss": 3.0}, {"step": 2}]
+
+
+def test_paired_table_rows_and_columns():
+  base, other = {0: 1.0, 1: 2.0, 2: None}, {0: 0.5, 1: 2.5, 2: 1.0}
+  text = experiment.paired_table([("b", base, other), ("none", base, {5: 1.0})],
+                                 sem=True)
+  lines = text.splitlines()
+  assert lines[0] == ("| run | seeds | per seed | mean ± std | sem | "
+                      "seeds where run is lower |")
+  assert lines[2] == ("| b | 0,1 | -0.5000 / +0.5000 | +0.0000 ± 0.7071 | "
+                      "0.5000 | 1 of 2 |")
+  assert len(lines) == 3  # no common seed: no row
+  short = experiment.paired_table([("b", base, other)], first="runs")
+  assert short.splitlines()[0] == "| runs | seeds | per seed | mean ± std |"

@@ -11,10 +11,11 @@ Axis legend: none (configuration and JSON records).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from absl import flags
 
@@ -115,6 +116,65 @@ def load_module(path: str):
     del sys.modules[name]
     raise
   return module
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedRun:
+  """One training run of a driver, trained to its end.
+
+  Attributes:
+    config: its `TrainConfig`.
+    workdir: where it trained.
+    summary: the training loop's summary (`state`, `eval_loss`,
+      `tokens_per_s`, `train_seconds`, `resumed_from`, `metrics`: the path of
+      its `metrics.jsonl`).
+    wall_seconds: wall time of the call (a reused finished run: loading).
+    log: the rows of its `metrics.jsonl`.
+  """
+  config: Any
+  workdir: str
+  summary: dict[str, Any]
+  wall_seconds: float
+  log: list[dict[str, Any]]
+
+  def history(self, keys: Sequence[str] = (), *,
+              prefixes: tuple[str, ...] = (), fill: bool = False
+              ) -> list[dict[str, Any]]:
+    """`history(self.log, ...)`."""
+    return history(self.log, keys, prefixes=prefixes, fill=fill)
+
+
+def train_record(config: Any, workdir: str) -> TrainedRun:
+  """Trains `config` in `workdir` through `moejax.train` (a finished run is
+  reused, an interrupted one resumes), timed, with its metrics log read."""
+  from moejax.train.loop import train  # pylint: disable=g-import-not-at-top
+  from moejax.train.metrics import read_jsonl  # pylint: disable=g-import-not-at-top
+  start = time.perf_counter()
+  summary = train(config, workdir)
+  wall = time.perf_counter() - start
+  return TrainedRun(config, workdir, summary, wall,
+                    read_jsonl(summary["metrics"]))
+
+
+def history(rows: Sequence[Mapping[str, Any]], keys: Sequence[str] = (), *,
+            prefixes: tuple[str, ...] = (), fill: bool = False
+            ) -> list[dict[str, Any]]:
+  """The logged rows cut to what a record keeps.
+
+  Args:
+    rows: metrics-log rows.
+    keys: names kept, in this order (those a row has; with `fill` every one,
+      None where missing).
+    prefixes: also keep every name that starts with one of these; the row's
+      own order is kept then (`keys` and prefixed names as they come).
+    fill: see `keys`.
+  """
+  if prefixes:
+    return [{k: v for k, v in r.items() if k in keys or k.startswith(prefixes)}
+            for r in rows]
+  if fill:
+    return [{k: r.get(k) for k in keys} for r in rows]
+  return [{k: r[k] for k in keys if k in r} for r in rows]
 
 
 def run_name(label: str, seed: int) -> str:
