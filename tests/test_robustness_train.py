@@ -289,3 +289,10 @@ def test_duration_estimate_counts_evaluations_and_samples(monkeypatch):
   assert loop._remaining(task, 1.0, 11, evaluate) == (
       "about 2.0 min remaining: training 1.0, 4 evaluations 0.4, samples 0.6 "
       "(1.00 s/step)")
+  # DiT: the sampler compiles once and runs sample_steps passes over the
+  # samples (here 2 classes x 96 images = 3 batches of 64).
+  from moejax.tasks.dit import DiTTrainConfig
+  dit = DiTTrainConfig(sample_classes=(0, 1), samples_per_class=96,
+                       quality_samples_per_class=0, batch_size=64).task()
+  assert dit.output_seconds(0.5, 3.0) == pytest.approx(3.0 + 50 * 3 * 0.5)
+  assert LMTask(tiny_config(sample_tokens=0)).output_seconds(0.5, 3.0) == 0
