@@ -208,13 +208,6 @@ def with_router(cfg, method):
 
 
 # ------------------------------------------------------------------ runs
-def parse_runs(text: str, batch_tokens: int) -> list[experiment.RunSpec]:
-  """`--runs`; values parsed by their flags' parsers, `BATCH` = batch tokens."""
-
-  return experiment.parse_runs(text, value_parser=experiment.flag_parser(
-      FLAGS, exclude=OWN, substitute={"BATCH": str(batch_tokens)}))
-
-
 def run_values(label: str, router: str, options: dict, seed: int,
                base: dict[str, Any]) -> dict[str, Any]:
   """The training flag values of one (run, seed)."""
@@ -494,7 +487,9 @@ def main(argv):
     base["sample_tokens"] = 0
     batch_tokens = pick("batch_size") * pick("seq_len")
     try:
-      parsed = parse_runs(FLAGS.runs, batch_tokens)
+      parsed = experiment.parse_runs(  # `BATCH` = the batch's tokens
+          FLAGS.runs, flag_values=FLAGS, exclude=OWN,
+          substitute={"BATCH": str(batch_tokens)})
       labels = [s.label for s in parsed]
       only = FLAGS.only.split(",") if FLAGS.only else labels
       unknown = [label for label in only if label not in labels]

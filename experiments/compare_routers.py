@@ -401,18 +401,10 @@ def plot_all(results, specs, out: str) -> list[str]:
   return paths
 
 
-def parse_run_specs(text: str) -> list[RunSpec]:
-  """`--runs`: every option must be a training flag; values parsed by its
-  parser. Raises ValueError naming the spec and the unknown flag."""
-
-  return parse_runs(text, value_parser=experiment.flag_parser(
-      FLAGS, exclude=OWN_FLAGS))
-
-
 def main(argv):
   base = experiment.start(argv, OWN_FLAGS)
   try:
-    specs = parse_run_specs(FLAGS.runs)
+    specs = parse_runs(FLAGS.runs, flag_values=FLAGS, exclude=OWN_FLAGS)
   except ValueError as e:
     cli_app.fail(f"--runs: {e}")
   by_label = {s.label: s for s in specs}

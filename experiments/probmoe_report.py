@@ -55,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax import experiment
+from moejax.cli import app as cli_app
 from moejax.cli import lm_flags
 from moejax.data import get_lm_data
 from moejax.experiment import format_values, parse_seeds
@@ -72,8 +73,8 @@ flags.DEFINE_string("finetune_seeds", "0,1", "Seeds of the fine-tuning runs "
 flags.DEFINE_integer("finetune_steps", 60, "Steps after the top-k checkpoint.")
 flags.DEFINE_string("runs", "top_k;top_k_unnorm=top_k,normalize=0;exact_k;"
                     "dynamic_k", "From-scratch runs separated by ';': "
-                    "[LABEL=]ROUTER[,FIELD=VALUE...] (fields of the method or "
-                    "flags of train_lm.py).")
+                    "[LABEL=]ROUTER[,FLAG=VALUE...] (flags of "
+                    "experiments/train_lm.py).")
 flags.DEFINE_string("finetune_source", "top_k_unnorm", "Label of the run whose "
                     "final checkpoint the fine-tuning runs start from.")
 flags.DEFINE_string("finetune_runs", "top_k_unnorm;exact_k", "Labels (from "
@@ -96,17 +97,6 @@ OWN = SHARED_FLAGS + ("finetune_seeds", "finetune_steps", "runs",
                       "finetune_source", "finetune_runs", "finetune_dataset",
                       "finetune_source_seed", "reanalyse",
                       "dyn_k_min", "dyn_k_max", "analysis_batches")
-
-
-def parse_runs(spec: str) -> dict[str, dict]:
-  """'[LABEL=]ROUTER[,KEY=VALUE...]' separated by ';' -> {label: values}."""
-  runs = {}
-  for run in experiment.parse_runs(spec, label_from="router"):
-    values = {"router": run.router, **run.options}
-    if values.get("normalize") in (0, 1):
-      values["normalize"] = bool(values["normalize"])
-    runs[run.label] = values
-  return runs
 
 
 def coverage(mass: np.ndarray, frac: float = 0.99) -> np.ndarray:
@@ -334,7 +324,12 @@ def main(argv):
   steps = lm_flags.build_train_config({**base, "router": "top_k"}).steps
   seeds = experiment.seeds_flag()
   ft_seeds = parse_seeds(FLAGS.finetune_seeds)
-  runs = parse_runs(FLAGS.runs)
+  try:  # {label: flag values}
+    runs = {r.label: {"router": r.router, **r.options}
+            for r in experiment.parse_runs(FLAGS.runs, flag_values=FLAGS,
+                                           exclude=OWN, label_from="router")}
+  except ValueError as e:
+    cli_app.fail(f"--runs: {e}")
 
   def values_of(label, seed, **over):
     values = {**base, "seed": seed, "k": k, **runs[label], **over}

@@ -92,3 +92,17 @@ def test_paired_table_rows_and_columns():
   assert len(lines) == 3  # no common seed: no row
   short = experiment.paired_table([("b", base, other)], first="runs")
   assert short.splitlines()[0] == "| runs | seeds | per seed | mean ± std |"
+
+
+def test_parse_runs_with_flag_values_parses_by_the_flags():
+  values = flags.FlagValues()
+  flags.DEFINE_bool("normalize", True, "", flag_values=values)
+  flags.DEFINE_integer("group_size", None, "", flag_values=values)
+  flags.DEFINE_string("out", "x", "", flag_values=values)
+  specs = experiment.parse_runs(
+      "u=top_k,normalize=0,group_size=BATCH;top_p", flag_values=values,
+      exclude=("out",), substitute={"BATCH": "32"}, label_from="router")
+  assert [(s.label, s.options) for s in specs] == [
+      ("u", {"normalize": False, "group_size": 32}), ("top_p", {})]
+  with pytest.raises(ValueError, match="unknown flag 'out'"):
+    experiment.parse_runs("top_k,out=y", flag_values=values, exclude=("out",))

@@ -33,7 +33,9 @@ def parse_value(text: str) -> Any:
 
 
 def parse_runs(text: str, *, value_parser: Optional[Callable[[str, str], Any]]
-               = None, label_from: str = "spec") -> list[RunSpec]:
+               = None, label_from: str = "spec", flag_values: Any = None,
+               exclude: Iterable[str] = (),
+               substitute: Optional[Mapping[str, str]] = None) -> list[RunSpec]:
   """Parses a `--runs` list; raises ValueError naming a bad spec.
 
   Args:
@@ -42,6 +44,10 @@ def parse_runs(text: str, *, value_parser: Optional[Callable[[str, str], Any]]
       `parse_value(text)`. It may raise ValueError for an unknown flag.
     label_from: label of a spec without `LABEL=`: "spec" (the spec text, e.g.
       `top_p_p0.3`) or "router" (the router name).
+    flag_values, exclude, substitute: with `flag_values` (absl `FlagValues`,
+      e.g. a driver's `FLAGS`) the options must be its flags, parsed by their
+      parsers: `value_parser = flag_parser(flag_values, exclude=exclude,
+      substitute=substitute)`.
 
   Returns:
     The specs in order.
@@ -49,6 +55,9 @@ def parse_runs(text: str, *, value_parser: Optional[Callable[[str, str], Any]]
   if label_from not in ("spec", "router"):
     raise ValueError(f"label_from={label_from!r} is not supported; allowed: "
                      "spec, router")
+  if flag_values is not None:
+    value_parser = flag_parser(flag_values, exclude=exclude,
+                               substitute=substitute)
   specs = []
   for raw in (s.strip() for s in text.split(";")):
     if not raw:
