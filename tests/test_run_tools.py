@@ -2,6 +2,7 @@
 files, profiler traces (`moejax.train.loop`, `moejax.train.metrics`), and the
 one peak-FLOP/s table (`moejax.flops`) that `moejax.aot` shares."""
 import glob
+import json
 import os
 import sys
 
@@ -118,10 +119,45 @@ def test_config_file_round_trips_lm_and_dit_configs(tmp_path):
     config_file.save(cfg, str(tmp_path))
     assert config_file.load(str(tmp_path)) == cfg
   assert config_file.changes(tiny_config(), tiny_config(steps=8, seed=1)) == [
-      "steps: 4 -> 8", "seed: 0 -> 1"]
+      "loop.steps: 4 -> 8", "loop.seed: 0 -> 1"]
   (tmp_path / "config.json").write_text('{"__type__": "os.system"}')
   with pytest.raises(ValueError, match="is not a moejax config"):
     config_file.load(str(tmp_path))
+
+
+def _old_format(value):
+  """A config.json value as written before the loop's settings had their own
+  `LoopConfig`: the loop's fields flat in the run config."""
+  if isinstance(value, dict):
+    value = {k: _old_format(v) for k, v in value.items()}
+    loop = value.pop("loop", None)
+    if isinstance(loop, dict):
+      value.update({k: v for k, v in loop.items() if k != "__type__"})
+  return value
+
+
+def test_a_config_json_of_the_old_format_loads_and_resumes(tmp_path, capsys):
+  from moejax.train import config_file
+  workdir = str(tmp_path)
+  assert train(tiny_config(steps=2), workdir)["resumed_from"] is None
+  with open(config_file.path(workdir)) as f:
+    stored = json.load(f)
+  assert stored["loop"]["steps"] == 2 and "steps" not in stored
+  old = _old_format(stored)
+  assert old["steps"] == 2 and "loop" not in old
+  assert old["optim"]["__type__"] == "moejax.train.state.OptimConfig"
+  with open(config_file.path(workdir), "w") as f:
+    json.dump(old, f)
+  assert config_file.load(workdir) == tiny_config(steps=2)
+  capsys.readouterr()
+  resumed = train(tiny_config(), workdir)
+  assert resumed["resumed_from"] == 2 and int(resumed["state"].step) == 4
+  notes = [line for line in capsys.readouterr().out.splitlines()
+           if line.startswith("note:")]
+  assert notes == ["note: resuming from step 2 with a changed configuration: "
+                   "loop.steps: 2 -> 4"]
+  with open(config_file.path(workdir)) as f:
+    assert json.load(f)["loop"]["steps"] == 4  # rewritten in the new form
 
 
 def test_sample_from_a_workdir_equals_the_in_memory_state(tmp_path, capsys):

@@ -16,8 +16,30 @@ from typing import Any, Iterable, Mapping
 KINDS = {int: "integer", float: "float", str: "string", bool: "bool"}
 
 
+def _path(cls: type, name: str) -> list[str]:
+  """The field path of `name` on `cls`: itself, or what the class's alias
+  names (`steps` -> `loop.steps` on a run config)."""
+  return getattr(cls, "ALIASES", {}).get(name, name).split(".")
+
+
+def _hint(hint: Any) -> Any:
+  """A field's type without its `| None`."""
+  if isinstance(hint, types.UnionType):  # e.g. int | None
+    hint = next(t for t in typing.get_args(hint) if t is not type(None))
+  return hint
+
+
 def field_default(cls: type, name: str) -> Any:
-  """The default of dataclass field `name` of `cls`."""
+  """The default of dataclass field `name` of `cls` (or of the field an
+  alias of `cls` names: `steps` of a run config is its loop's default)."""
+  first, *rest = _path(cls, name)
+  value = _own_default(cls, first)
+  for part in rest:
+    value = getattr(value, part)
+  return value
+
+
+def _own_default(cls: type, name: str) -> Any:
   for field in dataclasses.fields(cls):
     if field.name == name:
       if field.default is not dataclasses.MISSING:
@@ -34,14 +56,16 @@ def with_default(text: str, cls: type, name: str) -> str:
 
 
 def field_kind(cls: type, name: str) -> str:
-  """The flag kind (integer, float, string or bool) of field `name` of `cls`,
-  from its type."""
-  hints = typing.get_type_hints(cls)
-  if name not in hints:
+  """The flag kind (integer, float, string or bool) of field `name` of `cls`
+  (or of the field an alias names), from its type."""
+  *parents, last = _path(cls, name)
+  owner = cls
+  for part in parents:
+    owner = _hint(typing.get_type_hints(owner)[part])
+  hints = typing.get_type_hints(owner)
+  if last not in hints:
     raise ValueError(f"{cls.__name__} has no field {name!r}")
-  hint = hints[name]
-  if isinstance(hint, types.UnionType):  # e.g. int | None
-    hint = next(t for t in typing.get_args(hint) if t is not type(None))
+  hint = _hint(hints[last])
   if typing.get_origin(hint) is typing.Literal:  # e.g. Literal["a", "b"]
     hint = type(typing.get_args(hint)[0])
   if hint not in KINDS:

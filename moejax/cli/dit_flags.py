@@ -22,7 +22,8 @@ from moejax.cli import app, defaults, lm_flags
 from moejax.data import DataError
 from moejax.diffusion import DiffusionConfig
 from moejax.models.dit import DiTConfig
-from moejax.tasks.dit import DiTTrainConfig
+from moejax.tasks.dit import DiTTrainConfig, dit_loop
+from moejax.train.config import LOOP_FIELDS
 
 # Presets on 8x8 digits. `tiny`: minutes on a CPU; `small`: the comparison of
 # experiments/reports/dit.md (a GPU, or tens of minutes on a CPU). d_ff (the dense model's MLP) = k * expert_width
@@ -78,10 +79,13 @@ _OTHER_FLAGS = {
             "top-k).",
     "image_size": "Image side (default: the data's).",
 }
-# Fields of the run config set by the flags of `lm_flags.RUN_FLAGS`.
+# Fields of the run config set by the flags of `lm_flags.RUN_FLAGS` (the
+# loop's, which every run config has, and the DiT's own).
 _RUN_FIELDS = tuple(name for name in lm_flags.RUN_FLAGS
                     if name in {f.name for f in
-                                dataclasses.fields(DiTTrainConfig)})
+                                dataclasses.fields(DiTTrainConfig)}
+                    or (name in DiTTrainConfig.ALIASES
+                        and name != "grad_accum"))  # the DiT's is 1
 
 
 # LM-only flags, which the DiT ignores: left out of its `--help`
@@ -165,11 +169,13 @@ def build_dit_train_config(values: Mapping[str, Any]) -> DiTTrainConfig:
       **defaults.given(values, (*DIT_MODEL_FLAGS, "dtype")))
   diffusion = DiffusionConfig(num_timesteps=pick("num_timesteps"),
                               **defaults.given(values, DIFFUSION_FLAGS))
-  optim = lm_flags.build_optim(
-      defaults.field_default(DiTTrainConfig, "optim"), pick)
+  optim = lm_flags.build_optim(dit_loop().optim, pick)
+  loop = dataclasses.replace(
+      dit_loop(), optim=optim, batch_size=pick("batch_size"),
+      steps=optim.total_steps,
+      **{name: run.pop(name) for name in LOOP_FIELDS if name in run})
   return DiTTrainConfig(
-      model=model, diffusion=diffusion, optim=optim,
-      batch_size=pick("batch_size"), steps=optim.total_steps,
+      model=model, loop=loop, diffusion=diffusion,
       sample_steps=pick("sample_steps"),
       samples_per_class=pick("samples_per_class"),
       quality_samples_per_class=pick("quality_samples_per_class"), **run)

@@ -33,6 +33,7 @@ from moejax.configs import overrides
 from moejax.models.lm import LMConfig
 from moejax.nn.moe import MoEConfig
 from moejax.tasks.lm import TrainConfig
+from moejax.train.config import LOOP_FIELDS
 from moejax.train.state import OptimConfig
 
 # Flags that set a config field, by config class: name -> help (the kind comes
@@ -324,7 +325,7 @@ def build_train_config(values: Mapping[str, Any]) -> TrainConfig:
   if values.get("seq_len") is not None:
     run["seq_len"] = values["seq_len"]
     model = dataclasses.replace(model, max_len=values["seq_len"])
-  optim = cfg.optim
+  optim = cfg.loop.optim
   if values.get("steps") is not None:
     current = {"learning_rate": optim.learning_rate,
                "warmup_steps": optim.warmup_steps}
@@ -336,7 +337,10 @@ def build_train_config(values: Mapping[str, Any]) -> TrainConfig:
     if values.get("warmup_steps") is not None:
       changes["warmup_steps"] = min(values["warmup_steps"], optim.total_steps)
     optim = dataclasses.replace(optim, **changes)
-  return dataclasses.replace(cfg, model=model, optim=optim, **run)
+  loop = dataclasses.replace(
+      cfg.loop, optim=optim,
+      **{name: run.pop(name) for name in LOOP_FIELDS if name in run})
+  return dataclasses.replace(cfg, model=model, loop=loop, **run)
 
 
 def build_optim(base: OptimConfig, pick) -> OptimConfig:

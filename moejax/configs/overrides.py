@@ -1,8 +1,9 @@
 """Setting any field of a run config by its dotted path, and config files.
 
-A path names a field of the `TrainConfig` (`steps`, `sample_prompt`), of its
-model (`model.num_layers`), MoE layer (`model.moe.expert_width`), router
-(`model.moe.router.k`) or optimizer (`optim.b2`). `override(cfg, {path:
+A path names a field of the `TrainConfig` (`sample_prompt`), of its loop
+(`loop.steps`, or `steps`: the run config's aliases of its loop's fields), of
+its model (`model.num_layers`), MoE layer (`model.moe.expert_width`), router
+(`model.moe.router.k`) or optimizer (`loop.optim.b2`, or `optim.b2`). `override(cfg, {path:
 value})` returns the config with those fields replaced: a value that is a
 string is parsed by the field's type (`"24"` for an integer field, `"none"`
 for an optional one, `"true"`/`"false"` for a bool); `model.moe.router=NAME`
@@ -229,19 +230,39 @@ def flatten(overrides: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   return out
 
 
+def canonical(cls: type, path: str) -> str:
+  """`path` with each alias replaced by the path it names: a class's
+  `ALIASES` (`{"steps": "loop.steps", ...}` on a run config, see
+  `moejax.train.config.embed_loop`), so `steps` is `loop.steps` and
+  `optim.b2` is `loop.optim.b2`."""
+  out: list[str] = []
+  parts = path.split(".")
+  while parts:
+    name = parts.pop(0)
+    hints = _hints(cls) if _is_config(cls) else {}
+    if name not in hints and name in getattr(cls, "ALIASES", {}):
+      parts = cls.ALIASES[name].split(".") + parts
+      continue
+    out.append(name)
+    base, _ = _split_optional(hints.get(name))
+    cls = base if _is_config(base) else None
+  return ".".join(out)
+
+
 def _linked(cfg: Any, flat: dict[str, Any]) -> dict[str, Any]:
   """`flat` plus the fields that follow `steps` and `seq_len` (as the
   `--steps` / `--seq_len` flags set them) where they are not set too: the
-  schedule's `optim.total_steps` (warm-up capped at it) and the model's
+  schedule's `loop.optim.total_steps` (warm-up capped at it) and the model's
   `max_len`."""
   out = dict(flat)
   names = {f.name for f in dataclasses.fields(cfg)}
-  if "steps" in flat and "optim" in names and not any(
-      p.startswith("optim.") and p != "optim.learning_rate" for p in flat):
-    steps = _convert("steps", int, flat["steps"])
-    out["optim.total_steps"] = steps
+  if "loop.steps" in flat and not any(
+      p.startswith("loop.optim.") and p != "loop.optim.learning_rate"
+      for p in flat):
+    steps = _convert("steps", int, flat["loop.steps"])
+    out["loop.optim.total_steps"] = steps
     if steps >= 1:
-      out["optim.warmup_steps"] = min(cfg.optim.warmup_steps, steps)
+      out["loop.optim.warmup_steps"] = min(cfg.loop.optim.warmup_steps, steps)
   if ("seq_len" in flat and "model" in names and "model.max_len" not in flat
       and hasattr(cfg.model, "max_len")):
     out["model.max_len"] = _convert("seq_len", int, flat["seq_len"])
@@ -251,10 +272,13 @@ def _linked(cfg: Any, flat: dict[str, Any]) -> dict[str, Any]:
 def override(cfg: Any, assignments: Mapping[str, Any]) -> Any:
   """`cfg` with the fields at the (dotted, or nested dict) paths of
   `assignments` replaced (on a run config, `steps` and `seq_len` also set
-  `optim.total_steps` and `model.max_len` unless those are given)."""
+  `loop.optim.total_steps` and `model.max_len` unless those are given; a
+  run config's aliases, `steps` or `optim.b2`, name `loop.steps` and
+  `loop.optim.b2`, see `canonical`)."""
   if not assignments:
     return cfg
-  return _apply(cfg, _tree(_linked(cfg, flatten(assignments))), "")
+  flat = {canonical(type(cfg), p): v for p, v in flatten(assignments).items()}
+  return _apply(cfg, _tree(_linked(cfg, flat)), "")
 
 
 def load_file(path: str, get: Callable[[str], Any]) -> Any:

@@ -36,6 +36,7 @@ from moejax.checks import check_int_fields, check_positive_ints
 from moejax.data import get_image_data
 from moejax.models.dit import DiT, DiTConfig, batch_multiple, sample
 from moejax.train import metrics as metrics_lib
+from moejax.train.config import LoopConfig, embed_loop
 from moejax.train.state import OptimConfig, TrainState
 from moejax.train.step import router_outputs, summarize
 from moejax.train.task import Task
@@ -43,24 +44,33 @@ from moejax.train.task import Task
 EVAL_SEED = 20240917  # validation noise/timesteps: the same for every run
 
 
+def dit_loop() -> LoopConfig:
+  """The DiT's loop defaults (where they differ from the LM's on purpose: a
+  larger batch of small images, more steps, no weight decay)."""
+  return LoopConfig(optim=OptimConfig(weight_decay=0.0), batch_size=64,
+                    steps=1000, log_every=25, eval_every=250, eval_batches=4,
+                    checkpoint_every=250, keep_checkpoints=2)
+
+
+@embed_loop
 @dataclasses.dataclass(frozen=True)
 class DiTTrainConfig:
   """One DiT training run. Counts must be >= 1 unless noted.
 
+  The loop's settings are `loop` (`dit_loop()`'s defaults), also this
+  config's flat keywords and attributes, as `TrainConfig`'s.
+
   Attributes:
     model: the `DiTConfig` (its image shape must match the data's).
+    loop: the loop's settings (`moejax.train.config.LoopConfig`); its
+      `batch_size` B must be a multiple of `timestep_buckets` and of the
+      number of devices; `grad_accum` must be 1.
     diffusion: the noise schedule and prediction target.
-    optim: optimizer and learning-rate schedule (no weight decay by default).
     dataset: `digits` or `tfds:mnist` / `tfds:cifar10` (prepared on disk).
     data_dir: tensorflow-datasets directory.
     upsample: nearest-neighbour factor on the images.
     max_examples: tfds: at most this many examples per split (None = all).
-    batch_size: global batch B (a multiple of `timestep_buckets` and of the
-      number of devices).
-    steps, seed, log_every, eval_every, eval_batches, eval_repeats (passes over
-      the validation batches with fresh noise), checkpoint_every,
-      keep_checkpoints, max_bad_steps, mesh, num_devices: as in the LM's
-      `TrainConfig`.
+    eval_repeats: passes over the validation batches with fresh noise.
     timestep_buckets: NB.
     sample_steps: DDIM steps of the final samples.
     samples_per_class: images per class in the sample grids (0 = none).
@@ -69,29 +79,16 @@ class DiTTrainConfig:
     sample_classes: classes to draw (None = all).
     guidance_scale: classifier-free guidance w of the final samples (1 = off).
     eta: DDIM eta of the final samples.
-    progress: show a progress bar.
   """
   model: DiTConfig = dataclasses.field(default_factory=DiTConfig)
+  loop: LoopConfig = dataclasses.field(default_factory=dit_loop)
   diffusion: diffusion_lib.DiffusionConfig = dataclasses.field(
       default_factory=diffusion_lib.DiffusionConfig)
-  optim: OptimConfig = dataclasses.field(
-      default_factory=lambda: OptimConfig(weight_decay=0.0))
   dataset: str = "digits"
   data_dir: str | None = None
   upsample: int = 1
   max_examples: int | None = None
-  batch_size: int = 64
-  steps: int = 1000
-  seed: int = 0
-  log_every: int = 25
-  eval_every: int = 250
-  eval_batches: int = 4
   eval_repeats: int = 2
-  checkpoint_every: int = 250
-  keep_checkpoints: int = 2
-  max_bad_steps: int = 10
-  mesh: str | None = None
-  num_devices: int | None = None
   timestep_buckets: int = 4
   sample_steps: int = 50
   samples_per_class: int = 16
@@ -99,28 +96,27 @@ class DiTTrainConfig:
   sample_classes: tuple[int, ...] | None = None
   guidance_scale: float = 1.0
   eta: float = 0.0
-  progress: bool = True
 
   def task(self) -> DiTTask:
     return DiTTask(self)
 
   def __post_init__(self):
-    check_positive_ints(self, ("batch_size", "steps", "log_every",
-                               "eval_every", "eval_batches", "eval_repeats",
-                               "checkpoint_every", "keep_checkpoints",
-                               "max_bad_steps", "timestep_buckets",
+    check_positive_ints(self, ("eval_repeats", "timestep_buckets",
                                "sample_steps", "upsample"))
+    if self.loop.grad_accum != 1:  # the timestep strata span the whole batch
+      raise ValueError(f"grad_accum={self.loop.grad_accum} is not supported "
+                       "by the DiT; allowed: 1")
     check_int_fields(self, ("samples_per_class", "quality_samples_per_class"),
                      0)
     unit = batch_multiple(self.model)
-    if self.batch_size % unit:
-      raise ValueError(f"batch_size={self.batch_size} is out of range; "
+    if self.loop.batch_size % unit:
+      raise ValueError(f"batch_size={self.loop.batch_size} is out of range; "
                        f"allowed: a multiple of {unit} (MoE group_size="
                        f"{self.model.moe.group_size} tokens of "
                        f"{self.model.num_patches} patches per image)")
-    if self.batch_size % self.timestep_buckets:
+    if self.loop.batch_size % self.timestep_buckets:
       raise ValueError(f"timestep_buckets={self.timestep_buckets} must divide "
-                       f"batch_size={self.batch_size}")
+                       f"batch_size={self.loop.batch_size}")
     if self.timestep_buckets > self.diffusion.num_timesteps:
       raise ValueError(f"timestep_buckets={self.timestep_buckets} is out of "
                        f"range; allowed: <= num_timesteps="
@@ -426,7 +422,7 @@ class DiTTask(Task):
 
   def example_inputs(self) -> tuple[jax.Array, jax.Array, jax.Array]:
     """images float32[B, H, W, C], timesteps int32[B], labels int32[B]."""
-    shape = (self.config.batch_size,) + self.config.model.image_shape
+    shape = (self.config.loop.batch_size,) + self.config.model.image_shape
     return (jnp.zeros(shape, jnp.float32), jnp.zeros(shape[:1], jnp.int32),
             jnp.zeros(shape[:1], jnp.int32))
 
@@ -435,8 +431,8 @@ class DiTTask(Task):
 
   def data(self):
     cfg = self.config
-    data = get_image_data(cfg.dataset, batch_size=cfg.batch_size,
-                          seed=cfg.seed, data_dir=cfg.data_dir,
+    data = get_image_data(cfg.dataset, batch_size=cfg.loop.batch_size,
+                          seed=cfg.loop.seed, data_dir=cfg.data_dir,
                           upsample=cfg.upsample, max_examples=cfg.max_examples)
     if data.image_shape != cfg.model.image_shape:
       raise ValueError(f"data set {cfg.dataset!r} has images of shape "
@@ -450,7 +446,7 @@ class DiTTask(Task):
     return data
 
   def items_per_step(self) -> int:
-    return self.config.batch_size
+    return self.config.loop.batch_size
 
   def loss_fn(self, model: DiT):
     return make_dit_loss_fn(model, self.config.diffusion,
@@ -474,7 +470,7 @@ class DiTTask(Task):
       return {}, {}
     t0 = time.perf_counter()
     images, labels = generate(model, state, cfg, per_class,
-                              jax.random.PRNGKey(cfg.seed + 1))
+                              jax.random.PRNGKey(cfg.loop.seed + 1))
     sample_seconds = time.perf_counter() - t0
     quality, grids = {}, {}
     if cfg.samples_per_class:
@@ -495,7 +491,7 @@ class DiTTask(Task):
       return 0.0
     images = per_class * len(cfg.classes)
     return eval_compile_seconds + cfg.sample_steps * max(
-        images / cfg.batch_size, 1.0) * eval_batch_seconds
+        images / cfg.loop.batch_size, 1.0) * eval_batch_seconds
 
   def plot(self, records, path: str, target_fanout: float | None) -> str:
     return plot_dit_run(records, path, target_fanout)

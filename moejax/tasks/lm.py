@@ -41,18 +41,25 @@ from moejax.data.tokenizers import (BYTES, Tokenizer, check_model_vocab,
 from moejax.models.lm import LMConfig, TransformerLM
 from moejax.decode import sample
 from moejax.train import metrics as metrics_lib
-from moejax.train.state import OptimConfig, TrainState
+from moejax.train.config import LoopConfig, embed_loop
+from moejax.train.state import TrainState
 from moejax.train.step import evaluate, make_eval_step
 from moejax.train.task import Task
 
 
+@embed_loop
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """One LM training run. Every count must be >= 1 (except those noted).
 
+  The loop's settings (optimizer and schedule, batch, steps, seed, cadences,
+  mesh, ...) are `loop`, a `LoopConfig` with the LM's defaults (its own);
+  they are also this config's flat keywords and attributes
+  (`TrainConfig(steps=5).steps == 5`, `moejax.train.config.embed_loop`).
+
   Attributes:
     model: the `LMConfig`.
-    optim: optimizer and learning-rate schedule.
+    loop: the loop's settings (`moejax.train.config.LoopConfig`).
     dataset: `stdlib`, `text:GLOB`, `tfds:NAME` or `tokens:DIR` (prepared
       by `python -m moejax.data.prepare`).
     data_dir: tensorflow-datasets directory.
@@ -61,61 +68,25 @@ class TrainConfig:
     packing: packed token data (``tokens:DIR`` or a tokenizer other than
       bytes): attention stays inside each document (segment ids) and
       positions restart at each document; False: plain windows.
-    batch_size: global batch B (a multiple of grad_accum x the data * fsdp *
-      expert mesh size).
     seq_len: L (<= model.max_len).
-    steps: training steps.
-    grad_accum: microbatches per step (gradient accumulation): the batch is
-      split into grad_accum microbatches run one after the other in the
-      step, for one update equal to that of the whole batch
-      (`moejax.train.step`).
-    seed: params, data order and routing.
-    log_every, eval_every: log / evaluate every n steps.
-    eval_batches: validation batches per evaluation.
-    checkpoint_every, keep_checkpoints: checkpoint cadence, how many to keep.
-    max_bad_steps: stop after this many consecutive steps with a non-finite
-      loss or gradient (each is skipped: no update).
-    mesh: e.g. "data:2,expert:4" or "fsdp:4,expert:2" (None = every device
-      on `data`).
-    num_devices: use the first n devices (None = all).
     sample_tokens: tokens sampled after training (>= 0; 0 = none).
     sample_prompt: the sample's prompt.
     temperature: sampling temperature (0 = greedy; the default 0.8 samples,
       since greedy decoding of a small byte model loops on one phrase).
-    progress: show a progress bar.
   """
   model: LMConfig = dataclasses.field(default_factory=LMConfig)
-  optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+  loop: LoopConfig = dataclasses.field(default_factory=LoopConfig)
   dataset: str = "stdlib"
   data_dir: str | None = None
   tokenizer: str | None = None
   packing: bool = True
-  batch_size: int = 16
   seq_len: int = 128
-  steps: int = 500
-  grad_accum: int = 1
-  seed: int = 0
-  log_every: int = 10
-  eval_every: int = 200
-  eval_batches: int = 8
-  checkpoint_every: int = 100
-  keep_checkpoints: int = 3
-  max_bad_steps: int = 10
-  mesh: str | None = None
-  num_devices: int | None = None
   sample_tokens: int = 160
   sample_prompt: str = "def "
   temperature: float = 0.8
-  progress: bool = True
 
   def __post_init__(self):
-    check_positive_ints(self, ("batch_size", "seq_len", "steps", "grad_accum",
-                               "log_every",
-                               "eval_every", "eval_batches", "checkpoint_every",
-                               "keep_checkpoints", "max_bad_steps"))
-    if self.batch_size % self.grad_accum:
-      raise ValueError(f"batch_size={self.batch_size} must be divisible by "
-                       f"grad_accum={self.grad_accum}")
+    check_positive_ints(self, ("seq_len",))
     if self.seq_len > self.model.max_len:
       raise ValueError(f"seq_len={self.seq_len} exceeds model max_len="
                        f"{self.model.max_len}")
@@ -199,18 +170,18 @@ class LMTask(Task):
 
   def example_inputs(self) -> tuple[jax.Array]:
     """tokens int32[B, L]."""
-    return (jnp.zeros((self.config.batch_size, self.config.seq_len),
+    return (jnp.zeros((self.config.loop.batch_size, self.config.seq_len),
                       jnp.int32),)
 
   def check(self, mesh) -> None:
     super().check(mesh)
-    check_grad_accum(self.config.batch_size, self.config.grad_accum, mesh)
+    check_grad_accum(self.config.loop.batch_size, self.config.loop.grad_accum, mesh)
     sharding.check_model(self.config.model, mesh)
 
   def data(self):
     cfg = self.config
     return get_lm_data(cfg.dataset, seq_len=cfg.seq_len,
-                       batch_size=cfg.batch_size, seed=cfg.seed,
+                       batch_size=cfg.loop.batch_size, seed=cfg.loop.seed,
                        data_dir=cfg.data_dir, tokenizer=cfg.tokenizer,
                        packing=cfg.packing)
 
@@ -251,12 +222,12 @@ class LMTask(Task):
       shard_lib.write_json(path, record)
 
   def items_per_step(self) -> int:
-    return self.config.batch_size * self.config.seq_len
+    return self.config.loop.batch_size * self.config.seq_len
 
   def flops_per_step(self) -> float:
     """3 x the forward FLOPs of the global batch (`moejax.flops`)."""
     cfg = self.config
-    return flops_lib.train_flops(cfg.model, cfg.batch_size, cfg.seq_len)
+    return flops_lib.train_flops(cfg.model, cfg.loop.batch_size, cfg.seq_len)
 
   def make_eval_step(self, model: nn.Module):
     return make_eval_step(model)
@@ -281,7 +252,7 @@ class LMTask(Task):
       prompt = np.concatenate([[tok.eos_id], prompt]).astype(np.int32)
     out = sample(model, state.params, state.router_state, prompt[None],
                  cfg.sample_tokens, temperature=cfg.temperature,
-                 rng=jax.random.PRNGKey(cfg.seed))
+                 rng=jax.random.PRNGKey(cfg.loop.seed))
     ids = np.asarray(out[0])
     ids = ids[ids < tok.vocab_size]  # padded vocabulary ids decode to nothing
     num_params = sum(int(np.prod(x.shape))
@@ -306,7 +277,7 @@ class LMTask(Task):
     if not cfg.sample_tokens:
       return 0.0
     return (2 * eval_compile_seconds +
-            cfg.sample_tokens * eval_batch_seconds / cfg.batch_size)
+            cfg.sample_tokens * eval_batch_seconds / cfg.loop.batch_size)
 
   def plot(self, records, path: str, target_fanout: float | None) -> str:
     return metrics_lib.plot_run(records, path, target_fanout)

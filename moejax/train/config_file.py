@@ -7,7 +7,11 @@ that a resumed run can say what changed (`changes`).
 Format: a frozen config dataclass is a JSON object of its fields plus
 `"__type__": "module.Class"` (nested configs, e.g. the model, its MoE layer and
 its routing method, likewise); tuples are written as lists and read back as
-tuples. Only classes of moejax's own modules are rebuilt.
+tuples. Only classes of moejax's own modules are rebuilt. A file written by
+an older version still loads where its class says how: keyword aliases of
+moved fields (`ALIASES`, e.g. a run config's flat loop fields, see
+`moejax.train.config`) or `upgrade_fields(fields) -> fields` (e.g.
+`LMConfig`'s flat `mod_*` fields).
 """
 from __future__ import annotations
 
@@ -57,7 +61,11 @@ def from_dict(value: Any) -> Any:
     raise ValueError(f"__type__={name!r} does not exist in this version of "
                      "moejax") from None
   fields = {k: from_dict(v) for k, v in value.items() if k != "__type__"}
-  known = {f.name for f in dataclasses.fields(cls)}
+  upgrade = getattr(cls, "upgrade_fields", None)
+  if upgrade is not None:  # fields an older version wrote
+    fields = upgrade(fields)
+  known = {f.name for f in dataclasses.fields(cls)} | set(
+      getattr(cls, "ALIASES", ()))
   unknown = sorted(set(fields) - known)
   if unknown:
     raise ValueError(f"{name} has no field {unknown[0]!r}")

@@ -5,9 +5,10 @@ Axis legend:
   B  global batch (each process feeds its rows of it)
 
 `train(run, workdir)` trains a `Task` (`moejax.train.task`) or a run config
-that names its task (`TrainConfig` -> the LM, `DiTTrainConfig` -> the DiT).
-The task owns the model, data, loss, evaluation, samples and plots; this
-module owns what every run shares.
+that names its task (`moejax.train.config.RunConfig`: the LM's `TrainConfig`,
+the DiT's `DiTTrainConfig`). The task owns the model, data, loss, evaluation,
+samples and plots; this module owns what every run shares and reads its
+settings from the run config's `loop` (`LoopConfig`).
 
 Throughput: each training record holds `tokens_per_s` (`rate_key`; over the
 whole run so far), `tokens_per_s_per_device` (over the steps since the
@@ -33,7 +34,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 import flax.linen as nn
 import jax
@@ -44,6 +45,7 @@ from moejax import sharding
 from moejax.train import checkpoint as ckpt_lib
 from moejax.train import config_file
 from moejax.train import metrics as metrics_lib
+from moejax.train.config import RunConfig
 from moejax.train.state import TrainState
 from moejax.train.step import make_train_step
 from moejax.train.task import Task
@@ -115,14 +117,19 @@ def _cached(key: tuple[Any, ...], build: Callable[[], Any]) -> Any:
   return value
 
 
-def as_task(run: Any) -> Task:
+# What the loop trains: a task, or a run config that names its task.
+Run = Union[Task, RunConfig]
+
+
+def as_task(run: Run) -> Task:
   """A task, or the task a run config names (`config.task()`)."""
   return run if isinstance(run, Task) else run.task()
 
 
-def init_state(run: Any, model: nn.Module, rng: jax.Array) -> TrainState:
+def init_state(run: Run, model: nn.Module, rng: jax.Array) -> TrainState:
   """The initial (boxed) TrainState of a run: `model.init` on the task's
-  example inputs, the optimizer state of `run.optim`, step and data index 0.
+  example inputs, the optimizer state of its `loop.optim`, step and data
+  index 0.
 
   Pure in `rng` (jit, `jax.eval_shape` and sharded `out_shardings` apply).
   """
@@ -132,12 +139,13 @@ def init_state(run: Any, model: nn.Module, rng: jax.Array) -> TrainState:
                          *task.example_inputs(), train=False)
   params = variables["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=task.config.optim.optimizer().init(params),
+                    opt_state=task.config.loop.optim.optimizer().init(
+                        params),
                     router_state=variables.get("router_state", {}),
                     rng=state_rng, data_index=jnp.zeros((), jnp.int32))
 
 
-def state_shardings(run: Any, model: nn.Module, mesh) -> Any:
+def state_shardings(run: Run, model: nn.Module, mesh) -> Any:
   """NamedShardings of every TrainState leaf on `mesh` (logical rules of
   `moejax.sharding`; optimizer moments follow their params), from shapes only."""
   abstract = jax.eval_shape(lambda rng: init_state(run, model, rng),
@@ -145,39 +153,39 @@ def state_shardings(run: Any, model: nn.Module, mesh) -> Any:
   return sharding.train_state_shardings(abstract, mesh)
 
 
-def build_state(run: Any, model: nn.Module, mesh) -> TrainState:
+def build_state(run: Run, model: nn.Module, mesh) -> TrainState:
   """Initialises the state directly with its shardings (no single-device copy):
   one jit whose outputs are created sharded on `mesh`."""
   task = as_task(run)
-  cfg = task.config
+  loop = task.config.loop
   inputs = tuple((x.shape, x.dtype) for x in
                  jax.eval_shape(task.example_inputs))
   jitted = _cached(
-      ("init", model, cfg.optim, inputs, mesh),
+      ("init", model, loop.optim, inputs, mesh),
       lambda: jax.jit(lambda rng: init_state(task, model, rng),
                       out_shardings=state_shardings(task, model, mesh)))
-  return nn.meta.unbox(jitted(jax.random.PRNGKey(cfg.seed)))
+  return nn.meta.unbox(jitted(jax.random.PRNGKey(loop.seed)))
 
 
-def make_step(run: Any, model: nn.Module, mesh=None, donate: bool = True
+def make_step(run: Run, model: nn.Module, mesh=None, donate: bool = True
               ) -> Callable:
   """Jitted `train_step(state, batch) -> (state, metrics)` of a run (the
   generic step with the task's loss); with `mesh`, the new state keeps the
   shardings of `build_state`."""
   task = as_task(run)
-  cfg = task.config
-  grad_accum = getattr(cfg, "grad_accum", 1)
+  loop = task.config.loop
+  grad_accum = loop.grad_accum
   return _cached(
-      ("train", model, cfg.optim, task.step_key(), donate, mesh, grad_accum),
+      ("train", model, loop.optim, task.step_key(), donate, mesh, grad_accum),
       lambda: make_train_step(
-          model, cfg.optim.optimizer(), task.method, cfg.optim.schedule(),
+          model, loop.optim.optimizer(), task.method, loop.optim.schedule(),
           donate=donate, loss_fn=task.loss_fn(model),
           state_sharding=(None if mesh is None else
                           state_shardings(task, model, mesh)),
           grad_accum=grad_accum))
 
 
-def make_eval(run: Any, model: nn.Module) -> Callable:
+def make_eval(run: Run, model: nn.Module) -> Callable:
   """The task's jitted eval step (cached like `make_step`)."""
   task = as_task(run)
   return _cached(("eval", model, task.step_key()),
@@ -195,7 +203,7 @@ def select_devices(num_devices: int | None) -> list[Any]:
   return devices[:num_devices]
 
 
-def _save_config(cfg: Any, workdir: str, resumed_from: int | None) -> None:
+def _save_config(cfg: RunConfig, workdir: str, resumed_from: int | None) -> None:
   """Writes `workdir/config.json`; on a resumed run whose config differs
   from the saved one, says which fields changed first (one line)."""
   if resumed_from is not None and os.path.exists(config_file.path(workdir)):
@@ -209,18 +217,19 @@ def _save_config(cfg: Any, workdir: str, resumed_from: int | None) -> None:
   config_file.save(cfg, workdir)
 
 
-def _keep_stored_optim(cfg: Any, workdir: str, resumed_from: int,
-                       say: bool = True) -> Any:
+def _keep_stored_optim(cfg: RunConfig, workdir: str, resumed_from: int,
+                       say: bool = True) -> RunConfig:
   """On a resume: `cfg` with the optimizer settings of `workdir/config.json`
   (the learning-rate schedule depends on `optim.total_steps`, so a resume with
   a larger `--steps` would otherwise change the rate at steps already
   trained). Says so in one line when they differ from `cfg`'s; steps past the
   stored schedule's end train at its final learning rate."""
   try:
-    stored = getattr(config_file.load(workdir), "optim", None)
+    stored = getattr(getattr(config_file.load(workdir), "loop", None),
+                     "optim", None)
   except (FileNotFoundError, ValueError):
     return cfg
-  given = getattr(cfg, "optim", None)
+  given = cfg.loop.optim
   if stored is None or type(stored) is not type(given) or stored == given:
     return cfg
   kept = "; ".join(
@@ -228,7 +237,7 @@ def _keep_stored_optim(cfg: Any, workdir: str, resumed_from: int,
       f"{getattr(given, f.name)!r}" for f in dataclasses.fields(stored)
       if getattr(stored, f.name) != getattr(given, f.name))
   past = ""
-  if cfg.steps > stored.total_steps:
+  if cfg.loop.steps > stored.total_steps:
     final = stored.learning_rate * stored.min_lr_ratio
     past = (f"; steps after {stored.total_steps} train at its final learning "
             f"rate {final:.3g}")
@@ -236,10 +245,11 @@ def _keep_stored_optim(cfg: Any, workdir: str, resumed_from: int,
     print(f"note: resuming from step {resumed_from} on the stored "
           f"learning-rate schedule and optimizer ({kept}){past}; a new "
           "--workdir starts another", flush=True)
-  return dataclasses.replace(cfg, optim=stored)
+  return dataclasses.replace(
+      cfg, loop=dataclasses.replace(cfg.loop, optim=stored))
 
 
-def _refuse_other_config(cfg: Any, workdir: str) -> None:
+def _refuse_other_config(cfg: RunConfig, workdir: str) -> None:
   """When no checkpoint of `workdir` restores into this run's state and its
   `config.json` holds another configuration: a ValueError saying so (stored
   against new, first fields) and what to do. The checkpoints stay put."""
@@ -262,7 +272,7 @@ def _remaining(task: Task, per_step: float, done: int,
   steps at `per_step` seconds, the evaluations still to come (one evaluation
   batch timed here with `evaluate`, after compiling it) and the task's
   outputs (`Task.output_seconds`)."""
-  cfg = task.config
+  cfg = task.config.loop
   t = time.perf_counter()
   evaluate()  # compiles the evaluation step (a cost the run has anyway)
   first = time.perf_counter() - t
@@ -367,7 +377,7 @@ def postfix(record: dict[str, Any], loss_format: str, rate_key: str
   return out
 
 
-def train(run: Any, workdir: str, *,
+def train(run: Run, workdir: str, *,
           profile_steps: tuple[int, int] | str | None = None
           ) -> dict[str, Any]:
   """Trains (or resumes) a run and returns a summary dict.
@@ -394,6 +404,7 @@ def train(run: Any, workdir: str, *,
   """
   task = as_task(run)
   cfg = task.config
+  loop = cfg.loop
   if isinstance(profile_steps, str) or profile_steps is None:
     profile_steps = parse_profile_steps(profile_steps)
   try:
@@ -407,7 +418,7 @@ def train(run: Any, workdir: str, *,
   except OSError as e:  # e.g. a read-only or virtual file system, no access
     raise ValueError(f"workdir={workdir!r} cannot be created ({e.strerror}); "
                      "allowed: a writable directory") from None
-  mesh = sharding.make_mesh(cfg.mesh, select_devices(cfg.num_devices))
+  mesh = sharding.make_mesh(loop.mesh, select_devices(loop.num_devices))
   task.check(mesh)
   main = sharding.is_main_process()  # multi-host: process 0 logs and plots
   data = task.data()
@@ -418,7 +429,7 @@ def train(run: Any, workdir: str, *,
     return sharding.put_batch(batch, batch_sharding)
 
   # Data that can read a process's rows alone (`rows=`) reads only those.
-  rows = (sharding.process_batch_rows(cfg.batch_size, batch_sharding)
+  rows = (sharding.process_batch_rows(loop.batch_size, batch_sharding)
           if jax.process_count() > 1 and getattr(data, "reads_rows", False)
           else None)
 
@@ -431,8 +442,8 @@ def train(run: Any, workdir: str, *,
   with jax.set_mesh(mesh):
     state = build_state(task, model, mesh)
     checkpointer = ckpt_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), cfg.checkpoint_every,
-        cfg.keep_checkpoints)
+        os.path.join(workdir, "checkpoints"), loop.checkpoint_every,
+        loop.keep_checkpoints)
     metrics_path = os.path.join(
         workdir, "metrics.jsonl" if main else
         f"metrics.process{jax.process_index()}.jsonl")
@@ -441,15 +452,16 @@ def train(run: Any, workdir: str, *,
     except ckpt_lib.CheckpointError:
       _refuse_other_config(cfg, workdir)
       raise
-    if resumed_from is not None and resumed_from > cfg.steps:
+    if resumed_from is not None and resumed_from > loop.steps:
       checkpointer.close()
       raise ValueError(
-          f"steps={cfg.steps} is below the step of the newest checkpoint in "
+          f"steps={loop.steps} is below the step of the newest checkpoint in "
           f"workdir={workdir!r} ({resumed_from}); allowed: >= {resumed_from}, "
           "or a new --workdir")
     if resumed_from is not None:
       cfg = task.config = _keep_stored_optim(cfg, workdir, resumed_from,
                                             main)
+      loop = cfg.loop
     if main:
       _save_config(cfg, workdir, resumed_from)
     task.start(workdir, data, resumed_from)
@@ -467,24 +479,24 @@ def train(run: Any, workdir: str, *,
 
     def run_eval(batches=None):
       return task.evaluate(eval_step, state, (
-          put(b) for b in data.eval_batches(batches or cfg.eval_batches)))
+          put(b) for b in data.eval_batches(batches or loop.eval_batches)))
 
     start = int(jax.device_get(state.step))
     data_index = int(jax.device_get(state.data_index))
     progress, progress_lines = None, False
-    if cfg.progress and main:
+    if loop.progress and main:
       if sys.stderr.isatty():
         from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-        progress = tqdm(total=cfg.steps, initial=start, desc=task.name,
+        progress = tqdm(total=loop.steps, initial=start, desc=task.name,
                         dynamic_ncols=True)
       else:  # a log file: one plain line per logged step, not a redrawn bar
         progress_lines = True
     t0, items_seen = time.perf_counter(), 0
-    bad, t_first = _BadSteps(cfg.max_bad_steps), None
+    bad, t_first = _BadSteps(loop.max_bad_steps), None
     throughput = _Throughput(task, mesh)
     profile = _Profile(profile_steps, os.path.join(workdir, "profile"))
     try:
-      for step in range(start, cfg.steps):
+      for step in range(start, loop.steps):
         profile.before(step + 1)
         state, metrics = train_step(state, train_batch(data_index))
         data_index += 1
@@ -506,7 +518,7 @@ def train(run: Any, workdir: str, *,
             throughput.t += time.perf_counter() - t  # not the timed evaluation
             if main:
               _say(progress, estimate)
-        if done % cfg.log_every == 0 or done == cfg.steps:
+        if done % loop.log_every == 0 or done == loop.steps:
           bad.resolve()
           record = {"step": done, **jax.device_get(metrics),
                     "skipped_steps": bad.total}
@@ -519,9 +531,9 @@ def train(run: Any, workdir: str, *,
           elif progress_lines:
             fields = postfix(record, task.loss_format, task.rate_key)
             line = " ".join(f"{k}={v}" for k, v in fields.items())
-            sys.stderr.write(f"{task.name}: step {done}/{cfg.steps} {line}\n")
+            sys.stderr.write(f"{task.name}: step {done}/{loop.steps} {line}\n")
             sys.stderr.flush()
-        if done % cfg.eval_every == 0 and done != cfg.steps:
+        if done % loop.eval_every == 0 and done != loop.steps:
           writer.write({"step": done, **run_eval()})
         if done % checkpointer.every == 0 and not bad.resolve():
           checkpointer.save(state)
@@ -549,12 +561,12 @@ def train(run: Any, workdir: str, *,
   final_extra, outputs = {}, {}
   if jax.process_count() == 1:
     final_extra, outputs = task.outputs(model, state, workdir)
-  writer.write({"step": cfg.steps, **final, **final_extra, "final": True})
+  writer.write({"step": loop.steps, **final, **final_extra, "final": True})
   writer.close()
   method = task.method
   target = method.target_fanout if method is not None else None
   summary = {
-      "eval_loss": final["eval_loss"], "steps": cfg.steps,
+      "eval_loss": final["eval_loss"], "steps": loop.steps,
       "resumed_from": resumed_from, "train_seconds": elapsed,
       "skipped_steps": bad.total,
       task.rate_key: items_seen / elapsed if items_seen else None,

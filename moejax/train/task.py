@@ -10,11 +10,10 @@ example inputs, the data, the loss (None = the LM cross-entropy of
 state init, batch placement, jitted steps, eval cadence, checkpoints and
 resume, `metrics.jsonl`, the progress bar and the summary.
 
-A task wraps its run config, which the loop reads for `batch_size`, `steps`,
-`seed`, `log_every`, `eval_every`, `eval_batches`, `checkpoint_every`,
-`keep_checkpoints`, `max_bad_steps`, `mesh`, `num_devices`, `progress`,
-`optim` and `model` (with its `moe`); a run config names its task with
-`config.task()`.
+A task wraps its run config (`moejax.train.config.RunConfig`), of which the
+loop reads `loop` (the `LoopConfig`: optimizer, batch, steps, seed, cadences,
+mesh, ...) and the task's `method` (its model's MoE router); a run config
+names its task with `config.task()`.
 """
 from __future__ import annotations
 
@@ -23,6 +22,7 @@ from typing import Any, Callable, Iterable
 import flax.linen as nn
 
 from moejax import sharding
+from moejax.train.config import RunConfig
 from moejax.train.state import TrainState
 
 
@@ -39,7 +39,7 @@ class Task:
   rate_key = "tokens_per_s"
   loss_format = ".3f"
 
-  def __init__(self, config: Any):
+  def __init__(self, config: RunConfig):
     self.config = config
 
   @property
@@ -61,7 +61,7 @@ class Task:
 
   def check(self, mesh) -> None:
     """Raises ValueError when the run does not fit `mesh`."""
-    sharding.check_batch(self.config.batch_size, mesh)
+    sharding.check_batch(self.config.loop.batch_size, mesh)
 
   def data(self) -> Any:
     """The data source: `.batch(i)` and `.eval_batches(n)` of numpy batches."""
