@@ -17,7 +17,6 @@ skips the runs that would start after that many seconds.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -62,14 +61,6 @@ def run_label(spec: str) -> str:
   return spec.replace(":", "_p")
 
 
-def train_records(metrics_path: str) -> list[dict]:
-  """The training records (those with a loss) of a metrics file; the last one
-  holds the controller state metrics such as p."""
-  with open(metrics_path) as f:
-    rows = [json.loads(line) for line in f]
-  return [r for r in rows if "loss" in r] or [{}]
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -77,7 +68,6 @@ def main(argv):
   values = flags.FLAGS.flag_values_dict()
   experiment.use_compile_cache(values["compilation_cache"])
   from moejax import routing  # pylint: disable=g-import-not-at-top
-  from moejax.train.loop import train as train_dit  # pylint: disable=g-import-not-at-top
 
   os.makedirs(values["out"], exist_ok=True)
   results_path = os.path.join(values["out"], "dit_results.json")
@@ -104,12 +94,14 @@ def main(argv):
       run_values["workdir"] = experiment.workdir(values["workroot"],
                                                  run_label(spec), seed)
       cfg = dit_flags.build_dit_train_config(run_values)
-      t0 = time.perf_counter()
-      summary = train_dit(cfg, run_values["workdir"])
+      run = experiment.train_record(cfg, run_values["workdir"])
+      summary = run.summary
       record = {"spec": spec, "router": name, "seed": seed,
-                "steps": cfg.steps, "wall_seconds": time.perf_counter() - t0,
+                "steps": cfg.steps, "wall_seconds": run.wall_seconds,
                 **{k: summary[k] for k in KEYS if k in summary}}
-      history = train_records(summary["metrics"])
+      # The training records (those with a loss); the last one holds the
+      # controller state metrics such as p.
+      history = [r for r in run.log if "loss" in r] or [{}]
       last = history[-1]
       for key in ("p", "p_mean", "gamma", "experts_per_token", "fanout_std"):
         if key in last:
@@ -124,8 +116,7 @@ def main(argv):
       experiment.save_json(
           experiment.record_path(os.path.join(values["out"], RECORDS),
                                  run_label(spec), seed),
-          dict(record, history=[{k: r[k] for k in HISTORY_KEYS if k in r}
-                                for r in history]))
+          dict(record, history=experiment.history(history, HISTORY_KEYS)))
       if seed == seeds[0] and summary.get("samples_overview"):
         shutil.copy(summary["samples_overview"], os.path.join(
             values["out"], f"dit_samples_{run_label(spec)}.png"))
