@@ -34,6 +34,11 @@ QUIET_TPU_ENV = {"TPU_WORKER_HOSTNAMES": "localhost",
                  "TPU_ACCELERATOR_TYPE": "v5litepod-1"}
 
 
+# What `quiet_tpu_defaults` set in this process's environment: not a cluster
+# launch's settings (`moejax.sharding.maybe_initialize_distributed`).
+SET: dict[str, str] = {}
+
+
 def _any(patterns) -> bool:
   return any(glob.glob(p) for p in patterns)
 
@@ -63,8 +68,10 @@ def quiet_tpu_defaults(environ: MutableMapping[str, str] | None = None, *,
   if has_gpu and any(k in environ for k in QUIET_TPU_ENV):
     return {}  # someone configured libtpu on purpose
   environ.update(wanted)
-  if environ is os.environ and "JAX_PLATFORMS" in wanted:
-    _tell_imported_jax(wanted["JAX_PLATFORMS"])
+  if environ is os.environ:
+    SET.update(wanted)
+    if "JAX_PLATFORMS" in wanted:
+      _tell_imported_jax(wanted["JAX_PLATFORMS"])
   return wanted
 
 

@@ -69,6 +69,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from moejax import platforms
+
 MESH_AXES = ("data", "fsdp", "expert", "model")
 # The batch axes, major to minor: `expert` innermost, so that a device's
 # token groups are a sub-block of its expert-side groups (data x fsdp) and
@@ -377,6 +379,14 @@ _DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID",
                     "OMPI_COMM_WORLD_SIZE")
 
 
+def _cluster_launch(env: Mapping[str, str]) -> bool:
+  """Whether `env` holds a cluster launch's settings (SLURM, a TPU pod, Open
+  MPI); the libtpu defaults that `moejax.platforms` set itself (on a GPU
+  machine with libtpu installed) are not one."""
+  return any(env.get(k) and env.get(k) != platforms.SET.get(k)
+             for k in _DISTRIBUTED_ENV[1:])
+
+
 def maybe_initialize_distributed(coordinator_address: str | None = None,
                                  num_processes: int | None = None,
                                  process_id: int | None = None,
@@ -408,8 +418,7 @@ def maybe_initialize_distributed(coordinator_address: str | None = None,
     if num_processes == 1 and coordinator_address is None:
       return False
     if None in explicit:
-      cluster = any(env.get(k) for k in _DISTRIBUTED_ENV[1:])
-      if not cluster:
+      if not _cluster_launch(env):
         missing = [n for n, v in zip(
             ("coordinator_address", "num_processes", "process_id"), explicit)
                    if v is None]
@@ -425,7 +434,7 @@ def maybe_initialize_distributed(coordinator_address: str | None = None,
                                num_processes=num_processes,
                                process_id=process_id)
     return True
-  if any(env.get(k) for k in _DISTRIBUTED_ENV[1:]):
+  if _cluster_launch(env):
     jax.distributed.initialize()  # cluster auto-detection
     return True
   return False

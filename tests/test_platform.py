@@ -64,3 +64,21 @@ def test_entry_point_prints_no_tpu_noise():
   # Without moejax, jax alone loads libtpu (the noise this prevents).
   noisy = _stderr("import jax; jax.devices()")
   assert any(n in noisy for n in NOISE), noisy
+
+
+def test_libtpu_defaults_are_not_a_cluster_launch(monkeypatch):
+  """On a GPU machine with libtpu, the TPU_WORKER_HOSTNAMES default set at
+  import is not a TPU pod launch: the CLI must not call
+  jax.distributed.initialize() (which failed with 'coordinator_address should
+  be defined' on every run)."""
+  from moejax import sharding
+  environ = {}
+  monkeypatch.setattr(platform.os, "environ", environ)
+  monkeypatch.setattr(platform, "SET", {})
+  assert platform.quiet_tpu_defaults(platform="linux", has_libtpu=True,
+                                     has_tpu=False, has_gpu=True)
+  assert environ == platform.SET == platform.QUIET_TPU_ENV
+  assert not sharding.maybe_initialize_distributed(env=environ)
+  with pytest.raises(ValueError, match="missing: process_id"):
+    sharding.maybe_initialize_distributed(env={
+        **environ, "JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"})
