@@ -42,6 +42,7 @@ import numpy as np
 
 from moejax import dispatch
 from moejax import flops as flops_lib
+from moejax import platforms
 from moejax import sharding
 from moejax.models.lm import TransformerLM
 from moejax.tasks.lm import TrainConfig
@@ -269,6 +270,9 @@ def topology_devices(name: str):
   # (another process that loaded libtpu, e.g. any JAX program on this host
   # without JAX_PLATFORMS, holds it).
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  # Without a TPU: libtpu's worker defaults, so that loading it prints none
+  # of its slice-discovery errors (the compile is the same).
+  platforms.quiet_libtpu_env()
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   desc = topologies.get_topology_desc(topology_name=topology, platform="tpu")
   return CHIPS[chip], list(desc.devices)

@@ -16,7 +16,8 @@ on Linux with libtpu installed and no TPU device (`/dev/accel*`, `/dev/vfio/*`):
 A TPU machine is left alone, and so is any process that set `JAX_PLATFORMS`
 (an empty value included). Ahead-of-time compiles for TPU topologies
 (`moejax.aot`) load libtpu's compiler whatever the platform, so they keep
-working. Importing `moejax` after `jax` works too, as long as no JAX
+working; they set the worker defaults first (`quiet_libtpu_env`), quiet too.
+What this module set is in `SET` (not a TPU pod launch's settings). Importing `moejax` after `jax` works too, as long as no JAX
 computation or device query came before.
 """
 from __future__ import annotations
@@ -64,15 +65,31 @@ def quiet_tpu_defaults(environ: MutableMapping[str, str] | None = None, *,
     return {}
   if has_gpu is None:
     has_gpu = _any(GPU_DEVICE_GLOBS)
-  wanted = dict(QUIET_TPU_ENV) if has_gpu else {"JAX_PLATFORMS": "cpu"}
-  if has_gpu and any(k in environ for k in QUIET_TPU_ENV):
-    return {}  # someone configured libtpu on purpose
-  environ.update(wanted)
+  if has_gpu:
+    return quiet_libtpu_env(environ, has_tpu=False)
+  environ["JAX_PLATFORMS"] = "cpu"
   if environ is os.environ:
-    SET.update(wanted)
-    if "JAX_PLATFORMS" in wanted:
-      _tell_imported_jax(wanted["JAX_PLATFORMS"])
-  return wanted
+    SET["JAX_PLATFORMS"] = "cpu"
+    _tell_imported_jax("cpu")
+  return {"JAX_PLATFORMS": "cpu"}
+
+
+def quiet_libtpu_env(environ: MutableMapping[str, str] | None = None, *,
+                     has_tpu: bool | None = None) -> dict[str, str]:
+  """libtpu's worker defaults (`QUIET_TPU_ENV`), with which libtpu starts
+  without a slice's discovery errors: set where no TPU is attached and none
+  of them is set already (someone configured libtpu on purpose). Also used
+  before compiling for a TPU topology ahead of time (`moejax.aot`). Returns
+  what it set."""
+  environ = os.environ if environ is None else environ
+  if has_tpu is None:
+    has_tpu = _any(TPU_DEVICE_GLOBS)
+  if has_tpu or any(k in environ for k in QUIET_TPU_ENV):
+    return {}
+  environ.update(QUIET_TPU_ENV)
+  if environ is os.environ:
+    SET.update(QUIET_TPU_ENV)
+  return dict(QUIET_TPU_ENV)
 
 
 def _tell_imported_jax(platforms: str) -> None:

@@ -82,3 +82,12 @@ def test_libtpu_defaults_are_not_a_cluster_launch(monkeypatch):
   with pytest.raises(ValueError, match="missing: process_id"):
     sharding.maybe_initialize_distributed(env={
         **environ, "JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"})
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed")
+@pytest.mark.skipif(bool(platform._any(platform.TPU_DEVICE_GLOBS)),
+                    reason="a TPU is attached")
+def test_topology_for_an_ahead_of_time_compile_loads_libtpu_quietly():
+  err = _stderr("from moejax import aot; chip, devices = aot.topology_devices("
+                "'v5e:2x2'); assert len(devices) == 4, devices")
+  assert not [l for l in err.splitlines() if any(n in l for n in NOISE)], err
