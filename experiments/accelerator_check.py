@@ -348,7 +348,7 @@ def part_lm(py: str, out: str, dry: bool, budget: float, logs: str,
          f"--warmup={1 if dry else 2}", f"--out={lm_path}"]
   if peak:
     cmd.append(f"--peak_tflops={peak}")
-  return [run_step("lm_step", cmd, budget, logs)], _load(lm_path) or {}
+  return [run_step("lm_step", cmd, budget, logs)], load_json(lm_path) or {}
 
 
 def main(argv=None) -> int:
