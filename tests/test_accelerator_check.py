@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from moejax.experiment import load_module
 from subprocess_env import one_device_env
 
@@ -33,6 +35,9 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") == root
 """
 
 
+# Seven processes (about 4.7 min on 2 loaded cores: dtop_p 86 s, mod 74 s, moe
+# 35 s, lm 80 s), each mostly start-up and compilation at its tiny sizes.
+@pytest.mark.slow
 def test_dry_run_without_tfds_or_install_writes_every_row(tmp_path):
   site = tmp_path / "site"
   site.mkdir()
