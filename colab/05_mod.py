@@ -72,7 +72,7 @@ print("skipped tokens unchanged:", bool(jnp.all(jnp.where(chosen[0][:, None], Tr
 for name, kw in [("tiny", dict(num_layers=4, d_model=128, num_heads=4, d_ff=512, max_len=128)),
                  ("small", dict(num_layers=6, d_model=256, num_heads=8, d_ff=1024, max_len=256))]:
     dense = flops.flops_per_token(LMConfig(**kw))["total"]
-    mod = flops.flops_per_token(LMConfig(**kw, mod_capacity=0.125))["total"]
+    mod = flops.flops_per_token(LMConfig(**kw, mod=MoDConfig(capacity=0.125)))["total"]
     print(f"{name}: dense {dense/1e6:.2f} MFLOP/token, MoD {mod/1e6:.2f} -> {mod/dense:.1%} of dense")
 
 # %% [markdown]
@@ -88,7 +88,7 @@ from moejax.train.loop import train
 from moejax.train.state import OptimConfig
 from moejax.train.metrics import read_jsonl
 model_cfg = LMConfig(num_layers=2, d_model=64, num_heads=4, d_ff=128, max_len=64,
-                     mod_capacity=0.125)
+                     mod=MoDConfig(capacity=0.125))
 cfg = TrainConfig(model=model_cfg, optim=OptimConfig(learning_rate=3e-3, warmup_steps=5, total_steps=40),
                   batch_size=8, seq_len=64, steps=40, log_every=10, eval_every=20,
                   eval_batches=2, checkpoint_every=1000, num_devices=1,
@@ -133,12 +133,12 @@ print("tokens stored by the routed block:", int((cache[1]["pos"] < 2**30).sum())
 # %%
 shape = dict(num_layers=4, d_model=128, num_heads=4, d_ff=512, max_len=160)
 timings = {}
-for name, c in [("dense", LMConfig(**shape)), ("mod", LMConfig(**shape, mod_capacity=0.125))]:
+for name, c in [("dense", LMConfig(**shape)), ("mod", LMConfig(**shape, mod=MoDConfig(capacity=0.125)))]:
     m = TransformerLM(c)
     prompt = jnp.asarray(np.frombuffer(b"import os\nimport sys\n", np.uint8)[None].astype(np.int32))
     p, s = init_variables(m, jax.random.PRNGKey(0), prompt)
     p = nn.meta.unbox(p)
-    if c.mod_capacity:
+    if c.mod is not None:
         calib = jax.random.randint(jax.random.PRNGKey(2), (4, 128), 32, 127)
         p = decode.calibrate_predictor(m, p, calib, 0.125)
     cache = decode.init_cache(c, 1, 160)

@@ -117,11 +117,12 @@ DTOP_P_DRY_FLAGS = ["--config=tiny", "--steps=2", "--strategy=dropless",
                     "--num_layers=1", "--d_model=32", "--num_heads=2",
                     "--d_ff=64", "--expert_width=32"]
 
-# Part 2: MoD vs dense at equal training FLOPs. label -> LMConfig fields.
+# Part 2: MoD vs dense at equal training FLOPs. label -> LMConfig fields (dotted
+# paths under `model`: "mod.capacity" adds the MoDConfig).
 MOD_SHAPE = dict(num_layers=8, d_model=512, num_heads=8, d_ff=2048)
 MOD_ARMS = {
     "dense_d512": dict(MOD_SHAPE),
-    "mod_d512": dict(MOD_SHAPE, mod_capacity=0.125, mod_every=2),
+    "mod_d512": dict(MOD_SHAPE, **{"mod.capacity": 0.125}, mod_every=2),
     "dense_d384": dict(MOD_SHAPE, d_model=384, d_ff=1536),
     "dense_d256": dict(MOD_SHAPE, d_model=256, d_ff=1024),
 }
@@ -132,7 +133,7 @@ MOD_BASE = dict(config="small", router="dense", batch_size=64, seq_len=256,
 MOD_DRY_ARMS = {
     "dense_d512": dict(num_layers=2, d_model=32, num_heads=2, d_ff=64),
     "mod_d512": dict(num_layers=2, d_model=32, num_heads=2, d_ff=64,
-                     mod_capacity=0.25, mod_every=2),
+                     **{"mod.capacity": 0.25}, mod_every=2),
 }
 MOD_DRY_BASE = dict(config="tiny", router="dense", batch_size=2, seq_len=16,
                     warmup_steps=1, eval_batches=1, dtype="bfloat16")
@@ -201,23 +202,27 @@ def run_step(name: str, cmd: list[str], budget: float, log_dir: str) -> dict:
 def mod_plan(arms: dict, base: dict, train_flops: float, dry: bool) -> list:
   """[(label, fields, steps, FLOPs per step)]: each arm's steps for the
   training FLOPs `train_flops` (dry: 2 steps)."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
   from moejax import flops  # pylint: disable=g-import-not-at-top
   from moejax.cli import lm_flags  # pylint: disable=g-import-not-at-top
   plan = []
   for label, fields in arms.items():
-    cfg = lm_flags.build_train_config(dict(base, steps=1))
-    model = dataclasses.replace(cfg.model, **fields)
-    per_step = flops.train_flops(model, cfg.batch_size, cfg.seq_len)
+    cfg = with_model_fields(lm_flags.build_train_config(dict(base, steps=1)),
+                            fields)
+    per_step = flops.train_flops(cfg.model, cfg.batch_size, cfg.seq_len)
     steps = 2 if dry else max(1, round(train_flops / per_step))
     plan.append((label, fields, steps, per_step))
   return plan
 
 
+def with_model_fields(cfg, fields: dict):
+  """`cfg` with the model fields `fields` ({dotted path under model: value})."""
+  from moejax import configs  # pylint: disable=g-import-not-at-top
+  return configs.override(cfg, {f"model.{k}": v for k, v in fields.items()})
+
+
 def mod_worker(spec_path: str) -> int:
   """Trains the runs of a JSON spec {"base", "runs": [{label, seed, fields,
   steps, workdir, record}]} one after another; writes each run's record."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
   from moejax import experiment  # pylint: disable=g-import-not-at-top
   from moejax.cli import lm_flags  # pylint: disable=g-import-not-at-top
   with open(spec_path) as f:
@@ -226,9 +231,8 @@ def mod_worker(spec_path: str) -> int:
     values = dict(spec["base"], seed=run["seed"], steps=run["steps"],
                   eval_every=run["steps"], log_every=max(1, run["steps"] // 20),
                   checkpoint_every=10 ** 9, sample_tokens=0, progress=False)
-    cfg = lm_flags.build_train_config(values)
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(
-        cfg.model, **run["fields"]))
+    cfg = with_model_fields(lm_flags.build_train_config(values),
+                            run["fields"])
     trained = experiment.train_record(cfg, run["workdir"])
     record = {"label": run["label"], "seed": run["seed"],
               "steps": run["steps"], "fields": run["fields"],

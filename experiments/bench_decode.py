@@ -73,6 +73,7 @@ def main(argv):
   from moejax import configs, decode, flops
   from moejax.data import get_lm_data
   from moejax.models.lm import LMConfig, TransformerLM, init_variables
+  from moejax.nn.mod import MoDConfig
 
   pre = configs.preset(FLAGS.config)
   length = FLAGS.prompt_len + FLAGS.new_tokens + 1
@@ -80,8 +81,9 @@ def main(argv):
               num_heads=pre["num_heads"], d_ff=pre["d_ff"],
               max_len=max(length, pre["seq_len"]))
   dense_cfg = LMConfig(**base)
-  mod_cfg = LMConfig(**base, mod_capacity=FLAGS.mod_capacity,
-                     mod_every=FLAGS.mod_every, mod_causal=FLAGS.mod_causal)
+  mod_cfg = LMConfig(**base, mod=MoDConfig(capacity=FLAGS.mod_capacity,
+                                           causal=FLAGS.mod_causal),
+                     mod_every=FLAGS.mod_every)
   batch_sizes = [int(b) for b in FLAGS.batch_sizes.split(",")]
   data = get_lm_data(FLAGS.dataset, seq_len=FLAGS.prompt_len,
                      batch_size=max(batch_sizes), seed=0)

@@ -163,7 +163,7 @@ def train_one(label: str, seed: int, base: dict) -> dict:
   data = get_lm_data(cfg.dataset, seq_len=cfg.seq_len,
                      batch_size=cfg.batch_size, seed=seed,
                      data_dir=cfg.data_dir)
-  modes = MOD_MODES if cfg.model.mod_capacity else ("top_c",)
+  modes = MOD_MODES if cfg.model.mod is not None else ("top_c",)
   evals = evaluate_modes(model, summary["state"], data, cfg.eval_batches,
                          modes)
   per_token = flops.flops_per_token(cfg.model, cfg.seq_len)

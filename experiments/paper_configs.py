@@ -98,7 +98,7 @@ def count_row(name: str, mod) -> dict:
           "shared": moe.num_shared if moe else 0,
           "expert_width": moe.expert_width if moe else 0,
           "router": moe.router.name if moe else
-                    f"mod {m.mod_capacity:g} every {m.mod_every}",
+                    f"mod {m.mod.capacity:g} every {m.mod_every}",
           "target_fanout": moe.router.target_fanout if moe else 0,
           "batch": cfg.batch_size, "seq_len": cfg.seq_len,
           "pod_mesh": mod.pod_mesh, **count.as_dict(),
@@ -192,7 +192,7 @@ def compile_plan(mod, topology: str, plan: dict) -> dict:
   full = mod.config(batch_size=batch, remat=plan["remat"],
                     expert_parallel=plan["expert_parallel"])
   depth = full.model.num_layers
-  period = full.model.mod_every if full.model.mod_capacity else 1
+  period = full.model.mod_every if full.model.mod is not None else 1
   if FLAGS.full_depth:
     depths = [depth]
   else:

@@ -152,7 +152,7 @@ def _recompute(cfg: LMConfig, params, router_state, buffer, prompt_len, rng, *,
                num_new: int, temperature: float, vocab: int | None = None):
   """Sampling without a cache: the causal forward pass over the whole buffer
   int32[B, T] each step. Returns the buffer with the new tokens."""
-  extra = {"mod_routing": "causal"} if cfg.mod_capacity else {}
+  extra = {"mod_routing": "causal"} if cfg.mod is not None else {}
   variables = _variables(params, router_state)
 
   def logits_at(buffer, position):

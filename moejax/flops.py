@@ -112,7 +112,7 @@ def flops_per_token(cfg: LMConfig, seq_len: int | None = None, *,
     train: use the training capacity factor of MoE layers (else the eval one).
     causal_attention: count only unmasked attention scores.
     predictor: count the MoD causal predictor (it runs in training, and at
-      sampling when `mod_causal="predictor"`).
+      sampling when `mod.causal="predictor"`).
   Returns:
     dict with "total" and the parts "attention_proj", "attention_scores",
     "mlp", "moe_router", "mod_router", "head" (FLOPs per token, summed over
@@ -122,7 +122,7 @@ def flops_per_token(cfg: LMConfig, seq_len: int | None = None, *,
   parts = dict.fromkeys(("attention_proj", "attention_scores", "mlp",
                          "moe_router", "mod_router"), 0.0)
   layers = []
-  mod = cfg.mod_config
+  mod = cfg.mod
   for i in range(cfg.num_layers):
     moe = cfg.moe if cfg.is_moe_layer(i) else None
     if cfg.is_mod_layer(i):

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from moejax import decode, flops, sample as sample_lib
+from moejax import configs, decode, flops, sample as sample_lib
 from moejax.cli import lm_flags
 from moejax.routing import ExpertChoice, TopK
 from moejax.models.lm import (LMConfig, TransformerLM, init_cache,
@@ -181,7 +181,7 @@ def test_flops_ratio_and_counts():
              dict(num_layers=6, d_model=256, num_heads=8, d_ff=1024,
                   max_len=256)):
     dense = LMConfig(**kw)
-    mod = LMConfig(**kw, mod_capacity=0.125)
+    mod = LMConfig(**kw, mod=MoDConfig(capacity=0.125))
     ratio = (flops.flops_per_token(mod)["total"]
              / flops.flops_per_token(dense)["total"])
     assert ratio <= 0.60, ratio
@@ -192,7 +192,7 @@ def test_flops_ratio_and_counts():
                                         d_ff=f, max_len=l))["total"] == want
   # A routed layer at C = L/8: c (8D^2 + 6DF) + c^2 4LD + router + predictor.
   cfg = LMConfig(num_layers=2, d_model=d, num_heads=4, d_ff=f, max_len=l,
-                 mod_capacity=0.125)
+                 mod=MoDConfig(capacity=0.125))
   c = 16 / 128
   routed = (c * (8 * d * d + 6 * d * f) + c * c * 4 * l * d + 2 * d
             + 2 * (d * d // 2 + d // 2))
@@ -217,8 +217,8 @@ MOE = MoEConfig(num_experts=4, expert_width=32, router=TopK(k=2),
 DECODE_CASES = {
     "dense": dict(),
     "moe_top_k": dict(moe=MOE),
-    "mod_router": dict(mod_capacity=0.25, mod_causal="router"),
-    "staged_mode": dict(mod_capacity=0.25, mod_causal="predictor",
+    "mod_router": dict(mod=MoDConfig(capacity=0.25, causal="router")),
+    "staged_mode": dict(mod=MoDConfig(capacity=0.25, causal="predictor"),
                         moe=dataclasses.replace(MOE, num_noop_experts=2)),
 }
 
@@ -230,7 +230,7 @@ def _lm(seed=0, **kw):
   tokens = jax.random.randint(jax.random.PRNGKey(seed + 1), (B, 20), 0, 256)
   params, rs = init_variables(model, jax.random.PRNGKey(seed), tokens)
   params = nn.meta.unbox(params)
-  if cfg.mod_capacity:  # make the causal rules pick a fraction, not all/none
+  if cfg.mod is not None:  # make the causal rules pick a fraction, not all/none
     for i in range(cfg.num_layers):
       if cfg.is_mod_layer(i):
         p = params[f"layers_{i}"]
@@ -275,7 +275,7 @@ def test_cached_decoding_equals_causal_full_forward(case):
 
 
 def test_decode_skip_modes_agree_and_batch_one():
-  cfg, _, params, rs, tokens = _lm(mod_capacity=0.25)
+  cfg, _, params, rs, tokens = _lm(mod=MoDConfig(capacity=0.25))
   prompt = tokens[:1, :4]
   outs = {}
   for skip in decode.SKIPS:
@@ -328,7 +328,8 @@ def test_attention_cache_matches_attention_without_cache():
 def _full_recompute(model, params, rs, prompt, num_new):
   """Greedy reference: the causal full forward pass over a zero-padded buffer
   each step, reading the logits at the last filled position."""
-  extra = {"mod_routing": "causal"} if model.config.mod_capacity else {}
+  extra = ({"mod_routing": "causal"} if model.config.mod is not None
+           else {})
   plen = prompt.shape[1]
   buf = np.concatenate([prompt, np.zeros((B, num_new), np.int32)], axis=1)
   forward = jax.jit(lambda b: model.apply(
@@ -344,7 +345,7 @@ def _full_recompute(model, params, rs, prompt, num_new):
                                  dataclasses.replace(MOE, num_noop_experts=2)],
                          ids=["top_k", "expert_choice", "staged_mode"])
 def test_sample_matches_full_recompute(moe):
-  cfg, model, params, rs, tokens = _lm(mod_capacity=0.25, moe=moe)
+  cfg, model, params, rs, tokens = _lm(mod=MoDConfig(capacity=0.25), moe=moe)
   prompt = np.asarray(tokens[:, :5])
   got = sample_lib.sample(model, params, rs, prompt, 8)
   np.testing.assert_array_equal(got, _full_recompute(model, params, rs,
@@ -378,7 +379,7 @@ def test_integrated_mode_noop_experts_skip_the_mlp():
 
 def test_staged_mode_structure_and_metrics():
   cfg = LMConfig(num_layers=2, d_model=D, num_heads=HEADS, d_ff=FF, max_len=L,
-                 moe=MOE, mod_capacity=0.25, mod_every=2)
+                 moe=MOE, mod=MoDConfig(capacity=0.25), mod_every=2)
   model = TransformerLM(cfg)
   tokens = jax.random.randint(jax.random.PRNGKey(0), (B, L), 0, 256)
   params, rs = init_variables(model, jax.random.PRNGKey(0), tokens)
@@ -402,20 +403,36 @@ def test_staged_mode_structure_and_metrics():
 
 
 def test_config_validation_and_flags():
-  with pytest.raises(ValueError, match="mod_capacity"):
-    LMConfig(mod_capacity=1.5)
+  with pytest.raises(ValueError, match="capacity=1.5"):
+    MoDConfig(capacity=1.5)
   with pytest.raises(ValueError, match="causal"):
-    LMConfig(mod_capacity=0.125, mod_causal="oracle")
+    MoDConfig(capacity=0.125, causal="oracle")
   with pytest.raises(ValueError, match="mod_every"):
     LMConfig(mod_every=0)
-  cfg = LMConfig(num_layers=6, mod_capacity=0.125)
+  with pytest.raises(ValueError, match="mod=0.125 is not allowed"):
+    LMConfig(mod=0.125)
+  cfg = LMConfig(num_layers=6, mod=MoDConfig(capacity=0.125))
   assert [cfg.is_mod_layer(i) for i in range(6)] == [False, True] * 3
+  assert not any(LMConfig(num_layers=6).is_mod_layer(i) for i in range(6))
+  # The flat flags set the nested config; --mod_capacity=0 removes it.
   values = dict(config="tiny", router="dense", mod_capacity=0.125, mod_every=2,
                 mod_score="sigmoid", mod_aux_weight=0.0, mod_causal="router")
   model = lm_flags.build_train_config(values).model
-  assert (model.mod_capacity, model.mod_every, model.mod_score,
-          model.mod_aux_weight, model.mod_causal) == (0.125, 2, "sigmoid", 0.0,
-                                                      "router")
+  assert model.mod_every == 2 and model.mod == MoDConfig(
+      capacity=0.125, score="sigmoid", aux_weight=0.0, causal="router")
+  assert lm_flags.build_train_config(
+      dict(config="paper_mod", mod_capacity=0.0)).model.mod is None
+  assert lm_flags.build_train_config(dict(
+      config="paper_mod", mod_causal="router")).model.mod == MoDConfig(
+          capacity=0.125, causal="router")
+  # Without --mod_capacity the other MoD flags leave a model without MoD.
+  assert lm_flags.build_train_config(dict(
+      config="tiny", mod_score="sigmoid")).model.mod is None
+  # Dotted overrides: model.mod.FIELD starts from the MoDConfig defaults.
+  cfg = configs.override(configs.get("tiny"), {"model.mod.capacity": "0.25"})
+  assert cfg.model.mod == MoDConfig(capacity=0.25)
+  assert configs.override(configs.get("paper_mod"),
+                          {"model.mod": "none"}).model.mod is None
   values = dict(config="tiny", router="top_k", num_noop_experts=2)
   assert lm_flags.build_train_config(values).model.moe.num_noop_experts == 2
   with pytest.raises(ValueError, match="mod_capacity"):

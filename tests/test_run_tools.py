@@ -160,6 +160,29 @@ def test_a_config_json_of_the_old_format_loads_and_resumes(tmp_path, capsys):
     assert json.load(f)["loop"]["steps"] == 4  # rewritten in the new form
 
 
+def test_a_config_json_with_flat_mod_fields_loads():
+  """A model config written when the MoD settings were flat LMConfig fields
+  (mod_capacity, 0 = no MoD, mod_score, ...) loads as its nested `mod`."""
+  import dataclasses
+  from moejax.nn.mod import MoDConfig
+  from moejax.train import config_file
+  base = tiny_config()
+  mod = MoDConfig(capacity=0.25, score="sigmoid", causal="router")
+  cfg = dataclasses.replace(base, model=dataclasses.replace(base.model,
+                                                            mod=mod))
+  old = _old_format(config_file.to_dict(cfg))
+  del old["model"]["mod"]
+  old["model"].update(mod_capacity=0.25, mod_score="sigmoid",
+                      mod_aux_weight=0.01, mod_predictor_weight=1.0,
+                      mod_causal="router")
+  assert config_file.from_dict(old) == cfg
+  old["model"]["mod_capacity"] = 0.0  # no MoD: the other fields are unused
+  assert config_file.from_dict(old) == base
+  old["model"]["mod_scores"] = "raw"
+  with pytest.raises(ValueError, match="LMConfig has no field 'mod_scores'"):
+    config_file.from_dict(old)
+
+
 def test_sample_from_a_workdir_equals_the_in_memory_state(tmp_path, capsys):
   import jax
   from moejax import sample as sample_lib

@@ -93,6 +93,7 @@ _RUN_FIELDS = tuple(name for name in lm_flags.RUN_FLAGS
 LM_ONLY_FLAGS = ("seq_len", "sample_tokens", "temperature", "vocab_size",
                  "override",
                  *(n for n in lm_flags.LM_MODEL_FLAGS if n != "dtype"),
+                 *lm_flags.MOD_FLAGS,
                  *(n for n in lm_flags.RUN_FLAGS if n not in _RUN_FIELDS))
 # `--help`'s groups: the LM's plus the DiT's own flags.
 HELP_GROUPS = {

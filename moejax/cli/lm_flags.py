@@ -28,9 +28,11 @@ from typing import Any, Mapping
 from absl import flags
 
 from moejax import configs, routing
+from moejax.checks import check_number
 from moejax.cli import app, defaults
 from moejax.configs import overrides
 from moejax.models.lm import LMConfig
+from moejax.nn.mod import MoDConfig
 from moejax.nn.moe import MoEConfig
 from moejax.tasks.lm import TrainConfig
 from moejax.train.config import LOOP_FIELDS
@@ -64,16 +66,24 @@ LM_MODEL_FLAGS = defaults.table(LMConfig, {
              "dispatched inputs), recompute_attention (recompute only the "
              "attention scores) or save_moe_operands (recompute_attention, "
              "and the MoE layer keeps only its expert matmuls' operands).",
-    "mod_capacity": "Mixture-of-Depths capacity fraction in [0, 1] (0 = off; "
-                    "the paper's setting is 0.125 with --mod_every=2).",
     "mod_every": "MoD: every n-th block is routed.",
-    "mod_score": "MoD: update multiplier raw (r) or sigmoid.",
-    "mod_aux_weight": "MoD: weight of the router's causal BCE.",
-    "mod_predictor_weight": "MoD: weight of the causal predictor's BCE "
-                            "(trains the predictor only).",
-    "mod_causal": "MoD: causal routing used for sampling: predictor or "
-                  "router.",
 })
+# Mixture-of-Depths flags: flag -> (field of the model's `mod`, a
+# `MoDConfig`; help). `--mod_capacity` switches MoD on (> 0) or off (0);
+# the others set fields of a config that has MoD (or gets it).
+MOD_FLAGS = {
+    "mod_capacity": ("capacity", "Mixture-of-Depths capacity fraction in "
+                     "[0, 1] (0 = off; the paper's setting is 0.125 with "
+                     "--mod_every=2) (default: the config's; 0 for tiny and "
+                     "small)"),
+    "mod_score": ("score", "MoD: update multiplier raw (r) or sigmoid."),
+    "mod_aux_weight": ("aux_weight", "MoD: weight of the router's causal "
+                       "BCE."),
+    "mod_predictor_weight": ("predictor_weight", "MoD: weight of the causal "
+                             "predictor's BCE (trains the predictor only)."),
+    "mod_causal": ("causal", "MoD: causal routing used for sampling: "
+                   "predictor or router."),
+}
 RUN_FLAGS = defaults.table(TrainConfig, {
     "dataset": "stdlib, text:GLOB, tfds:NAME or tokens:DIR (a directory "
                "prepared by python -m moejax.data.prepare).",
@@ -148,7 +158,7 @@ SIZE_FLAGS = {
 
 HELP_GROUPS = {
     "model": ("config", "override", *SIZE_FLAGS, "num_shared", "moe_every",
-              *LM_MODEL_FLAGS),
+              *LM_MODEL_FLAGS, *MOD_FLAGS),
     "routing": ("router", "k", "k_min", "k_max", "max_k", *ROUTER_FLAGS,
                 *(n for n in MOE_FLAGS if n != "expert_parallel")),
     "data": ("dataset", "data_dir", "tokenizer", "packing", "seq_len",
@@ -196,6 +206,11 @@ def define_flags() -> None:
           "the config's).")
   defaults.define(MOE_FLAGS)
   defaults.define(LM_MODEL_FLAGS)
+  make = {"float": float_, "string": string}
+  for name, (field, text) in MOD_FLAGS.items():
+    if name != "mod_capacity":
+      text = defaults.with_default(text, MoDConfig, field)
+    make[defaults.field_kind(MoDConfig, field)](name, None, text)
   integer("steps", None, "Training steps (default: the config's).")
   integer("batch_size", None, "Global batch size (default: the config's).")
   integer("seq_len", None, "Sequence length (default: the config's).")
@@ -309,6 +324,24 @@ def apply_moe_flags(moe: MoEConfig | None, values: Mapping[str, Any]
       **defaults.given(values, MOE_FLAGS))
 
 
+def apply_mod_flags(mod: MoDConfig | None, values: Mapping[str, Any]
+                    ) -> MoDConfig | None:
+  """The model's MoD config with the `--mod_*` flags that are set:
+  `--mod_capacity=0` removes it, `--mod_capacity > 0` adds one (from the
+  `MoDConfig` defaults) where the model has none; the other flags set its
+  fields (on a model without MoD and no `--mod_capacity` they do nothing)."""
+  capacity = values.get("mod_capacity")
+  if capacity is not None:
+    check_number("mod_capacity", capacity, 0, 1)
+    if not capacity:
+      return None
+  options = {field: values[name] for name, (field, _) in MOD_FLAGS.items()
+             if values.get(name) is not None}
+  if mod is None:
+    return MoDConfig(**options) if capacity else None
+  return dataclasses.replace(mod, **options)
+
+
 def build_train_config(values: Mapping[str, Any]) -> TrainConfig:
   """Builds the run's config from flag values (a dict of name -> value; a
   missing or None value keeps the config's): `--config`, then the dotted
@@ -319,6 +352,7 @@ def build_train_config(values: Mapping[str, Any]) -> TrainConfig:
   given = lambda names: defaults.given(values, names)
   model = dataclasses.replace(
       cfg.model, moe=apply_moe_flags(cfg.model.moe, values),
+      mod=apply_mod_flags(cfg.model.mod, values),
       **given((*SIZE_FLAGS.keys() - {"num_experts", "expert_width"},
                "moe_every", *LM_MODEL_FLAGS)))
   run = given(("batch_size", *RUN_FLAGS))

@@ -8,7 +8,9 @@ value})` returns the config with those fields replaced: a value that is a
 string is parsed by the field's type (`"24"` for an integer field, `"none"`
 for an optional one, `"true"`/`"false"` for a bool); `model.moe.router=NAME`
 switches the routing method (keeping its `k`), `model.moe=none` makes the
-model dense. Each dataclass is replaced once with all of its new fields, so
+model dense; a field of `model.mod` on a model without MoD starts from the
+`MoDConfig` defaults (`model.mod.capacity=0.125`), `model.mod=none` removes
+it. Each dataclass is replaced once with all of its new fields, so
 its own checks see them together. As with the `--steps` and `--seq_len`
 flags, `steps` also sets the schedule's length `optim.total_steps` (capping
 its warm-up) and `seq_len` the model's `max_len`, unless those are given
@@ -202,6 +204,9 @@ def _apply(obj: Any, tree: Mapping[str, Any], prefix: str) -> Any:
       if _LEAF in sub:
         current = _set_leaf(path, hints[name], current, sub.pop(_LEAF))
       if sub:
+        base, _ = _split_optional(hints[name])
+        if current is None and getattr(base, "OVERRIDE_FROM_DEFAULTS", False):
+          current = base()  # e.g. model.mod.capacity=0.125 on a model without
         if current is None:
           first = next(iter(sub))
           raise ValueError(

@@ -13,6 +13,7 @@ import functools
 
 from moejax import routing
 from moejax.models.lm import LMConfig
+from moejax.nn.mod import MoDConfig
 from moejax.nn.moe import MoEConfig
 from moejax.tasks.lm import TrainConfig
 from moejax.train.state import OptimConfig
@@ -130,8 +131,8 @@ def paper_mod(batch_size: int = 512, num_layers: int = 16,
   best setting), seq 2048, bfloat16. No experts (`expert_parallel` unused)."""
   del expert_parallel
   model = lm(vocab_size=50304, num_layers=num_layers, d_model=2048,
-             num_heads=16, d_ff=8192, mod_capacity=0.125, mod_every=2,
-             remat=remat)
+             num_heads=16, d_ff=8192, mod=MoDConfig(capacity=0.125),
+             mod_every=2, remat=remat)
   return train_config(model, batch_size=batch_size, steps=50000,
                       learning_rate=3e-4, warmup_steps=2000,
                       mesh=MOD_POD_MESH)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -33,6 +34,14 @@ from moejax.nn.blocks import (DTYPES, REMAT_POLICIES, Block, StackConfig,
                               remat_mode)
 from moejax.nn.mod import SKIPS, MoDBlock, MoDConfig
 
+# The MoD settings as flat `LMConfig` fields of older `config.json` files
+# (and the command line's flags): name -> `MoDConfig` field.
+FLAT_MOD_FIELDS = {"mod_capacity": "capacity", "mod_score": "score",
+                   "mod_aux_weight": "aux_weight",
+                   "mod_predictor_weight": "predictor_weight",
+                   "mod_causal": "causal"}
+
+
 @dataclasses.dataclass(frozen=True)
 class LMConfig(StackConfig):
   """A decoder-only LM: the fields of `StackConfig` and these.
@@ -40,14 +49,11 @@ class LMConfig(StackConfig):
   Attributes:
     vocab_size: V (256 for byte-level data).
     max_len: longest sequence (for sampling buffers).
-    mod_capacity: Mixture-of-Depths capacity fraction in [0, 1]; 0 = no MoD.
+    mod: the routed (Mixture-of-Depths) blocks' `MoDConfig` (capacity
+      fraction, score, BCE weights, causal rule); None = no MoD.
     mod_every: every `mod_every`-th block (1-based) is a routed MoD block
-      (default 2: every other block); its MLP is the MoE if that block has one
-      (staged MoDE).
-    mod_score: "raw" or "sigmoid" router score multiplying a routed update.
-    mod_aux_weight: weight of the MoD router's causal BCE (method A).
-    mod_predictor_weight: weight of the causal predictor's BCE (method B).
-    mod_causal: causal decision used for sampling: "predictor" or "router".
+      when `mod` is set (default 2: every other block); its MLP is the MoE
+      if that block has one (staged MoDE).
     first_dense_layers: the first n blocks have a dense MLP whatever
       `moe_every` says (DeepSeekMoE's dense first block).
     remat: block rematerialisation, a name of
@@ -77,12 +83,8 @@ class LMConfig(StackConfig):
   """
   vocab_size: int = 256
   max_len: int = 128
-  mod_capacity: float = 0.0
+  mod: MoDConfig | None = None
   mod_every: int = 2
-  mod_score: str = "raw"
-  mod_aux_weight: float = 0.01
-  mod_predictor_weight: float = 1.0
-  mod_causal: str = "predictor"
   first_dense_layers: int = 0
   remat: str = "none"
   param_dtype: str = "float32"
@@ -103,24 +105,25 @@ class LMConfig(StackConfig):
       raise ValueError(f"first_dense_layers={self.first_dense_layers!r} is "
                        f"out of range; allowed: integer in [0, num_layers="
                        f"{self.num_layers}]")
-    if isinstance(self.mod_capacity, bool) or not 0 <= self.mod_capacity <= 1:
-      raise ValueError(f"mod_capacity={self.mod_capacity!r} is out of range; "
-                       "allowed: [0, 1] (0 = no MoD)")
-    if self.mod_capacity:
-      self.mod_config  # validates the other mod_* fields
+    if self.mod is not None and not isinstance(self.mod, MoDConfig):
+      raise ValueError(f"mod={self.mod!r} is not allowed; allowed: a "
+                       "MoDConfig or None")
 
-  @property
-  def mod_config(self) -> MoDConfig | None:
-    """The routed blocks' `MoDConfig` (None without MoD)."""
-    if not self.mod_capacity:
-      return None
-    return MoDConfig(capacity=self.mod_capacity, score=self.mod_score,
-                     aux_weight=self.mod_aux_weight,
-                     predictor_weight=self.mod_predictor_weight,
-                     causal=self.mod_causal)
+  @classmethod
+  def upgrade_fields(cls, fields: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a `config.json` written when the MoD settings were flat
+    (`mod_capacity`, 0 = no MoD, `mod_score`, `mod_aux_weight`,
+    `mod_predictor_weight`, `mod_causal`) as `mod` (`moejax.train.config_file`)."""
+    fields = dict(fields)
+    old = {k: fields.pop(k) for k in list(fields) if k in FLAT_MOD_FIELDS}
+    if old:
+      capacity = old.pop("mod_capacity", 0.0)
+      fields["mod"] = MoDConfig(capacity=capacity, **{
+          FLAT_MOD_FIELDS[k]: v for k, v in old.items()}) if capacity else None
+    return fields
 
   def is_mod_layer(self, i: int) -> bool:
-    return bool(self.mod_capacity) and (i + 1) % self.mod_every == 0
+    return self.mod is not None and (i + 1) % self.mod_every == 0
 
   def is_moe_layer(self, i: int) -> bool:
     return (self.moe is not None and i >= self.first_dense_layers
@@ -142,7 +145,7 @@ class TransformerLM(nn.Module):
                hidden: bool = False,
                segment_ids: jax.Array | None = None):
     """`mod_routing` picks the routed blocks' selection: "top_c" (training),
-    "causal" (the config's `mod_causal` decisions, as in sampling),
+    "causal" (the config's `mod.causal` decisions, as in sampling),
     "predictor" or "router"; see `moejax.nn.mod.MoDBlock`.
 
     `segment_ids` int32[B, L] (packed documents, e.g. with `positions` reset
@@ -174,7 +177,7 @@ class TransformerLM(nn.Module):
       del module  # the blocks are created in this module's scope
       moe = cfg.moe if cfg.is_moe_layer(i) else None
       if cfg.is_mod_layer(i):
-        out = MoDBlock(cfg.mod_config, cfg.num_heads, cfg.d_ff, moe,
+        out = MoDBlock(cfg.mod, cfg.num_heads, cfg.d_ff, moe,
                        dtype=dtype, param_dtype=param_dtype,
                        name=f"layers_{i}")(
                            x, positions, train=train, routing=mod_routing,

@@ -43,7 +43,7 @@ and masks (for measuring).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -80,6 +80,10 @@ class MoDConfig:
       "predictor" or "router".
     router_init_scale: variance scale of the router's initial weights (> 0).
   """
+  # An override of one of its fields on a model without MoD (`model.mod` is
+  # None) starts from these defaults (`moejax.configs.overrides`).
+  OVERRIDE_FROM_DEFAULTS: ClassVar[bool] = True
+
   capacity: float = 0.125
   score: str = "raw"
   aux_weight: float = 0.01
