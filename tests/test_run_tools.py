@@ -219,5 +219,5 @@ def test_sample_from_a_workdir_equals_the_in_memory_state(tmp_path, capsys):
                     optim=OptimConfig(learning_rate=3e-3, warmup_steps=2,
                                       total_steps=5)), str(tmp_path))
   out = capsys.readouterr().out
-  assert "with a changed configuration: steps: 4 -> 5\n" in out
+  assert "with a changed configuration: loop.steps: 4 -> 5\n" in out
   assert "(optim.total_steps: stored 4, given 5)" in out
