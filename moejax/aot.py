@@ -54,7 +54,7 @@ def abstract_state(cfg: TrainConfig, mesh) -> Any:
   """The initial TrainState as sharded `ShapeDtypeStruct`s (no allocation)."""
   model = TransformerLM(cfg.model)
   boxed = jax.eval_shape(lambda rng: init_state(cfg, model, rng),
-                         jax.random.PRNGKey(cfg.seed))
+                         jax.random.PRNGKey(cfg.loop.seed))
   shards = state_shardings(cfg, model, mesh)
   unboxed = nn.meta.unbox(boxed)
   return jax.tree.map(
@@ -66,7 +66,7 @@ def abstract_batch(cfg: TrainConfig, mesh) -> dict[str, jax.ShapeDtypeStruct]:
   """inputs/targets int32[B, L], mask float32[B, L], batch-sharded; packed
   token data (`TrainConfig.packed` with `packing`) adds segment_ids and
   positions int32[B, L], as its batches have."""
-  shape = (cfg.batch_size, cfg.seq_len)
+  shape = (cfg.loop.batch_size, cfg.seq_len)
   shard = sharding.batch_sharding(mesh)
   keys = {"inputs": jnp.int32, "targets": jnp.int32, "mask": jnp.float32}
   if getattr(cfg, "packed", False) and getattr(cfg, "packing", False):
@@ -177,7 +177,7 @@ def all_to_all_bytes(cfg: TrainConfig, mesh_sizes: dict[str, int],
   x_size = mesh_sizes.get("expert", 1)
   shards = mesh_sizes.get("data", 1) * mesh_sizes.get("fsdp", 1) * x_size
   group = moe.group_size or cfg.seq_len
-  groups = cfg.batch_size * cfg.seq_len // group
+  groups = cfg.loop.batch_size * cfg.seq_len // group
   if dispatch.choose_strategy(moe.strategy) in ("einsum", "index", "gather"):
     cap = moe.router.capacity(group, moe.router_experts,
                               moe.capacity_factor if train
@@ -435,7 +435,7 @@ def tpu_report(cfg: TrainConfig, compiled, mesh, chip: Chip) -> dict[str, Any]:
     cost = cost[0]
   coll = hlo_collectives(compiled.as_text())
   devices = mesh.devices.size
-  model_flops = flops_lib.train_flops(cfg.model, cfg.batch_size,
+  model_flops = flops_lib.train_flops(cfg.model, cfg.loop.batch_size,
                                       cfg.seq_len) / devices
   peak = (mem.argument_size_in_bytes + mem.temp_size_in_bytes +
           mem.output_size_in_bytes - mem.alias_size_in_bytes)
@@ -500,9 +500,9 @@ def compile_report(cfg: TrainConfig, topology: str | None = None
 
   With `topology` (e.g. "v5p-64"; needs libtpu, no TPU) for that TPU slice on
   the run's mesh (`topology_mesh`); else for the local devices of the run
-  (`cfg.mesh`, `cfg.num_devices`). The estimate is `estimate_step`'s roofline
-  on a TPU chip, compute time at the device's peak (`moejax.flops`) on other
-  accelerators, none on a CPU.
+  (`cfg.loop.mesh`, `cfg.loop.num_devices`). The estimate is
+  `estimate_step`'s roofline on a TPU chip, compute time at the device's peak
+  (`moejax.flops`) on other accelerators, none on a CPU.
 
   Raises:
     ValueError: unknown topology, or the run does not fit the mesh.
@@ -511,18 +511,18 @@ def compile_report(cfg: TrainConfig, topology: str | None = None
   cfg = cfg.task().config  # as the loop trains it (e.g. the tokenizer's vocab)
   if topology:
     chip, devices = topology_devices(topology)
-    mesh = topology_mesh(cfg.mesh, devices)
+    mesh = topology_mesh(cfg.loop.mesh, devices)
     capacity = chip.hbm_bytes
     where = f"{topology} ({len(devices)} x {chip.name})"
   else:
-    devices = loop.select_devices(cfg.num_devices)
-    mesh = sharding.make_mesh(cfg.mesh, devices)
+    devices = loop.select_devices(cfg.loop.num_devices)
+    mesh = sharding.make_mesh(cfg.loop.mesh, devices)
     kind = devices[0].device_kind
     chip = CHIPS.get(CHIP_OF_KIND.get(kind, ""))
     capacity = device_capacity(devices[0])
     where = f"{len(devices)} local {kind} device(s)"
   n = mesh.devices.size
-  model_flops = flops_lib.train_flops(cfg.model, cfg.batch_size,
+  model_flops = flops_lib.train_flops(cfg.model, cfg.loop.batch_size,
                                       cfg.seq_len) / n
   row: dict[str, Any] = {
       "where": where, "mesh": sharding.mesh_spec(mesh), "devices": n,

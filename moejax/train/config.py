@@ -42,30 +42,30 @@ class LoopConfig:
       step, for one update equal to that of the whole batch
       (`moejax.train.step`).
     seed: params, data order and routing.
-    log_every, eval_every: log / evaluate every n steps.
-    eval_batches: validation batches per evaluation.
-    checkpoint_every, keep_checkpoints: checkpoint cadence, how many to keep.
-    max_bad_steps: stop after this many consecutive steps with a non-finite
-      loss or gradient (each is skipped: no update).
     mesh: e.g. "data:2,expert:4" or "fsdp:4,expert:2" (None = every device
       on `data`).
     num_devices: use the first n devices (None = all).
+    log_every, eval_every: log / evaluate every n steps.
+    eval_batches: validation batches per evaluation.
     progress: show a progress bar.
+    checkpoint_every, keep_checkpoints: checkpoint cadence, how many to keep.
+    max_bad_steps: stop after this many consecutive steps with a non-finite
+      loss or gradient (each is skipped: no update).
   """
   optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
   batch_size: int = 16
   steps: int = 500
   grad_accum: int = 1
   seed: int = 0
+  mesh: str | None = None
+  num_devices: int | None = None
   log_every: int = 10
   eval_every: int = 200
   eval_batches: int = 8
+  progress: bool = True
   checkpoint_every: int = 100
   keep_checkpoints: int = 3
   max_bad_steps: int = 10
-  mesh: str | None = None
-  num_devices: int | None = None
-  progress: bool = True
 
   def __post_init__(self):
     check_positive_ints(self, ("batch_size", "steps", "grad_accum",
