@@ -163,6 +163,9 @@ def test_config_validation_names_field():
   with pytest.raises(ValueError, match="batch_size=16 .* multiple of 32"):
     tiny_train_config(model=tiny_config(moe=MoEConfig(
         num_experts=4, expert_width=16, router=TopK(k=2), group_size=512)))
+  with pytest.raises(ValueError, match="grad_accum=2 is not supported by "
+                     "the DiT; allowed: 1"):
+    tiny_train_config(grad_accum=2)
 
 
 # ---------------------------------------------------------------- diffusion

@@ -117,6 +117,33 @@ def test_train_config_validation(kw, match):
     tiny_config(**kw)
 
 
+def test_run_configs_embed_one_loop_config_with_their_own_defaults():
+  from moejax.tasks.dit import DiTTrainConfig, dit_loop
+  from moejax.train import LoopConfig
+  # The loop's fields are declared once; each task keeps its own defaults.
+  assert TrainConfig().loop == LoopConfig()
+  assert DiTTrainConfig().loop == dit_loop() != LoopConfig()
+  assert (DiTTrainConfig().batch_size, DiTTrainConfig().optim.weight_decay,
+          TrainConfig().batch_size, TrainConfig().optim.weight_decay) == (
+              64, 0.0, 16, 0.1)
+  assert not {f.name for f in dataclasses.fields(TrainConfig)} & {
+      f.name for f in dataclasses.fields(LoopConfig)}
+  # Flat keywords and attributes are aliases of the loop's fields.
+  cfg = TrainConfig(steps=5, batch_size=4)
+  assert cfg.loop == LoopConfig(steps=5, batch_size=4) and cfg.steps == 5
+  assert dataclasses.replace(cfg, seed=3).loop == LoopConfig(
+      steps=5, batch_size=4, seed=3)
+  assert TrainConfig(loop=LoopConfig(steps=3), seed=2).loop == LoopConfig(
+      steps=3, seed=2)
+  assert DiTTrainConfig(steps=7).loop == dataclasses.replace(dit_loop(),
+                                                             steps=7)
+  with pytest.raises(AttributeError):
+    cfg.steps = 6
+  with pytest.raises(ValueError, match="batch_size=6 must be divisible by "
+                     "grad_accum=4"):
+    TrainConfig(batch_size=6, grad_accum=4)
+
+
 def test_bad_mesh_and_batch(tmp_path):
   with pytest.raises(ValueError, match="mesh"):
     train(tiny_config(mesh="data:3", num_devices=None), str(tmp_path / "a"))
