@@ -273,20 +273,20 @@ def test_resume_with_more_steps_keeps_the_learning_rate_schedule(tmp_path,
 def test_duration_estimate_counts_evaluations_and_samples(monkeypatch):
   """After step 11 of 71: the training steps, the 4 evaluations still to come
   (one batch timed after compiling it) and the sample (LMTask: its programs
-  compile like the evaluation step, twice; a token costs a sequence's share
+  compile in about the train step's time; a token costs a sequence's share
   of an evaluation batch)."""
   clock = [0.0]
   monkeypatch.setattr(loop.time, "perf_counter", lambda: clock[0])
-  costs = iter([10.0, 2.0])  # the first evaluation compiles (8 s)
+  costs = iter([10.0, 2.0])  # the first evaluation compiles
 
   def evaluate():
     clock[0] += next(costs)
 
   task = LMTask(tiny_config(steps=71, eval_every=20, eval_batches=3,
                             sample_tokens=160, batch_size=16))
-  # training 60 s; evaluations 4 x 3 x 2 s = 24 s; samples 2 x 8 + 160 x
-  # 2 / 16 = 36 s.
-  assert loop._remaining(task, 1.0, 11, evaluate) == (
+  # training 60 s; evaluations 4 x 3 x 2 s = 24 s; samples 16 (the train
+  # step's compilation) + 160 x 2 / 16 = 36 s.
+  assert loop._remaining(task, 1.0, 11, evaluate, 16.0) == (
       "about 2.0 min remaining: training 1.0, 4 evaluations 0.4, samples 0.6 "
       "(1.00 s/step)")
   # DiT: the sampler compiles once and runs sample_steps passes over the

@@ -481,8 +481,9 @@ class DiTTask(Task):
     return quality, grids
 
   def output_seconds(self, eval_batch_seconds: float,
-                     eval_compile_seconds: float) -> float:
-    """The sampler compiles like the evaluation step and runs `sample_steps`
+                     compile_seconds: float) -> float:
+    """The sampler compiles in about the train step's time and runs
+    `sample_steps`
     model passes over the samples (an evaluation batch's cost per batch of
     images); the classifier's fit is left out."""
     cfg = self.config
@@ -490,7 +491,7 @@ class DiTTask(Task):
     if not per_class:
       return 0.0
     images = per_class * len(cfg.classes)
-    return eval_compile_seconds + cfg.sample_steps * max(
+    return compile_seconds + cfg.sample_steps * max(
         images / cfg.loop.batch_size, 1.0) * eval_batch_seconds
 
   def plot(self, records, path: str, target_fanout: float | None) -> str:

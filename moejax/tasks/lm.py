@@ -269,14 +269,15 @@ class LMTask(Task):
                         f"after {int(state.step)} steps")}
 
   def output_seconds(self, eval_batch_seconds: float,
-                     eval_compile_seconds: float) -> float:
-    """The sample's prefill and decoding programs compile like the
-    evaluation step (twice its compilation); a token costs at most a
-    sequence's share of an evaluation batch."""
+                     compile_seconds: float) -> float:
+    """The sample's prefill and decoding programs compile in about the train
+    step's time (a forward pass each, where the step has forward and
+    backward); a token costs at most a sequence's share of an evaluation
+    batch."""
     cfg = self.config
     if not cfg.sample_tokens:
       return 0.0
-    return (2 * eval_compile_seconds +
+    return (compile_seconds +
             cfg.sample_tokens * eval_batch_seconds / cfg.loop.batch_size)
 
   def plot(self, records, path: str, target_fanout: float | None) -> str:

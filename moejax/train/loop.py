@@ -267,15 +267,13 @@ def _refuse_other_config(cfg: RunConfig, workdir: str) -> None:
 
 
 def _remaining(task: Task, per_step: float, done: int,
-               evaluate: Callable[[], Any]) -> str:
+               evaluate: Callable[[], Any], compile_seconds: float) -> str:
   """The line announcing the rest of a run after step `done`: its training
   steps at `per_step` seconds, the evaluations still to come (one evaluation
   batch timed here with `evaluate`, after compiling it) and the task's
-  outputs (`Task.output_seconds`)."""
+  outputs (`Task.output_seconds`; `compile_seconds`: the train step's)."""
   cfg = task.config.loop
-  t = time.perf_counter()
   evaluate()  # compiles the evaluation step (a cost the run has anyway)
-  first = time.perf_counter() - t
   t = time.perf_counter()
   evaluate()
   batch = time.perf_counter() - t
@@ -283,7 +281,7 @@ def _remaining(task: Task, per_step: float, done: int,
   parts = {"training": per_step * (cfg.steps - done),
            f"{evals} evaluation{'s' if evals > 1 else ''}":
                evals * cfg.eval_batches * batch,
-           "samples": task.output_seconds(batch, max(first - batch, 0.0))}
+           "samples": task.output_seconds(batch, compile_seconds)}
   detail = ", ".join(f"{name} {seconds / 60:.1f}"
                      for name, seconds in parts.items() if seconds)
   return (f"about {sum(parts.values()) / 60:.1f} min remaining: {detail} "
@@ -513,8 +511,8 @@ def train(run: Run, workdir: str, *,
           else:
             per_step = (time.perf_counter() - t_first) / 10
             t = time.perf_counter()
-            estimate = _remaining(task, per_step, done,
-                                  lambda: run_eval(1))
+            estimate = _remaining(task, per_step, done, lambda: run_eval(1),
+                                  max(t_first - t0 - per_step, 0.0))
             throughput.t += time.perf_counter() - t  # not the timed evaluation
             if main:
               _say(progress, estimate)

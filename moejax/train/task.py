@@ -99,11 +99,12 @@ class Task:
     return {}, {}
 
   def output_seconds(self, eval_batch_seconds: float,
-                     eval_compile_seconds: float) -> float:
+                     compile_seconds: float) -> float:
     """A rough estimate of the seconds of `outputs` (for the duration the
     loop announces), from the measured seconds of one evaluation batch and of
-    compiling the evaluation step; 0 when there are none."""
-    del eval_batch_seconds, eval_compile_seconds
+    compiling the train step (a stand-in for compiling the sampler); 0 when
+    there are none."""
+    del eval_batch_seconds, compile_seconds
     return 0.0
 
   def plot(self, records: list[dict[str, Any]], path: str,
