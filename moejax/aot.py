@@ -267,11 +267,8 @@ def topology_devices(name: str):
     raise ImportError("compiling for a TPU topology needs libtpu: "
                       'pip install -e ".[tpu]"') from e
   # Compiling needs no TPU: do not wait for the lock libtpu takes for a TPU
-  # (another process that loaded libtpu, e.g. any JAX program on this host
-  # without JAX_PLATFORMS, holds it).
+  # (held by any process that loaded libtpu); without a TPU, load it quietly.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  # Without a TPU: libtpu's worker defaults, so that loading it prints none
-  # of its slice-discovery errors (the compile is the same).
   platforms.quiet_libtpu_env()
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   desc = topologies.get_topology_desc(topology_name=topology, platform="tpu")
