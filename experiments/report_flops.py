@@ -73,6 +73,8 @@ SETS = {
     "probmoe_tiny_120_60": ("probmoe.md", "probmoe", dict(config="tiny"), 180),
     "probmoe_regime_1500_300": ("probmoe.md", "probmoe", dict(config="tiny"),
                                 1800),
+    "probmoe_regime_pretrain3_800_200": ("probmoe.md", "probmoe",
+                                         dict(config="tiny"), 1000),
     "loss_free_300": ("balance.md", "loss_free",
                       dict(config="tiny", batch_size=8, seq_len=64,
                            num_shared=1), 300),
