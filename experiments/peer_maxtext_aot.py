@@ -11,7 +11,7 @@ to measure against, never a dependency of moejax; the set-up is in
 experiments/reports/tpu_peer.md), with this repository on PYTHONPATH, so that
 both libraries compile with the same jax and libtpu:
 
-  PYTHONPATH=. /work/venv-maxtext/bin/python experiments/peer_maxtext_aot.py \
+  PYTHONPATH=. ~/venv-maxtext/bin/python experiments/peer_maxtext_aot.py \
       --topology=v5p-64 --remat=full,selective,none \
       --out=experiments/reports/tpu_peer.json \
       --markdown=experiments/reports/tpu_peer.md

@@ -140,12 +140,12 @@ def top_ops_markdown(compiles: dict[str, dict], key: str,
 NOTES_MARK = "<!-- notes: kept when the script rewrites the report -->"
 
 SETUP = """\
-    ~/.pyenv/versions/3.12.1/bin/python -m venv /work/venv-maxtext
-    /work/venv-maxtext/bin/pip install maxtext==0.2.5 'jax[tpu]==0.12.0.1' \\
+    ~/.pyenv/versions/3.12.1/bin/python -m venv ~/venv-maxtext
+    ~/venv-maxtext/bin/pip install maxtext==0.2.5 'jax[tpu]==0.12.0.1' \\
         libtpu==0.0.50.1
     # MaxText's wheel pulls in jax alone; its train step imports these
     # (jax, jaxlib and libtpu pinned by a constraints file):
-    /work/venv-maxtext/bin/pip install -c constraints.txt absl-py flax optax \\
+    ~/venv-maxtext/bin/pip install -c constraints.txt absl-py flax optax \\
         orbax-checkpoint chex omegaconf pydantic pyyaml ml-collections \\
         tensorboardx tensorboard-plugin-profile etils jaxtyping einshape \\
         qwix aqtp drjax tokamax pathwaysutils tiktoken sentencepiece \\

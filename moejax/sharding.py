@@ -381,9 +381,11 @@ _DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID",
 
 def _cluster_launch(env: Mapping[str, str]) -> bool:
   """Whether `env` holds a cluster launch's settings (SLURM, a TPU pod, Open
-  MPI); the libtpu defaults that `moejax.platforms` set itself (on a GPU
-  machine with libtpu installed) are not one."""
-  return any(env.get(k) and env.get(k) != platforms.SET.get(k)
+  MPI); the single-host libtpu defaults of `moejax.platforms.QUIET_TPU_ENV`
+  are not one, whether this process set them (a GPU machine with libtpu, an
+  ahead-of-time compile) or inherited them from a parent process that did."""
+  return any(env.get(k) and env.get(k) not in (platforms.SET.get(k),
+                                               platforms.QUIET_TPU_ENV.get(k))
              for k in _DISTRIBUTED_ENV[1:])
 
 

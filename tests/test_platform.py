@@ -84,6 +84,18 @@ def test_libtpu_defaults_are_not_a_cluster_launch(monkeypatch):
         **environ, "JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"})
 
 
+def test_inherited_libtpu_defaults_are_not_a_cluster_launch(monkeypatch):
+  """A child process inherits the defaults a parent's ahead-of-time compile
+  set (its own `SET` is empty): still not a pod launch (the CLI run by a test
+  after an AOT test in the same worker failed with 'coordinator_address
+  should be defined'); a real pod's worker list still is."""
+  from moejax import sharding
+  monkeypatch.setattr(platform, "SET", {})
+  assert not sharding.maybe_initialize_distributed(
+      env=dict(platform.QUIET_TPU_ENV))
+  assert sharding._cluster_launch({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"})
+
+
 @pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed")
 @pytest.mark.skipif(bool(platform._any(platform.TPU_DEVICE_GLOBS)),
                     reason="a TPU is attached")
