@@ -61,7 +61,7 @@ from peer_moejax import compile_moejax, moejax_config  # noqa: E402,F401
 from peer_report import (  # noqa: E402,F401
     NOTES_MARK, extrapolate, markdown_table, report_markdown, row_of)
 from peer_shapes import (  # noqa: E402,F401
-    REMAT, SHAPES, VARIANTS, expert_axis, spec_key)
+    MAXTEXT_REMAT, REMAT, SHAPES, VARIANTS, expert_axis, spec_key)
 
 FLAGS = flags.FLAGS
 
@@ -108,6 +108,10 @@ def specs(topology: str, chips: int) -> list[dict]:
           spec = {"library": library, "topology": topology,
                   "shape": FLAGS.shape, "remat": remat, "variant": variant,
                   "data": data, "expert": expert, "depth": int(depth)}
+          if library == "maxtext":  # one compile per MaxText remat policy
+            spec["remat"] = MAXTEXT_REMAT.get(remat, remat)
+            if spec in out:
+              continue
           if library == "moejax":
             spec["loss_chunk"] = FLAGS.loss_chunk
             if FLAGS.strategy:

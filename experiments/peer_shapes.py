@@ -47,6 +47,10 @@ REMAT = {"full": ("full", "block"),
          "selective_moe": ("minimal", "save_moe_operands"),
          "none": ("none", "none")}
 
+# remat settings whose MaxText policy is another setting's: MaxText's row of
+# that setting is compiled once, under the other's name
+MAXTEXT_REMAT = {"selective_moe": "selective"}
+
 # moejax layouts: (mesh on a slice of n chips with E experts, fields).
 VARIANTS = {
     "ep": "data:{data},expert:{expert},model:1",

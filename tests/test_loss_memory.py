@@ -181,3 +181,29 @@ def test_attend_keeps_probabilities_in_the_value_dtype_only(dtype, tol):
   # the probabilities once, in the value dtype; no float32 [B, H, L, T]
   assert ("f32[2,2,8,8]" in saved) == (dtype == jnp.float32)
   assert saved.count("[2,2,8,8]") == 1  # the probabilities
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_masked_softmax_matches_the_softmax_also_for_rows_that_see_nothing(
+    dtype):
+  from moejax.nn.attention import masked_softmax
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(7), 3)
+  scores = (4 * jax.random.normal(k1, (2, 3, 5, 6))).astype(dtype)
+  mask = jax.random.bernoulli(k2, 0.6, (2, 1, 5, 6))
+  mask = mask.at[0, 0, 2].set(False).at[1, 0, 4].set(False)  # see no key
+  g = jax.random.normal(k3, (2, 3, 5, 6))
+
+  def reference(s):
+    s = jnp.where(mask, s.astype(jnp.float32) * 0.5, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(s, axis=-1)
+
+  got, pull = jax.vjp(lambda s: masked_softmax(s, mask, jnp.float32, 0.5),
+                      scores)
+  want, pull_want = jax.vjp(reference, scores)
+  tol = 1e-6 if dtype == jnp.float32 else 1e-2
+  np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+  np.testing.assert_allclose(got[0, :, 2], 1 / 6, rtol=1e-6)  # uniform
+  assert pull(g)[0].dtype == dtype  # the cotangent in the scores' dtype
+  np.testing.assert_allclose(np.asarray(pull(g)[0], np.float32),
+                             np.asarray(pull_want(g)[0], np.float32),
+                             rtol=tol, atol=tol)

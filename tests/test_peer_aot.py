@@ -81,3 +81,9 @@ def test_one_depth_rows_report_that_depth_without_extrapolating():
   row = peer.row_of({peer.spec_key(spec): one}, spec, ["1"])
   assert row["status"] == "only 1 layer compiled"
   assert "peak 3.00 GiB" in row["error"] and "5 GiB accessed" in row["error"]
+
+
+def test_maxtext_remat_aliases_name_the_same_maxtext_policy():
+  for setting, alias in peer.MAXTEXT_REMAT.items():
+    assert peer.REMAT[setting][0] == peer.REMAT[alias][0]
+    assert peer.REMAT[setting][1] != peer.REMAT[alias][1]  # moejax differs

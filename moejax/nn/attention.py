@@ -65,45 +65,64 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
   """Attention output float[B, L, H, K].
 
   q float[B, L, H, K], k/v float[B, T, H, K] (`heads_major`: float[B, H, T, K],
-  the cache layout), mask bool[B, 1, L, T]. `recompute`: keep none of the
-  float32 scores and probabilities (float[B, H, L, T]) for the backward pass,
-  which recomputes them from q and k (a `jax.checkpoint` of this function).
+  the cache layout), mask bool[B, 1, L, T]. The scores q k^T float[B, H, L,
+  T] stay in the activation dtype in memory (`masked_softmax` casts them up
+  to float32 in its fusions). `recompute`: keep none of the scores and
+  probabilities for the backward pass, which recomputes them from q and k (a
+  `jax.checkpoint` of this function).
   """
   if recompute:
     return jax.checkpoint(functools.partial(attend, heads_major=heads_major))(
         q, k, v, mask)
   kv = "bhtk" if heads_major else "bthk"
-  scale = q.shape[-1] ** -0.5
-  scores = jnp.einsum(f"blhk,{kv}->bhlt", q, k).astype(jnp.float32) * scale
-  probs = masked_softmax(scores, mask, v.dtype)
+  scores = jnp.einsum(f"blhk,{kv}->bhlt", q, k)
+  probs = masked_softmax(scores, mask, v.dtype, q.shape[-1] ** -0.5)
   return jnp.einsum(f"bhlt,{kv}->blhk", probs, v)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def masked_softmax(scores: jax.Array, mask: jax.Array, dtype: Any
-                   ) -> jax.Array:
-  """Softmax over the last axis of float32 scores where `mask` (elsewhere
-  the lowest float32), returned in `dtype`.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def masked_softmax(scores: jax.Array, mask: jax.Array, dtype: Any,
+                   scale: float = 1.0) -> jax.Array:
+  """Softmax over the last axis of `scale * scores` where `mask` (elsewhere
+  the lowest float32), computed in float32 and returned in `dtype`.
 
-  The backward pass keeps only that output (in bfloat16 models: bfloat16
-  probabilities float[B, H, L, T], not the float32 scores and probabilities
-  beside them) and computes the scores' cotangent from it in float32,
-  p * (g - sum(g * p)), the softmax's own derivative (exact when `dtype`
-  is float32).
+  `scores` float[B, H, L, T] may be bfloat16 (the QK^T product in a
+  bfloat16 model, half the bytes of float32 scores in memory); they are cast
+  up and scaled inside the softmax's own fusions, and the probabilities are
+  exp(scores - logsumexp), so that XLA keeps no float32 [B, H, L, T] array
+  in memory (the usual exp(s - max) / sum keeps the float32 exponentials).
+  A row that sees no key is uniform, as the softmax of equal scores.
+
+  The backward pass keeps only the output (in bfloat16 models: bfloat16
+  probabilities, not the float32 scores and probabilities beside them) and
+  the mask, and computes the scores' cotangent from them in float32,
+  scale * p * (g - sum(g * p)), the softmax's own derivative (exact when
+  `dtype` is float32), returned in the scores' dtype; masked scores get
+  none.
   """
-  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  return jax.nn.softmax(scores, axis=-1).astype(dtype)
+  scores = jnp.where(mask, scores.astype(jnp.float32) * scale,
+                     jnp.finfo(jnp.float32).min)
+  top = jnp.max(scores, axis=-1, keepdims=True)
+  lse = top + jnp.log(jnp.sum(jnp.exp(scores - top), axis=-1, keepdims=True))
+  # a row that sees no key: uniform (as the softmax of equal scores); there
+  # `top + log(T)` rounds back to `top`
+  empty = top == jnp.finfo(jnp.float32).min
+  probs = jnp.where(empty, 1.0 / scores.shape[-1], jnp.exp(scores - lse))
+  return probs.astype(dtype)
 
 
-def _masked_softmax_fwd(scores, mask, dtype):
-  probs = masked_softmax(scores, mask, dtype)
-  return probs, probs
+def _masked_softmax_fwd(scores, mask, dtype, scale):
+  probs = masked_softmax(scores, mask, dtype, scale)
+  return probs, (probs, mask, jnp.zeros((0,), scores.dtype))
 
 
-def _masked_softmax_bwd(dtype, probs, g):
+def _masked_softmax_bwd(dtype, scale, res, g):
   del dtype
+  probs, mask, like = res
   p, g = probs.astype(jnp.float32), g.astype(jnp.float32)
-  return p * (g - jnp.sum(g * p, axis=-1, keepdims=True)), None
+  ds = p * (g - jnp.sum(g * p, axis=-1, keepdims=True)) * scale
+  # masked scores get no gradient (also in a row that sees no key)
+  return jnp.where(mask, ds, 0.0).astype(like.dtype), None
 
 
 masked_softmax.defvjp(_masked_softmax_fwd, _masked_softmax_bwd)
