@@ -95,34 +95,45 @@ def masked_softmax(scores: jax.Array, mask: jax.Array, dtype: Any,
 
   The backward pass keeps only the output (in bfloat16 models: bfloat16
   probabilities, not the float32 scores and probabilities beside them) and
-  the mask, and computes the scores' cotangent from them in float32,
+  which rows see a key, and computes the scores' cotangent from them in float32,
   scale * p * (g - sum(g * p)), the softmax's own derivative (exact when
   `dtype` is float32), returned in the scores' dtype; masked scores get
   none.
   """
-  scores = jnp.where(mask, scores.astype(jnp.float32) * scale,
-                     jnp.finfo(jnp.float32).min)
+  return _masked_softmax_fwd(scores, mask, dtype, scale)[0]
+
+
+def _softmax_rows(scores: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(softmax float32[..., T], float32[..., 1]: 1 for a row that sees a key,
+  0 for one that sees none) of masked float32 scores.
+
+  exp(scores - logsumexp): no float32 exponentials in memory between the
+  sums and the output. A row that sees no key is uniform (as the softmax of
+  equal scores): there `top + log(T)` rounds back to `top`, each entry is 1,
+  and a per-row factor 1/T makes it 1/T (no [..., T] array of constants).
+  """
   top = jnp.max(scores, axis=-1, keepdims=True)
   lse = top + jnp.log(jnp.sum(jnp.exp(scores - top), axis=-1, keepdims=True))
-  # a row that sees no key: uniform (as the softmax of equal scores); there
-  # `top + log(T)` rounds back to `top`
-  empty = top == jnp.finfo(jnp.float32).min
-  probs = jnp.where(empty, 1.0 / scores.shape[-1], jnp.exp(scores - lse))
-  return probs.astype(dtype)
+  sees = (top > jnp.finfo(jnp.float32).min).astype(jnp.float32)
+  factor = sees + (1.0 - sees) / scores.shape[-1]
+  return jnp.exp(scores - lse) * factor, sees
 
 
 def _masked_softmax_fwd(scores, mask, dtype, scale):
-  probs = masked_softmax(scores, mask, dtype, scale)
-  return probs, (probs, mask, jnp.zeros((0,), scores.dtype))
+  masked = jnp.where(mask, scores.astype(jnp.float32) * scale,
+                     jnp.finfo(jnp.float32).min)
+  probs, sees = _softmax_rows(masked)
+  probs = probs.astype(dtype)
+  return probs, (probs, sees, jnp.zeros((0,), scores.dtype))
 
 
 def _masked_softmax_bwd(dtype, scale, res, g):
   del dtype
-  probs, mask, like = res
+  probs, sees, like = res
   p, g = probs.astype(jnp.float32), g.astype(jnp.float32)
-  ds = p * (g - jnp.sum(g * p, axis=-1, keepdims=True)) * scale
-  # masked scores get no gradient (also in a row that sees no key)
-  return jnp.where(mask, ds, 0.0).astype(like.dtype), None
+  # a row that sees no key: every score is masked, none gets a gradient
+  ds = p * (g - jnp.sum(g * p, axis=-1, keepdims=True)) * (scale * sees)
+  return ds.astype(like.dtype), None
 
 
 masked_softmax.defvjp(_masked_softmax_fwd, _masked_softmax_bwd)
