@@ -19,6 +19,10 @@ the choices below, so that the choice is made, and tested, in one place:
                       their used row blocks on CPU, where XLA runs small
                       batched matmuls poorly; accelerators prefer one batched
                       matmul.
+  `choose_attention`  the attention implementation "auto" stands for
+                      (`AUTO_ATTENTION`, see `moejax.nn.attention`).
+  `use_cudnn`         whether "dot_product" attention asks for cuDNN's
+                      fused flash kernel.
   `use_one_hot_scatter` routers turn [S, K] choices into [S, E] rows with a
                       one-hot einsum on TPU (MXU) and a scatter-add elsewhere;
                       plans read [S, E] gates at [S, m] experts with a select
@@ -27,6 +31,7 @@ the choices below, so that the choice is made, and tested, in one place:
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 
 def current_backend() -> str:
@@ -82,3 +87,38 @@ def resolve_strategy(strategy: str, backend: str | None = None) -> str:
   if strategy != "dropless":
     return strategy
   return "sorted" if use_loop_matmul(backend) else "ragged"
+
+
+# Attention "auto" per backend. CPU: "xla", the einsum reference; XLA:CPU has
+# no fused attention kernel, and `jax.nn.dot_product_attention` runs the same
+# einsums there. GPU: "dot_product", cuDNN's flash attention (no [B, H, L, T]
+# scores in HBM) where it applies (`use_cudnn`), XLA's elsewhere. TPU:
+# "splash", the Pallas splash kernel MaxText uses (blockwise, skips the
+# masked blocks), for sequence lengths it tiles (multiples of 128; others
+# would be padded), else "xla".
+AUTO_ATTENTION = {"cpu": "xla", "gpu": "dot_product", "tpu": "splash"}
+# Head widths and dtypes for which cuDNN's flash attention applies.
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+CUDNN_MAX_HEAD_WIDTH = 128
+
+
+def choose_attention(name: str, length: int | None = None,
+                     backend: str | None = None) -> str:
+  """The attention implementation a name runs: "auto" is `AUTO_ATTENTION`'s
+  for the backend ("xla" where splash would not tile `length`); other names
+  are themselves."""
+  if name != "auto":
+    return name
+  name = AUTO_ATTENTION.get(backend or current_backend(), "xla")
+  if name == "splash" and length is not None and length % 128:
+    return "xla"
+  return name
+
+
+def use_cudnn(dtype, head_width: int, backend: str | None = None) -> bool:
+  """Whether "dot_product" attention of this dtype and head width runs cuDNN's
+  fused kernel (GPU, bfloat16 / float16, head width a multiple of 8 up to
+  `CUDNN_MAX_HEAD_WIDTH`) rather than XLA's implementation."""
+  return ((backend or current_backend()) == "gpu"
+          and jnp.dtype(dtype) in tuple(map(jnp.dtype, CUDNN_DTYPES))
+          and head_width % 8 == 0 and head_width <= CUDNN_MAX_HEAD_WIDTH)

@@ -12,7 +12,9 @@ Axis legend:
   V  vocabulary
 
 Conventions: one multiply-add = 2 FLOPs; only matrix products are counted
-(attention projections, attention scores QK^T and probs x V, MLPs and experts,
+(attention projections: query and output D x D each, key and value D x D G / H
+each with G key/value heads of grouped-query attention; attention scores
+QK^T and probs x V, MLPs and experts,
 routers, the MoD predictor, the LM head, and the one-hot dispatch/combine
 products of the "einsum" strategy); norms, softmax, RoPE, activations, gathers
 and scatters are not. Attention scores are counted as implemented: every query
@@ -89,7 +91,8 @@ def block_flops(cfg: LMConfig, tokens: int, moe: MoEConfig | None, *,
   """
   d = cfg.d_model
   keys = (tokens + 1) / 2 if causal_attention else tokens
-  out = {"attention_proj": 2.0 * 4 * d * d,
+  kv_share = cfg.kv_heads / cfg.num_heads  # G / H: the key/value projections
+  out = {"attention_proj": 2.0 * (2 + 2 * kv_share) * d * d,
          "attention_scores": 2.0 * 2 * keys * d,
          "moe_router": 0.0}
   if moe is None:

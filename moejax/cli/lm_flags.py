@@ -67,6 +67,13 @@ LM_MODEL_FLAGS = defaults.table(LMConfig, {
              "attention scores) or save_moe_operands (recompute_attention, "
              "and the MoE layer keeps only its expert matmuls' operands).",
     "mod_every": "MoD: every n-th block is routed.",
+    "attention": "Attention implementation: xla (einsums, the reference), "
+                 "dot_product (jax.nn.dot_product_attention: cuDNN flash "
+                 "attention on GPU), splash (the Pallas TPU splash kernel) "
+                 "or auto (per backend: xla on CPU, dot_product on GPU, "
+                 "splash on TPU).",
+    "num_kv_heads": "Key/value heads of grouped-query attention (divides "
+                    "num_heads; 1 = multi-query; None: num_heads).",
 })
 # Mixture-of-Depths flags: flag -> (field of the model's `mod`, a
 # `MoDConfig`; help). `--mod_capacity` switches MoD on (> 0) or off (0);

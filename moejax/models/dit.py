@@ -32,7 +32,6 @@ import numpy as np
 
 from moejax.checks import check_choice, check_positive_ints
 from moejax.experts import ACTIVATIONS
-from moejax.nn.attention import Attention
 from moejax.nn.blocks import DTYPES, BlockBase, StackConfig
 
 @dataclasses.dataclass(frozen=True)
@@ -161,8 +160,7 @@ class DiTBlock(BlockBase):
                    param_dtype=self.param_dtype, name="adaln")(nn.silu(c))
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
     positions = jnp.zeros(x.shape[:2], jnp.int32)  # RoPE off: sin-cos instead
-    h, _ = Attention(self.num_heads, self.dtype, self.param_dtype,
-                     causal=False, name="attn")(
+    h, _ = self._attention(causal=False)(
         modulate(_norm(self.dtype, "attn_norm")(x), shift1, scale1), positions)
     x = x + gate1[:, None, :] * h
     z = modulate(_norm(self.dtype, "mlp_norm")(x), shift2, scale2)
@@ -201,7 +199,9 @@ class DiT(nn.Module):
     for i in range(cfg.num_layers):
       x = DiTBlock(cfg.num_heads, cfg.d_ff,
                    cfg.moe if cfg.is_moe_layer(i) else None, cfg.activation,
-                   dtype=dtype, name=f"layers_{i}")(x, c, train=train)
+                   dtype=dtype, num_kv_heads=cfg.num_kv_heads,
+                   attention=cfg.attention, name=f"layers_{i}")(
+                       x, c, train=train)
 
     shift, scale = jnp.split(
         nn.Dense(2 * width, kernel_init=nn.initializers.zeros,

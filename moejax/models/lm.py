@@ -179,14 +179,16 @@ class TransformerLM(nn.Module):
       if cfg.is_mod_layer(i):
         out = MoDBlock(cfg.mod, cfg.num_heads, cfg.d_ff, moe,
                        dtype=dtype, param_dtype=param_dtype,
-                       name=f"layers_{i}")(
+                       num_kv_heads=cfg.num_kv_heads,
+                       attention=cfg.attention, name=f"layers_{i}")(
                            x, positions, train=train, routing=mod_routing,
                            kv=layer_kv, skip=skip, segment_ids=segment_ids)
         return out if kv is not None else (*out, None)
       x, layer_kv = Block(
           cfg.num_heads, cfg.d_ff, moe, dtype=dtype, param_dtype=param_dtype,
           name=f"layers_{i}", recompute_attention=policy.recompute_attention,
-          moe_saved=policy.moe_saved)(
+          moe_saved=policy.moe_saved, num_kv_heads=cfg.num_kv_heads,
+          attention=cfg.attention)(
               x, positions, train=train, kv=layer_kv, segment_ids=segment_ids)
       return x, None, layer_kv
 
@@ -239,9 +241,10 @@ class TransformerLM(nn.Module):
 
 
 def init_cache(cfg: LMConfig, batch: int, length: int) -> tuple[dict, ...]:
-  """An empty key/value cache of `length` slots per layer (`init_kv`)."""
+  """An empty key/value cache of `length` slots per layer (`init_kv`), with
+  the config's `kv_heads` key/value heads."""
   head = cfg.d_model // cfg.num_heads
-  return tuple(init_kv(batch, length, cfg.num_heads, head, DTYPES[cfg.dtype])
+  return tuple(init_kv(batch, length, cfg.kv_heads, head, DTYPES[cfg.dtype])
                for _ in range(cfg.num_layers))
 
 

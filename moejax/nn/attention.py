@@ -4,7 +4,10 @@ Axis legend:
   B  batch
   L  query positions
   T  key positions
-  H  heads
+  H  query heads
+  G  key/value heads (grouped-query attention: G divides H; G = 1 is
+     multi-query attention, G = H plain multi-head attention)
+  R  query heads per key/value head, H / G
   K  head width
   D  model width
 
@@ -18,11 +21,36 @@ own), so attention never crosses documents. None = one segment per row
 (today's behaviour exactly).
 
 Cached decoding passes a key/value cache `kv` (`init_kv`):
-`{"k": float[B, H, T, K], "v": float[B, H, T, K], "pos": int32[B, T]}` (heads
+`{"k": float[B, G, T, K], "v": float[B, G, T, K], "pos": int32[B, T]}` (heads
 major, so that the per-step attention products need no transposed copy of the
 cache). Slot t holds the token at position t; a slot that holds nothing has
 position `PAD_POSITION`, larger than every real position, so the causal mask
-hides it.
+hides it. Cached decoding always runs the "xla" implementation (its mask
+compares cache positions, which no fused kernel takes).
+
+Implementations (`IMPLEMENTATIONS`, `Attention.implementation`; "auto" is
+`moejax.backend.choose_attention`'s per backend):
+  "xla"          `attend`: two einsums around a materialised score tensor
+                 float[B, H, L, T] (activation dtype; the reference).
+  "dot_product"  `jax.nn.dot_product_attention`: cuDNN's fused flash attention
+                 on a GPU where it applies (`moejax.backend.use_cudnn`:
+                 bfloat16 / float16, head width a multiple of 8 up to 128),
+                 its XLA implementation elsewhere. Segment ids become a
+                 boolean mask float[B, 1, L, T]-shaped argument.
+  "splash"       the Pallas TPU splash-attention kernel
+                 (`jax.experimental.pallas.ops.tpu.splash_attention`):
+                 blockwise, no score tensor in HBM, segment ids native; on
+                 other backends it runs in the Pallas interpreter (tests).
+                 L is padded to a multiple of 128 (`splash_attend`).
+The fused implementations know only index-causal masks (query i sees keys
+j <= i). That equals the position-causal mask of "xla" whenever the
+positions increase along each segment of a row: a plain sequence, packed
+documents whose positions restart per document (`moejax.data.packed`), and
+the token subsets that a routed MoD block gathers, which keep their original
+order (`moejax.nn.mod.mod_routing` gives priority by index; its empty slots,
+position `PAD_POSITION`, come last and their outputs are discarded). Rows
+whose positions do not increase (explicit out-of-order positions) need
+"xla".
 """
 from __future__ import annotations
 
@@ -32,10 +60,17 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from moejax import backend, sharding
+from moejax.checks import check_choice
 
 # Position given to empty slots: larger than any real position, so the causal
 # mask hides them from every real query (their own outputs are discarded).
 PAD_POSITION = 2 ** 30
+IMPLEMENTATIONS = ("auto", "xla", "dot_product", "splash")
+# Sequence lengths the splash kernel's blocks tile (its lane width).
+SPLASH_BLOCK = 128
 
 
 def rope(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array:
@@ -62,22 +97,29 @@ def segment_mask(q_segments: jax.Array, k_segments: jax.Array) -> jax.Array:
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
            heads_major: bool = False, recompute: bool = False) -> jax.Array:
-  """Attention output float[B, L, H, K].
+  """Attention output float[B, L, H, K] (the "xla" implementation).
 
-  q float[B, L, H, K], k/v float[B, T, H, K] (`heads_major`: float[B, H, T, K],
-  the cache layout), mask bool[B, 1, L, T]. The scores q k^T float[B, H, L,
-  T] stay in the activation dtype in memory (`masked_softmax` casts them up
-  to float32 in its fusions). `recompute`: keep none of the scores and
-  probabilities for the backward pass, which recomputes them from q and k (a
-  `jax.checkpoint` of this function).
+  q float[B, L, H, K], k/v float[B, T, G, K] (`heads_major`: float[B, G, T, K],
+  the cache layout; G divides H, query head h reads key/value head h // R),
+  mask bool[B, 1, L, T]. The scores q k^T float[B, H, L, T] stay in the
+  activation dtype in memory (`masked_softmax` casts them up to float32 in
+  its fusions). `recompute`: keep none of the scores and probabilities for
+  the backward pass, which recomputes them from q and k (a `jax.checkpoint`
+  of this function).
   """
   if recompute:
     return jax.checkpoint(functools.partial(attend, heads_major=heads_major))(
         q, k, v, mask)
-  kv = "bhtk" if heads_major else "bthk"
-  scores = jnp.einsum(f"blhk,{kv}->bhlt", q, k)
-  probs = masked_softmax(scores, mask, v.dtype, q.shape[-1] ** -0.5)
-  return jnp.einsum(f"bhlt,{kv}->blhk", probs, v)
+  batch, length, heads, width = q.shape
+  groups = k.shape[1 if heads_major else 2]
+  q = q.reshape(batch, length, groups, heads // groups, width)
+  kv = "bgtk" if heads_major else "btgk"
+  scores = jnp.einsum(f"blgrk,{kv}->bgrlt", q, k)
+  grouped = scores.shape
+  probs = masked_softmax(scores.reshape(batch, heads, length, -1), mask,
+                         v.dtype, width ** -0.5)  # [B, H, L, T]: h = g R + r
+  out = jnp.einsum(f"bgrlt,{kv}->blgrk", probs.reshape(grouped), v)
+  return out.reshape(batch, length, heads, width)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -139,10 +181,101 @@ def _masked_softmax_bwd(dtype, scale, res, g):
 masked_softmax.defvjp(_masked_softmax_fwd, _masked_softmax_bwd)
 
 
+def dot_product_attend(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                       causal: bool = True,
+                       segment_ids: jax.Array | None = None) -> jax.Array:
+  """Self-attention by `jax.nn.dot_product_attention` ("dot_product").
+
+  q float[B, L, H, K], k/v float[B, L, G, K], `causal`: index-causal (query i
+  sees keys j <= i), `segment_ids` int32[B, L] or None -> float[B, L, H, K].
+  cuDNN's flash kernel where `moejax.backend.use_cudnn` says it applies, XLA
+  otherwise.
+  """
+  mask = (None if segment_ids is None
+          else segment_mask(segment_ids, segment_ids))
+  cudnn = backend.use_cudnn(q.dtype, q.shape[-1])
+  return jax.nn.dot_product_attention(
+      q, k, v, mask=mask, is_causal=causal,
+      implementation="cudnn" if cudnn else "xla")
+
+
+def _splash_kernel(heads: int, length: int, causal: bool, interpret: bool):
+  """The splash kernel of `heads` query heads over L = `length` tokens
+  (q float[H, L, K], k/v float[G, L, K] -> float[H, L, K]). Built where it
+  is traced: its mask tables become constants of that program (they cannot
+  be cached across programs: a table made under one trace is its tracer)."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
+  shape = (length, length)
+  mask = splash.CausalMask(shape) if causal else splash.FullMask(shape)
+  block = max(b for b in (512, 256, SPLASH_BLOCK) if length % b == 0)
+  sizes = splash.BlockSizes(
+      block_q=block, block_kv=block, block_kv_compute=block,
+      block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+      block_q_dq=block, block_kv_dq=block)
+  return splash.make_splash_mha(
+      splash.MultiHeadMask([mask] * heads), block_sizes=sizes,
+      head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def splash_attend(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                  causal: bool = True,
+                  segment_ids: jax.Array | None = None) -> jax.Array:
+  """Self-attention by the Pallas TPU splash kernel ("splash").
+
+  Shapes as `dot_product_attend`. The kernel tiles L in blocks of
+  `SPLASH_BLOCK`: other lengths are padded up to a multiple with tokens of a
+  segment of their own (computed, then dropped).
+  Under a mesh the kernel runs per device in a `jax.shard_map` (batch over
+  the batch axes, heads over `model` where it divides them; key/value heads
+  that `model` does not divide are repeated to H first), because XLA cannot
+  partition a Pallas call. Off TPU it runs in the Pallas interpreter.
+  """
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
+  length, heads = q.shape[1], q.shape[2]
+  pad = -length % SPLASH_BLOCK
+  if pad:  # padded tokens: segment -1 of their own, after every real one
+    ids = (jnp.zeros(q.shape[:2], jnp.int32) if segment_ids is None
+           else segment_ids)
+    pad_rows = lambda a, value=0: jnp.pad(
+        a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2), constant_values=value)
+    out = splash_attend(pad_rows(q), pad_rows(k), pad_rows(v), causal=causal,
+                        segment_ids=pad_rows(ids, -1))
+    return out[:, :length]
+  interpret = backend.current_backend() != "tpu"
+  heads_major = lambda a: jnp.swapaxes(a, 1, 2)
+  q = heads_major(q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype))
+  k, v = heads_major(k), heads_major(v)
+
+  def local(q, k, v, *segments):
+    kernel = _splash_kernel(q.shape[1], length, causal, interpret)
+    if not segments:
+      return jax.vmap(kernel)(q, k, v)
+    return jax.vmap(lambda q, k, v, s: kernel(
+        q, k, v, segment_ids=splash.SegmentIds(s, s)))(q, k, v, segments[0])
+
+  args = (q, k, v) + (() if segment_ids is None else (segment_ids,))
+  mesh = sharding.current_mesh()
+  if mesh is None or mesh.size == 1:
+    return heads_major(local(*args))
+  names = ("batch", "heads", None, None)
+  q_spec = sharding.logical_spec(names, q.shape, mesh)
+  kv_spec = sharding.logical_spec(names, k.shape, mesh)
+  if kv_spec[1] != q_spec[1]:
+    k, v = (jnp.repeat(a, heads // a.shape[1], axis=1) for a in (k, v))
+    args = (q, k, v) + args[3:]
+  specs = (q_spec, q_spec, q_spec) + ((P(q_spec[0]),) * len(args[3:]))
+  out = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=q_spec,
+                      check_vma=False)(*args)
+  return heads_major(out)
+
+
+FUSED = {"dot_product": dot_product_attend, "splash": splash_attend}
+
+
 def init_kv(batch: int, length: int, num_heads: int, head_width: int,
             dtype: Any = jnp.float32) -> dict[str, jax.Array]:
-  """An empty cache of T = `length` slots: k/v float[B, H, T, K] zeros,
-  pos int32[B, T] = PAD_POSITION."""
+  """An empty cache of T = `length` slots: k/v float[B, G, T, K] zeros
+  (`num_heads` = G, the key/value heads), pos int32[B, T] = PAD_POSITION."""
   shape = (batch, num_heads, length, head_width)
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
           "pos": jnp.full((batch, length), PAD_POSITION, jnp.int32)}
@@ -155,7 +288,7 @@ def write_kv(kv: dict[str, jax.Array], k: jax.Array, v: jax.Array,
 
   Args:
     kv: the cache (`init_kv`).
-    k, v: float[B, L, H, K].
+    k, v: float[B, L, G, K].
     positions: int32[B, L], one run start..start+L-1 shared by every row.
     kv_mask: bool[B, L] tokens to store; the others' slots get PAD_POSITION
       (hidden from every later query). None = all.
@@ -165,7 +298,7 @@ def write_kv(kv: dict[str, jax.Array], k: jax.Array, v: jax.Array,
   start = positions[0, 0]
   write = lambda buf, new, axis: jax.lax.dynamic_update_slice_in_dim(
       buf, new.astype(buf.dtype), start, axis=axis)
-  heads_major = lambda a: jnp.swapaxes(a, 1, 2)  # [B, L, H, K] -> [B, H, L, K]
+  heads_major = lambda a: jnp.swapaxes(a, 1, 2)  # [B, L, G, K] -> [B, G, L, K]
   pos = positions if kv_mask is None else jnp.where(kv_mask, positions,
                                                     PAD_POSITION)
   return {"k": write(kv["k"], heads_major(k), 2),
@@ -188,12 +321,19 @@ class Attention(nn.Module):
   keeping them (see `attend`).
   `segment_ids` int32[B, L] (packed documents; no cache) restricts every
   query to the keys of its own segment.
+  `num_kv_heads`: G key/value heads (grouped-query attention; None = H, the
+  parameters of plain multi-head attention). `implementation`: one of
+  `IMPLEMENTATIONS` for the attention without a cache (see the module
+  docstring; `recompute` concerns "xla" only, the fused kernels keep no
+  scores).
   """
   num_heads: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   causal: bool = True
   recompute: bool = False
+  num_kv_heads: int | None = None
+  implementation: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, kv=None,
@@ -208,10 +348,15 @@ class Attention(nn.Module):
           param_dtype=self.param_dtype, name=name,
           kernel_init=nn.with_logical_partitioning(
               nn.initializers.lecun_normal(), names))
+    check_choice("implementation", self.implementation, IMPLEMENTATIONS)
+    groups = self.num_kv_heads or self.num_heads
+    if self.num_heads % groups:
+      raise ValueError(f"num_kv_heads={groups} must divide num_heads="
+                       f"{self.num_heads}; allowed: its divisors")
     qkv_names = ("embed", "heads", "kv")
     q = proj("query", (self.num_heads, head), -1, qkv_names)(x)
-    k = proj("key", (self.num_heads, head), -1, qkv_names)(x)
-    v = proj("value", (self.num_heads, head), -1, qkv_names)(x)
+    k = proj("key", (groups, head), -1, qkv_names)(x)
+    v = proj("value", (groups, head), -1, qkv_names)(x)
     q, k = rope(q, positions), rope(k, positions)
     if kv is not None:
       if segment_ids is not None:
@@ -223,6 +368,9 @@ class Attention(nn.Module):
       kv = write_kv(kv, k, v, positions, kv_mask)
       out = attend(q, kv["k"], kv["v"], causal_mask(positions, kv["pos"]),
                    heads_major=True)
+    elif (impl := backend.choose_attention(self.implementation,
+                                           x.shape[1])) != "xla":
+      out = FUSED[impl](q, k, v, causal=self.causal, segment_ids=segment_ids)
     else:
       mask = causal_mask(positions, positions)
       if not self.causal:  # every query sees every key

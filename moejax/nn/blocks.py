@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from moejax.checks import check_choice, check_heads, check_positive_ints
 from moejax.experts import (EXPERT_INPUTS, EXPERT_OUTPUTS, EXPERT_PRE,
                             DenseFFN)
-from moejax.nn.attention import Attention
+from moejax.nn.attention import IMPLEMENTATIONS, Attention
 from moejax.nn.moe import MoE, MoEConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -107,6 +107,15 @@ class StackConfig:
     dtype: activation dtype name ("float32" or "bfloat16"); routing math is
       float32 whatever this is (params: float32, or the model config's
       `param_dtype` where it has one).
+    num_kv_heads: key/value heads G of grouped-query attention (must divide
+      `num_heads`; 1 = multi-query); None = `num_heads` (plain multi-head
+      attention, the parameters of configs written before this field).
+    attention: the attention implementation, one of
+      `moejax.nn.attention.IMPLEMENTATIONS`: "xla" (einsums around
+      materialised scores, the reference), "dot_product"
+      (`jax.nn.dot_product_attention`, cuDNN flash attention on GPU),
+      "splash" (the Pallas TPU splash kernel) or "auto" (per backend,
+      `moejax.backend.choose_attention`).
   """
   num_layers: int = 4
   d_model: int = 128
@@ -115,12 +124,25 @@ class StackConfig:
   moe: MoEConfig | None = None
   moe_every: int = 1
   dtype: str = "float32"
+  num_kv_heads: int | None = None
+  attention: str = "xla"
 
   def __post_init__(self):
     check_positive_ints(self, ("num_layers", "d_model", "num_heads", "d_ff",
                                "moe_every"))
     check_heads(self.d_model, self.num_heads)
     check_choice("dtype", self.dtype, DTYPES)
+    check_choice("attention", self.attention, IMPLEMENTATIONS)
+    kv = self.num_kv_heads
+    if kv is not None and (isinstance(kv, bool) or not isinstance(kv, int)
+                           or kv < 1 or self.num_heads % kv):
+      raise ValueError(f"num_kv_heads={kv!r} is not allowed; allowed: None or "
+                       f"a divisor of num_heads={self.num_heads}")
+
+  @property
+  def kv_heads(self) -> int:
+    """G, the key/value heads (`num_kv_heads`, else `num_heads`)."""
+    return self.num_kv_heads or self.num_heads
 
 
 def decode_moe(moe: MoEConfig) -> MoEConfig:
@@ -149,6 +171,8 @@ class BlockBase(nn.Module):
       instead of keeping them (`moejax.nn.attention.attend`).
     moe_saved: the MoE MLP under `jax.checkpoint` with this policy (see
       `RematPolicy.moe_saved`), or None.
+    num_kv_heads: key/value heads of the attention (None = `num_heads`).
+    attention: the attention implementation (`StackConfig.attention`).
   """
   num_heads: int
   d_ff: int
@@ -158,6 +182,15 @@ class BlockBase(nn.Module):
   param_dtype: Any = jnp.float32
   recompute_attention: bool = False
   moe_saved: Callable[..., bool] | None = None
+  num_kv_heads: int | None = None
+  attention: str = "xla"
+
+  def _attention(self, **kwargs) -> Attention:
+    """The attention "attn" of this block's options."""
+    return Attention(self.num_heads, self.dtype, self.param_dtype,
+                     recompute=self.recompute_attention,
+                     num_kv_heads=self.num_kv_heads,
+                     implementation=self.attention, name="attn", **kwargs)
 
   def _mlp(self, z: jax.Array, *, train: bool, decode: bool = False,
            token_mask: jax.Array | None = None) -> jax.Array:
@@ -199,8 +232,7 @@ class Block(BlockBase):
     if kv is not None and train:
       raise ValueError("train=True with a kv cache is not supported; cached "
                        "decoding is evaluation only")
-    h, kv = Attention(self.num_heads, self.dtype, self.param_dtype,
-                      recompute=self.recompute_attention, name="attn")(
+    h, kv = self._attention()(
         nn.RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype,
                    name="attn_norm")(x), positions, kv, kv_mask, segment_ids)
     y = x + h

@@ -294,7 +294,8 @@ class MoDBlock(BlockBase, _MoDConfigField):
   def _block(self) -> Block:
     """The wrapped block "block", returning its update Δ alone."""
     return Block(self.num_heads, self.d_ff, self.moe, self.activation,
-                 self.dtype, self.param_dtype, residual=False, name="block")
+                 self.dtype, self.param_dtype, num_kv_heads=self.num_kv_heads,
+                 attention=self.attention, residual=False, name="block")
 
   def _decode(self, x, positions, score, chosen, kv, skip, train):
     """Cached decoding: x' = x + score * Δ at the chosen tokens, which alone
