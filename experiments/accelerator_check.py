@@ -1,6 +1,7 @@
-"""One prepared accelerator check (one GPU such as an H100/H200), <= 8
+"""One prepared accelerator check (one GPU such as an H100/H200), <= 9
 minutes: two decisive training comparisons first, then the MoE layer against
-the dense FFN and the ~1B LM train step; JSON + a markdown table in OUT_DIR.
+the dense FFN, the ~1B LM train step and its attention implementations; JSON
++ a markdown table in OUT_DIR.
 
   experiments/accelerator_check.sh OUT_DIR            # on the accelerator
   experiments/accelerator_check.sh OUT_DIR --dry_run  # tiny sizes on a CPU
@@ -35,6 +36,10 @@ device-minutes before it starts:
   4. `bench_lm_step.py --preset=1b` in bfloat16: the ~1B MoE (gather and
      ragged) and its dense equivalent: tokens/s and MFU against the device's
      dense bf16 peak.
+  5. `attention`: the same ~1B MoE train step (gather) with
+     `--attention=dot_product` (`jax.nn.dot_product_attention`, cuDNN flash
+     attention: bf16, head width 64) against `xla` (einsums around
+     materialised float32 scores): tokens/s of each.
 
 How the device-minutes are estimated (no GPU was at hand to time these
 parts; the numbers are extrapolated from the `small` runs of
@@ -55,7 +60,9 @@ about 14 TFLOP/s achieved, launch-bound at this size):
           available (a part that runs out of time keeps the runs it finished).
   moe     the five sizes at their shares: about 1.5 minutes.
   lm      about 1 minute.
-Together about 7.8 minutes (the default --budget_s 470 s is split in
+  attention  two compilations and 12 steps each of the ~1B step: about 0.8
+          minutes.
+Together about 8.6 minutes (the default --budget_s 515 s is split in
 proportion to these).
 
 The results (targets, paired differences, the markdown report):
@@ -102,8 +109,9 @@ DRY_STRATEGIES = "gather"
 
 # The parts in order of value; the estimated device seconds of each (see the
 # module docstring) and its share of --budget_s (its time limit).
-PARTS = ("dtop_p", "mod", "moe", "lm")
-EXPECTED_S = {"dtop_p": 160.0, "mod": 170.0, "moe": 90.0, "lm": 50.0}
+PARTS = ("dtop_p", "mod", "moe", "lm", "attention")
+EXPECTED_S = {"dtop_p": 160.0, "mod": 170.0, "moe": 90.0, "lm": 50.0,
+              "attention": 45.0}
 
 # Part 1: DTop-p vs top-k, fixed before the run.
 DTOP_P_SEEDS = (0, 1, 2, 3)
@@ -355,13 +363,26 @@ def part_lm(py: str, out: str, dry: bool, budget: float, logs: str,
   return [run_step("lm_step", cmd, budget, logs)], load_json(lm_path) or {}
 
 
+def part_attention(py: str, out: str, dry: bool, budget: float,
+                   logs: str) -> tuple[list[dict], list[dict]]:
+  """The ~1B MoE train step with dot_product attention against xla."""
+  path = os.path.join(out, "attention_step.json")
+  cmd = [py, "experiments/bench_lm_step.py",
+         f"--preset={'tiny' if dry else '1b'}", "--dtype=bfloat16",
+         "--strategies=gather", "--dense=false",
+         "--attention=xla,dot_product", f"--steps={2 if dry else 10}",
+         f"--warmup={1 if dry else 2}", f"--out={path}"]
+  step = run_step("attention_step", cmd, budget, logs)
+  return [step], (load_json(path) or {}).get("rows", [])
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", help="output directory")
   parser.add_argument("--dry_run", action="store_true",
                       default=bool(os.environ.get("DRY_RUN")),
                       help="tiny sizes, a few steps, on any backend")
-  parser.add_argument("--budget_s", type=float, default=470.0,
+  parser.add_argument("--budget_s", type=float, default=515.0,
                       help="total seconds for the parts (each gets a share "
                       "in proportion to its expected time)")
   parser.add_argument("--parts", default=",".join(PARTS),
@@ -395,7 +416,7 @@ def main(argv=None) -> int:
   print(f"accelerator check: parts {', '.join(parts)}; expected about "
         f"{total / 60:.1f} device-minutes on one H100/H200, limit "
         f"{args.budget_s:.0f} s{' (DRY RUN)' if dry else ''}", flush=True)
-  steps, moe, lm_result, dtop_p, mod = [], [], {}, {}, {}
+  steps, moe, lm_result, dtop_p, mod, attention = [], [], {}, {}, {}, []
   for part in parts:
     budget = args.budget_s * EXPECTED_S[part] / total
     print(f"== part {part}: expected about {EXPECTED_S[part] / 60:.1f} "
@@ -406,6 +427,8 @@ def main(argv=None) -> int:
       done, mod = part_mod(py, out, dry, budget, logs, args.mod_flops)
     elif part == "moe":
       done, moe = part_moe(py, out, dry, budget, logs)
+    elif part == "attention":
+      done, attention = part_attention(py, out, dry, budget, logs)
     else:
       done, lm_result = part_lm(py, out, dry, budget, logs, peak)
     steps += done
@@ -415,7 +438,8 @@ def main(argv=None) -> int:
             "parts": parts, "wall_s": time.perf_counter() - start,
             "sizes": DRY_SIZES if dry else SIZES,
             "targets": targets(moe, lm), "moe_layer": moe,
-            "lm_step": lm, "dtop_p": dtop_p, "mod": mod, "steps": steps}
+            "lm_step": lm, "attention_step": attention, "dtop_p": dtop_p,
+            "mod": mod, "steps": steps}
   with open(os.path.join(out, "accelerator_check.json"), "w") as f:
     json.dump(result, f, indent=1)
   with open(os.path.join(out, "accelerator_check.md"), "w") as f:

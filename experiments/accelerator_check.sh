@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The prepared accelerator check (<= 8 minutes on one H100/H200): DTop-p vs
+# The prepared accelerator check (<= 9 minutes on one H100/H200): DTop-p vs
 # top-k at `small`, MoD vs dense at equal training FLOPs, the MoE layer vs the
-# dense FFN, the ~1B LM train step; JSON + markdown in OUT_DIR.
+# dense FFN, the ~1B LM train step, and that step with dot_product (cuDNN
+# flash) attention against xla; JSON + markdown in OUT_DIR.
 #
 #   experiments/accelerator_check.sh OUT_DIR            # on the GPU
 #   experiments/accelerator_check.sh OUT_DIR --dry_run  # tiny, on a CPU

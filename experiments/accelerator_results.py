@@ -158,6 +158,23 @@ def _mod_lines(part: dict) -> list[str]:
   return lines
 
 
+def _attention_lines(rows: list[dict]) -> list[str]:
+  """The ~1B step per attention implementation, against its xla row."""
+  if not rows:
+    return []
+  xla = {r["model"]: r["step_s"] for r in rows if r["attention"] == "xla"}
+  lines = ["", "## Attention implementations (~1B MoE train step, bf16)", "",
+           "| model | attention | step ms | tokens/s | x xla step |",
+           "| --- " * 5 + "|"]
+  for r in rows:
+    base = xla.get(r["model"].split("+")[0])
+    ratio = f"{r['step_s'] / base:.2f}" if base else "-"
+    lines.append(f"| {r['model']} | {r['attention']} | "
+                 f"{r['step_s'] * 1e3:.1f} | {r['tokens_per_s']:,.0f} | "
+                 f"{ratio} |")
+  return lines
+
+
 def markdown(result: dict) -> str:
   dry = result["dry_run"]
   note = " (DRY RUN: tiny sizes on CPU, not a measurement)" if dry else ""
@@ -189,6 +206,7 @@ def markdown(result: dict) -> str:
                  f"{r['step_s'] * 1e3:.1f} | {r['tokens_per_s']:,.0f} | "
                  f"{r['achieved_tflops']:.1f} | {mfu} | "
                  f"{r.get('step_vs_dense', float('nan')):.2f} |")
+  lines += _attention_lines(result.get("attention_step") or [])
   lines += _dtop_p_lines(result.get("dtop_p") or {})
   lines += _mod_lines(result.get("mod") or {})
   lines += ["", "## Steps", "", "| step | rc | seconds | command |",

@@ -13,6 +13,8 @@ FLOPs in the same process. FLOPs are counted from shapes (`moejax.flops`, train 
 
   python experiments/bench_lm_step.py --preset=1b --dtype=bfloat16 \
       --strategies=gather,ragged --peak_tflops=989   # an H100/H200 (bf16 dense)
+  python experiments/bench_lm_step.py --preset=1b --dense=false \
+      --attention=xla,dot_product     # cuDNN flash attention against einsums
 """
 from __future__ import annotations
 
@@ -49,6 +51,9 @@ flags.DEFINE_integer("steps", 10, "timed steps")
 flags.DEFINE_integer("warmup", 2, "untimed steps after compilation")
 flags.DEFINE_float("peak_tflops", 0.0, "peak dense TFLOP/s for MFU (0 = none)")
 flags.DEFINE_bool("dense", True, "also time the dense model")
+flags.DEFINE_list("attention", ["xla"], "attention implementations to time "
+                  "each model with (xla, dot_product, splash, auto); a model "
+                  "with one other than xla is named MODEL+IMPL")
 flags.DEFINE_string("out", "experiments/reports/bench_lm_step.json", "JSON path")
 FLAGS = flags.FLAGS
 
@@ -113,8 +118,12 @@ def main(argv):
             f"{'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s} {'vs dense':>8s}")
   print(header)
   dense_step = None
+  runs = [(name if impl == "xla" else f"{name}+{impl}",
+           dataclasses.replace(cfg, attention=impl))
+          for name, cfg in runs for impl in FLAGS.attention]
   for name, cfg in runs:
-    row = {"model": name, **time_model(cfg, p["batch"], p["seq_len"])}
+    row = {"model": name, "attention": cfg.attention,
+           **time_model(cfg, p["batch"], p["seq_len"])}
     if name == "dense":
       dense_step = row["step_s"]
     if dense_step:

@@ -73,6 +73,10 @@ def test_dry_run_without_tfds_or_install_writes_every_row(tmp_path):
   assert all(r["ms"] > 0 and r["tflops"] > 0 for r in result["moe_layer"])
   assert {r["model"] for r in result["lm_step"]} == {"dense",
                                                      "moe/top_k/gather"}
+  assert {(r["model"], r["attention"]) for r in result["attention_step"]} == {
+      ("moe/top_k/gather", "xla"), ("moe/top_k/gather+dot_product",
+                                    "dot_product")}
+  assert "| moe/top_k/gather+dot_product | dot_product |" in md
   assert {r["label"] for r in result["dtop_p"]["rows"]} == {"top_k", "dtop_p"}
   assert result["dtop_p"]["paired"]["seeds"] == [0]
   mod = {r["label"]: r for r in result["mod"]["rows"]}

@@ -35,8 +35,8 @@ Implementations (`IMPLEMENTATIONS`, `Attention.implementation`; "auto" is
   "dot_product"  `jax.nn.dot_product_attention`: cuDNN's fused flash attention
                  on a GPU where it applies (`moejax.backend.use_cudnn`:
                  bfloat16 / float16, head width a multiple of 8 up to 128),
-                 its XLA implementation elsewhere. Segment ids become a
-                 boolean mask float[B, 1, L, T]-shaped argument.
+                 its XLA implementation elsewhere. Segment ids become its
+                 `mask` argument, bool[B, 1, L, T].
   "splash"       the Pallas TPU splash-attention kernel
                  (`jax.experimental.pallas.ops.tpu.splash_attention`):
                  blockwise, no score tensor in HBM, segment ids native; on
