@@ -441,6 +441,20 @@ def count_markdown(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+# Sections of the markdown report that other scripts write (from this heading
+# to the end): kept when the report is regenerated.
+KEPT_SECTION = "## Attention implementations"  # experiments/attention_aot.py
+
+
+def kept_sections(path: str) -> str:
+  """The text of `path` from `KEPT_SECTION` on ('' if none)."""
+  if not os.path.exists(path):
+    return ""
+  with open(path) as f:
+    text = f.read()
+  return "\n" + text[text.index(KEPT_SECTION):] if KEPT_SECTION in text else ""
+
+
 def main(flag_values) -> int:
   """Exit code: 0, or 2 after one line on bad input or a missing libtpu."""
   del flag_values
@@ -498,8 +512,9 @@ def run() -> None:
     result.update({"tpu": tpu, "tpu_table": tpu_table})
     if FLAGS.markdown:
       os.makedirs(os.path.dirname(FLAGS.markdown) or ".", exist_ok=True)
+      kept = kept_sections(FLAGS.markdown)
       with open(FLAGS.markdown, "w") as f:
-        f.write(report_markdown(tpu, "python " + " ".join(sys.argv)))
+        f.write(report_markdown(tpu, "python " + " ".join(sys.argv)) + kept)
       print(f"wrote {FLAGS.markdown}")
   save(result)
   if FLAGS.out:

@@ -289,3 +289,37 @@ def test_flags_and_overrides_set_the_fields():
   assert {"attention", "num_kv_heads"} <= set(lm_flags.LM_MODEL_FLAGS)
   with pytest.raises(ValueError, match="attention='flash'"):
     overrides.override(TrainConfig(), {"model.attention": "flash"})
+
+
+def test_aot_report_counts_kernel_flops_and_keeps_its_section(tmp_path,
+                                                              monkeypatch):
+  """experiments/attention_aot.py: the attention matmul FLOPs from shapes
+  (splash computes only the causal blocks but recomputes in its backward)
+  and its section of the markdown report, rewritten in place."""
+  import os
+  import sys
+  from moejax import configs
+  from moejax.experiment import load_module
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  monkeypatch.syspath_prepend(os.path.join(root, "experiments"))
+  script = load_module(os.path.join(root, "experiments", "attention_aot.py"))
+  model = dataclasses.replace(configs.REGISTRY["paper_mod"].config(
+      batch_size=128).model, mod=None, num_layers=1)
+  got = script.kernel_flops(model, 4, 16, 2048)
+  pair = 2.0 * 4 * 16 * 2048 ** 2 * 128
+  assert got["xla"] == pair * 6
+  assert got["splash"] == pair * (5 / 8) * 9  # 4 blocks of 512: 10 of 16
+  report = tmp_path / "r.md"
+  report.write_text("# head\n\ntable\n")
+  row = {"config": "c", "attention": "splash", "mesh": "data:2",
+         "shard_batch": 1, "remat": False, "temp_bytes": 2**30,
+         "hbm_peak_bytes": 2**31, "fits": True, "flops_per_device": 1e12,
+         "hbm_bytes_accessed": 1e9, "attention_flops_from_shapes": 2e12}
+  for _ in range(2):
+    script.write_section(str(report), script.markdown([row], "cmd"))
+  text = report.read_text()
+  assert text.startswith("# head\n\ntable\n\n" + script.MARK)
+  assert text.count(script.MARK) == 1
+  assert "| c | splash | data:2 | 1 | no | 1.0 | 2.0 | yes | 1.0 | 1 | 2.0 |" \
+      in text
+  del sys.modules["attention_aot"]
