@@ -85,7 +85,8 @@ def row_of(compiles: dict[str, dict], first: dict,
 def markdown_table(rows: list[dict]) -> str:
   """One line per row of this run (v5p-64 and any other slice)."""
   gib = lambda x: f"{x / 2**30:.2f}"
-  lines = ["| slice | library | layout | remat | params + opt GiB | temp GiB "
+  lines = ["| slice (shape if not paper) | library | layout | remat | "
+           "params + opt GiB | temp GiB "
            "| peak GiB | fits | TFLOP | bytes accessed GiB | ICI GiB | "
            "est. step ms (compute / HBM / ICI) |",
            "| --- " * 12 + "|"]
@@ -96,8 +97,9 @@ def markdown_table(rows: list[dict]) -> str:
     if r["library"] == "moejax" and r.get("strategy"):
       layout += f", strategy {r['strategy']}"
     policy = REMAT[r["remat"]][0 if r["library"] == "maxtext" else 1]
-    head = (f"| {r['topology']} | {r['library']} | {layout} | {r['remat']} "
-            f"({policy}) |")
+    shape = "" if r.get("shape", "paper") == "paper" else f", {r['shape']}"
+    head = (f"| {r['topology']}{shape} | {r['library']} | {layout} | "
+            f"{r['remat']} ({policy}) |")
     if r["status"] != "ok":
       lines.append(head + f" {r['status']}: {r.get('error', '')[:160]} |" +
                    " - |" * 7)
