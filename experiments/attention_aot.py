@@ -154,6 +154,9 @@ def markdown(rows: list[dict], command: str) -> str:
   notes = []
   for (config, impl), r in by.items():
     base = by.get((config, "xla"))
+    if impl != "xla" and base is None:
+      notes.append(f"- {config}: {impl} only, its xla row is not compiled "
+                   f"yet; {r.get('versions', '')}.")
     if impl == "xla" or base is None:
       continue
     diff = lambda key, unit=2**30: (r[key] - base[key]) / unit
