@@ -79,6 +79,12 @@ flags.DEFINE_integer("shard_batch", 0, "With --topology: sequences per batch "
                      "of the entry's shard_batch (0).")
 flags.DEFINE_bool("keep_going", False, "With --topology: compile the later "
                   "plans (up to --max_tries) also after one fits.")
+flags.DEFINE_bool("scan_layers", False, "With --topology: the model's blocks "
+                  "as one layer scan (model.scan_layers): memory from the "
+                  "full-depth scanned compile; FLOPs, bytes and collectives "
+                  "(which XLA counts once for a loop body) from the "
+                  "matching unrolled row of --tables_from, else from "
+                  "unrolled compiles at one and two periods, extrapolated.")
 flags.DEFINE_list("tables_from", [], "JSON outputs of earlier --topology runs "
                   "whose rows join this report (e.g. one run per slice).")
 
@@ -136,23 +142,6 @@ def stand_in_compile(mod, row: dict) -> dict:
 # Ahead-of-time compilation for TPU slices.
 
 
-def _extrapolate(a: dict, b: dict, da: int, db: int, depth: int) -> dict:
-  """Numbers of `a` (depth da) and `b` (depth db) extended linearly to
-  `depth`; nested dicts recursively, other values from `b`."""
-  out = {}
-  for key, vb in b.items():
-    va = a.get(key)
-    if isinstance(vb, dict):
-      out[key] = _extrapolate(va, vb, da, db, depth)
-    elif isinstance(vb, (int, float)) and not isinstance(vb, bool):
-      out[key] = vb + (vb - va) * (depth - db) / (db - da)
-      if isinstance(vb, int):
-        out[key] = int(round(out[key]))
-    else:
-      out[key] = vb
-  return out
-
-
 def plans(mod, chips: int, hbm_bytes: int) -> list[dict]:
   """Plans tried in order for one config on a slice of `chips` chips: no
   remat, remat, then remat at the batch per shard halved again and again
@@ -163,6 +152,8 @@ def plans(mod, chips: int, hbm_bytes: int) -> list[dict]:
   batch = FLAGS.shard_batch or mod.shard_batch
   base = {"mesh": mesh, "shard_batch": batch, "remat": False,
           "expert_parallel": "gspmd"}
+  if FLAGS.scan_layers:
+    base["scan_layers"] = True
   tries = [base, {**base, "remat": True}]
   while batch > 1:
     batch //= 2
@@ -191,6 +182,8 @@ def compile_plan(mod, topology: str, plan: dict) -> dict:
   batch = plan["shard_batch"] * sizes["data"] * sizes["fsdp"] * sizes["expert"]
   full = mod.config(batch_size=batch, remat=plan["remat"],
                     expert_parallel=plan["expert_parallel"])
+  if plan.get("scan_layers"):
+    return compile_scanned(mod, topology, plan, full, mesh, chip, devices)
   depth = full.model.num_layers
   period = full.model.mod_every if full.model.mod is not None else 1
   if FLAGS.full_depth:
@@ -211,7 +204,7 @@ def compile_plan(mod, topology: str, plan: dict) -> dict:
   if len(reports) == 1:
     report = reports[0]
   else:
-    report = _extrapolate(copy.deepcopy(reports[0]), reports[1], depths[0],
+    report = aot.extrapolate(copy.deepcopy(reports[0]), reports[1], depths[0],
                           depths[1], depth)
     # fits / estimate follow from the extrapolated numbers
     report["fits"] = report["hbm_peak_bytes"] <= chip.hbm_bytes
@@ -226,6 +219,56 @@ def compile_plan(mod, topology: str, plan: dict) -> dict:
           "chips": len(devices), **plan, "global_batch": batch,
           "seq_len": full.seq_len, "layers": depth,
           "compiled_depths": depths, "compile_s": seconds, **report}
+
+
+def _unrolled_row(name: str, topology: str, plan: dict) -> dict | None:
+  """The row of --tables_from compiled for the same config, slice, mesh,
+  batch and remat without a layer scan, or None."""
+  keys = ("mesh", "shard_batch", "remat", "expert_parallel")
+  for path in FLAGS.tables_from:
+    with open(path) as f:
+      for row in json.load(f).get("tpu", []):
+        if (row["config"] == name and row["topology"] == topology
+            and row.get("compiles") and not row.get("scan_layers")
+            and all(row.get(k) == plan[k] for k in keys)):
+          return row
+  return None
+
+
+def compile_scanned(mod, topology: str, plan: dict, full, mesh, chip,
+                    devices) -> dict:
+  """A plan with a layer scan: the full depth compiled scanned (memory);
+  FLOPs, bytes and collectives from the matching unrolled row (or compiles,
+  `aot.step_cost`), each number's source in "cost_source"."""
+  from moejax import aot
+  full = dataclasses.replace(full, model=dataclasses.replace(
+      full.model, scan_layers=True))
+  t0 = time.perf_counter()
+  compiled = aot.lower_train_step(full, mesh).compile()
+  seconds = time.perf_counter() - t0
+  unrolled = _unrolled_row(mod.name, topology, plan)
+  compile_fn = None
+  if unrolled is None:
+    compile_fn = lambda c: aot.lower_train_step(c, mesh).compile()
+  report = aot.tpu_report(full, compiled, mesh, chip, compile_fn)
+  if unrolled is not None:
+    source = (f"the unrolled row of {','.join(FLAGS.tables_from)} (compiled "
+              f"at depths {unrolled['compiled_depths']}, extrapolated to "
+              f"{unrolled['layers']})")
+    for key in ("flops_per_device", "hbm_bytes_accessed", "collectives",
+                "ici_traffic_bytes"):
+      report[key] = unrolled[key]
+      report["cost_source"][key] = source
+    report["estimate"] = aot.estimate_step(
+        report["flops_per_device"], report["hbm_bytes_accessed"],
+        report["ici_traffic_bytes"], report["model_flops_per_device"], chip)
+  report["memory_source"] = (f"the full depth ({full.model.num_layers} "
+                             "layers) compiled with the layer scan")
+  return {"config": mod.name, "topology": topology, "chip": chip.name,
+          "chips": len(devices), **plan, "global_batch": full.batch_size,
+          "seq_len": full.seq_len, "layers": full.model.num_layers,
+          "compiled_depths": [full.model.num_layers], "compile_s": seconds,
+          **report}
 
 
 def topology_rows(names: list[str], topologies: list[str],
@@ -524,7 +567,8 @@ def run() -> None:
 HELP_GROUPS = {"configs": ["configs", "out"],
                "stand-in compile": ["compile", "compile_layers"],
                "TPU ahead of time": ["topology", "full_depth", "max_tries",
-                                     "first_plan", "markdown", "tables_from"]}
+                                     "first_plan", "markdown", "tables_from",
+                                 "scan_layers"]}
 
 if __name__ == "__main__":
   from moejax.cli import app as cli_app  # noqa: E402

@@ -25,6 +25,7 @@ is the tasks' entry point (the model object in, generated tokens out).
 """
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from typing import Any
 
@@ -34,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 # `init_cache` and `SKIPS` are part of this module's interface.
+from moejax.models import scan
 from moejax.models.lm import LMConfig, TransformerLM, init_cache
 from moejax.nn.mod import SKIPS
 from moejax.nn.moe import MoEConfig
@@ -245,9 +247,15 @@ def calibrate_predictor(model, params, tokens, capacity: float):
 
   Layer by layer (a routed block's input depends on the earlier decisions):
   the bias is minus the (1 - capacity) quantile of its predictor's logits on
-  `tokens` under causal routing.
+  `tokens` under causal routing. A layer-scanned model's params are
+  calibrated in the unrolled layout (the same function) and restacked.
   """
   cfg = model.config
+  plan = scan.scan_plan(cfg)
+  if plan is not None:
+    unrolled = TransformerLM(dataclasses.replace(cfg, scan_layers=False))
+    return scan.stack_layers(calibrate_predictor(
+        unrolled, scan.unstack_layers(params), tokens, capacity), plan)
   params = jax.tree.map(lambda a: a, params)  # new containers, same arrays
   for i in range(cfg.num_layers):
     if not cfg.is_mod_layer(i):

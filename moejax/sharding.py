@@ -30,6 +30,7 @@ activation dimension (never over `fsdp`):
   expert          expert                 expert       E of expert weights and buffers
   expert_group    (data, fsdp)           -            G of the expert-major buffers
   capacity        None                   -            C
+  layers          None                   None         stacked blocks of a layer scan
 
 A dimension whose mesh axes do not divide it stays unsharded (each mesh axis
 is used at most once per array, first come). The `fsdp` rule for parameters:
@@ -89,6 +90,7 @@ LOGICAL_RULES = (
     ("heads", "model"),
     ("kv", None),
     ("vocab", "model"),
+    ("layers", None),
 )
 # Parameters: as the activations, but D over `fsdp` (see `param_spec` for the
 # fallback when a parameter has no divisible `embed` dimension).
@@ -99,6 +101,7 @@ PARAM_RULES = (
     ("heads", "model"),
     ("kv", None),
     ("vocab", "model"),
+    ("layers", None),
 )
 
 # Logical names of the activations at block boundaries and in the MoE layer.

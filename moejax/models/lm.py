@@ -8,8 +8,12 @@ Axis legend:
   D  model width
   V  vocabulary
 
+With `LMConfig.scan_layers` the repeating blocks run as one `nn.scan` over
+periods of identical blocks (`moejax.models.scan`): every variable collection
+of the scanned blocks is stacked on a leading axis N, and so is their cache.
+
 Cached decoding: `init_cache` gives one key/value cache per layer (see
-`moejax.nn.attention`); `TransformerLM.decode` runs L new tokens at positions
+`moejax.nn.attention`; stacked per scanned block with `scan_layers`); `TransformerLM.decode` runs L new tokens at positions
 start..start+L-1 given the cache of positions 0..start-1 and returns their
 logits, the updated cache and the routed blocks' decisions. Its logits equal
 the full forward pass's with causal MoD routing (`mod_routing="causal"`) and,
@@ -29,6 +33,8 @@ import jax.numpy as jnp
 
 from moejax import sharding
 from moejax.checks import check_choice, check_positive_ints
+from moejax.models.scan import (LAYERS_AXIS, ScanPlan, scan_plan,
+                                 stack_layers)
 from moejax.nn.attention import init_kv
 from moejax.nn.blocks import (DTYPES, REMAT_POLICIES, Block, StackConfig,
                               remat_mode)
@@ -80,6 +86,12 @@ class LMConfig(StackConfig):
       (`moejax.train.step.chunked_cross_entropy`), so float32[B, loss_chunk,
       V] logits are live instead of [B, L, V]; 0 = the whole sequence at
       once. Must divide the sequence length.
+    scan_layers: run the runs of identical blocks as one `nn.scan`
+      (`moejax.models.scan`): params and the other variable collections are
+      stacked per period on a leading "layers" axis, XLA compiles (and keeps
+      the rematerialised activations of) one period instead of every block.
+      Same function as the unrolled model; its checkpoints have the stacked
+      layout.
   """
   vocab_size: int = 256
   max_len: int = 128
@@ -89,9 +101,13 @@ class LMConfig(StackConfig):
   remat: str = "none"
   param_dtype: str = "float32"
   loss_chunk: int = 0
+  scan_layers: bool = False
 
   def __post_init__(self):
     super().__post_init__()
+    if not isinstance(self.scan_layers, bool):
+      raise ValueError(f"scan_layers={self.scan_layers!r} is not allowed; "
+                       "allowed: true or false")
     object.__setattr__(self, "remat", remat_mode(self.remat))
     check_choice("param_dtype", self.param_dtype, DTYPES)
     check_positive_ints(self, ("vocab_size", "max_len", "mod_every"))
@@ -134,6 +150,107 @@ class LMConfig(StackConfig):
     return sum(self.is_moe_layer(i) for i in range(self.num_layers))
 
 
+@dataclasses.dataclass(frozen=True)
+class _LayerSpec:
+  """The static arguments of one block's call."""
+  index: int
+  name: str
+  train: bool
+  mod_routing: str
+  skip: str
+  decoding: bool
+
+
+def _layer(module, x, positions, layer_kv, spec: _LayerSpec, segment_ids):
+  """Block `spec.index` of `module.config`, created in `module`'s scope as
+  `spec.name`: (x, MoD decisions or None, the block's new kv or None)."""
+  cfg = module.config
+  dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+  i = spec.index
+  moe = cfg.moe if cfg.is_moe_layer(i) else None
+  if cfg.is_mod_layer(i):
+    out = MoDBlock(cfg.mod, cfg.num_heads, cfg.d_ff, moe,
+                   dtype=dtype, param_dtype=param_dtype,
+                   num_kv_heads=cfg.num_kv_heads, attention=cfg.attention,
+                   name=spec.name)(
+                       x, positions, train=spec.train,
+                       routing=spec.mod_routing, kv=layer_kv, skip=spec.skip,
+                       segment_ids=segment_ids)
+    return out if spec.decoding else (*out, None)
+  policy = REMAT_POLICIES[cfg.remat]
+  x, layer_kv = Block(
+      cfg.num_heads, cfg.d_ff, moe, dtype=dtype, param_dtype=param_dtype,
+      name=spec.name, recompute_attention=policy.recompute_attention,
+      moe_saved=policy.moe_saved, num_kv_heads=cfg.num_kv_heads,
+      attention=cfg.attention)(
+          x, positions, train=spec.train, kv=layer_kv,
+          segment_ids=segment_ids)
+  return x, None, layer_kv
+
+
+def _layer_fn(cfg: LMConfig, *, scanned: bool, decoding: bool):
+  """`_layer`, under `nn.remat` per the remat policy when training (decoding
+  has no backward pass)."""
+  policy = REMAT_POLICIES[cfg.remat]
+  if policy.block and not decoding:
+    return nn.remat(_layer, static_argnums=(4,), policy=policy.saved,
+                    prevent_cse=not scanned)
+  return _layer
+
+
+class _Period(nn.Module):
+  """One period of the scanned run: body blocks `block_0 .. block_{P-1}`
+  (block j is built as block `plan.start + j`, which all periods' block j
+  equal). (x, (positions, segment_ids), kv of the period or None) ->
+  (x, (new kv, MoD decisions bool[m, B, L] of its routed blocks))."""
+  config: LMConfig
+  plan: ScanPlan
+  train: bool
+  mod_routing: str
+  skip: str
+  decoding: bool
+
+  @nn.compact
+  def __call__(self, x, context, kv):
+    positions, segment_ids = context
+    cfg, plan = self.config, self.plan
+    layer = _layer_fn(cfg, scanned=True, decoding=self.decoding)
+    new_kv, decisions = {}, []
+    for j in range(plan.period):
+      i, name = plan.start + j, f"block_{j}"
+      x = sharding.constrain(x, sharding.ACT_BLD)  # block boundary [B, L, D]
+      x, chosen, new_kv[name] = layer(
+          self, x, positions, None if kv is None else kv[name],
+          _LayerSpec(i, name, self.train, self.mod_routing, self.skip,
+                     self.decoding), segment_ids)
+      if cfg.is_mod_layer(i):
+        decisions.append(chosen)
+    return x, (new_kv if self.decoding else None,
+               jnp.stack(decisions) if decisions else None)
+
+
+# Every collection the blocks hold or sow, stacked per period.
+SCAN_COLLECTIONS = ("params", "router_state", "router", "intermediates")
+
+
+def _scanned_run(module, plan: ScanPlan, x, positions, segment_ids, kv,
+                 opts: dict):
+  """The scanned blocks: (x, their new kv or None, the MoD decisions
+  [B, L] of their routed blocks in block order)."""
+  run = nn.scan(
+      _Period, variable_axes=dict.fromkeys(SCAN_COLLECTIONS, 0),
+      split_rngs={"params": True, "router": True, "dropout": True},
+      in_axes=(nn.broadcast, 0), length=plan.periods,
+      metadata_params={nn.PARTITION_NAME: LAYERS_AXIS})
+  x, (new_kv, chosen) = run(module.config, plan, name=plan.name, **opts)(
+      x, (positions, segment_ids), kv)
+  if chosen is None:
+    return x, new_kv, []
+  # [N, m, B, L] -> block order (period k, body block j)
+  chosen = chosen.reshape(-1, *chosen.shape[2:])
+  return x, new_kv, list(chosen)
+
+
 class TransformerLM(nn.Module):
   """tokens int32[B, L] -> logits float32[B, L, V]."""
   config: LMConfig
@@ -164,7 +281,7 @@ class TransformerLM(nn.Module):
     dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    new_kv, decisions = [], []
+    decisions = []
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype,
                      param_dtype=param_dtype,
                      embedding_init=nn.with_logical_partitioning(
@@ -172,37 +289,30 @@ class TransformerLM(nn.Module):
                      name="embed")
     x = embed(tokens)
 
-    def layer(module, x, positions, layer_kv, i, segment_ids):
-      """Block i: (x, MoD decisions or None, the block's new kv or None)."""
-      del module  # the blocks are created in this module's scope
-      moe = cfg.moe if cfg.is_moe_layer(i) else None
-      if cfg.is_mod_layer(i):
-        out = MoDBlock(cfg.mod, cfg.num_heads, cfg.d_ff, moe,
-                       dtype=dtype, param_dtype=param_dtype,
-                       num_kv_heads=cfg.num_kv_heads,
-                       attention=cfg.attention, name=f"layers_{i}")(
-                           x, positions, train=train, routing=mod_routing,
-                           kv=layer_kv, skip=skip, segment_ids=segment_ids)
-        return out if kv is not None else (*out, None)
-      x, layer_kv = Block(
-          cfg.num_heads, cfg.d_ff, moe, dtype=dtype, param_dtype=param_dtype,
-          name=f"layers_{i}", recompute_attention=policy.recompute_attention,
-          moe_saved=policy.moe_saved, num_kv_heads=cfg.num_kv_heads,
-          attention=cfg.attention)(
-              x, positions, train=train, kv=layer_kv, segment_ids=segment_ids)
-      return x, None, layer_kv
-
-    policy = REMAT_POLICIES[cfg.remat]
-    if policy.block and kv is None:  # decoding has no backward pass
-      layer = nn.remat(layer, static_argnums=(4,), policy=policy.saved)
+    opts = dict(train=train, mod_routing=mod_routing, skip=skip,
+                decoding=kv is not None)
+    plan = scan_plan(cfg)
+    layer = _layer_fn(cfg, scanned=False, decoding=kv is not None)
+    scanned = {} if plan is None else dict.fromkeys(range(plan.start,
+                                                          plan.stop))
+    new_kv = {}
     for i in range(cfg.num_layers):
+      if i in scanned:
+        if i != plan.start:
+          continue
+        x, layer_kv, chosen = _scanned_run(
+            self, plan, x, positions, segment_ids,
+            None if kv is None else kv[plan.name], opts)
+        new_kv[plan.name] = layer_kv
+        decisions += chosen
+        continue
       x = sharding.constrain(x, sharding.ACT_BLD)  # block boundary [B, L, D]
-      x, chosen, layer_kv = layer(self, x, positions,
-                                  None if kv is None else kv[i], i,
-                                  segment_ids)
+      key = i if plan is None else f"layers_{i}"
+      x, chosen, new_kv[key] = layer(
+          self, x, positions, None if kv is None else kv[key],
+          _LayerSpec(i, f"layers_{i}", **opts), segment_ids)
       if cfg.is_mod_layer(i):
         decisions.append(chosen)
-      new_kv.append(layer_kv)
     x = sharding.constrain(x, sharding.ACT_BLD)
     x = nn.RMSNorm(dtype=dtype, param_dtype=param_dtype, name="final_norm")(x)
     if hidden and kv is None:
@@ -217,7 +327,9 @@ class TransformerLM(nn.Module):
       return logits
     decisions = (jnp.stack(decisions, axis=1) if decisions
                  else jnp.zeros((tokens.shape[0], 0, tokens.shape[1]), bool))
-    return logits, tuple(new_kv), decisions
+    if plan is None:
+      new_kv = tuple(new_kv[i] for i in range(cfg.num_layers))
+    return logits, new_kv, decisions
 
   def decode(self, tokens: jax.Array, start: jax.Array, kv, *,
              skip: str = "cond"):
@@ -240,12 +352,19 @@ class TransformerLM(nn.Module):
                 skip=skip)
 
 
-def init_cache(cfg: LMConfig, batch: int, length: int) -> tuple[dict, ...]:
-  """An empty key/value cache of `length` slots per layer (`init_kv`), with
-  the config's `kv_heads` key/value heads."""
+def init_cache(cfg: LMConfig, batch: int, length: int):
+  """An empty key/value cache of `length` slots per layer (`init_kv`, with
+  the config's `kv_heads` key/value heads): a tuple over the layers, or
+  with `scan_layers` a dict in the scanned layout (`stack_layers`: one
+  stacked cache per body block of the scanned run, `layers_{i}` for the
+  unrolled blocks)."""
   head = cfg.d_model // cfg.num_heads
-  return tuple(init_kv(batch, length, cfg.kv_heads, head, DTYPES[cfg.dtype])
-               for _ in range(cfg.num_layers))
+  caches = tuple(init_kv(batch, length, cfg.kv_heads, head,
+                         DTYPES[cfg.dtype]) for _ in range(cfg.num_layers))
+  plan = scan_plan(cfg)
+  if plan is None:
+    return caches
+  return stack_layers({f"layers_{i}": c for i, c in enumerate(caches)}, plan)
 
 
 def init_variables(model: nn.Module, rng: jax.Array, tokens: jax.Array):

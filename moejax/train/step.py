@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
+from moejax.models.scan import scan_plan_of, stack_layers, unstack_layers
 from moejax.routing import RouterMethod
 from moejax.train.state import TrainState
 
@@ -106,8 +107,10 @@ def chunked_cross_entropy(x: jax.Array, kernel: jax.Array, targets: jax.Array,
 
 
 def router_outputs(collection: Any) -> dict[tuple[str, ...], dict[str, Any]]:
-  """{layer path: {"aux_loss", "aux", "metrics"}} from a sown "router" collection."""
-  flat = flax.traverse_util.flatten_dict(collection, is_leaf=lambda k, v:
+  """{layer path: {"aux_loss", "aux", "metrics"}} from a sown "router" collection
+  (a scanned model's per layer, as the unrolled model's: `unstack_layers`)."""
+  flat = flax.traverse_util.flatten_dict(
+      unstack_layers(collection), is_leaf=lambda k, v:
                                          isinstance(v, tuple))
   layers: dict[tuple[str, ...], dict[str, Any]] = {}
   for path, value in flat.items():
@@ -116,9 +119,10 @@ def router_outputs(collection: Any) -> dict[tuple[str, ...], dict[str, Any]]:
 
 
 def router_states(router_state: Any) -> dict[tuple[str, ...], Any]:
-  """{layer path: state} from the `router_state` collection."""
+  """{layer path: state} from the `router_state` collection (a scanned
+  model's per layer, as the unrolled model's: `unstack_layers`)."""
   flat = flax.traverse_util.flatten_dict(
-      router_state, is_leaf=lambda k, v: isinstance(v, dict) and k and
+      unstack_layers(router_state), is_leaf=lambda k, v: isinstance(v, dict) and k and
       k[-1] == "state")
   return {path[:-1]: value for path, value in flat.items()}
 
@@ -126,14 +130,16 @@ def router_states(router_state: Any) -> dict[tuple[str, ...], Any]:
 def update_router_state(method: RouterMethod | None, router_state: Any,
                         layers: dict[tuple[str, ...], dict[str, Any]],
                         step: jax.Array) -> Any:
-  """Applies the method's controller update to every routed layer's state."""
+  """Applies the method's controller update to every routed layer's state
+  (layer by layer; a scanned model's state is unstacked and restacked)."""
   if method is None or not router_state:
     return router_state
   states = router_states(router_state)
   metrics = {path: layers[path]["metrics"] for path in states}
   new = method.update(states, metrics, step)
   flat = {path + ("state",): new[path] for path in states}
-  return flax.traverse_util.unflatten_dict(flat)
+  return stack_layers(flax.traverse_util.unflatten_dict(flat),
+                      scan_plan_of(router_state))
 
 
 def summarize(layers: dict[tuple[str, ...], dict[str, Any]]) -> dict[str, Any]:
