@@ -338,7 +338,8 @@ def topology_markdown(rows: list[dict]) -> str:
   for r in rows:
     head = (f"| {r['config']} | {r['topology']} | {r['mesh']} | "
             f"{r['shard_batch']} ({r.get('global_batch', '-')}) | "
-            f"{'yes' if r['remat'] else 'no'} | ")
+            f"{'yes' if r['remat'] else 'no'}"
+            f"{' + scan' if r.get('scan_layers') else ''} | ")
     if not r.get("compiles"):
       lines.append(head + "**no**: " + r["error"].replace("|", "/")[:120] +
                    " |" + " - |" * 7)
