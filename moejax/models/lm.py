@@ -13,13 +13,14 @@ periods of identical blocks (`moejax.models.scan`): every variable collection
 of the scanned blocks is stacked on a leading axis N, and so is their cache.
 
 Cached decoding: `init_cache` gives one key/value cache per layer (see
-`moejax.nn.attention`; stacked per scanned block with `scan_layers`); `TransformerLM.decode` runs L new tokens at positions
-start..start+L-1 given the cache of positions 0..start-1 and returns their
-logits, the updated cache and the routed blocks' decisions. Its logits equal
-the full forward pass's with causal MoD routing (`mod_routing="causal"`) and,
-for token-local MoE routers, capacity for every token (see
-`moejax.nn.blocks.decode_moe`). Routers whose evaluation routing of a token
-depends on other tokens (expert choice) have no cached equivalent.
+`moejax.nn.attention`; stacked per scanned block with `scan_layers`);
+`TransformerLM.decode` runs L new tokens at positions start..start+L-1 given
+the cache of positions 0..start-1 and returns their logits, the updated cache
+and the routed blocks' decisions. Its logits equal the full forward pass's
+with causal MoD routing (`mod_routing="causal"`) and, for token-local MoE
+routers, capacity for every token (see `moejax.nn.blocks.decode_moe`).
+Routers whose evaluation routing of a token depends on other tokens (expert
+choice) have no cached equivalent.
 """
 from __future__ import annotations
 
