@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared accelerator check (<= 9 minutes on one H100/H200): DTop-p vs
+# The prepared accelerator check (<= 8 minutes on one H100/H200): DTop-p vs
 # top-k at `small`, MoD vs dense at equal training FLOPs, the MoE layer vs the
 # dense FFN, the ~1B LM train step, and that step with dot_product (cuDNN
 # flash) attention against xla; JSON + markdown in OUT_DIR.
