@@ -73,8 +73,38 @@ def test_remat_modes_keep_loss_and_grads_and_save_what_they_name():
     with contextlib.redirect_stdout(saved):
       jax.ad_checkpoint.print_saved_residuals(loss, variables["params"])
     named = saved.getvalue().count("named 'expert_inputs'")
-    # block remat keeps only the block's input; the others keep them
-    assert named == (0 if mode == "block" else 1), mode
+    # block remat keeps only the block's input ("save_dots" and
+    # "save_matmuls" not the dispatched expert rows); the others keep them
+    assert named == (0 if mode in ("block", "save_dots", "save_matmuls")
+                     else 1), mode
+
+
+@pytest.mark.parametrize("mode", ["save_dots", "save_matmuls"])
+def test_save_dots_and_matmuls_keep_only_matmul_outputs(mode):
+  # Inside the block only the unbatched matmul outputs are kept: query,
+  # key, value, attention output and the router logits; "save_matmuls" also
+  # the expert matmuls' outputs (two up-projections, the experts' outputs).
+  # The attention scores, norms, routing, dispatch and activation are
+  # recomputed ("save_dots": the expert matmuls too).
+  model = TransformerLM(small_model(remat=mode))
+  variables = init(model)
+  saved = io.StringIO()
+  with contextlib.redirect_stdout(saved):
+    jax.ad_checkpoint.print_saved_residuals(lm_loss(model, variables),
+                                            variables["params"])
+  inside = [l for l in saved.getvalue().splitlines()
+            if "from the argument" not in l and "moejax/nn/" in l or
+            "moejax/experts" in l]
+  dots = [l for l in inside if "output of dot_general" in l]
+  d, h, hd, e = 32, 2, 16, 4
+  assert sorted(l.split(" ")[0] for l in dots) == sorted(
+      [f"f32[{B},{L - 1},{h},{hd}]"] * 3 +
+      [f"f32[{B},{L - 1},{d}]", f"f32[{B},{L - 1},{e}]"]), inside
+  named = sorted(l.split("named '")[1].split("'")[0] for l in inside
+                 if l not in dots)
+  assert named == ([] if mode == "save_dots" else [
+      "expert_outputs", "expert_pre_activations", "expert_pre_activations"]
+                   ), inside
 
 
 def test_save_moe_operands_keeps_only_the_expert_matmul_operands():

@@ -63,7 +63,10 @@ LM_MODEL_FLAGS = defaults.table(LMConfig, {
                    "float32).",
     "remat": "Remat: none, block (recompute each block in the backward), "
              "save_expert_inputs (block remat keeping the routed experts' "
-             "dispatched inputs), recompute_attention (recompute only the "
+             "dispatched inputs), save_dots (block remat keeping the "
+             "attention projections and router logits), save_matmuls "
+             "(save_dots and the expert matmuls' outputs), "
+             "recompute_attention (recompute only the "
              "attention scores) or save_moe_operands (recompute_attention, "
              "and the MoE layer keeps only its expert matmuls' operands).",
     "mod_every": "MoD: every n-th block is routed.",

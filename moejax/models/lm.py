@@ -68,7 +68,12 @@ class LMConfig(StackConfig):
       block: only the block inputs are kept between the forward and the
       backward pass, at about one extra forward of compute);
       "save_expert_inputs" (block remat that also keeps the routed experts'
-      dispatched inputs); "recompute_attention" (no block remat: everything
+      dispatched inputs); "save_dots" (block remat that also keeps the
+      outputs of matmuls without batch dimensions: the attention
+      projections and router logits, not the expert matmuls);
+      "save_matmuls" ("save_dots" and the expert matmuls' outputs: the
+      backward recomputes no matmul of the forward);
+      "recompute_attention" (no block remat: everything
       is kept but the attention scores and probabilities, float[B, H, L, L],
       the largest activations at long sequences, recomputed from the saved
       queries and keys); "save_moe_operands" ("recompute_attention", and

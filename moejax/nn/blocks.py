@@ -64,6 +64,23 @@ REMAT_POLICIES: dict[str, RematPolicy] = {
     "save_expert_inputs": RematPolicy(
         block=True,
         saved=jax.checkpoint_policies.save_only_these_names(EXPERT_INPUTS)),
+    # block remat keeping the outputs of matmuls without batch dimensions:
+    # the attention's query / key / value / output projections, the router
+    # logits, dense MLPs. The backward recomputes the attention scores, the
+    # routing and dispatch and the expert matmuls (batched over experts)
+    "save_dots": RematPolicy(
+        block=True,
+        saved=jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims),
+    # "save_dots" and the expert matmuls' outputs (the up-projections and
+    # the experts' token-side outputs, `moejax.experts` names): the backward
+    # recomputes the attention scores, norms, routing, dispatch gathers and
+    # the activation, but no matmul of the forward
+    "save_matmuls": RematPolicy(
+        block=True,
+        saved=jax.checkpoint_policies.save_from_both_policies(
+            jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+            jax.checkpoint_policies.save_only_these_names(EXPERT_PRE,
+                                                          EXPERT_OUTPUTS))),
     # keep everything but the attention scores / probabilities float[B, H, L,
     # L], the largest activations at long sequences
     "recompute_attention": RematPolicy(recompute_attention=True),
