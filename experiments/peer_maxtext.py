@@ -40,7 +40,8 @@ def maxtext_argv(spec: dict) -> list[str]:
           f"vocab_size={shape.vocab}", f"max_target_length={shape.seq_len}",
           f"per_device_batch_size={shape.batch / chips:g}",
           "dtype=bfloat16", "weight_dtype=float32",
-          "attention=dot_product", "scan_layers=false",
+          "attention=dot_product",
+          f"scan_layers={'true' if spec.get('scan') else 'false'}",
           "sparse_matmul=false", "megablox=false",
           f"capacity_factor={shape.capacity_factor}",
           f"remat_policy={policy}", "enable_dropout=false",
@@ -49,6 +50,22 @@ def maxtext_argv(spec: dict) -> list[str]:
           "ici_fsdp_parallelism=1", f"ici_data_parallelism={spec['data']}",
           f"ici_expert_parallelism={spec['expert']}",
           "ici_tensor_parallelism=1"]
+
+
+def _keep_everything_when_scanned() -> None:
+  """MaxText's scanned decoder wraps the layer in `jax.checkpoint` whatever
+  the policy, and `remat_policy=none` maps to the policy None, which
+  `jax.checkpoint` reads as save nothing (full remat): for a no-remat scan
+  the policy becomes "save everything"."""
+  import jax
+  from maxtext.layers import nnx_decoders
+  get = nnx_decoders.NNXDecoder.get_remat_policy
+
+  def get_remat_policy(self):
+    if self.config.remat_policy == "none":
+      return jax.checkpoint_policies.everything_saveable
+    return get(self)
+  nnx_decoders.NNXDecoder.get_remat_policy = get_remat_policy
 
 
 def compile_maxtext(spec: dict, top_ops: int = 25) -> dict:
@@ -68,6 +85,8 @@ def compile_maxtext(spec: dict, top_ops: int = 25) -> dict:
   if config.remat_policy != policy:
     # "none" parses to None, which the unrolled decoder treats as full remat.
     object.__getattribute__(config, "_flat_config")["remat_policy"] = policy
+  if spec.get("scan") and policy == "none":
+    _keep_everything_when_scanned()
   train_compile.validate_config(config)
   mesh = train_compile.get_topology_mesh(config)
   (args, kwargs, state_shardings, _, model) = train_compile.get_shaped_inputs(

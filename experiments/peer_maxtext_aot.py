@@ -82,6 +82,10 @@ def define_flags() -> None:
   flags.DEFINE_string("strategy", "", "moejax MoEConfig.strategy (e.g. "
                       "gather, index; '' = the config's).")
   flags.DEFINE_list("depths", ["1", "2"], "Compiled depths (extrapolated).")
+  flags.DEFINE_bool("scan_peak", False, "Also compile each row at the full "
+                    "depth with its layers scanned, for the true per-chip "
+                    "memory (XLA counts a scanned body's FLOPs once, so "
+                    "FLOPs and bytes stay extrapolated).")
   flags.DEFINE_string("out", "experiments/reports/tpu_peer.json", "JSON path.")
   flags.DEFINE_string("markdown", "", "Markdown report path ('' = none).")
   flags.DEFINE_bool("recompile", False, "Compile again what the JSON has.")
@@ -95,28 +99,30 @@ def define_flags() -> None:
 
 
 def specs(topology: str, chips: int) -> list[dict]:
-  """Compile specs of every row (library x remat x variant) x depth."""
+  """Compile specs of every row (library x remat x variant) x depth (and
+  the row's scanned full-depth compile with `--scan_peak`)."""
   shape = SHAPES[FLAGS.shape]
   expert = expert_axis(shape, chips)
   data = chips // expert
+  depths = [int(d) for d in FLAGS.depths]
   out = []
   for remat in FLAGS.remat:
     for library in FLAGS.libraries:
       variants = FLAGS.moejax_variants if library == "moejax" else ["ep"]
       for variant in variants:
-        for depth in FLAGS.depths:
-          spec = {"library": library, "topology": topology,
-                  "shape": FLAGS.shape, "remat": remat, "variant": variant,
-                  "data": data, "expert": expert, "depth": int(depth)}
-          if library == "maxtext":  # one compile per MaxText remat policy
-            spec["remat"] = MAXTEXT_REMAT.get(remat, remat)
-            if spec in out:
-              continue
-          if library == "moejax":
-            spec["loss_chunk"] = FLAGS.loss_chunk
-            if FLAGS.strategy:
-              spec["strategy"] = FLAGS.strategy
-          out.append(spec)
+        spec = {"library": library, "topology": topology,
+                "shape": FLAGS.shape, "remat": remat, "variant": variant,
+                "data": data, "expert": expert}
+        if library == "maxtext":  # one compile per MaxText remat policy
+          spec["remat"] = MAXTEXT_REMAT.get(remat, remat)
+        if library == "moejax":
+          spec["loss_chunk"] = FLAGS.loss_chunk
+          if FLAGS.strategy:
+            spec["strategy"] = FLAGS.strategy
+        row = [{**spec, "depth": d} for d in depths]
+        if FLAGS.scan_peak:
+          row.append({**spec, "depth": shape.layers, "scan": True})
+        out += [s for s in row if s not in out]
   return out
 
 
@@ -167,7 +173,7 @@ def main(argv):
     chips = len(aot.topology_devices(topology)[1])
     for spec in specs(topology, chips):
       key = spec_key(spec)
-      if spec["depth"] == int(FLAGS.depths[0]):
+      if spec["depth"] == int(FLAGS.depths[0]) and not spec.get("scan"):
         firsts.append(spec)
       if not FLAGS.compile or (key in compiles and compiles[key].get("ok")
                                and not FLAGS.recompile):
@@ -181,7 +187,7 @@ def main(argv):
                 f"{c['bytes_accessed'] / 2**30:.0f} GiB accessed"
                 if c["ok"] else ""), flush=True)
       save()
-  row_key = lambda r: spec_key({**r, "depth": 0})
+  row_key = lambda r: spec_key({**r, "depth": 0, "scan": False})
   new_rows = [row_of(compiles, f, FLAGS.depths) for f in firsts]
   replaced = {row_key(r) for r in new_rows}
   result["rows"] = [r for r in result.get("rows", [])

@@ -28,7 +28,8 @@ def moejax_config(spec: dict):
       "top_k", {"k": shape.top_k}), capacity_factor=shape.capacity_factor)
   if spec.get("strategy"):
     moe = dataclasses.replace(moe, strategy=spec["strategy"])
-  model = dataclasses.replace(cfg.model, moe=moe)
+  model = dataclasses.replace(cfg.model, moe=moe,
+                              scan_layers=bool(spec.get("scan")))
   return dataclasses.replace(cfg, model=model, seq_len=shape.seq_len)
 
 

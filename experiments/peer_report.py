@@ -71,15 +71,33 @@ def row_of(compiles: dict[str, dict], first: dict,
           "bytes_accessed", "ici_traffic_bytes", "model_flops")
   full = extrapolate({k: a[k] for k in keys}, {k: b[k] for k in keys},
                       depths[0], depths[-1], shape.layers)
+  memory = "extrapolated"
+  scanned = compiles.get(spec_key({**first, "depth": shape.layers,
+                                   "scan": True}))
+  if scanned is not None and scanned["ok"]:
+    # the scanned full-depth compile's memory is the program's own (its
+    # FLOPs and bytes count the loop body once: those stay extrapolated)
+    for k in ("temp_bytes", "peak_bytes"):
+      full["extrapolated_" + k] = full[k]
+      full[k] = scanned[k]
+    memory = "scanned"
   chip = aot.CHIPS[aot.TOPOLOGIES[first["topology"]][0]]
   est = aot.estimate_step(full["flops"], full["bytes_accessed"],
                           full["ici_traffic_bytes"], full["model_flops"], chip)
-  return {**base, "status": "ok", "mesh": b["mesh"], **full,
+  return {**base, "status": "ok", "mesh": b["mesh"], **full, "memory": memory,
           "fits": full["peak_bytes"] <= chip.hbm_bytes,
           "hbm_capacity_bytes": chip.hbm_bytes, "estimate": est,
           "compile_s": sum(g["compile_s"] for g in got),
           "versions": b["versions"],
           "per_layer": {k: b[k] - a[k] for k in keys}}
+
+
+def scan_mark(row: dict) -> str:
+  """" (s)" after a peak from the scanned full-depth compile, with the
+  extrapolated one beside it."""
+  if row.get("memory") != "scanned":
+    return ""
+  return f" (s; extrapolated {row['extrapolated_peak_bytes'] / 2**30:.2f})"
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -107,7 +125,8 @@ def markdown_table(rows: list[dict]) -> str:
     e = r["estimate"]
     lines.append(
         head + f" {gib(r['state_bytes'])} | {gib(r['temp_bytes'])} | "
-        f"{gib(r['peak_bytes'])} | {'yes' if r['fits'] else '**no**'} | "
+        f"{gib(r['peak_bytes'])}{scan_mark(r)} | "
+        f"{'yes' if r['fits'] else '**no**'} | "
         f"{r['flops'] / 1e12:.1f} | {r['bytes_accessed'] / 2**30:.0f} | "
         f"{r['ici_traffic_bytes'] / 2**30:.1f} | {e['step_s'] * 1e3:.0f} "
         f"({e['compute_s'] * 1e3:.0f} / {e['hbm_s'] * 1e3:.0f} / "

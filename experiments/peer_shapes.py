@@ -45,11 +45,18 @@ REMAT = {"full": ("full", "block"),
          "selective": ("minimal", "recompute_attention"),
          # moejax's selective remat of the MoE layer too (MaxText: as selective)
          "selective_moe": ("minimal", "save_moe_operands"),
+         # block remat keeping the same matmul outputs as MaxText's `minimal`
+         # (projections, expert up-projections and outputs)
+         "selective_matmuls": ("minimal", "save_matmuls"),
+         # block remat keeping the projections and router logits only
+         "selective_dots": ("minimal", "save_dots"),
          "none": ("none", "none")}
 
 # remat settings whose MaxText policy is another setting's: MaxText's row of
 # that setting is compiled once, under the other's name
-MAXTEXT_REMAT = {"selective_moe": "selective"}
+MAXTEXT_REMAT = {"selective_moe": "selective",
+                 "selective_matmuls": "selective",
+                 "selective_dots": "selective"}
 
 # moejax layouts: (mesh on a slice of n chips with E experts, fields).
 VARIANTS = {
@@ -71,5 +78,6 @@ def spec_key(spec: dict) -> str:
     key += f"/loss_chunk={spec['loss_chunk']}"
   if spec.get("strategy"):
     key += f"/strategy={spec['strategy']}"
-  return key + f"/L{spec['depth']}"
+  key += f"/L{spec['depth']}"
+  return key + "/scan" if spec.get("scan") else key
 

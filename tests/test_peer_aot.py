@@ -46,6 +46,7 @@ def test_extrapolate_is_linear_in_depth_and_nested():
 
 
 @pytest.mark.parametrize("remat", ["full", "selective", "selective_moe",
+                                   "selective_matmuls", "selective_dots",
                                    "none"])
 def test_moejax_config_of_a_spec(remat):
   spec = {"library": "moejax", "topology": "v5p-64", "shape": "paper",
@@ -87,3 +88,33 @@ def test_maxtext_remat_aliases_name_the_same_maxtext_policy():
   for setting, alias in peer.MAXTEXT_REMAT.items():
     assert peer.REMAT[setting][0] == peer.REMAT[alias][0]
     assert peer.REMAT[setting][1] != peer.REMAT[alias][1]  # moejax differs
+
+
+def test_a_scanned_compile_sets_the_rows_memory_not_its_flops():
+  spec = {"library": "moejax", "topology": "v5p-64", "shape": "paper",
+          "remat": "full", "variant": "fsdp", "data": 4, "expert": 8,
+          "depth": 1, "loss_chunk": 256}
+  scan = {**spec, "depth": 16, "scan": True}
+  assert peer.spec_key(scan).endswith("/L16/scan")
+  assert peer.moejax_config(scan).model.scan_layers
+  assert not peer.moejax_config(spec).model.scan_layers
+
+  def compiled(layers, **over):
+    return {"ok": True, "state_bytes": 2**30, "temp_bytes": layers * 2**30,
+            "peak_bytes": (1 + layers) * 2**30, "flops": layers * 1e12,
+            "bytes_accessed": layers * 2**30, "ici_traffic_bytes": 0,
+            "model_flops": layers * 1e12, "mesh": "fsdp:4,expert:8",
+            "compile_s": 1.0, "versions": {}, **over}
+  compiles = {peer.spec_key(spec): compiled(1),
+              peer.spec_key({**spec, "depth": 2}): compiled(2)}
+  plain = peer.row_of(compiles, spec, ["1", "2"])
+  assert plain["memory"] == "extrapolated"
+  assert plain["peak_bytes"] == 17 * 2**30
+  # the scanned program's memory (here 3 GiB less than the straight line)
+  compiles[peer.spec_key(scan)] = compiled(13, flops=1e12)
+  row = peer.row_of(compiles, spec, ["1", "2"])
+  assert row["memory"] == "scanned"
+  assert row["peak_bytes"] == 14 * 2**30 and row["temp_bytes"] == 13 * 2**30
+  assert row["extrapolated_peak_bytes"] == 17 * 2**30
+  assert row["flops"] == plain["flops"] == 16e12  # not the loop body's
+  assert "(s; extrapolated 17.00)" in peer.markdown_table([row])
