@@ -47,9 +47,18 @@ def maxtext_argv(spec: dict) -> list[str]:
           f"remat_policy={policy}", "enable_dropout=false",
           "enable_checkpointing=false", "dataset_type=synthetic",
           "logits_via_embedding=false", "opt_type=adamw",
-          "ici_fsdp_parallelism=1", f"ici_data_parallelism={spec['data']}",
-          f"ici_expert_parallelism={spec['expert']}",
+          *maxtext_mesh(spec),
           "ici_tensor_parallelism=1"]
+
+
+def maxtext_mesh(spec: dict) -> list[str]:
+  """MaxText's ICI mesh of a spec: `ep` = data x expert (the non-expert
+  weights and their optimizer state replicated over data), `fsdp` = fsdp x
+  expert (all weights and state sharded over fsdp too, gathered per layer)."""
+  fsdp = spec["data"] if spec["variant"] == "fsdp" else 1
+  return [f"ici_fsdp_parallelism={fsdp}",
+          f"ici_data_parallelism={spec['data'] // fsdp}",
+          f"ici_expert_parallelism={spec['expert']}"]
 
 
 def _keep_everything_when_scanned() -> None:
@@ -113,7 +122,8 @@ def compile_maxtext(spec: dict, top_ops: int = 25) -> dict:
     state_leaves = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
                     for x, s in zip(state_leaves, shard_leaves)]
   flops = model_flops(spec) / mesh.devices.size
-  return {"mesh": f"data:{spec['data']},expert:{spec['expert']}",
+  axis = "fsdp" if spec["variant"] == "fsdp" else "data"
+  return {"mesh": f"{axis}:{spec['data']},expert:{spec['expert']}",
           "compile_s": seconds,
           **summarize(compiled, chip, mesh.devices.size,
                       shard_bytes(state_leaves), flops, top_ops)}

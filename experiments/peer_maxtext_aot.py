@@ -56,7 +56,8 @@ if _HERE not in sys.path:
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from peer_hlo import versions, largest_instructions  # noqa: E402,F401
-from peer_maxtext import compile_maxtext, maxtext_argv  # noqa: E402,F401
+from peer_maxtext import (  # noqa: E402,F401
+    compile_maxtext, maxtext_argv, maxtext_mesh)
 from peer_moejax import compile_moejax, moejax_config  # noqa: E402,F401
 from peer_report import (  # noqa: E402,F401
     NOTES_MARK, extrapolate, markdown_table, report_markdown, row_of)
@@ -77,6 +78,8 @@ def define_flags() -> None:
   flags.DEFINE_string("shape", "paper", "Model shape: " + ", ".join(
       ("paper", "mixtral")))
   flags.DEFINE_list("moejax_variants", ["ep"], "moejax layouts (VARIANTS).")
+  flags.DEFINE_list("maxtext_variants", ["ep"], "MaxText layouts: ep (data x "
+                    "expert), fsdp (fsdp x expert).")
   flags.DEFINE_integer("loss_chunk", 256, "moejax LMConfig.loss_chunk (0 = "
                        "the plain cross-entropy).")
   flags.DEFINE_string("strategy", "", "moejax MoEConfig.strategy (e.g. "
@@ -108,7 +111,8 @@ def specs(topology: str, chips: int) -> list[dict]:
   out = []
   for remat in FLAGS.remat:
     for library in FLAGS.libraries:
-      variants = FLAGS.moejax_variants if library == "moejax" else ["ep"]
+      variants = (FLAGS.moejax_variants if library == "moejax" else
+                  FLAGS.maxtext_variants)
       for variant in variants:
         spec = {"library": library, "topology": topology,
                 "shape": FLAGS.shape, "remat": remat, "variant": variant,

@@ -118,3 +118,13 @@ def test_a_scanned_compile_sets_the_rows_memory_not_its_flops():
   assert row["extrapolated_peak_bytes"] == 17 * 2**30
   assert row["flops"] == plain["flops"] == 16e12  # not the loop body's
   assert "(s; extrapolated 17.00)" in peer.markdown_table([row])
+
+
+def test_maxtext_layouts_name_its_ici_axes():
+  spec = {"data": 4, "expert": 8, "variant": "ep"}
+  assert peer.maxtext_mesh(spec) == [
+      "ici_fsdp_parallelism=1", "ici_data_parallelism=4",
+      "ici_expert_parallelism=8"]
+  assert peer.maxtext_mesh({**spec, "variant": "fsdp"}) == [
+      "ici_fsdp_parallelism=4", "ici_data_parallelism=1",
+      "ici_expert_parallelism=8"]
