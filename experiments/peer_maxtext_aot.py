@@ -88,7 +88,8 @@ def define_flags() -> None:
   flags.DEFINE_bool("scan_peak", False, "Also compile each row at the full "
                     "depth with its layers scanned, for the true per-chip "
                     "memory (XLA counts a scanned body's FLOPs once, so "
-                    "FLOPs and bytes stay extrapolated).")
+                    "FLOPs and bytes stay extrapolated; not for remat none, "
+                    "whose scan keeps every residual of its body).")
   flags.DEFINE_string("out", "experiments/reports/tpu_peer.json", "JSON path.")
   flags.DEFINE_string("markdown", "", "Markdown report path ('' = none).")
   flags.DEFINE_bool("recompile", False, "Compile again what the JSON has.")
@@ -124,7 +125,7 @@ def specs(topology: str, chips: int) -> list[dict]:
           if FLAGS.strategy:
             spec["strategy"] = FLAGS.strategy
         row = [{**spec, "depth": d} for d in depths]
-        if FLAGS.scan_peak:
+        if FLAGS.scan_peak and remat != "none":  # (see --scan_peak)
           row.append({**spec, "depth": shape.layers, "scan": True})
         out += [s for s in row if s not in out]
   return out

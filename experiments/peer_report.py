@@ -213,23 +213,38 @@ bf16 activations, float32 params and AdamW state, capacity factor
 
 - MaxText 0.2.5: `mixtral` decoder block (MoE in every layer),
   `attention=dot_product`, `scan_layers=false`, capacity path
-  (`sparse_matmul=false`, `megablox=false`), mesh `ici_data_parallelism` x
-  `ici_expert_parallelism`; its `remat_policy` is set back to the string
+  (`sparse_matmul=false`, `megablox=false`); layouts `ep` = mesh
+  `ici_data_parallelism` x `ici_expert_parallelism`, `fsdp` =
+  `ici_fsdp_parallelism` x `ici_expert_parallelism` (all weights and
+  optimizer state sharded); its `remat_policy` is set back to the string
   after parsing (`none` on the command line parses to None, which its
   unrolled decoder treats as full remat). Remat settings: full = `full`,
-  selective = `minimal` (saves the projections and MLP matmul outputs,
-  recomputes attention), selective_moe = `minimal` too, none = `none`.
+  selective* = `minimal` (saves the q / k / v / out projections and the
+  expert up-projections and outputs, recomputes attention, dispatch and
+  activation), none = `none`.
 - moejax: the registry config (`{shape.moejax_config}`) with
   `top_k` routing, GSPMD expert parallelism; layouts `ep` =
   data x expert, `fsdp` = fsdp x expert (params and AdamW state sharded over
-  `fsdp` too); `LMConfig.loss_chunk` (chunked cross-entropy); remat full =
-  `remat="block"` (every block), selective = `remat="recompute_attention"`
-  (everything kept but the attention scores and probabilities),
-  selective_moe = `remat="save_moe_operands"` (that, and the MoE layer
-  keeps only its expert matmuls' operands), none; `strategy` where a row
-  names its capacity strategy (else the config's).
+  `fsdp` too); `LMConfig.loss_chunk` (chunked cross-entropy); remat
+  (`LMConfig.remat`): full = `block` (every block);
+  selective_matmuls = `save_matmuls` (block remat keeping what MaxText's
+  `minimal` keeps: the unbatched matmul outputs, i.e. q / k / v / out
+  projections and router logits, and the expert up-projections and
+  outputs); selective_dots = `save_dots` (block remat keeping the unbatched
+  matmul outputs only); selective = `recompute_attention` (no block remat:
+  everything kept but the attention scores and probabilities);
+  selective_moe = `save_moe_operands` (that, and the MoE layer keeps only
+  its expert matmuls' operands); none; `strategy` where a row names its
+  capacity strategy (else the config's).
 - Depth: each row compiled at {" and ".join(depths)} layers, each
   compile in its own process, and extrapolated linearly to the full depth.
+  A peak marked (s) is the program's own: the row's full-depth compile with
+  its layers scanned (MaxText `scan_layers=true`, moejax
+  `LMConfig.scan_layers`; `--scan_peak`), whose FLOPs and bytes XLA counts
+  once per loop body, so those stay extrapolated. Without remat a scan
+  keeps every residual of its body stacked (MaxText's scanned no-remat is
+  compiled with the policy "save everything"), more than the unrolled
+  program keeps: no-remat rows use the extrapolated peak.
 - Per chip: params + opt from the state's shard shapes; temp = XLA's
   temporaries; peak = arguments + temporaries + outputs not aliased to the
   donated state; FLOPs and bytes accessed from XLA's cost analysis;
