@@ -88,7 +88,7 @@ def row_of(compiles: dict[str, dict], first: dict,
           "fits": full["peak_bytes"] <= chip.hbm_bytes,
           "hbm_capacity_bytes": chip.hbm_bytes, "estimate": est,
           "compile_s": sum(g["compile_s"] for g in got),
-          "versions": b["versions"],
+          "versions": b["versions"], "depths": depths,
           "per_layer": {k: b[k] - a[k] for k in keys}}
 
 
@@ -114,6 +114,8 @@ def markdown_table(rows: list[dict]) -> str:
       layout += f", loss_chunk {r['loss_chunk']}"
     if r["library"] == "moejax" and r.get("strategy"):
       layout += f", strategy {r['strategy']}"
+    if r.get("depths", [1, 2]) != [1, 2]:
+      layout += ", from {} layers".format(" and ".join(map(str, r["depths"])))
     policy = REMAT[r["remat"]][0 if r["library"] == "maxtext" else 1]
     shape = "" if r.get("shape", "paper") == "paper" else f", {r['shape']}"
     head = (f"| {r['topology']}{shape} | {r['library']} | {layout} | "
