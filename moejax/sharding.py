@@ -22,7 +22,8 @@ activation dimension (never over `fsdp`):
                   (LOGICAL_RULES)        (PARAM_RULES)
   batch           (data, fsdp, expert)   -            B, groups' G
   length          None                   -            L
-  embed           None                   fsdp         D
+  embed           None                   fsdp (x      D
+                                         expert)
   mlp             model                  model        F of dense and expert weights, hidden acts
   heads           model                  model        attention heads
   kv              None                   None         head width
@@ -41,7 +42,11 @@ dimension, no logical names at all (e.g. an RMSNorm scale, the DiT's dense
 layers), or `fsdp` does not divide it, `fsdp` goes on its largest
 dimension that is still unsharded and divisible by the `fsdp` size (the
 first of equal ones); when there is none (scalars, odd sizes) the parameter
-stays replicated over `fsdp`. Optimizer moments have their parameter's names
+stays replicated over `fsdp`. A parameter without an `expert` dimension (all
+but the expert weights) is split over `fsdp x expert` on its fsdp dimension
+where that product divides it: every device holds 1 / (fsdp x expert) of it,
+as the batch is split over both, and no weight stays replicated over
+`expert`. Optimizer moments have their parameter's names
 and shape, so they follow their parameter. Controller state, the step, the
 PRNG key and the data position stay replicated. GSPMD gathers the sharded
 parameters where a matmul needs them whole and reduce-scatters their
@@ -233,6 +238,13 @@ def param_spec(names: Sequence[str | None] | None, shape: Sequence[int],
     free = [i for i, n in enumerate(shape) if spec[i] is None and n % size == 0]
     if free:
       spec[max(free, key=lambda i: (shape[i], -i))] = "fsdp"
+  experts = mesh.shape.get("expert", 1)
+  if size > 1 and experts > 1 and "expert" not in used:
+    # a weight without an expert dimension is also split over `expert` (on
+    # its fsdp dimension, where fsdp x expert divides it), as the batch is
+    for i, entry in enumerate(spec):
+      if entry == "fsdp" and shape[i] % (size * experts) == 0:
+        spec[i] = ("fsdp", "expert")
   return P(*spec)
 
 

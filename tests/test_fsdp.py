@@ -90,26 +90,33 @@ def test_fsdp_divisibility_errors_are_one_line():
 def test_param_rules_and_fallback():
   mesh = sharding.make_mesh("fsdp:4,expert:2")
   spec = sharding.param_spec
+  fe = ("fsdp", "expert")
   # D (`embed`) over fsdp; E over expert; the activation rules never use fsdp.
   assert spec(("expert", "embed", "mlp"), (8, 32, 16), mesh) == P(
       "expert", "fsdp", None)
-  assert spec(("vocab", "embed"), (256, 32), mesh) == P(None, "fsdp")
+  # A weight without an expert dimension: D over fsdp x expert where 8
+  # divides it, else over fsdp alone.
+  assert spec(("vocab", "embed"), (256, 32), mesh) == P(None, fe)
+  assert spec(("vocab", "embed"), (256, 36), mesh) == P(None, "fsdp")
   assert sharding.logical_spec(("vocab", "embed"), (256, 32), mesh) == P(
       None, None)
   # D not divisible by fsdp: the largest other divisible dimension.
-  assert spec(("embed", "heads", "kv"), (30, 4, 8), mesh) == P(
+  assert spec(("embed", "heads", "kv"), (30, 4, 8), mesh) == P(None, None, fe)
+  assert spec(("embed", "heads", "kv"), (30, 4, 12), mesh) == P(
       None, None, "fsdp")
   # No names (an RMSNorm scale, a DiT dense kernel): the largest divisible.
-  assert spec(None, (32,), mesh) == P("fsdp")
-  assert spec(None, (12, 64), mesh) == P(None, "fsdp")
-  assert spec(None, (8, 8), mesh) == P("fsdp", None)  # ties: the first
+  assert spec(None, (32,), mesh) == P(fe)
+  assert spec(None, (12,), mesh) == P("fsdp")
+  assert spec(None, (12, 64), mesh) == P(None, fe)
+  assert spec(None, (8, 8), mesh) == P(fe, None)  # ties: the first
   # Nothing divisible, or a scalar: replicated.
   assert spec(None, (6, 3), mesh) == P(None, None)
   assert spec(None, (), mesh) == P()
-  # Without fsdp the rules are the old ones.
+  # Without fsdp the rules are the old ones: replicated over expert.
   mesh = sharding.make_mesh("data:2,expert:2,model:2")
   assert spec(("expert", "embed", "mlp"), (8, 32, 16), mesh) == P(
       "expert", None, "model")
+  assert spec(("vocab", "embed"), (256, 32), mesh) == P("model", None)
   assert spec(None, (32,), mesh) == P(None)
 
 
@@ -129,8 +136,14 @@ def test_every_param_and_moment_is_split_over_fsdp():
   experts = state.params["layers_0"]["mlp"]["experts"]
   assert experts["w_in"].sharding.spec == P("expert", "fsdp", "model")
   assert experts["w_in"].addressable_shards[0].data.shape == (4, 16, 8)
-  assert state.params["embed"]["embedding"].sharding.spec == P("model",
-                                                               "fsdp")
+  # Weights without an expert dimension: over fsdp x expert too, so no
+  # device holds more than 1/4 of them (the expert weights: 1/4 by E and D).
+  assert state.params["embed"]["embedding"].sharding.spec == P(
+      "model", ("fsdp", "expert"))
+  for path, x in params:
+    shard = x.addressable_shards[0].data
+    if x.ndim and x.size >= 4 * 16:  # (big enough to split 4 ways)
+      assert shard.size * 4 <= x.size, (path, shard.shape, x.shape)
   # Optimizer moments follow their params; step, rng, data index replicated.
   adam = state.opt_state[1][0]
   for moments in (adam.mu, adam.nu):
