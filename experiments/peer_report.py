@@ -189,10 +189,15 @@ def report_markdown(result: dict, command: str, notes: str, shape_name: str,
   compiles = result["compiles"]
   versions = sorted({json.dumps(c.get("versions", {}), sort_keys=True)
                      for c in compiles.values() if c.get("ok")})
-  tops = [k for k in compiles if k.startswith("moejax/") and
-          k.endswith("/L1")]
-  maxtext_tops = [k for k in compiles if k.startswith("maxtext/") and
-                  k.endswith("/L1")]
+  # the largest instructions of the rows' one-layer compiles (both
+  # libraries, full remat and none, the first slice and shape of the rows)
+  first = next((r for r in result["rows"] if r["status"] == "ok"), None)
+  tops = [spec_key({**r, "depth": 1, "scan": False})
+          for r in result["rows"] if first and r["status"] == "ok" and
+          r["remat"] in ("full", "none") and
+          (r["topology"], r["shape"]) == (first["topology"], first["shape"])]
+  tops = sorted({k for k in tops if k in compiles},
+                key=lambda k: (not k.startswith("moejax/"), k))
   chips = "\n".join(
       f"| {c.name} | {c.peak_flops / 1e12:.0f} | {c.hbm_bytes / 2**30:.0f} "
       f"| {c.hbm_bandwidth / 1e9:.0f} | {c.ici_bandwidth / 1e9:.0f} |"
@@ -274,7 +279,7 @@ Per compiled instruction of the scheduled program (fusion bodies not listed
 separately): the bytes of its result and operands as printed in the HLO,
 the closest per-op reading of XLA's `bytes accessed`.
 
-{chr(10).join(top_ops_markdown(compiles, k) + chr(10) for k in tops + maxtext_tops)}
+{chr(10).join(top_ops_markdown(compiles, k) + chr(10) for k in tops)}
 
 ## Set-up of the MaxText environment
 

@@ -72,7 +72,7 @@ class LMConfig(StackConfig):
       outputs of matmuls without batch dimensions: the attention
       projections and router logits, not the expert matmuls);
       "save_matmuls" ("save_dots" and the expert matmuls' outputs: the
-      backward recomputes no matmul of the forward);
+      backward recomputes no weight matmul of the forward);
       "recompute_attention" (no block remat: everything
       is kept but the attention scores and probabilities, float[B, H, L, L],
       the largest activations at long sequences, recomputed from the saved

@@ -73,8 +73,9 @@ REMAT_POLICIES: dict[str, RematPolicy] = {
         saved=jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims),
     # "save_dots" and the expert matmuls' outputs (the up-projections and
     # the experts' token-side outputs, `moejax.experts` names): the backward
-    # recomputes the attention scores, norms, routing, dispatch gathers and
-    # the activation, but no matmul of the forward
+    # recomputes the attention scores and their product with the values,
+    # norms, routing, dispatch gathers and the activation, but no weight
+    # matmul of the forward
     "save_matmuls": RematPolicy(
         block=True,
         saved=jax.checkpoint_policies.save_from_both_policies(
